@@ -1,0 +1,211 @@
+"""The store's tables. Query helpers live here as model methods; state changes of jobs live in jobs.py.
+
+Every table binds to ``db.database`` (a DatabaseProxy) so the same models serve SQLite and PostgreSQL.
+Times are UTC, naive (``utcnow``); JSON columns hold dicts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from typing import Any
+
+import peewee as pw
+
+from .db import database
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class JSONField(pw.TextField):
+    """A dict or list stored as JSON text (portable across SQLite and PostgreSQL)."""
+
+    def db_value(self, value: Any) -> str | None:
+        return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+
+    def python_value(self, value: Any) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class User(BaseModel):
+    email = pw.CharField(max_length=320, unique=True, null=True)
+    name = pw.CharField(max_length=120, default="")
+    password_hash = pw.CharField(max_length=255, null=True)  # None: OAuth-only account
+    oauth_provider = pw.CharField(max_length=32, null=True)
+    oauth_id = pw.CharField(max_length=255, null=True)
+    is_admin = pw.BooleanField(default=False)
+    is_approved = pw.BooleanField(default=True)  # lab mode: admin approval gate
+    is_active_flag = pw.BooleanField(default=True, column_name="is_active")
+    # Cached balance in micro-credits; the ledger is the truth (billing.py recomputes and checks it).
+    credit_balance = pw.BigIntegerField(default=0)
+    created_at = pw.DateTimeField(default=utcnow)
+    last_login_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("oauth_provider", "oauth_id"), True),)
+
+    # flask-login protocol
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self.is_active_flag)
+
+    @property
+    def is_anonymous(self) -> bool:
+        return False
+
+    def get_id(self) -> str:
+        return str(self.id)
+
+
+class ApiKey(BaseModel):
+    user = pw.ForeignKeyField(User, backref="api_keys", on_delete="CASCADE")
+    name = pw.CharField(max_length=120, default="")
+    prefix = pw.CharField(max_length=16, index=True)  # shown in lists: "ncs_ab12cd34"
+    key_hash = pw.CharField(max_length=128, unique=True)  # sha256 of the whole key; the key is never stored
+    created_at = pw.DateTimeField(default=utcnow)
+    last_used_at = pw.DateTimeField(null=True)
+    revoked_at = pw.DateTimeField(null=True)
+
+
+class Dataset(BaseModel):
+    """A user's uploaded (or fetched) dataset, kept in storage under the user's prefix."""
+
+    user = pw.ForeignKeyField(User, backref="datasets", on_delete="CASCADE")
+    name = pw.CharField(max_length=255)
+    storage_key = pw.CharField(max_length=1024)
+    size_bytes = pw.BigIntegerField(default=0)
+    sha256 = pw.CharField(max_length=64, default="")
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class TrainingJob(BaseModel):
+    """One training run. Its ``status`` changes only through ``jobs.transition`` (compare-and-set)."""
+
+    user = pw.ForeignKeyField(User, backref="jobs", on_delete="CASCADE")
+    name = pw.CharField(max_length=120, default="")
+    config = JSONField(default=dict)  # validated trainer config (depth, dataset, max_steps, ...)
+    status = pw.CharField(max_length=16, default="queued", index=True)
+    status_reason = pw.TextField(default="")
+    error_kind = pw.CharField(max_length=16, null=True)  # "user" | "infrastructure"
+    attempt = pw.IntegerField(default=0)  # fencing token: bumped on every (re)start
+    max_attempts = pw.IntegerField(default=3)
+    lease_owner = pw.CharField(max_length=128, null=True)
+    lease_expires_at = pw.DateTimeField(null=True, index=True)
+    not_before = pw.DateTimeField(null=True)  # retry back-off
+    cancel_requested = pw.BooleanField(default=False)
+    device = pw.CharField(max_length=64, null=True)
+    estimate = JSONField(null=True)  # what the plan page showed: params, tokens, time, memory
+    progress = JSONField(default=dict)  # latest step/total/loss/tokens_per_sec/eta_s/val_bpb
+    last_event_seq = pw.IntegerField(default=0)
+    output_path = pw.CharField(max_length=1024, null=True)  # run directory (local or storage URL)
+    log_path = pw.CharField(max_length=1024, null=True)
+    gpu_seconds = pw.FloatField(default=0.0)
+    cost = pw.BigIntegerField(default=0)  # micro-credits charged (hosted mode)
+    created_at = pw.DateTimeField(default=utcnow, index=True)
+    queued_at = pw.DateTimeField(default=utcnow)
+    started_at = pw.DateTimeField(null=True)
+    finished_at = pw.DateTimeField(null=True)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    @classmethod
+    def owned_by(cls, user: User) -> pw.ModelSelect:
+        return cls.select().where(cls.user == user)
+
+
+class JobEvent(BaseModel):
+    """One line of the trainer's progress contract or a lifecycle change; ``seq`` is the SSE event id."""
+
+    job = pw.ForeignKeyField(TrainingJob, backref="events", on_delete="CASCADE")
+    seq = pw.IntegerField()
+    kind = pw.CharField(max_length=16)  # a trainer event name, or "state"
+    attempt = pw.IntegerField(default=0)
+    data = JSONField(default=dict)
+    created_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("job", "seq"), True),)
+
+
+class Model(BaseModel):
+    """A trained model (or a mid-training snapshot) that can be chatted with and downloaded."""
+
+    user = pw.ForeignKeyField(User, backref="models", on_delete="CASCADE")
+    job = pw.ForeignKeyField(TrainingJob, backref="models", null=True, on_delete="SET NULL")
+    name = pw.CharField(max_length=120)
+    step = pw.IntegerField(default=0)
+    is_snapshot = pw.BooleanField(default=False)  # a read-only copy taken mid-training
+    checkpoint_key = pw.CharField(max_length=1024)  # storage key of the checkpoint directory
+    tokenizer_key = pw.CharField(max_length=1024)
+    params = pw.BigIntegerField(default=0)
+    config = JSONField(default=dict)
+    metrics = JSONField(default=dict)  # final loss, val_bpb, tokens seen
+    samples = JSONField(default=list)
+    data_source = pw.CharField(max_length=1024, default="")
+    data_sha256 = pw.CharField(max_length=64, default="")
+    size_bytes = pw.BigIntegerField(default=0)
+    created_at = pw.DateTimeField(default=utcnow)
+
+    @classmethod
+    def owned_by(cls, user: User) -> pw.ModelSelect:
+        return cls.select().where(cls.user == user)
+
+
+class ChatSession(BaseModel):
+    user = pw.ForeignKeyField(User, backref="chats", on_delete="CASCADE")
+    model = pw.ForeignKeyField(Model, backref="chats", on_delete="CASCADE")
+    title = pw.CharField(max_length=200, default="New chat")
+    mode = pw.CharField(max_length=16, default="chat")  # "chat" | "complete"
+    settings = JSONField(default=dict)  # temperature, top_k, top_p, max_tokens
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+
+class ChatMessage(BaseModel):
+    session = pw.ForeignKeyField(ChatSession, backref="messages", on_delete="CASCADE")
+    position = pw.IntegerField()
+    role = pw.CharField(max_length=16)  # "user" | "assistant" | "system"
+    content = pw.TextField()
+    stats = JSONField(null=True)  # ttft_ms, tokens, tokens_per_sec, finish_reason
+    created_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("session", "position"), True),)
+
+
+class LedgerEntry(BaseModel):
+    """Append-only money movements in micro-credits. Never updated or deleted."""
+
+    user = pw.ForeignKeyField(User, backref="ledger", on_delete="CASCADE")
+    amount = pw.BigIntegerField()  # positive: credit bought/granted; negative: usage
+    kind = pw.CharField(max_length=32)  # "purchase" | "usage" | "grant" | "refund" | "adjustment"
+    job = pw.ForeignKeyField(TrainingJob, null=True, backref="ledger", on_delete="SET NULL")
+    stripe_event_id = pw.CharField(max_length=255, unique=True, null=True)
+    description = pw.CharField(max_length=255, default="")
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class AppState(BaseModel):
+    """Small persistent key/value facts (schema version, solo owner id, calibration cache)."""
+
+    key = pw.CharField(max_length=128, primary_key=True)
+    value = JSONField(null=True)
+
+
+ALL_MODELS = [User, ApiKey, Dataset, TrainingJob, JobEvent, Model, ChatSession, ChatMessage, LedgerEntry, AppState]
+
+
+def new_token(nbytes: int = 24) -> str:
+    return secrets.token_urlsafe(nbytes)

@@ -1,0 +1,125 @@
+"""The JSON-lines contract between the trainer and whoever watches it.
+
+Every line the trainer writes to stdout is one JSON object with an ``event`` field; human-readable
+logs go to stderr. The web app parses trainer output only through :func:`parse_line` and reads exit
+codes only through the constants below. This module imports nothing beyond the standard library so
+the web process can use it without torch.
+
+Events and their fields (extra fields are allowed; these are guaranteed):
+
+``start``      config (dict), params (int), flops_per_token (int), total_steps (int),
+               total_tokens (int), device (str), world_size (int), resumed_from_step (int|None)
+``step``       step, total_steps, loss, lr, tokens_per_sec, mfu (float|None), elapsed_s, eta_s
+``eval``       step, val_loss, val_bpb
+``sample``     step, samples: list of {"prompt": str, "text": str}
+``checkpoint`` step, path
+``done``       step, final_loss, final_val_bpb (float|None), elapsed_s, checkpoint (path|None)
+``error``      kind ("user" | "infrastructure"), code (a short slug), message
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import IO, Any
+
+SCHEMA_VERSION = 1
+
+EVENTS = ("start", "step", "eval", "sample", "checkpoint", "done", "error")
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "start": ("config", "params", "flops_per_token", "total_steps", "total_tokens", "device"),
+    "step": ("step", "total_steps", "loss", "lr", "tokens_per_sec", "elapsed_s", "eta_s"),
+    "eval": ("step", "val_loss", "val_bpb"),
+    "sample": ("step", "samples"),
+    "checkpoint": ("step", "path"),
+    "done": ("step", "final_loss"),
+    "error": ("kind", "code", "message"),
+}
+
+ERROR_KINDS = ("user", "infrastructure")
+
+# Exit codes. Anything not listed (1, negative signal numbers, ...) is an infrastructure failure
+# that a supervisor may retry from the last checkpoint.
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad flags or config (argparse also exits 2): a user error, never retried
+EXIT_DATA = 65  # the dataset is empty, binary, undecodable or too small: a user error (EX_DATAERR)
+EXIT_DIVERGED = 66  # loss became NaN/inf or exploded: a user error (try a lower learning rate)
+EXIT_PREEMPTED = 75  # SIGTERM: checkpointed and stopped on request; resumable (EX_TEMPFAIL)
+
+USER_ERROR_EXITS = frozenset({EXIT_USAGE, EXIT_DATA, EXIT_DIVERGED})
+
+
+def outcome_of_exit(code: int) -> str:
+    """Map a trainer exit code to 'completed', 'user_error', 'preempted' or 'infrastructure'."""
+    if code == EXIT_OK:
+        return "completed"
+    if code in USER_ERROR_EXITS:
+        return "user_error"
+    if code == EXIT_PREEMPTED:
+        return "preempted"
+    return "infrastructure"
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf; a diverged loss must still be a valid line.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def format_event(event: str, **fields: Any) -> str:
+    """One JSON line (no trailing newline) for ``event`` with ``fields``."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown progress event {event!r}")
+    missing = [k for k in REQUIRED[event] if k not in fields]
+    if missing:
+        raise ValueError(f"progress event {event!r} lacks {', '.join(missing)}")
+    record = {"event": event, "v": SCHEMA_VERSION, "time": round(time.time(), 3)}
+    record.update(_clean(fields))
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+class Emitter:
+    """Writes events to a stream (stdout by default); a disabled emitter (non-zero ranks) is silent."""
+
+    def __init__(self, stream: IO[str] | None = None, enabled: bool = True):
+        self.stream = stream
+        self.enabled = enabled
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        line = format_event(event, **fields)
+        if not self.enabled:
+            return
+        out = self.stream or sys.stdout
+        out.write(line + "\n")
+        out.flush()
+
+
+emit = Emitter()
+
+
+def parse_line(line: str | bytes) -> dict[str, Any] | None:
+    """The event in one line of trainer stdout, or None if the line is not a contract event.
+
+    Never raises on garbage: a stray print from a library must not break the supervisor.
+    """
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("event") not in EVENTS:
+        return None
+    if any(k not in record for k in REQUIRED[record["event"]]):
+        return None
+    return record
