@@ -1,0 +1,551 @@
+"""Artifact storage over any fsspec URL: the only fsspec user in the appliance.
+
+``file://{home}/storage`` by default, ``s3://bucket/prefix`` (s3fs, with ``storage_options``) by setting.
+Keys are relative paths under per-user prefixes (``users/<id>/models/<id>/...``,
+``users/<id>/datasets/<id>/...``); a key that is absolute or climbs out with ``..`` is refused.
+
+A *directory* key (a checkpoint) is published atomically for readers: every file goes under the final
+key, then the marker ``_COMMITTED.json`` (our manifest: size and sha256 of every file) is written last.
+S3 has no rename, so a directory without its marker is absent to every reader here. On local storage the
+directory is assembled beside the final key and renamed into place.
+
+Errors: ``StorageError`` (and its ``KeyNotFound`` / ``IntegrityError``) for storage faults, ``ValueError``
+for a bad key, ``TooLargeError`` when a capped stream runs over.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import time
+import uuid
+import zlib
+from pathlib import Path
+from typing import IO, Any, Iterator, Mapping
+
+import fsspec
+
+MARKER = "_COMMITTED.json"
+MARKER_FORMAT = "ncs-dir/1"
+CHUNK = 1 << 20  # 1 MiB copies: bounded memory on multi-GiB weights
+ARCHIVE_CHUNK = 64 << 10  # what one yield of a download carries, about
+_KEY_PART = re.compile(r"^[A-Za-z0-9._@+=-]+$")
+
+
+class StorageError(Exception):
+    """Storage could not do what was asked (backend fault, bad checkpoint)."""
+
+
+class KeyNotFound(StorageError, FileNotFoundError):
+    """The key is absent, or is a directory that was never committed."""
+
+
+class IntegrityError(StorageError):
+    """Bytes read back do not match the manifest's size or sha256."""
+
+
+class TooLargeError(StorageError):
+    """A capped stream went over its limit; nothing is kept."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} bytes")
+        self.limit = limit
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` normalised (no trailing slash) or raise ValueError if it could escape its prefix."""
+    if not isinstance(key, str) or not key or len(key) > 900:
+        raise ValueError("storage key must be a non-empty string of at most 900 characters")
+    if key.startswith("/") or "\\" in key or "\x00" in key or ":" in key.split("/")[0]:
+        raise ValueError(f"storage key must be relative: {key!r}")
+    parts = key.rstrip("/").split("/")
+    for part in parts:
+        if part in ("", ".", "..") or not _KEY_PART.match(part):
+            raise ValueError(f"storage key has a bad part {part!r}: {key!r}")
+    return "/".join(parts)
+
+
+def user_prefix(user_id: int) -> str:
+    return f"users/{int(user_id)}"
+
+
+def model_prefix(user_id: int, model_id: int) -> str:
+    return f"{user_prefix(user_id)}/models/{int(model_id)}"
+
+
+def dataset_prefix(user_id: int, dataset_token: str | int) -> str:
+    return check_key(f"{user_prefix(user_id)}/datasets/{dataset_token}")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_hashing(src: IO[bytes], dst: IO[bytes], limit: int | None = None) -> tuple[int, str]:
+    """Copy in bounded chunks; return (bytes, sha256). Raise TooLargeError past ``limit``."""
+    h = hashlib.sha256()
+    n = 0
+    while chunk := src.read(CHUNK):
+        n += len(chunk)
+        if limit is not None and n > limit:
+            raise TooLargeError(limit)
+        h.update(chunk)
+        dst.write(chunk)
+    return n, h.hexdigest()
+
+
+class Storage:
+    """Put, open, publish and stream artifacts under one fsspec root URL."""
+
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None):
+        self.url = url.rstrip("/")
+        self.fs, root = fsspec.core.url_to_fs(self.url, **dict(options or {}))
+        self.root = root.rstrip("/")
+        self.is_local = "file" in _protocols(self.fs)
+        if self.is_local:
+            os.makedirs(self.root, exist_ok=True)
+        # Remote keys are copied here once for model servers and trainers that need real files.
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Storage":
+        url = settings.storage_url or f"file://{Path(settings.home) / 'storage'}"
+        cache = Path(settings.home) / "cache" / "storage" / hashlib.sha256(url.encode()).hexdigest()[:12]
+        return cls(url, settings.storage_options or {}, cache_dir=cache)
+
+    # -- paths -------------------------------------------------------------------------------------------
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{check_key(key)}"
+
+    def _marker(self, key: str) -> str:
+        return f"{self._path(key)}/{MARKER}"
+
+    def _read_marker(self, key: str) -> dict | None:
+        try:
+            with self.fs.open(self._marker(key), "rb") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, NotADirectoryError):  # the latter: ``key`` is a local file
+            return None
+
+    def manifest(self, key: str) -> dict:
+        """The committed directory's manifest (``files``: rel path -> size, sha256). KeyNotFound if absent."""
+        m = self._read_marker(key)
+        if m is None:
+            raise KeyNotFound(key)
+        return m
+
+    # -- single objects ----------------------------------------------------------------------------------
+    def put_file(self, local_path: str | os.PathLike, key: str) -> dict:
+        with open(local_path, "rb") as src:
+            return self.put_stream(src, key)
+
+    def put_bytes(self, data: bytes, key: str) -> dict:
+        import io
+
+        return self.put_stream(io.BytesIO(data), key)
+
+    def put_stream(self, stream: IO[bytes], key: str, max_bytes: int | None = None) -> dict:
+        """Write ``stream`` to ``key`` in bounded chunks; return {"size", "sha256"}.
+
+        Readers never see a partial object: local writes go to a temporary name and are renamed; on S3
+        the object appears only when the (multipart) upload completes, and an aborted one is discarded.
+        """
+        path = self._path(key)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as dst:
+                    size, digest = _copy_hashing(stream, dst, max_bytes)
+                os.replace(tmp, path)
+            except BaseException:
+                _unlink(tmp)
+                raise
+        else:
+            f = self.fs.open(path, "wb")
+            try:
+                size, digest = _copy_hashing(stream, f, max_bytes)
+            except BaseException:
+                f.discard()  # aborts a started multipart upload
+                f.closed = True  # or the file's finaliser would try to commit what is left
+                raise
+            f.close()
+            self.fs.invalidate_cache(path)
+        return {"size": size, "sha256": digest}
+
+    def open(self, key: str, mode: str = "rb") -> IO[bytes]:
+        """Open a stored file for reading (KeyNotFound if absent)."""
+        if mode != "rb":
+            raise ValueError("storage files are opened read-only; use put_*")
+        try:
+            return self.fs.open(self._path(key), "rb")
+        except FileNotFoundError as e:
+            raise KeyNotFound(key) from e
+
+    def exists(self, key: str) -> bool:
+        """A file, or a directory whose marker was written. A half-uploaded directory is absent."""
+        if self._read_marker(key) is not None:
+            return True
+        return bool(self.fs.isfile(self._path(key)))
+
+    def size(self, key: str) -> int:
+        """Bytes of a file or a committed directory. KeyNotFound if absent."""
+        m = self._read_marker(key)
+        if m is not None:
+            return int(m["total_bytes"])
+        path = self._path(key)
+        if not self.fs.isfile(path):  # a prefix of files without a marker is absent too
+            raise KeyNotFound(key)
+        return int(self.fs.size(path))
+
+    def usage(self, prefix: str) -> int:
+        """Bytes stored under ``prefix``, committed or not (for quotas and cleanup)."""
+        path = self._path(prefix)
+        try:
+            found = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return 0
+        return sum(int(info.get("size") or 0) for info in found.values())
+
+    def delete(self, key: str) -> None:
+        """Remove a file or everything under a prefix; the marker goes first so readers stop at once."""
+        path = self._path(key)
+        marker = self._marker(key)
+        if self.fs.exists(marker):
+            self.fs.rm(marker)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.fs.invalidate_cache(path)
+
+    # -- directories -------------------------------------------------------------------------------------
+    def put_dir(self, local_dir: str | os.PathLike, key: str) -> dict:
+        """Upload ``local_dir`` under ``key`` atomically for readers; return the manifest written."""
+        local_dir = Path(local_dir)
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MARKER)
+        rels = [p.relative_to(local_dir).as_posix() for p in files]
+        for rel in rels:
+            check_key(rel)
+        path = self._path(key)
+        entries: dict[str, dict] = {}
+        if self.is_local:
+            parent, name = os.path.split(path)
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{name}")
+            try:
+                for src, rel in zip(files, rels):
+                    dst = os.path.join(tmp, rel)
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    with open(src, "rb") as s, open(dst, "wb") as d:
+                        size, digest = _copy_hashing(s, d)
+                    entries[rel] = {"size": size, "sha256": digest}
+                manifest = _manifest(entries)
+                with open(os.path.join(tmp, MARKER), "w") as f:
+                    json.dump(manifest, f, indent=1)
+                self._swap_in(tmp, path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return manifest
+        # Remote: no rename. Un-commit any earlier version first, upload, drop stale files, marker last.
+        if self.fs.exists(self._marker(key)):
+            self.fs.rm(self._marker(key))
+        for src, rel in zip(files, rels):
+            with open(src, "rb") as s, self.fs.open(f"{path}/{rel}", "wb") as d:
+                size, digest = _copy_hashing(s, d)
+            entries[rel] = {"size": size, "sha256": digest}
+        self.fs.invalidate_cache(path)
+        for stale in self.fs.find(path):
+            rel = stale[len(path) + 1:]
+            if rel not in entries and rel != MARKER:
+                self.fs.rm(stale)
+        manifest = _manifest(entries)
+        with self.fs.open(self._marker(key), "wb") as f:
+            f.write(json.dumps(manifest, indent=1).encode())
+        self.fs.invalidate_cache(path)
+        return manifest
+
+    @staticmethod
+    def _swap_in(tmp: str, final: str) -> None:
+        if not os.path.exists(final):
+            os.rename(tmp, final)
+            return
+        old = f"{final}.old-{uuid.uuid4().hex}"
+        os.rename(final, old)  # a reader between these renames sees "absent", never a mix
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def publish_checkpoint(self, user_id: int, model_id: int, local_ckpt_dir: str | os.PathLike) -> str:
+        """Upload a finished trainer checkpoint; return its key ``users/<u>/models/<m>/checkpoints/<dir>``.
+
+        The trainer writes ``manifest.json`` last; a directory without it is still being written and is
+        refused (StorageError). The bytes uploaded are checked against the trainer's sha256s
+        (IntegrityError, and nothing stays published).
+        """
+        local = Path(local_ckpt_dir)
+        trainer_manifest = local / "manifest.json"
+        if not trainer_manifest.is_file():
+            raise StorageError(f"{local} is not a finished checkpoint (no manifest.json)")
+        expected = trainer_sha256s(json.loads(trainer_manifest.read_text()))
+        key = f"{model_prefix(user_id, model_id)}/checkpoints/{check_key(local.name)}"
+        manifest = self.put_dir(local, key)
+        bad = [rel for rel, sha in expected.items() if manifest["files"].get(rel, {}).get("sha256") != sha]
+        if bad:
+            self.delete(key)
+            raise IntegrityError(f"checkpoint {local} does not match its manifest.json: {', '.join(bad)}")
+        return key
+
+    def list_committed(self, prefix: str) -> list[str]:
+        """Keys of committed directories directly under ``prefix`` (e.g. a model's checkpoints), sorted."""
+        base = self._path(prefix)
+        try:
+            children = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        keys = [f"{check_key(prefix)}/{c.rstrip('/').rsplit('/', 1)[-1]}" for c in children]
+        return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith(".") and self._read_marker(k))
+
+    # -- local copies ------------------------------------------------------------------------------------
+    def local_path(self, key: str) -> str:
+        """A local filesystem path holding ``key`` (file or committed directory).
+
+        Local storage answers its own path. Remote keys are downloaded once into the cache, verified
+        against the manifest (IntegrityError), and re-fetched only if the remote manifest changes.
+        """
+        remote_manifest = self._read_marker(key)
+        if self.is_local:
+            path = self._path(key)
+            if remote_manifest is None and not os.path.isfile(path):
+                raise KeyNotFound(key)
+            return path
+        if self.cache_dir is None:
+            raise StorageError("remote storage needs a cache_dir for local copies")
+        target = self.cache_dir / check_key(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if remote_manifest is None:
+            return self._cache_file(key, target)
+        cached = target / MARKER
+        if cached.is_file() and json.loads(cached.read_text()) == remote_manifest:
+            return str(target)
+        tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+        try:
+            for rel, info in remote_manifest["files"].items():
+                dst = tmp / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with self.open(f"{key}/{rel}") as s, open(dst, "wb") as d:
+                    size, digest = _copy_hashing(s, d)
+                if size != info["size"] or digest != info["sha256"]:
+                    raise IntegrityError(f"{key}/{rel}: stored bytes do not match the manifest")
+            (tmp / MARKER).write_text(json.dumps(remote_manifest, indent=1))
+            self._swap_in(str(tmp), str(target))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return str(target)
+
+    def _cache_file(self, key: str, target: Path) -> str:
+        size = self.size(key)
+        if target.is_file() and target.stat().st_size == size:
+            return str(target)
+        tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+        try:
+            with self.open(key) as s, open(tmp, "wb") as d:
+                n, _ = _copy_hashing(s, d)
+            if n != size:
+                raise IntegrityError(f"{key}: read {n} bytes, expected {size}")
+            os.replace(tmp, target)
+        except BaseException:
+            _unlink(str(tmp))
+            raise
+        return str(target)
+
+    # -- user-supplied dataset sources (fetch.py decides the options; only this module touches fsspec) --
+    def source_files(self, url: str, options: Mapping[str, Any]) -> list[tuple[str, int]]:
+        """(path, size) of the files under a user's ``s3://`` dataset URL, read with *their* options."""
+        fs, path = fsspec.core.url_to_fs(url, **dict(options))
+        found = fs.find(path, detail=True)
+        return sorted((p, int(i.get("size") or 0)) for p, i in found.items() if i.get("type") != "directory")
+
+    # -- downloads ---------------------------------------------------------------------------------------
+    def stream_model_archive(self, model: Any, extra_files: Mapping[str, bytes | str] | None = None) -> Iterator[bytes]:
+        """A ``.tar.gz`` of the model, generated chunk by chunk (never whole in memory).
+
+        Holds ``<name>/model.safetensors``, ``config.json``, ``tokenizer/...``, ``MODEL_CARD.md``,
+        ``SHA256SUMS`` and any ``extra_files`` (name -> content). The weights are re-hashed while they
+        stream; a mismatch raises IntegrityError mid-stream so a corrupt archive never looks whole.
+        Missing checkpoint: KeyNotFound, raised before the first byte.
+        """
+        ckpt = check_key(model.checkpoint_key)
+        files = self.manifest(ckpt)["files"]  # KeyNotFound before any byte is sent
+        if "model.safetensors" not in files:
+            raise StorageError(f"checkpoint {ckpt} has no model.safetensors")
+        top = archive_dirname(model)
+        # (archive name, storage key or None, size, sha256, inline bytes or None)
+        members: list[tuple[str, str | None, int, str, bytes | None]] = []
+        for rel in ("model.safetensors", "config.json"):
+            if rel in files:
+                members.append((rel, f"{ckpt}/{rel}", files[rel]["size"], files[rel]["sha256"], None))
+        if "config.json" not in files:
+            members.append(_inline("config.json", json.dumps(model.config or {}, indent=2)))
+        for rel, size, sha, key in self._tokenizer_files(model, ckpt, files):
+            members.append((f"tokenizer/{rel}", key, size, sha, None))
+        members.append(_inline("MODEL_CARD.md", model_card(model, files["model.safetensors"]["sha256"], top)))
+        for name, content in (extra_files or {}).items():
+            members.append(_inline(check_key(name), content))
+        sums = "".join(f"{sha}  {name}\n" for name, _, _, sha, _ in members)
+        members.append(_inline("SHA256SUMS", sums))
+
+        out = _GzipTar()
+        mtime = int(time.time())
+        for name, key, size, sha, inline in members:
+            yield from out.header(f"{top}/{name}", size, mtime)
+            if inline is not None:
+                yield from out.data(inline)
+            else:
+                h = hashlib.sha256()
+                n = 0
+                with self.open(key) as f:
+                    while chunk := f.read(ARCHIVE_CHUNK):
+                        n += len(chunk)
+                        h.update(chunk)
+                        yield from out.data(chunk)
+                if n != size or h.hexdigest() != sha:
+                    raise IntegrityError(f"{key}: stored bytes do not match the manifest")
+            yield from out.end_member(size)
+        yield from out.close()
+
+    def _tokenizer_files(self, model: Any, ckpt: str, files: dict) -> list[tuple[str, int, str, str]]:
+        tok = check_key(model.tokenizer_key or f"{ckpt}/tokenizer")
+        if tok.startswith(ckpt + "/"):
+            sub = tok[len(ckpt) + 1:] + "/"
+            return [(rel[len(sub):], i["size"], i["sha256"], f"{ckpt}/{rel}") for rel, i in sorted(files.items())
+                    if rel.startswith(sub)]
+        tfiles = self.manifest(tok)["files"]
+        return [(rel, i["size"], i["sha256"], f"{tok}/{rel}") for rel, i in sorted(tfiles.items())]
+
+
+def _inline(name: str, content: bytes | str) -> tuple[str, None, int, str, bytes]:
+    data = content.encode() if isinstance(content, str) else bytes(content)
+    return (name, None, len(data), hashlib.sha256(data).hexdigest(), data)
+
+
+class _GzipTar:
+    """A POSIX tar written forward only into a gzip stream; every method yields compressed pieces of at
+    least ARCHIVE_CHUNK bytes (the last may be shorter). tarfile's own writer cannot yield mid-file."""
+
+    def __init__(self) -> None:
+        self._z = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip header and trailer
+        self._buf: list[bytes] = []
+        self._n = 0
+        self._written = 0
+
+    def _feed(self, raw: bytes) -> Iterator[bytes]:
+        self._written += len(raw)
+        out = self._z.compress(raw)
+        if out:
+            self._buf.append(out)
+            self._n += len(out)
+        if self._n >= ARCHIVE_CHUNK:
+            yield b"".join(self._buf)
+            self._buf, self._n = [], 0
+
+    def header(self, name: str, size: int, mtime: int) -> Iterator[bytes]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, mtime, 0o644
+        yield from self._feed(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def data(self, chunk: bytes) -> Iterator[bytes]:
+        yield from self._feed(chunk)
+
+    def end_member(self, size: int) -> Iterator[bytes]:
+        yield from self._feed(b"\0" * (-size % tarfile.BLOCKSIZE))
+
+    def close(self) -> Iterator[bytes]:
+        yield from self._feed(b"\0" * (2 * tarfile.BLOCKSIZE))
+        yield from self._feed(b"\0" * (-self._written % tarfile.RECORDSIZE))
+        self._buf.append(self._z.flush())
+        yield b"".join(self._buf)
+
+
+def archive_dirname(model: Any) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(model.name or "")).strip("-.")[:60]
+    return slug or f"model-{model.id}"
+
+
+def model_card(model: Any, weights_sha256: str, dirname: str) -> str:
+    """MODEL_CARD.md: what the model is, what it learned from, how well, and how to run it."""
+    cfg = model.config or {}
+    metrics = model.metrics or {}
+    lines = [f"# {model.name or dirname}", "",
+             "A small GPT trained from scratch with nanochat-studio.", "",
+             f"- Step: {model.step}", f"- Parameters: {model.params:,}",
+             f"- Weights: `model.safetensors`, sha256 `{weights_sha256}`", "",
+             "## Data", "", f"- Source: `{model.data_source or 'unknown'}`",
+             f"- sha256: `{model.data_sha256 or 'unknown'}`", "", "## Configuration", "",
+             "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(cfg.items())]
+    lines += ["", "## Metrics", ""]
+    lines += [f"- {k}: {v}" for k, v in sorted(metrics.items())] or ["- none recorded"]
+    lines += ["", "## Samples", ""]
+    for s in model.samples or []:
+        prompt, text = (s.get("prompt", ""), s.get("text", "")) if isinstance(s, dict) else ("", str(s))
+        # Indented blocks, not fences: model text may itself contain ``` and must stay inert.
+        lines += [f"Prompt: `{prompt!r}`", ""] + ["    " + ln for ln in str(text).splitlines() or [""]] + [""]
+    if not model.samples:
+        lines += ["(none recorded)", ""]
+    lines += ["## How to load it", "",
+              "With the nanochat-studio trainer (no web app needed):", "",
+              f"    tar xzf {dirname}.tar.gz",
+              f"    python -m trainer.sample --checkpoint {dirname} --prompt 'Once upon a time'", "",
+              "The weights alone, in any PyTorch program:", "",
+              "    from safetensors.torch import load_file",
+              f"    state_dict = load_file('{dirname}/model.safetensors')", "",
+              "`config.json` holds the model shape; `tokenizer/` the BPE the model was trained with. "
+              "`SHA256SUMS` lists every file here (`sha256sum -c SHA256SUMS` inside the directory).", ""]
+    return "\n".join(lines)
+
+
+def trainer_sha256s(manifest: Any) -> dict[str, str]:
+    """rel path -> sha256 from the trainer's manifest.json, which may list ``files`` as a mapping of
+    path -> sha256 or path -> {"sha256": ...}, or as a list of {"path"|"name", "sha256"}."""
+    files = manifest.get("files", manifest) if isinstance(manifest, dict) else manifest
+    out: dict[str, str] = {}
+    if isinstance(files, dict):
+        for rel, v in files.items():
+            sha = v.get("sha256") if isinstance(v, dict) else v
+            if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
+                out[rel] = sha
+    elif isinstance(files, list):
+        for item in files:
+            if isinstance(item, dict) and isinstance(item.get("sha256"), str):
+                out[item.get("path") or item.get("name")] = item["sha256"]
+    return out
+
+
+def _manifest(entries: dict[str, dict]) -> dict:
+    return {
+        "format": MARKER_FORMAT,
+        "files": entries,
+        "total_bytes": sum(e["size"] for e in entries.values()),
+        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,228 @@
+"""Storage against the local filesystem and a loopback S3 server (moto), through the same tests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from nanochat_studio.storage import MARKER, IntegrityError, KeyNotFound, Storage, StorageError, check_key
+from s3server import s3_server  # noqa: F401  (fixture)
+
+
+def make_checkpoint(root: Path, step: int = 100, weights: bytes | None = None) -> Path:
+    """A directory shaped like the trainer's: files first, manifest.json (sha256 of each) last."""
+    d = root / f"step_{step:07d}"
+    (d / "tokenizer").mkdir(parents=True)
+    files = {
+        "model.safetensors": weights if weights is not None else os.urandom(300_000),
+        "optim.pt": b"optimizer state",
+        "state.json": json.dumps({"step": step}).encode(),
+        "config.json": json.dumps({"depth": 2, "n_embd": 128}).encode(),
+        "tokenizer/tokenizer.pkl": b"ranks",
+        "tokenizer/meta.json": b'{"vocab_size": 512}',
+    }
+    for rel, data in files.items():
+        (d / rel).write_bytes(data)
+    manifest = {"step": step, "files": {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                                        for rel, data in files.items()}}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return Storage(f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache")
+    s3 = request.getfixturevalue("s3_server")
+    prefix = f"t{abs(hash(request.node.name)) % 10**8}"
+    return Storage(s3.url(prefix), s3.options, cache_dir=tmp_path / "cache")
+
+
+def test_a_file_round_trips(storage):
+    meta = storage.put_bytes(b"hello world", "users/1/datasets/abc/input.txt")
+    assert meta == {"size": 11, "sha256": hashlib.sha256(b"hello world").hexdigest()}
+    assert storage.exists("users/1/datasets/abc/input.txt")
+    assert storage.size("users/1/datasets/abc/input.txt") == 11
+    with storage.open("users/1/datasets/abc/input.txt") as f:
+        assert f.read() == b"hello world"
+    assert Path(storage.local_path("users/1/datasets/abc/input.txt")).read_bytes() == b"hello world"
+    storage.delete("users/1/datasets/abc")
+    assert not storage.exists("users/1/datasets/abc/input.txt")
+    with pytest.raises(KeyNotFound):
+        storage.open("users/1/datasets/abc/input.txt")
+
+
+@pytest.mark.parametrize("key", ["../x", "users/1/../../etc/passwd", "/etc/passwd", "users//1", "a/./b",
+                                 "c:/x", "users\\1", "", "users/1/\x00"])
+def test_keys_escaping_the_prefix_are_refused(storage, key):
+    with pytest.raises(ValueError):
+        storage.put_bytes(b"x", key)
+    with pytest.raises(ValueError):
+        check_key(key)
+
+
+def test_a_capped_stream_keeps_nothing(storage):
+    from nanochat_studio.storage import TooLargeError
+
+    with pytest.raises(TooLargeError):
+        storage.put_stream(io.BytesIO(b"x" * (3 << 20)), "users/1/datasets/big/a.txt", max_bytes=2 << 20)
+    assert not storage.exists("users/1/datasets/big/a.txt")
+    assert storage.usage("users/1/datasets/big") == 0
+
+
+def test_a_checkpoint_publishes_and_comes_back_verified(storage, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "run")
+    key = storage.publish_checkpoint(7, 3, ckpt)
+    assert key == "users/7/models/3/checkpoints/step_0000100"
+    assert storage.exists(key)
+    assert storage.list_committed("users/7/models/3/checkpoints") == [key]
+    m = storage.manifest(key)
+    assert m["files"]["model.safetensors"]["sha256"] == hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+    assert storage.size(key) == sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    local = Path(storage.local_path(key))
+    for p in ckpt.rglob("*"):
+        if p.is_file():
+            assert (local / p.relative_to(ckpt)).read_bytes() == p.read_bytes()
+    assert storage.local_path(key) == str(local)  # cached: same place, no second download
+    storage.delete("users/7/models/3")
+    assert not storage.exists(key)
+    with pytest.raises(KeyNotFound):
+        storage.local_path(key)
+
+
+def test_a_half_uploaded_checkpoint_is_not_visible(storage, tmp_path):
+    """Files under the key without the marker (an upload that died) read as absent everywhere."""
+    ckpt = make_checkpoint(tmp_path / "run")
+    key = "users/7/models/4/checkpoints/step_0000100"
+    for rel in ("model.safetensors", "config.json"):
+        storage.put_file(ckpt / rel, f"{key}/{rel}")
+    assert not storage.exists(key)
+    assert storage.list_committed("users/7/models/4/checkpoints") == []
+    with pytest.raises(KeyNotFound):
+        storage.manifest(key)
+    with pytest.raises(KeyNotFound):
+        storage.local_path(key)
+    # Publishing over the debris commits a clean copy.
+    assert storage.publish_checkpoint(7, 4, ckpt) == key
+    assert storage.exists(key)
+
+
+def test_the_marker_is_written_after_every_file(tmp_path, s3_server):
+    """Watch an S3 upload from another thread: whenever the marker exists, every file listed is there."""
+    storage = Storage(s3_server.url("atomic"), s3_server.options)
+    reader = Storage(s3_server.url("atomic"), s3_server.options)
+    ckpt = make_checkpoint(tmp_path / "run", weights=os.urandom(2 << 20))
+    key = "users/1/models/1/checkpoints/step_0000100"
+    seen_absent, violations, done = [0], [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            reader.fs.invalidate_cache()
+            if reader.exists(key):
+                for rel in reader.manifest(key)["files"]:
+                    if not reader.fs.exists(f"{reader.root}/{key}/{rel}"):
+                        violations.append(rel)
+                return
+            seen_absent[0] += 1
+
+    t = threading.Thread(target=watch)
+    t.start()
+    storage.publish_checkpoint(1, 1, ckpt)
+    done.set()
+    t.join(10)
+    assert violations == []
+    assert reader.exists(key)
+
+
+def test_an_unfinished_or_corrupt_checkpoint_is_refused(storage, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "run")
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(StorageError, match="manifest.json"):
+        storage.publish_checkpoint(1, 1, ckpt)
+    ckpt2 = make_checkpoint(tmp_path / "run2")
+    (ckpt2 / "model.safetensors").write_bytes(b"torn write")
+    with pytest.raises(IntegrityError):
+        storage.publish_checkpoint(1, 2, ckpt2)
+    assert not storage.exists("users/1/models/2/checkpoints/step_0000100")
+
+
+def test_a_local_copy_that_was_tampered_with_is_refused(tmp_path, s3_server):
+    storage = Storage(s3_server.url("tamper"), s3_server.options, cache_dir=tmp_path / "cache")
+    key = storage.publish_checkpoint(1, 1, make_checkpoint(tmp_path / "run"))
+    storage.put_bytes(b"not the weights", f"{key}/model.safetensors")  # bytes change, manifest does not
+    with pytest.raises(IntegrityError):
+        storage.local_path(key)
+    assert not (tmp_path / "cache" / key).exists()
+
+
+def test_republishing_a_key_leaves_no_stale_files(storage, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "a")
+    key = storage.publish_checkpoint(1, 1, ckpt)
+    (ckpt / "optim.pt").unlink()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"]["optim.pt"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert storage.publish_checkpoint(1, 1, ckpt) == key
+    assert "optim.pt" not in storage.manifest(key)["files"]
+    storage.fs.invalidate_cache()
+    assert not storage.fs.exists(f"{storage.root}/{key}/optim.pt")
+
+
+class FakeModel:
+    """The attributes of models.Model the archive reads (a row needs a database; this needs none)."""
+
+    def __init__(self, **kw):
+        self.id, self.name, self.step, self.params = 9, "tiny shakespeare d2", 100, 1_234_567
+        self.config = {"depth": 2, "seq_len": 256}
+        self.metrics = {"final_loss": 2.31, "val_bpb": 1.12}
+        self.samples = [{"prompt": "To be", "text": "To be or not\n```\n<script>x</script>"}]
+        self.data_source, self.data_sha256 = "https://example.com/shakespeare.txt", "ab" * 32
+        self.__dict__.update(kw)
+
+
+def test_the_download_is_one_streamed_archive_with_weights_config_tokenizer_and_card(storage, tmp_path):
+    weights = os.urandom(1 << 20)
+    ckpt = make_checkpoint(tmp_path / "run", weights=weights)
+    key = storage.publish_checkpoint(1, 9, ckpt)
+    model = FakeModel(checkpoint_key=key, tokenizer_key=f"{key}/tokenizer")
+    chunks = list(storage.stream_model_archive(model, {"samples.json": json.dumps(model.samples)}))
+    assert len(chunks) > 10  # streamed: random weights do not compress, 1 MiB arrives in ~16 pieces
+    assert max(len(c) for c in chunks) < 256 << 10
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r:gz") as tar:
+        names = sorted(tar.getnames())
+        top = "tiny-shakespeare-d2"
+        assert names == sorted(f"{top}/{n}" for n in ["model.safetensors", "config.json", "tokenizer/meta.json",
+                                                      "tokenizer/tokenizer.pkl", "MODEL_CARD.md", "SHA256SUMS",
+                                                      "samples.json"])
+        assert tar.extractfile(f"{top}/model.safetensors").read() == weights
+        assert json.loads(tar.extractfile(f"{top}/config.json").read())["depth"] == 2
+        card = tar.extractfile(f"{top}/MODEL_CARD.md").read().decode()
+        sums = tar.extractfile(f"{top}/SHA256SUMS").read().decode()
+    assert hashlib.sha256(weights).hexdigest() in card and hashlib.sha256(weights).hexdigest() in sums
+    assert "https://example.com/shakespeare.txt" in card and "ab" * 32 in card
+    assert "final_loss: 2.31" in card and "python -m trainer.sample" in card
+    assert "    <script>x</script>" in card  # model text is indented, inert
+
+
+def test_an_archive_of_a_missing_checkpoint_fails_before_the_first_byte(storage):
+    gen = storage.stream_model_archive(FakeModel(checkpoint_key="users/1/models/404/checkpoints/step_1",
+                                                 tokenizer_key=""))
+    with pytest.raises(KeyNotFound):
+        next(gen)
+
+
+def test_from_settings_defaults_to_home_storage(tmp_path):
+    class S:
+        home, storage_url, storage_options = str(tmp_path), "", {}
+
+    st = Storage.from_settings(S())
+    st.put_bytes(b"x", "users/1/a.txt")
+    assert (tmp_path / "storage" / "users/1/a.txt").read_bytes() == b"x"
+    assert MARKER.endswith(".json")
