@@ -1,0 +1,210 @@
+"""Optimizers and schedules: Muon for the hidden matrices, AdamW for embeddings and the lm_head.
+
+Why two optimizers (the nanochat / modded-nanogpt recipe): the 2-D weight matrices inside the
+transformer blocks train fastest when each update is orthogonalised (all singular values pushed
+towards 1), which Muon does with a few Newton-Schulz iterations; embedding tables and the output
+head are not "linear maps between hidden spaces" in the same sense and stay with AdamW.
+
+Learning rates and width: the defaults below were tuned by nanochat at n_embd = 768. Muon's
+update is already scale-free (unit spectral norm, times a shape factor), so its lr is used as is.
+The AdamW learning rates are multiplied by (n_embd / 768) ** -0.5, so a narrower model gets a
+proportionally larger step and a wider one a smaller step (muP-like width scaling).
+
+Under DistributedDataParallel both optimizers see gradients that DDP has already averaged across
+ranks, so every rank computes exactly the same update and the replicas stay identical; no extra
+communication happens here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+REFERENCE_WIDTH = 768  # the width nanochat's learning rates were tuned at
+
+# Defaults (nanochat's figures).
+MATRIX_LR = 0.02
+EMBEDDING_LR = 0.2
+UNEMBEDDING_LR = 0.004
+ADAM_BETAS = (0.8, 0.95)
+ADAM_EPS = 1e-10
+MUON_MOMENTUM = 0.95
+MUON_MOMENTUM_START = 0.85
+MUON_MOMENTUM_WARMUP_STEPS = 300
+
+# Quintic Newton-Schulz coefficients (Keller Jordan's figures): chosen to push small singular values
+# up quickly; the result has singular values in roughly [0.7, 1.2] rather than exactly 1, which
+# trains as well as a true polar factor and costs five iterations instead of dozens.
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """An approximately orthogonal matrix with the singular vectors of ``g`` (2-D).
+
+    Runs in bfloat16 on CUDA (fast and good enough: the iteration is self-correcting) and in
+    float32 elsewhere (bf16 matmuls are very slow on CPU, and float32 keeps CPU runs exact).
+    """
+    if g.ndim != 2:
+        raise ValueError(f"newton_schulz wants a matrix, got shape {tuple(g.shape)}")
+    a, b, c = _NS_COEFFS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    # Scale so the spectral norm is at most 1 (the Frobenius norm bounds it from above).
+    x = x / (x.norm() + eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    if tall:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D parameters.
+
+    Each step: momentum buffer m <- beta*m + (1-beta)*g; the update direction is the Nesterov
+    look-ahead g + beta*(m - g) (or m without Nesterov), orthogonalised with :func:`newton_schulz`
+    and scaled by sqrt(max(1, rows/cols)) so tall matrices (e.g. the MLP's down-projection viewed
+    as out x in) get per-element updates of the same RMS as square ones. Weight decay is decoupled.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = MATRIX_LR,
+                 momentum: float = MUON_MOMENTUM, nesterov: bool = True, ns_steps: int = 5,
+                 weight_decay: float = 0.0):
+        if lr < 0 or not 0 <= momentum < 1 or ns_steps < 1 or weight_decay < 0:
+            raise ValueError("Muon: need lr >= 0, 0 <= momentum < 1, ns_steps >= 1, weight_decay >= 0")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - beta)
+                direction = g.lerp(buf, beta) if group["nesterov"] else buf
+                update = newton_schulz(direction, steps=group["ns_steps"])
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * scale)
+        return loss
+
+
+def width_lr_scale(n_embd: int) -> float:
+    """The factor applied to AdamW learning rates: (n_embd / 768) ** -0.5."""
+    return (n_embd / REFERENCE_WIDTH) ** -0.5
+
+
+def build_optimizers(param_groups: dict[str, list[torch.nn.Parameter]], n_embd: int, *,
+                     matrix_lr: float = MATRIX_LR, embedding_lr: float = EMBEDDING_LR,
+                     unembedding_lr: float = UNEMBEDDING_LR, weight_decay: float = 0.0,
+                     device_type: str = "cpu") -> list[torch.optim.Optimizer]:
+    """``[AdamW, Muon]`` for a model's ``param_groups()`` ({"matrix", "embedding", "lm_head"}).
+
+    Every group records its base learning rate as ``initial_lr`` so :func:`set_lr` can apply a
+    schedule multiplier. A non-2-D parameter that turns up in "matrix" (a gain, a bias) goes to
+    AdamW at the unembedding rate, since Newton-Schulz is undefined for it.
+    """
+    unknown = set(param_groups) - {"matrix", "embedding", "lm_head"}
+    if unknown:
+        raise ValueError(f"unknown parameter groups: {sorted(unknown)}")
+    scale = width_lr_scale(n_embd)
+    matrices = [p for p in param_groups.get("matrix", []) if p.ndim == 2]
+    stray = [p for p in param_groups.get("matrix", []) if p.ndim != 2]
+    adam_groups = [
+        dict(params=list(param_groups.get("embedding", [])), lr=embedding_lr * scale),
+        dict(params=list(param_groups.get("lm_head", [])) + stray, lr=unembedding_lr * scale),
+    ]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    for g in adam_groups:
+        g["initial_lr"] = g["lr"]
+    # fused AdamW is a CUDA kernel; elsewhere the plain for-each loop (deterministic on CPU).
+    adam_kwargs = dict(betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay)
+    if device_type == "cuda":
+        adam_kwargs["fused"] = True
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(adam_groups, **adam_kwargs)]
+    if matrices:
+        muon = Muon(matrices, lr=matrix_lr, momentum=MUON_MOMENTUM, weight_decay=weight_decay)
+        for g in muon.param_groups:
+            g["initial_lr"] = g["lr"]
+        optimizers.append(muon)
+    return optimizers
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_ratio: float = 0.0,
+                  warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
+    """The schedule's factor at ``step`` (0-based) of ``total_steps``.
+
+    Linear warmup from ~0 to 1 over the first ``warmup_ratio`` of the run, constant at 1, then a
+    linear warmdown over the last ``warmdown_ratio`` to ``final_lr_frac`` at the final step.
+    It depends only on (step, total_steps), so a resumed run that keeps its planned total follows
+    exactly the same curve.
+    """
+    if total_steps <= 0:
+        raise ValueError("total_steps must be positive")
+    warmup = round(warmup_ratio * total_steps)
+    warmdown = round(warmdown_ratio * total_steps)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if warmdown and step >= total_steps - warmdown:
+        progress = (total_steps - step) / warmdown  # 1 at the start of warmdown, 1/warmdown at the end
+        return progress + (1 - progress) * final_lr_frac
+    return 1.0
+
+
+def muon_momentum(step: int, start: float = MUON_MOMENTUM_START, end: float = MUON_MOMENTUM,
+                  warmup_steps: int = MUON_MOMENTUM_WARMUP_STEPS) -> float:
+    """Muon's momentum, ramped linearly from ``start`` to ``end`` over ``warmup_steps``."""
+    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+    return (1 - frac) * start + frac * end
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    """Set every group's lr to its ``initial_lr`` times ``multiplier``."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+def set_muon_momentum(optimizers: list[torch.optim.Optimizer], momentum: float) -> None:
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["momentum"] = momentum
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip in place (when ``max_norm`` > 0) and return the total gradient norm as a float."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm and max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+
+
+__all__ = [
+    "Muon", "newton_schulz", "build_optimizers", "lr_multiplier", "muon_momentum", "set_lr",
+    "set_muon_momentum", "width_lr_scale", "clip_grad_norm",
+]
