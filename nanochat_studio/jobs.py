@@ -1,0 +1,482 @@
+"""The job lifecycle: states, allowed transitions, and the one function that changes a job's status.
+
+The jobs table is the truth; the queue only carries ids (huey is at-most-once). Every status change is
+a compare-and-set ``UPDATE ... WHERE id=? AND status IN (...) [AND attempt=?]`` in :func:`transition`,
+so of two concurrent actors exactly one wins. Running jobs hold a lease renewed by :func:`heartbeat`;
+:func:`reconcile` requeues jobs whose holder stopped heartbeating.
+
+Errors: :class:`JobConfigError` (400) for a bad config, :class:`JobLimitError` (429) for per-user caps.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+from typing import Any, Iterable
+
+import peewee as pw
+
+from .db import database
+from .models import Dataset, JobEvent, TrainingJob, User, utcnow
+
+QUEUED, PREPARING, RUNNING = "queued", "preparing", "running"
+COMPLETED, FAILED, CANCELLED, INTERRUPTED = "completed", "failed", "cancelled", "interrupted"
+STATES = (QUEUED, PREPARING, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED)
+ACTIVE = frozenset({PREPARING, RUNNING})  # a supervisor holds a lease
+FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({PREPARING, CANCELLED, FAILED}),
+    PREPARING: frozenset({RUNNING, FAILED, CANCELLED, INTERRUPTED}),
+    RUNNING: frozenset({COMPLETED, FAILED, CANCELLED, INTERRUPTED}),
+    INTERRUPTED: frozenset({QUEUED, FAILED, CANCELLED}),
+    COMPLETED: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+DEFAULT_BACKOFF_S = 10.0  # first retry waits this long, then doubles
+MAX_BACKOFF_S = 600.0
+
+
+class JobConfigError(ValueError):
+    """A job config the trainer must not see. ``status`` is the HTTP status the API answers."""
+
+    status = 400
+
+
+class JobLimitError(ValueError):
+    """A per-user cap was hit; the message says which and what to do."""
+
+    status = 429
+
+
+# --- the one place a status changes ---------------------------------------------------------------
+
+
+def transition(job_id: int, to: str, *, expect: Iterable[str], attempt: int | None = None,
+               reason: str = "", event: dict[str, Any] | None = None, **fields: Any) -> bool:
+    """Move job ``job_id`` to ``to`` if its status is in ``expect`` (and its attempt is ``attempt``).
+
+    Returns whether this caller won. The winner also records a ``state`` JobEvent with ``reason``
+    (plus ``event``'s extra keys) in the same transaction.
+    """
+    expect = frozenset(expect)
+    for src in expect:
+        if to not in TRANSITIONS[src]:
+            raise ValueError(f"a job cannot go from {src} to {to}")
+    now = utcnow()
+    values: dict[Any, Any] = {TrainingJob.status: to, TrainingJob.status_reason: reason,
+                              TrainingJob.updated_at: now}
+    if to in FINAL:
+        values[TrainingJob.finished_at] = now
+        values[TrainingJob.lease_owner] = None
+        values[TrainingJob.lease_expires_at] = None
+    for name, value in fields.items():
+        # new_attempt: the claim's bump, named apart from the ``attempt`` fence above
+        values[TrainingJob.attempt if name == "new_attempt" else getattr(TrainingJob, name)] = value
+    where = (TrainingJob.id == job_id) & (TrainingJob.status.in_(sorted(expect)))
+    if attempt is not None:
+        where &= TrainingJob.attempt == attempt
+    with database.atomic():
+        won = TrainingJob.update(values).where(where).execute() == 1
+        if won:
+            data = {"to": to, "from": sorted(expect), "reason": reason}
+            data.update(event or {})
+            _append_event(job_id, "state", data, None)
+    return won
+
+
+def _append_event(job_id: int, kind: str, data: dict[str, Any], attempt: int | None) -> int:
+    # Write first: the increment takes the job row's write lock (PostgreSQL row lock, SQLite's database
+    # lock) until the transaction commits, so two writers can never read the same seq. (A SQLite
+    # transaction that reads before it writes fails at once with "database is locked" under contention.)
+    TrainingJob.update(last_event_seq=TrainingJob.last_event_seq + 1).where(TrainingJob.id == job_id).execute()
+    seq, current = (TrainingJob.select(TrainingJob.last_event_seq, TrainingJob.attempt)
+                    .where(TrainingJob.id == job_id).tuples().get())
+    JobEvent.create(job=job_id, seq=seq, kind=kind, attempt=current if attempt is None else attempt, data=data)
+    return seq
+
+
+def record_event(job: TrainingJob | int, kind: str, data: dict[str, Any], *, attempt: int | None = None) -> int:
+    """Append an event to the job's stream; returns its seq (the SSE event id), increasing per job."""
+    with database.atomic():
+        return _append_event(_id(job), kind, data, attempt)
+
+
+def events_since(job: TrainingJob | int, seq: int = 0, limit: int = 1000) -> list[JobEvent]:
+    """Events with seq greater than ``seq``, oldest first (Last-Event-ID replay)."""
+    return list(JobEvent.select().where((JobEvent.job == _id(job)) & (JobEvent.seq > seq))
+                .order_by(JobEvent.seq).limit(limit))
+
+
+def _id(job: TrainingJob | int) -> int:
+    return job if isinstance(job, int) else job.id
+
+
+def get(job_id: int) -> TrainingJob:
+    return TrainingJob.get_by_id(job_id)
+
+
+# --- submission --------------------------------------------------------------------------------------
+
+# key -> (type, minimum, maximum); the names are the trainer's config names.
+_INT_KEYS = {
+    "depth": (1, 32),
+    "max_steps": (1, 10_000_000),
+    "checkpoint_every": (1, 10_000_000),
+    "seq_len": (8, 65_536),
+    "batch_size": (1, 65_536),
+    "seed": (0, 2**31 - 1),
+    "gpus": (1, 64),
+}
+_STR_KEYS = {"dataset": 4096, "name": 120}
+_REQUIRED = ("depth", "dataset")
+
+
+def validate_config(config: Any, user: User | None = None, settings: Any = None) -> dict[str, Any]:
+    """The config as the trainer will get it, or :class:`JobConfigError` saying what is wrong."""
+    if not isinstance(config, dict):
+        raise JobConfigError("the job config must be a JSON object")
+    unknown = sorted(set(config) - set(_INT_KEYS) - set(_STR_KEYS))
+    if unknown:
+        allowed = ", ".join(sorted([*_INT_KEYS, *_STR_KEYS]))
+        raise JobConfigError(f"unknown config key(s): {', '.join(unknown)} (allowed: {allowed})")
+    for key in _REQUIRED:
+        if key not in config:
+            raise JobConfigError(f"'{key}' is required")
+    clean: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in _INT_KEYS:
+            lo, hi = _INT_KEYS[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise JobConfigError(f"'{key}' must be an integer, got {type(value).__name__}")
+            if not lo <= value <= hi:
+                raise JobConfigError(f"'{key}' must be between {lo} and {hi}, got {value}")
+        else:
+            if not isinstance(value, str):
+                raise JobConfigError(f"'{key}' must be a string, got {type(value).__name__}")
+            value = value.strip()
+            if len(value) > _STR_KEYS[key]:
+                raise JobConfigError(f"'{key}' is longer than {_STR_KEYS[key]} characters")
+        clean[key] = value
+    if "checkpoint_every" in clean and "max_steps" in clean and clean["checkpoint_every"] > clean["max_steps"]:
+        raise JobConfigError("'checkpoint_every' cannot exceed 'max_steps'")
+    clean["dataset"] = _validate_dataset(clean["dataset"], user, settings)
+    return clean
+
+
+def _validate_dataset(value: str, user: User | None, settings: Any) -> str:
+    # Only the shape is checked here; fetch.py enforces the URL security boundary when it downloads.
+    if value == "demo":
+        return value
+    if value.startswith("https://"):
+        if len(value) <= len("https://") or " " in value:
+            raise JobConfigError("'dataset' is not a valid https URL")
+        return value
+    if value.startswith("http://"):
+        raise JobConfigError("'dataset' URLs must use https")
+    if value.startswith("s3://"):
+        if len(value) <= len("s3://"):
+            raise JobConfigError("'dataset' s3:// prefix lacks a bucket")
+        return value
+    if value.startswith("ds:"):
+        ds_id = value[3:]
+        if not ds_id.isdigit():
+            raise JobConfigError("'dataset' ds:<id> needs a numeric dataset id")
+        query = Dataset.select().where(Dataset.id == int(ds_id))
+        if user is not None:
+            query = query.where(Dataset.user == user)
+        if not query.exists():
+            raise JobConfigError(f"no uploaded dataset with id {ds_id}")
+        return value
+    if value.startswith("/"):
+        allowed = bool(getattr(settings, "allow_server_paths", False)) or bool(user and user.is_admin)
+        if not allowed:
+            raise JobConfigError("server paths as datasets are only allowed in solo mode or for admins")
+        if not os.path.exists(value):
+            raise JobConfigError(f"server path {value} does not exist")
+        return os.path.normpath(value)
+    raise JobConfigError("'dataset' must be \"demo\", an https:// URL, an s3:// prefix, "
+                         "an uploaded dataset id \"ds:<id>\" or an absolute server path")
+
+
+def submit(user: User, config: dict[str, Any], settings: Any) -> TrainingJob:
+    """Validate ``config`` and queue a job for ``user``.
+
+    Raises JobConfigError (400) or JobLimitError (429: too many queued jobs). The caller enqueues
+    the bell (``tasks.enqueue_job(job.id)``) after this returns.
+    """
+    clean = validate_config(config, user, settings)
+    max_queued = int(getattr(settings, "max_queued_jobs", 10))
+    with database.atomic():
+        # Write-lock the user's row first (PostgreSQL row lock, SQLite's write lock) so two concurrent
+        # submits cannot both pass the count below.
+        User.update({User.id: User.id}).where(User.id == user.id).execute()
+        waiting = (TrainingJob.owned_by(user)
+                   .where(TrainingJob.status.in_([QUEUED, INTERRUPTED])).count())
+        if waiting >= max_queued:
+            raise JobLimitError(f"you already have {waiting} jobs waiting to run (the limit is {max_queued}); "
+                                "wait for one to start or cancel one")
+        job = TrainingJob.create(user=user, name=clean.pop("name", "") or "", config=clean,
+                                 max_attempts=int(getattr(settings, "max_attempts", 3)))
+        _append_event(job.id, "state", {"to": QUEUED, "from": [], "reason": "submitted"}, 0)
+    return TrainingJob.get_by_id(job.id)
+
+
+# --- claiming, leases, finishing ---------------------------------------------------------------------
+
+
+def owner_id(slot_name: str = "") -> str:
+    """Who holds a lease: host, boot, pid (and slot), so a restarted process on this machine can tell
+    that a lease's holder is dead without waiting for it to expire."""
+    return f"{socket.gethostname()}:{_boot_id()}:{os.getpid()}:{slot_name}"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()[:8]
+    except OSError:
+        return "-"
+
+
+def _owner_is_dead(owner: str | None) -> bool:
+    if not owner:
+        return False
+    parts = owner.split(":")
+    if len(parts) < 3 or parts[0] != socket.gethostname():
+        return False  # another machine: only its lease can tell
+    if parts[1] != _boot_id():
+        return True  # this machine rebooted since
+    try:
+        pid = int(parts[2])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def running_counts() -> dict[int, int]:
+    rows = (TrainingJob.select(TrainingJob.user, pw.fn.COUNT(TrainingJob.id).alias("n"))
+            .where(TrainingJob.status.in_(sorted(ACTIVE))).group_by(TrainingJob.user).tuples())
+    return {user_id: n for user_id, n in rows}
+
+
+def _ready_queue(now: dt.datetime) -> pw.ModelSelect:
+    return (TrainingJob.select()
+            .where((TrainingJob.status == QUEUED)
+                   & (TrainingJob.not_before.is_null() | (TrainingJob.not_before <= now)))
+            .order_by(TrainingJob.queued_at, TrainingJob.id))
+
+
+def claim_next(owner: str, slot: str, *, lease_seconds: float = 30, max_running_jobs: int | None = None,
+               now: dt.datetime | None = None) -> TrainingJob | None:
+    """Take the next job for ``slot``: the oldest ready job, preferring users with fewer running jobs.
+
+    Bumps the attempt (the fencing token), sets the lease, moves the job to preparing. None when
+    nothing is ready (or every candidate was taken by a concurrent claimer).
+    """
+    now = now or utcnow()
+    counts = running_counts()
+    candidates = list(_ready_queue(now).limit(50))
+    candidates.sort(key=lambda j: (counts.get(j.user_id, 0), j.queued_at, j.id))
+    for job in candidates:
+        if max_running_jobs is not None and counts.get(job.user_id, 0) >= max_running_jobs:
+            continue
+        if _claim(job, owner, slot, lease_seconds, now):
+            return TrainingJob.get_by_id(job.id)
+    return None
+
+
+def _claim(job: TrainingJob, owner: str, slot: str, lease_seconds: float, now: dt.datetime) -> bool:
+    return transition(job.id, PREPARING, expect={QUEUED}, attempt=job.attempt,
+                      reason=f"started on {slot} (attempt {job.attempt + 1} of {job.max_attempts})",
+                      **_claim_fields(job, owner, slot, lease_seconds, now))
+
+
+def _claim_fields(job: TrainingJob, owner: str, slot: str, lease_seconds: float,
+                  now: dt.datetime) -> dict[str, Any]:
+    return {"new_attempt": TrainingJob.attempt + 1, "lease_owner": owner, "device": slot,
+            "lease_expires_at": now + dt.timedelta(seconds=lease_seconds), "not_before": None,
+            "started_at": job.started_at or now}
+
+
+def heartbeat(job_id: int, attempt: int, owner: str, *, lease_seconds: float = 30) -> bool:
+    """Renew the lease; False means this supervisor was fenced out (the job moved on without it)."""
+    now = utcnow()
+    n = (TrainingJob.update(lease_expires_at=now + dt.timedelta(seconds=lease_seconds), updated_at=now)
+         .where((TrainingJob.id == job_id) & (TrainingJob.attempt == attempt)
+                & (TrainingJob.lease_owner == owner) & (TrainingJob.status.in_(sorted(ACTIVE))))
+         .execute())
+    return n == 1
+
+
+def update_progress(job_id: int, attempt: int, progress: dict[str, Any]) -> bool:
+    """Store the latest progress of attempt ``attempt`` (fenced like a heartbeat)."""
+    n = (TrainingJob.update(progress=progress, updated_at=utcnow())
+         .where((TrainingJob.id == job_id) & (TrainingJob.attempt == attempt)).execute())
+    return n == 1
+
+
+def request_cancel(job: TrainingJob | int) -> str:
+    """Cancel: a waiting job ends at once; a running one is flagged and its supervisor sends SIGTERM.
+
+    Returns the job's status afterwards ("cancelled", or "cancelling" while a trainer checkpoints).
+    """
+    job_id = _id(job)
+    if transition(job_id, CANCELLED, expect={QUEUED, INTERRUPTED}, reason="cancelled before it ran"):
+        return CANCELLED
+    with database.atomic():
+        n = (TrainingJob.update(cancel_requested=True, updated_at=utcnow())
+             .where((TrainingJob.id == job_id) & TrainingJob.status.in_(sorted(ACTIVE))).execute())
+        if n:
+            _append_event(job_id, "cancel", {"reason": "cancel requested"}, None)
+            return "cancelling"
+    return TrainingJob.get_by_id(job_id).status
+
+
+def backoff_seconds(failures: int, base: float = DEFAULT_BACKOFF_S) -> float:
+    return min(MAX_BACKOFF_S, base * 2 ** max(0, failures - 1))
+
+
+def charged_failures(job_id: int) -> int:
+    """Attempts that ended in an infrastructure failure (a graceful shutdown does not count)."""
+    return sum(1 for (data,) in JobEvent.select(JobEvent.data)
+               .where((JobEvent.job == job_id) & (JobEvent.kind == "state")).tuples()
+               if data.get("to") == INTERRUPTED and data.get("charged"))
+
+
+def finish(job_id: int, attempt: int, outcome: str, *, reason: str = "", charged: bool = True,
+           backoff_base: float = DEFAULT_BACKOFF_S, **fields: Any) -> str | None:
+    """End attempt ``attempt`` with ``outcome``: completed, cancelled, user_error, or a retryable
+    outcome (preempted / infrastructure / lost). Retryable outcomes go interrupted -> queued with
+    back-off, or failed (infrastructure) when the job's attempts are used up. ``charged=False`` (a
+    graceful shutdown) requeues at once without using up an attempt.
+
+    Returns the job's new status, or None when this attempt was fenced out.
+    """
+    if outcome == "completed":
+        ok = transition(job_id, COMPLETED, expect={RUNNING}, attempt=attempt, reason=reason or "completed",
+                        error_kind=None, **fields)
+        return COMPLETED if ok else None
+    if outcome == "cancelled":
+        ok = transition(job_id, CANCELLED, expect=ACTIVE, attempt=attempt, reason=reason or "cancelled", **fields)
+        return CANCELLED if ok else None
+    if outcome == "user_error":
+        ok = transition(job_id, FAILED, expect=ACTIVE, attempt=attempt, reason=reason, error_kind="user", **fields)
+        return FAILED if ok else None
+    ok = transition(job_id, INTERRUPTED, expect=ACTIVE, attempt=attempt, reason=reason,
+                    event={"charged": charged, "outcome": outcome},
+                    lease_owner=None, lease_expires_at=None, **fields)
+    if not ok:
+        return None
+    return _requeue(job_id, attempt, charged, backoff_base)
+
+
+def _requeue(job_id: int, attempt: int, charged: bool, backoff_base: float) -> str | None:
+    job = TrainingJob.get_by_id(job_id)
+    if job.cancel_requested:
+        ok = transition(job_id, CANCELLED, expect={INTERRUPTED}, attempt=attempt,
+                        reason="cancelled while interrupted")
+        return CANCELLED if ok else None
+    failures = charged_failures(job_id)
+    if failures >= job.max_attempts:
+        ok = transition(job_id, FAILED, expect={INTERRUPTED}, attempt=attempt, error_kind="infrastructure",
+                        reason=f"gave up after {failures} failed attempts; last: {job.status_reason}")
+        return FAILED if ok else None
+    delay = backoff_seconds(failures, backoff_base) if charged else 0.0
+    now = utcnow()
+    ok = transition(job_id, QUEUED, expect={INTERRUPTED}, attempt=attempt,
+                    reason=(f"retrying in {delay:g} s after {job.status_reason}" if delay
+                            else f"requeued after {job.status_reason}"),
+                    event={"retry_in_s": delay, "after": job.status_reason},
+                    not_before=now + dt.timedelta(seconds=delay) if delay else None, queued_at=now,
+                    error_kind=None)
+    return QUEUED if ok else None
+
+
+def reconcile(now: dt.datetime | None = None, *, backoff_base: float = DEFAULT_BACKOFF_S) -> list[int]:
+    """Requeue jobs whose supervisor is gone: an expired lease, a dead local holder, or a job left
+    interrupted by a crash between two steps. Returns the ids of jobs that moved. Safe to run anywhere,
+    any time, concurrently: every move is compare-and-set."""
+    now = now or utcnow()
+    moved: list[int] = []
+    for job in TrainingJob.select().where(TrainingJob.status.in_(sorted(ACTIVE))):
+        expired = job.lease_expires_at is None or job.lease_expires_at < now
+        if not (expired or _owner_is_dead(job.lease_owner)):
+            continue
+        why = ("its worker stopped renewing the lease" if expired
+               else "its worker process died")
+        if finish(job.id, job.attempt, "lost", reason=why, backoff_base=backoff_base) is not None:
+            moved.append(job.id)
+    for job in TrainingJob.select().where(TrainingJob.status == INTERRUPTED):
+        if _requeue(job.id, job.attempt, True, backoff_base) is not None:
+            moved.append(job.id)
+    return moved
+
+
+def next_ready_at(now: dt.datetime | None = None) -> dt.datetime | None:
+    """When the earliest queued job becomes ready (now if one is ready), or None if none is queued."""
+    now = now or utcnow()
+    row = (TrainingJob.select(pw.fn.MIN(pw.fn.COALESCE(TrainingJob.not_before, now)))
+           .where(TrainingJob.status == QUEUED).scalar())
+    if row is None:
+        return None
+    if isinstance(row, str):  # SQLite returns the COALESCE of a datetime as text
+        row = dt.datetime.fromisoformat(row)
+    return max(row, now)
+
+
+# --- explaining the wait -----------------------------------------------------------------------------
+
+
+def queue_position(job: TrainingJob) -> int:
+    """How many ready jobs are ahead of ``job`` (0: it is next). -1 if it is not queued."""
+    if job.status != QUEUED:
+        return -1
+    return (TrainingJob.select()
+            .where((TrainingJob.status == QUEUED) & (TrainingJob.id != job.id)
+                   & (TrainingJob.not_before.is_null() | (TrainingJob.not_before <= utcnow()))
+                   & ((TrainingJob.queued_at < job.queued_at)
+                      | ((TrainingJob.queued_at == job.queued_at) & (TrainingJob.id < job.id))))
+            .count())
+
+
+def why_waiting(job: TrainingJob, settings: Any = None) -> str:
+    """One sentence for the job page: why this job is not running yet (or "" when it is not waiting)."""
+    now = utcnow()
+    if job.status == QUEUED:
+        if job.not_before and job.not_before > now:
+            wait = max(1, round((job.not_before - now).total_seconds()))
+            after = job.status_reason.split(" after ", 1)[-1] if " after " in job.status_reason else "a failure"
+            return f"retrying in {wait} s after {after} (attempt {job.attempt + 1} of {job.max_attempts})"
+        limit = getattr(settings, "max_running_jobs", None)
+        mine = running_counts().get(job.user_id, 0)
+        if limit is not None and mine >= int(limit):
+            return f"waiting: you already have {mine} job{'s' if mine != 1 else ''} running (the limit is {limit})"
+        ahead = queue_position(job)
+        slot = _slot_words(settings)
+        return f"waiting for a free {slot}: {ahead} job{'s' if ahead != 1 else ''} ahead"
+    if job.status == INTERRUPTED:
+        return f"interrupted ({job.status_reason}); about to be requeued"
+    if job.status == PREPARING:
+        return "preparing: fetching, tokenizing and checking the data"
+    return ""
+
+
+def _slot_words(settings: Any) -> str:
+    gpus = str(getattr(settings, "gpus", "none") or "none").strip().lower()
+    return "CPU slot" if gpus in ("none", "", "auto") and not _has_gpu_hint() else "GPU"
+
+
+def _has_gpu_hint() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")

@@ -1,0 +1,323 @@
+"""The job lifecycle against a real SQLite file: validation, limits, compare-and-set races, leases."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from nanochat_studio import db, jobs, models
+from nanochat_studio.models import Dataset, JobEvent, TrainingJob, User, utcnow
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class StudioSettings:
+    """The settings fields jobs/runner/tasks read (names from the settings contract)."""
+
+    runs_dir: str
+    queue_url: str
+    database_url: str
+    lease_seconds: float = 30
+    max_attempts: int = 3
+    cpu_slots: int = 1
+    gpus: str = "none"
+    trainer_python: str = sys.executable
+    trainer_module: str = "tests.fake_trainer"
+    worker_threads: int = 2
+    max_running_jobs: int = 2
+    max_queued_jobs: int = 10
+    allow_server_paths: bool = True
+    retry_backoff_seconds: float = 0.2
+    reconcile_seconds: float = 0.5
+    term_grace_seconds: float = 20
+
+
+def make_settings(tmp_path: Path, **overrides) -> StudioSettings:
+    return StudioSettings(runs_dir=str(tmp_path / "runs"), queue_url=f"sqlite:///{tmp_path}/queue.db",
+                          database_url=f"sqlite:///{tmp_path}/studio.db", **overrides)
+
+
+def open_store(url: str):
+    database = db.open_database(url)
+    database.create_tables(models.ALL_MODELS)
+    return database
+
+
+@pytest.fixture
+def store(tmp_path):
+    database = open_store(f"sqlite:///{tmp_path}/studio.db")
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def alice(store):
+    return User.create(email="alice@example.com", name="alice")
+
+
+@pytest.fixture
+def bob(store):
+    return User.create(email="bob@example.com", name="bob")
+
+
+def _submit(user, settings, **config):
+    return jobs.submit(user, {"depth": 1, "dataset": "demo", "max_steps": 10, **config}, settings)
+
+
+# --- validation and limits ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, message", [
+    ({"depth": 2}, "'dataset' is required"),
+    ({"depth": 0, "dataset": "demo"}, "'depth' must be between 1 and 32"),
+    ({"depth": 33, "dataset": "demo"}, "'depth' must be between 1 and 32"),
+    ({"depth": "2", "dataset": "demo"}, "'depth' must be an integer"),
+    ({"depth": True, "dataset": "demo"}, "'depth' must be an integer"),
+    ({"depth": 2, "dataset": "demo", "lr": 0.1}, "unknown config key(s): lr"),
+    ({"depth": 2, "dataset": "http://example.com/a.txt"}, "must use https"),
+    ({"depth": 2, "dataset": "ftp://x"}, "'dataset' must be"),
+    ({"depth": 2, "dataset": "ds:999"}, "no uploaded dataset with id 999"),
+    ({"depth": 2, "dataset": "/no/such/file.txt"}, "does not exist"),
+    ({"depth": 2, "dataset": "demo", "max_steps": 5, "checkpoint_every": 10}, "cannot exceed"),
+    ({"depth": 2, "dataset": "demo", "name": 5}, "'name' must be a string"),
+])
+def test_submit_refuses_a_bad_config_with_a_clear_message(alice, settings, config, message):
+    with pytest.raises(jobs.JobConfigError) as err:
+        jobs.submit(alice, config, settings)
+    assert message in str(err.value)
+    assert err.value.status == 400
+    assert TrainingJob.select().count() == 0
+
+
+def test_submit_accepts_every_dataset_kind(alice, bob, settings, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world\n")
+    ds = Dataset.create(user=alice, name="mine", storage_key="users/1/ds/1")
+    for dataset in ("demo", "https://example.com/tiny.txt", "s3://bucket/prefix/", f"ds:{ds.id}", str(corpus)):
+        job = jobs.submit(alice, {"depth": 2, "dataset": dataset, "name": " tiny "}, settings)
+        assert job.status == "queued" and job.config["dataset"] == dataset and job.name == "tiny"
+        assert [e.data["to"] for e in jobs.events_since(job)] == ["queued"]
+    with pytest.raises(jobs.JobConfigError, match="no uploaded dataset"):  # bob cannot use alice's upload
+        jobs.submit(bob, {"depth": 2, "dataset": f"ds:{ds.id}"}, settings)
+
+
+def test_server_paths_need_the_setting_or_an_admin(alice, settings, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("x")
+    locked = dataclasses.replace(settings, allow_server_paths=False)
+    with pytest.raises(jobs.JobConfigError, match="only allowed in solo mode or for admins"):
+        jobs.submit(alice, {"depth": 1, "dataset": str(corpus)}, locked)
+    alice.is_admin = True
+    alice.save()
+    assert jobs.submit(alice, {"depth": 1, "dataset": str(corpus)}, locked).status == "queued"
+
+
+def test_per_user_queue_limit_gives_a_clear_429(alice, bob, settings):
+    small = dataclasses.replace(settings, max_queued_jobs=2)
+    _submit(alice, small)
+    _submit(alice, small)
+    with pytest.raises(jobs.JobLimitError) as err:
+        _submit(alice, small)
+    assert err.value.status == 429
+    assert "you already have 2 jobs waiting to run (the limit is 2)" in str(err.value)
+    assert _submit(bob, small).status == "queued"  # the cap is per user
+
+
+# --- compare-and-set ---------------------------------------------------------------------------------
+
+def test_illegal_transitions_are_refused(alice, settings):
+    job = _submit(alice, settings)
+    with pytest.raises(ValueError, match="cannot go from queued to completed"):
+        jobs.transition(job.id, "completed", expect={"queued"})
+
+
+def test_exactly_one_of_two_concurrent_transitions_wins(alice, settings):
+    roomy = dataclasses.replace(settings, max_queued_jobs=100)
+    ids = [_submit(alice, roomy).id for _ in range(30)]
+    barrier = threading.Barrier(2)
+    wins: dict[str, list[int]] = {"a": [], "b": []}
+    conns: dict[str, int] = {}
+
+    def actor(name: str, to: str) -> None:
+        conns[name] = id(db.database.connection())  # each thread has its own connection
+        for job_id in ids:
+            barrier.wait()
+            if jobs.transition(job_id, to, expect={"queued"}, reason=name):
+                wins[name].append(job_id)
+
+    threads = [threading.Thread(target=actor, args=("a", "preparing")),
+               threading.Thread(target=actor, args=("b", "cancelled"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert conns["a"] != conns["b"]
+    assert sorted(wins["a"] + wins["b"]) == ids  # every job moved exactly once
+    for job_id in ids:
+        states = [e.data["to"] for e in jobs.events_since(job_id) if e.kind == "state"]
+        assert states == ["queued", TrainingJob.get_by_id(job_id).status]
+
+
+def test_concurrent_claims_never_take_the_same_job(alice, bob, settings):
+    ids = {_submit(u, settings).id for u in (alice, bob) for _ in range(6)}
+    got: list[int] = []
+    barrier = threading.Barrier(3)
+
+    def claimer(k: int) -> None:
+        barrier.wait()
+        while (job := jobs.claim_next(f"owner{k}", f"cpu{k}")) is not None:
+            got.append(job.id)
+
+    threads = [threading.Thread(target=claimer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted(ids)
+    assert all(j.attempt == 1 and j.status == "preparing" for j in TrainingJob.select())
+
+
+def test_event_seqs_are_unique_and_increasing_across_writers(alice, settings):
+    job = _submit(alice, settings)
+
+    def writer(k: int) -> None:
+        for i in range(40):
+            jobs.record_event(job, "step", {"writer": k, "i": i})
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seqs = [e.seq for e in jobs.events_since(job, 0)]
+    assert seqs == list(range(1, 82))
+    assert [e.seq for e in jobs.events_since(job, 75)] == [76, 77, 78, 79, 80, 81]
+    assert TrainingJob.get_by_id(job.id).last_event_seq == 81
+
+
+# --- scheduling ----------------------------------------------------------------------------------------
+
+def test_claim_prefers_users_with_fewer_running_jobs(alice, bob, settings):
+    a1, a2 = _submit(alice, settings), _submit(alice, settings)
+    b1 = _submit(bob, settings)
+    assert jobs.claim_next("w", "cpu0").id == a1.id  # oldest first
+    assert jobs.claim_next("w", "cpu1").id == b1.id  # bob has none running: he goes before alice's 2nd
+    assert jobs.claim_next("w", "cpu2").id == a2.id
+
+
+def test_claim_honours_back_off_and_the_running_cap(alice, bob, settings):
+    a1, a2 = _submit(alice, settings), _submit(alice, settings)
+    TrainingJob.update(not_before=utcnow() + dt.timedelta(seconds=60)).where(TrainingJob.id == a1.id).execute()
+    assert jobs.claim_next("w", "cpu0", max_running_jobs=1).id == a2.id
+    assert jobs.claim_next("w", "cpu1", max_running_jobs=1) is None  # a1 backs off, and alice is at her cap
+    job = TrainingJob.get_by_id(a1.id)
+    assert jobs.why_waiting(job, settings).startswith("retrying in ")
+
+
+def test_queue_position_and_why_waiting(alice, bob, settings):
+    a1, b1 = _submit(alice, settings), _submit(bob, settings)
+    assert jobs.queue_position(a1) == 0 and jobs.queue_position(b1) == 1
+    assert jobs.why_waiting(b1, settings) == "waiting for a free CPU slot: 1 job ahead"
+    jobs.claim_next("w", "cpu0")
+    b1 = TrainingJob.get_by_id(b1.id)
+    assert jobs.why_waiting(b1, settings) == "waiting for a free CPU slot: 0 jobs ahead"
+    capped = dataclasses.replace(settings, max_running_jobs=1)
+    a2 = _submit(alice, settings)
+    assert jobs.why_waiting(a2, capped) == "waiting: you already have 1 job running (the limit is 1)"
+
+
+# --- leases, reconcile, cancel -------------------------------------------------------------------------
+
+def test_heartbeat_is_fenced_once_the_job_moved_on(alice, settings):
+    job = _submit(alice, settings)
+    claimed = jobs.claim_next("w1", "cpu0", lease_seconds=30)
+    assert jobs.heartbeat(job.id, claimed.attempt, "w1")
+    assert not jobs.heartbeat(job.id, claimed.attempt, "w2")  # not the holder
+    TrainingJob.update(lease_expires_at=utcnow() - dt.timedelta(seconds=1)).where(TrainingJob.id == job.id).execute()
+    assert jobs.reconcile(backoff_base=0) == [job.id]
+    again = jobs.claim_next("w2", "cpu1")
+    assert again.attempt == 2
+    assert not jobs.heartbeat(job.id, 1, "w1")  # the old supervisor is fenced out
+    assert jobs.finish(job.id, 1, "completed") is None  # and cannot finish the job
+    assert jobs.heartbeat(job.id, 2, "w2")
+
+
+def test_reconcile_requeues_an_expired_lease_with_back_off(alice, settings):
+    job = _submit(alice, settings)
+    jobs.claim_next("w1", "cpu0", lease_seconds=30)
+    assert jobs.reconcile(backoff_base=20) == []  # lease still valid
+    later = utcnow() + dt.timedelta(seconds=31)
+    assert jobs.reconcile(later, backoff_base=20) == [job.id]
+    job = TrainingJob.get_by_id(job.id)
+    assert job.status == "queued" and job.lease_owner is None
+    assert 19 <= (job.not_before - utcnow()).total_seconds() <= 20.5
+    assert jobs.why_waiting(job, settings) in (
+        "retrying in 20 s after its worker stopped renewing the lease (attempt 2 of 3)",
+        "retrying in 19 s after its worker stopped renewing the lease (attempt 2 of 3)")
+    states = [e.data["to"] for e in jobs.events_since(job) if e.kind == "state"]
+    assert states == ["queued", "preparing", "interrupted", "queued"]
+
+
+def test_reconcile_gives_up_when_attempts_are_exhausted(alice, settings):
+    job = _submit(alice, dataclasses.replace(settings, max_attempts=2))
+    for attempt in (1, 2):
+        claimed = jobs.claim_next("w", "cpu0", lease_seconds=30)
+        assert claimed.attempt == attempt
+        jobs.reconcile(utcnow() + dt.timedelta(seconds=60), backoff_base=0)
+    job = TrainingJob.get_by_id(job.id)
+    assert job.status == "failed" and job.error_kind == "infrastructure"
+    assert "gave up after 2 failed attempts" in job.status_reason
+
+
+def test_reconcile_does_not_wait_for_the_lease_of_a_dead_local_process(alice, settings):
+    job = _submit(alice, settings)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = jobs.owner_id("cpu0").split(":")
+    owner[2] = str(dead.pid)
+    jobs.claim_next(":".join(owner), "cpu0", lease_seconds=300)
+    assert jobs.reconcile(backoff_base=0) == [job.id]
+    assert TrainingJob.get_by_id(job.id).status == "queued"
+    live = jobs.claim_next(jobs.owner_id("cpu0"), "cpu0", lease_seconds=300)  # our own pid is alive
+    assert jobs.reconcile(backoff_base=0) == [] and live.status == "preparing"
+
+
+def test_cancel_ends_a_waiting_job_at_once_and_flags_a_running_one(alice, settings):
+    waiting, running = _submit(alice, settings), _submit(alice, settings)
+    TrainingJob.update(queued_at=utcnow() - dt.timedelta(seconds=5)).where(TrainingJob.id == running.id).execute()
+    jobs.claim_next("w", "cpu0")
+    assert jobs.request_cancel(waiting) == "cancelled"
+    assert jobs.request_cancel(running) == "cancelling"
+    assert TrainingJob.get_by_id(running.id).cancel_requested
+    assert jobs.request_cancel(waiting) == "cancelled"  # idempotent
+    assert TrainingJob.get_by_id(waiting.id).finished_at is not None
+
+
+def test_user_errors_are_not_retried(alice, settings):
+    job = _submit(alice, settings)
+    claimed = jobs.claim_next("w", "cpu0")
+    assert jobs.finish(job.id, claimed.attempt, "user_error", reason="the dataset is empty") == "failed"
+    job = TrainingJob.get_by_id(job.id)
+    assert (job.status, job.error_kind, job.status_reason) == ("failed", "user", "the dataset is empty")
+    assert jobs.reconcile() == []
+
+
+def test_a_graceful_shutdown_does_not_use_up_an_attempt(alice, settings):
+    job = _submit(alice, dataclasses.replace(settings, max_attempts=1))
+    for _ in range(3):
+        claimed = jobs.claim_next("w", "cpu0")
+        assert jobs.finish(job.id, claimed.attempt, "preempted", charged=False, reason="the server shut down") == "queued"
+    assert jobs.charged_failures(job.id) == 0
+    assert TrainingJob.get_by_id(job.id).not_before is None
