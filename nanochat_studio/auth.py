@@ -1,0 +1,641 @@
+"""Accounts: flask-login sessions, local passwords, GitHub and Google sign-in (authlib), API keys.
+
+``init_app(app, settings)`` wires it all into the app. Who is asking, in this order:
+
+1. a request carrying ``Authorization: Bearer ncs_...`` is judged by that key alone (a session cookie
+   sent beside it is ignored, so a script never acts as whoever last used the browser);
+2. otherwise the signed-in session;
+3. otherwise, in ``solo`` mode, a request from this machine is the solo owner, no sign-in needed.
+
+Services raise ``AccountError`` with a message meant for the person (the views show it as is, the
+CLI turns it into a ``click.ClickException``). Views use ``login_required``, ``admin_required`` and
+``api_key_required``; ``current_user`` is flask-login's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import ipaddress
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import peewee as pw
+from authlib.integrations.flask_client import OAuth
+from flask import Flask, current_app, g, redirect, request, url_for
+from flask_login import LoginManager, current_user, login_user
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from .db import database
+from .errors import Forbidden, Unauthorized
+from .models import ApiKey, AppState, User, utcnow
+
+__all__ = [
+    "AccountError", "Identity", "init_app", "current_user", "login_required", "admin_required",
+    "api_key_required", "create_user", "register_user", "authenticate", "sign_in", "set_password",
+    "solo_owner", "create_api_key", "revoke_api_key", "user_for_api_key", "create_invite",
+    "safe_next", "request_is_local", "enabled_providers", "sign_in_identity",
+]
+
+MODES = ("solo", "lab", "hosted")
+PASSWORD_MIN_LENGTH = 10
+PASSWORD_MAX_LENGTH = 256  # hashing cost grows with length; nobody types more
+API_KEY_PREFIX = "ncs_"
+API_KEY_DISPLAY_CHARS = 12  # "ncs_" + 8 random characters: enough to tell keys apart in a list
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # one write per key per minute, not per request
+INVITE_TTL = dt.timedelta(days=7)
+SOLO_OWNER_KEY = "solo_owner_id"
+FIRST_ADMIN_KEY = "first_admin_id"
+PROVIDER_LABELS = {"github": "GitHub", "google": "Google"}
+API_PREFIXES = ("/api/", "/v1/")  # answered with JSON errors, never a redirect to a page
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+class AccountError(Exception):
+    """A refusal to show the person as is: email taken, weak password, awaiting approval, ..."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a provider says signed in. ``email_verified`` is the provider's word, nothing less."""
+
+    provider: str
+    provider_id: str
+    email: str | None
+    email_verified: bool
+    name: str = ""
+
+
+@dataclass
+class _AuthState:
+    settings: Any
+    oauth: OAuth
+    providers: dict[str, str] = field(default_factory=dict)  # name -> label, only those configured
+    solo_owner_id: int | None = None
+
+
+def _state() -> _AuthState:
+    return current_app.extensions["ncs_auth"]
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+
+def init_app(app: Flask, settings: Any) -> None:
+    """Install flask-login and the OAuth clients of the configured providers."""
+    if settings.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
+    manager = LoginManager(app)
+    manager.user_loader(_load_session_user)
+    manager.request_loader(_load_request_user)
+    manager.unauthorized_handler(_unauthorized)
+    oauth = OAuth(app)
+    state = _AuthState(settings=settings, oauth=oauth, providers=_register_providers(oauth, settings))
+    app.extensions["ncs_auth"] = state
+    app.jinja_env.globals.update(
+        auth_mode=settings.mode, oauth_providers=state.providers, request_is_local=request_is_local
+    )
+    if "csrf_token" not in app.jinja_env.globals:  # the frame's CSRFProtect normally provides it
+        from flask_wtf.csrf import generate_csrf
+
+        app.jinja_env.globals["csrf_token"] = generate_csrf
+
+
+def _register_providers(oauth: OAuth, settings: Any) -> dict[str, str]:
+    """Register only providers with a client id; the others do not exist (no button, 404)."""
+    providers: dict[str, str] = {}
+    if settings.github_client_id:
+        base = settings.github_base_url.rstrip("/")
+        oauth.register(
+            "github",
+            client_id=settings.github_client_id,
+            client_secret=settings.github_client_secret,
+            authorize_url=f"{base}/login/oauth/authorize",
+            access_token_url=f"{base}/login/oauth/access_token",
+            api_base_url=settings.github_api_url.rstrip("/") + "/",
+            client_kwargs={
+                "scope": "read:user user:email",
+                "code_challenge_method": "S256",
+                "token_endpoint_auth_method": "client_secret_post",
+                "default_timeout": 15,
+            },
+        )
+        providers["github"] = PROVIDER_LABELS["github"]
+    if settings.google_client_id:
+        oauth.register(
+            "google",
+            client_id=settings.google_client_id,
+            client_secret=settings.google_client_secret,
+            server_metadata_url=settings.google_discovery_url,
+            client_kwargs={"scope": "openid email profile", "code_challenge_method": "S256", "default_timeout": 15},
+        )
+        providers["google"] = PROVIDER_LABELS["google"]
+    return providers
+
+
+def enabled_providers() -> dict[str, str]:
+    return dict(_state().providers)
+
+
+def _bearer_token() -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _load_session_user(user_id: str) -> User | None:
+    if _bearer_token() is not None:
+        return None  # the key decides (see the module docstring); flask-login then asks the request loader
+    try:
+        user = User.get_or_none(User.id == int(user_id))
+    except ValueError:
+        return None
+    return user if user is not None and _may_sign_in(user) else None
+
+
+def _load_request_user(req: Any) -> User | None:
+    token = _bearer_token()
+    if token is not None:
+        return user_for_api_key(token)
+    state = _state()
+    if state.settings.mode == "solo" and request_is_local():
+        owner = User.get_or_none(User.id == state.solo_owner_id) if state.solo_owner_id else None
+        if owner is None:
+            owner = solo_owner()
+            state.solo_owner_id = owner.id
+        return owner
+    return None
+
+
+def _wants_json() -> bool:
+    return request.path.startswith(API_PREFIXES)
+
+
+def _unauthorized() -> Any:
+    if _wants_json():
+        raise Unauthorized("Sign in, or send an API key as 'Authorization: Bearer ncs_...'.")
+    path = request.full_path if request.query_string else request.path
+    return redirect(url_for("account.login", next=path))
+
+
+# ------------------------------------------------------------------------------------ view decorators
+
+def login_required(view: Callable) -> Callable:
+    """Pages: redirect to sign-in with ``next``; ``/api/`` and ``/v1/``: 401 JSON."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not current_user.is_authenticated:
+            return _unauthorized()
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def admin_required(view: Callable) -> Callable:
+    """Like ``login_required``, then 403 for anyone who is not an administrator."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not current_user.is_authenticated:
+            return _unauthorized()
+        if not current_user.is_admin:
+            raise Forbidden("Only administrators can do that.")
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def api_key_required(view: Callable) -> Callable:
+    """For ``/v1/``: a valid bearer key and nothing else, in every mode (solo included)."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not current_user.is_authenticated or g.get("api_key") is None:
+            raise Unauthorized("Send a valid API key as 'Authorization: Bearer ncs_...'.")
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+# -------------------------------------------------------------------------------------- where from
+
+def _is_loopback(addr: str | None) -> bool:
+    try:
+        ip = ipaddress.ip_address((addr or "").strip().strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _forwarded_for(value: str) -> list[str]:
+    """The ``for=`` nodes of an RFC 7239 ``Forwarded`` header, ports and brackets removed."""
+    nodes = []
+    for element in value.split(","):
+        for pair in element.split(";"):
+            name, _, node = pair.strip().partition("=")
+            if name.lower() == "for":
+                node = node.strip().strip('"')
+                if node.startswith("["):
+                    node = node[1:].partition("]")[0]
+                elif node.count(":") == 1:
+                    node = node.partition(":")[0]
+                nodes.append(node)
+    return nodes
+
+
+def request_is_local() -> bool:
+    """True when the request comes from this machine and nobody forwarded it here.
+
+    A proxy on this machine connects from loopback too, so any forwarding header naming another
+    address, or a Host header that is not a loopback name, means the person is elsewhere.
+    """
+    if not _is_loopback(request.remote_addr):
+        return False
+    host = (request.host or "").lower()
+    hostname = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+    if hostname not in _LOOPBACK_NAMES and not _is_loopback(hostname):
+        return False
+    addresses: list[str] = []
+    for value in request.headers.getlist("X-Forwarded-For"):
+        addresses += value.split(",")
+    addresses += request.headers.getlist("X-Real-Ip")
+    for value in request.headers.getlist("Forwarded"):
+        addresses += _forwarded_for(value)
+    return all(_is_loopback(a) for a in addresses)
+
+
+def safe_next(target: str | None) -> str | None:
+    """``target`` if it is a path on this site, else None.
+
+    Only a relative path starting with exactly one "/" passes: "//evil" and "/\\evil" are read by
+    browsers as other hosts, and control characters (tabs, newlines) are dropped by browsers, which
+    turns "/\\t/evil" into "//evil".
+    """
+    if not target or not isinstance(target, str) or len(target) > 2048:
+        return None
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in target):
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return None
+    return target
+
+
+# -------------------------------------------------------------------------------- local accounts
+
+def normalize_email(email: str) -> str:
+    """Lower-cased and trimmed; raises AccountError when it cannot be an address."""
+    value = (email or "").strip().lower()
+    local, at, domain = value.rpartition("@")
+    labels = domain.split(".")
+    if (
+        not at or not local or len(value) > 320 or len(labels) < 2 or not all(labels)
+        or value.count("@") != 1 or any(c.isspace() or ord(c) < 32 or c in '<>"(),;:[\\]' for c in value)
+    ):
+        raise AccountError("Enter a valid email address, like ada@example.com.")
+    return value
+
+
+def check_password_rules(password: str) -> None:
+    if len(password or "") < PASSWORD_MIN_LENGTH:
+        raise AccountError(f"Use a password of at least {PASSWORD_MIN_LENGTH} characters.")
+    if len(password) > PASSWORD_MAX_LENGTH:
+        raise AccountError(f"Use a password of at most {PASSWORD_MAX_LENGTH} characters.")
+
+
+def _may_sign_in(user: User) -> bool:
+    return bool(user.is_active and user.is_approved)
+
+
+def ensure_may_sign_in(user: User) -> None:
+    if not user.is_active:
+        raise AccountError("This account is disabled.")
+    if not user.is_approved:
+        raise AccountError("Your account is waiting for an administrator's approval.")
+
+
+def _write_transaction() -> Any:
+    """A transaction that reads then writes. On SQLite it takes the write lock at BEGIN (IMMEDIATE):
+    a deferred one that read first cannot wait for the lock later and fails with "database is locked"."""
+    if isinstance(database.obj, pw.SqliteDatabase) and not database.in_transaction():
+        return database.atomic(lock_type="IMMEDIATE")
+    return database.atomic()
+
+
+def _claim_first_admin(user: User) -> bool:
+    """Make ``user`` the admin when it is the install's first account.
+
+    Two first sign-ups at once can both see an empty table; only one can insert the AppState row
+    (its key is the primary key), so only one becomes admin, on SQLite and PostgreSQL alike.
+    """
+    if User.select().where(User.id != user.id).exists():
+        return False
+    try:
+        with database.atomic():  # a savepoint: losing the race leaves the outer transaction usable
+            AppState.create(key=FIRST_ADMIN_KEY, value=user.id)
+    except pw.IntegrityError:
+        return False
+    user.is_admin = True
+    user.is_approved = True
+    user.save(only=[User.is_admin, User.is_approved])
+    return True
+
+
+def create_user(email: str | None, password: str | None = None, name: str = "", is_admin: bool = False) -> User:
+    """Create an approved account (the CLI, admins, the solo owner). The install's first becomes admin.
+
+    Raises AccountError for a bad or taken email or a password breaking the rules.
+    """
+    address = normalize_email(email) if email else None
+    if password is not None:
+        check_password_rules(password)
+    with _write_transaction():
+        if address and User.select().where(User.email == address).exists():
+            raise AccountError("An account with this email already exists.")
+        try:
+            user = User.create(
+                email=address,
+                name=(name or "").strip()[:120],
+                password_hash=generate_password_hash(password) if password is not None else None,
+                is_admin=is_admin,
+                is_approved=True,
+            )
+        except pw.IntegrityError as exc:  # a concurrent sign-up with the same email won
+            raise AccountError("An account with this email already exists.") from exc
+        _claim_first_admin(user)
+    return user
+
+
+def register_user(
+    email: str | None, password: str | None, name: str = "", *, mode: str, invite: str | None = None
+) -> User:
+    """Self-registration under the mode's rules.
+
+    solo: closed (the owner is this machine's user). lab: open, but waits for approval unless it is
+    the first account or comes with a valid invite. hosted: open.
+    Raises AccountError (closed, bad invite, taken email, weak password).
+    """
+    if mode == "solo":
+        raise AccountError("Sign-up is closed: this studio runs in solo mode for its owner.")
+    with _write_transaction():
+        invited = _take_invite(invite) if invite else False
+        user = create_user(email, password, name)
+        if mode == "lab" and not user.is_admin and not invited:
+            user.is_approved = False
+            user.save(only=[User.is_approved])
+    return user
+
+
+_dummy_hash: str | None = None
+
+
+def authenticate(email: str, password: str) -> User:
+    """The account for this email and password. Raises AccountError (one message for both mistakes)."""
+    global _dummy_hash
+    try:
+        user = User.get_or_none(User.email == normalize_email(email))
+    except AccountError:
+        user = None
+    if user is None or not user.password_hash:
+        # Spend the same time as a real check, so timing does not tell which emails have accounts.
+        _dummy_hash = _dummy_hash or generate_password_hash(secrets.token_hex(8))
+        check_password_hash(_dummy_hash, password or "")
+        raise AccountError("Wrong email or password.")
+    if not check_password_hash(user.password_hash, password or ""):
+        raise AccountError("Wrong email or password.")
+    ensure_may_sign_in(user)
+    return user
+
+
+def sign_in(user: User) -> None:
+    """Start a session for ``user`` (already checked by authenticate or sign_in_identity)."""
+    ensure_may_sign_in(user)
+    login_user(user)
+    User.update(last_login_at=utcnow()).where(User.id == user.id).execute()
+
+
+def set_password(user: User, new_password: str, current_password: str | None = None) -> None:
+    """Set or change the password; a password already set must be given. Raises AccountError."""
+    if user.password_hash and not check_password_hash(user.password_hash, current_password or ""):
+        raise AccountError("The current password is wrong.")
+    check_password_rules(new_password)
+    user.password_hash = generate_password_hash(new_password)
+    user.save(only=[User.password_hash])
+
+
+def set_email(user: User, email: str) -> None:
+    address = normalize_email(email)
+    if User.select().where((User.email == address) & (User.id != user.id)).exists():
+        raise AccountError("An account with this email already exists.")
+    user.email = address
+    user.save(only=[User.email])
+
+
+def solo_owner() -> User:
+    """The one person of a solo install: created on first call, its id kept in AppState."""
+    row = AppState.get_or_none(AppState.key == SOLO_OWNER_KEY)
+    owner = User.get_or_none(User.id == row.value) if row is not None else None
+    if owner is not None:
+        return owner
+    try:
+        with _write_transaction():
+            owner = create_user(None, name="Owner", is_admin=True)
+            (
+                AppState.insert(key=SOLO_OWNER_KEY, value=owner.id)
+                .on_conflict(conflict_target=[AppState.key], update={AppState.value: owner.id})
+                if row is not None  # the recorded owner was deleted: record the new one
+                else AppState.insert(key=SOLO_OWNER_KEY, value=owner.id)
+            ).execute()
+    except pw.IntegrityError:  # another process created the owner first; ours is rolled back
+        return User.get_by_id(AppState.get_by_id(SOLO_OWNER_KEY).value)
+    return owner
+
+
+# ------------------------------------------------------------------------------------------ invites
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def create_invite(admin: User) -> str:
+    """A single-use invitation token (lab mode: skips approval). Only its hash is stored."""
+    token = secrets.token_urlsafe(24)
+    expires_at = (utcnow() + INVITE_TTL).isoformat()
+    AppState.create(key="invite:" + _digest(token), value={"by": admin.id, "expires_at": expires_at})
+    return token
+
+
+def _take_invite(token: str) -> bool:
+    """Use up an invite; raises AccountError when it is unknown, used or expired."""
+    key = "invite:" + _digest(token)
+    row = AppState.get_or_none(AppState.key == key)
+    # Deleting is the compare-and-set: of two sign-ups with one link, only one deletes the row.
+    if row is None or AppState.delete().where(AppState.key == key).execute() != 1:
+        raise AccountError("This invitation link is not valid, or was already used.")
+    if dt.datetime.fromisoformat(row.value["expires_at"]) < utcnow():
+        raise AccountError("This invitation link has expired. Ask for a new one.")
+    return True
+
+
+# ---------------------------------------------------------------------------------------- API keys
+
+def create_api_key(user: User, name: str = "") -> tuple[ApiKey, str]:
+    """A new key for ``user``: the row and the key itself, which is never stored and never shown again."""
+    secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey.create(
+        user=user, name=(name or "").strip()[:120], prefix=secret[:API_KEY_DISPLAY_CHARS], key_hash=_digest(secret)
+    )
+    return key, secret
+
+
+def revoke_api_key(user: User | None, key_prefix_or_id: str) -> bool:
+    """Revoke one active key by id, displayed prefix or the whole key; ``user`` None: anyone's (CLI).
+
+    Returns False when no active key matches (or a prefix is ambiguous, which never happens in practice).
+    """
+    ident = str(key_prefix_or_id).strip()
+    query = ApiKey.select().where(ApiKey.revoked_at.is_null())
+    if user is not None:
+        query = query.where(ApiKey.user == user)
+    if ident.isdigit():
+        query = query.where(ApiKey.id == int(ident))
+    elif len(ident) > API_KEY_DISPLAY_CHARS:
+        query = query.where(ApiKey.key_hash == _digest(ident))
+    else:
+        query = query.where(ApiKey.prefix == ident)
+    matches = list(query.limit(2))
+    if len(matches) != 1:
+        return False
+    revoked = (
+        ApiKey.update(revoked_at=utcnow())
+        .where((ApiKey.id == matches[0].id) & ApiKey.revoked_at.is_null())
+        .execute()
+    )
+    return revoked == 1
+
+
+def user_for_api_key(secret: str) -> User | None:
+    """The owner of an active key (and ``g.api_key`` set to it), or None."""
+    if not secret.startswith(API_KEY_PREFIX):
+        return None
+    key = (
+        ApiKey.select(ApiKey, User)
+        .join(User)
+        .where((ApiKey.key_hash == _digest(secret)) & ApiKey.revoked_at.is_null())
+        .first()
+    )
+    if key is None or not _may_sign_in(key.user):
+        return None
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
+        ApiKey.update(last_used_at=now).where(ApiKey.id == key.id).execute()
+    g.api_key = key
+    return key.user
+
+
+# ------------------------------------------------------------------------------- GitHub and Google
+
+def oauth_client(provider: str) -> Any | None:
+    """The authlib client of a configured provider, or None (the view answers 404)."""
+    state = _state()
+    return state.oauth.create_client(provider) if provider in state.providers else None
+
+
+def fetch_identity(provider: str, client: Any) -> Identity:
+    """Finish the provider's redirect (authlib checks state and PKCE) and ask who signed in.
+
+    Raises AccountError when the provider reports an error or the exchange fails.
+    """
+    from authlib.integrations.base_client import OAuthError
+    from requests import RequestException
+
+    label = PROVIDER_LABELS[provider]
+    try:
+        token = client.authorize_access_token()
+        if provider == "github":
+            profile = client.get("user", token=token)
+            profile.raise_for_status()
+            emails = client.get("user/emails", token=token)
+            emails.raise_for_status()
+            return _github_identity(profile.json(), emails.json())
+        claims = token.get("userinfo") or client.userinfo(token=token)
+        verified = claims.get("email_verified") in (True, "true")
+        return Identity("google", str(claims["sub"]), claims.get("email"), verified, claims.get("name") or "")
+    except OAuthError as exc:
+        if exc.error == "access_denied":
+            raise AccountError(f"{label} sign-in was cancelled.") from exc
+        if exc.error == "mismatching_state":
+            raise AccountError(f"{label} sign-in expired or was started elsewhere. Please try again.") from exc
+        detail = exc.description or exc.error
+        raise AccountError(f"{label} sign-in failed: {detail}") from exc
+    except (RequestException, KeyError, ValueError) as exc:
+        current_app.logger.warning("%s sign-in failed: %r", provider, exc)
+        raise AccountError(f"{label} sign-in failed: could not read your {label} profile.") from exc
+
+
+def _github_identity(profile: dict, emails: list) -> Identity:
+    # /user's "email" is the public one and says nothing of verification; /user/emails does.
+    primary = next((e for e in emails if isinstance(e, dict) and e.get("primary")), None)
+    email = primary.get("email") if primary else None
+    verified = bool(primary and primary.get("verified") is True)
+    name = profile.get("name") or profile.get("login") or ""
+    return Identity("github", str(profile["id"]), email, verified, name)
+
+
+def sign_in_identity(identity: Identity, *, mode: str, linking: User | None = None, invite: str | None = None) -> User:
+    """The account for a provider identity; links or creates one when needed. Raises AccountError.
+
+    Keyed by (provider, provider id). An existing account is joined by email only when the provider
+    vouches for the email; otherwise the email is not trusted at all (not even stored), so nobody can
+    claim someone else's address through a provider that does not check it.
+    """
+    label = PROVIDER_LABELS[identity.provider]
+    key = (User.oauth_provider == identity.provider) & (User.oauth_id == identity.provider_id)
+    user = User.get_or_none(key)
+    if linking is not None:
+        if user is not None and user.id != linking.id:
+            raise AccountError(f"That {label} account is already linked to another account here.")
+        if user is None and linking.oauth_provider:
+            other = PROVIDER_LABELS.get(linking.oauth_provider, linking.oauth_provider)
+            raise AccountError(f"This account is already linked to {other}.")
+        _link(linking, identity)
+        return linking
+    if user is not None:
+        ensure_may_sign_in(user)
+        return user
+    try:
+        email = normalize_email(identity.email) if identity.email else None
+    except AccountError:
+        email = None
+    existing = User.get_or_none(User.email == email) if email else None
+    if existing is not None:
+        if not identity.email_verified:
+            raise AccountError(
+                f"An account with {email} already exists, and {label} has not confirmed that this email "
+                f"is yours. Sign in with your password, then link {label} from your profile."
+            )
+        if existing.oauth_provider:
+            other = PROVIDER_LABELS.get(existing.oauth_provider, existing.oauth_provider)
+            raise AccountError(f"The account for {email} signs in with {other}. Use {other} instead.")
+        _link(existing, identity)
+        ensure_may_sign_in(existing)
+        return existing
+    user = register_user(email if identity.email_verified else None, None, identity.name, mode=mode, invite=invite)
+    _link(user, identity)
+    ensure_may_sign_in(user)
+    return user
+
+
+def _link(user: User, identity: Identity) -> None:
+    user.oauth_provider = identity.provider
+    user.oauth_id = identity.provider_id
+    try:
+        user.save(only=[User.oauth_provider, User.oauth_id])
+    except pw.IntegrityError as exc:  # linked to another account by a concurrent sign-in
+        raise AccountError(f"That {PROVIDER_LABELS[identity.provider]} account is already linked.") from exc
