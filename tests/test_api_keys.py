@@ -1,0 +1,166 @@
+"""API keys: shown once, stored as a hash, sent as a bearer key, revoked for good."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from pathlib import Path
+
+from tests.test_auth import REMOTE, login, make_app, register  # noqa: F401 - make_app is a fixture
+
+from nanochat_studio import auth
+from nanochat_studio.models import ApiKey, User
+
+KEY_RE = re.compile(r'value="(ncs_[A-Za-z0-9_-]{20,})"')
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def new_key_from_profile(client, name="laptop") -> str:
+    response = client.post("/account/keys", data={"name": name})
+    assert response.status_code == 201
+    assert response.headers["Cache-Control"] == "no-store"
+    return KEY_RE.search(response.get_data(as_text=True)).group(1)
+
+
+def signed_up(app, email):
+    client = app.test_client()
+    register(client, email)
+    return client, User.get(User.email == email)
+
+
+def test_a_new_key_is_shown_once_and_only_its_hash_is_stored(make_app, tmp_path):
+    app = make_app("hosted")
+    alice, _ = signed_up(app, "alice@example.com")
+    key = new_key_from_profile(alice)
+
+    row = ApiKey.get()
+    assert row.key_hash == hashlib.sha256(key.encode()).hexdigest()
+    assert row.prefix == key[:12] and row.name == "laptop"
+    profile = alice.get("/account/profile").get_data(as_text=True)
+    assert row.prefix in profile and key not in profile
+
+    # Nowhere in the database files: not in a column, not in the write-ahead log.
+    files = [p for p in (tmp_path / "home").rglob("*") if p.is_file() and ".db" in p.name]
+    assert files
+    for path in files:
+        assert key.encode() not in Path(path).read_bytes(), path
+
+
+def test_a_key_is_never_put_in_the_session_cookie(make_app):
+    app = make_app("hosted")
+    alice, _ = signed_up(app, "alice@example.com")
+    response = alice.post("/account/keys", data={"name": ""})
+    key = KEY_RE.search(response.get_data(as_text=True)).group(1)
+    assert all(key not in header for header in response.headers.getlist("Set-Cookie"))
+
+
+def test_a_bearer_key_authenticates_api_and_v1_from_anywhere(make_app):
+    app = make_app("hosted")
+    alice, user = signed_up(app, "alice@example.com")
+    key = new_key_from_profile(alice)
+
+    script = app.test_client()  # no cookies, another machine
+    response = script.get("/api/probe/me", headers=bearer(key), environ_base=REMOTE)
+    assert response.status_code == 200 and response.json["id"] == user.id
+    assert script.get("/v1/probe/me", headers=bearer(key), environ_base=REMOTE).json["email"] == "alice@example.com"
+    assert "Set-Cookie" not in response.headers  # a key opens no session
+
+
+def test_v1_needs_a_key_even_for_the_solo_owner_at_the_machine(make_app):
+    app = make_app("solo")
+    client = app.test_client()
+    assert client.get("/api/probe/me").status_code == 200  # the owner, by being local
+    response = client.get("/v1/probe/me")
+    assert response.status_code == 401 and response.is_json
+
+    key = new_key_from_profile(client)
+    response = client.get("/v1/probe/me", headers=bearer(key))
+    assert response.status_code == 200 and response.json["id"] == auth.solo_owner().id
+
+
+def test_revoked_and_unknown_keys_are_refused(make_app):
+    app = make_app("hosted")
+    alice, _ = signed_up(app, "alice@example.com")
+    key = new_key_from_profile(alice)
+    script = app.test_client()
+    assert script.get("/v1/probe/me", headers=bearer(key)).status_code == 200
+
+    key_id = ApiKey.get().id
+    assert alice.post(f"/account/keys/{key_id}/revoke").status_code == 302
+    assert ApiKey.get_by_id(key_id).revoked_at is not None
+    assert script.get("/v1/probe/me", headers=bearer(key)).status_code == 401
+    assert script.get("/api/probe/me", headers=bearer(key)).status_code == 401
+    assert script.get("/v1/probe/me", headers=bearer(key[:-1] + "x")).status_code == 401
+    assert script.get("/v1/probe/me", headers=bearer("not-a-key")).status_code == 401
+    assert "revoked" in alice.get("/account/profile").get_data(as_text=True)
+
+
+def test_the_cli_revokes_by_prefix_or_id_and_reports_misses(make_app):
+    make_app("hosted")
+    owner = auth.create_user("alice@example.com", "correct horse battery")
+    first, first_secret = auth.create_api_key(owner, "ci")
+    second, second_secret = auth.create_api_key(owner)
+    assert first_secret.startswith("ncs_") and first_secret != second_secret
+
+    assert auth.revoke_api_key(None, first.prefix) is True
+    assert auth.revoke_api_key(None, first.prefix) is False  # already revoked
+    assert auth.revoke_api_key(None, str(second.id)) is True
+    assert auth.revoke_api_key(None, "ncs_nothere") is False
+    assert auth.user_for_api_key(first_secret) is None and auth.user_for_api_key(second_secret) is None
+
+
+def test_someone_cannot_revoke_another_persons_key(make_app):
+    app = make_app("hosted")
+    alice, _ = signed_up(app, "alice@example.com")
+    charlie, _ = signed_up(app, "charlie@example.com")
+    key = new_key_from_profile(alice)
+    key_id = ApiKey.get().id
+
+    assert charlie.post(f"/account/keys/{key_id}/revoke").status_code == 302
+    assert ApiKey.get_by_id(key_id).revoked_at is None
+    assert app.test_client().get("/v1/probe/me", headers=bearer(key)).status_code == 200
+    assert key[:12] not in charlie.get("/account/profile").get_data(as_text=True)
+
+
+def test_a_key_speaks_for_its_owner_even_beside_another_session(make_app):
+    app = make_app("hosted")
+    alice, alice_user = signed_up(app, "alice@example.com")
+    bob, _ = signed_up(app, "bob@example.com")
+    key = new_key_from_profile(alice)
+
+    assert bob.get("/api/probe/me", headers=bearer(key)).json["id"] == alice_user.id
+    # A bad key is refused even though bob's session cookie rides along.
+    assert bob.get("/api/probe/me", headers=bearer("ncs_wrong")).status_code == 401
+
+
+def test_keys_of_disabled_or_unapproved_accounts_stop_working(make_app):
+    app = make_app("lab")
+    alice, alice_user = signed_up(app, "alice@example.com")
+    key = new_key_from_profile(alice)
+    User.update(is_approved=False).where(User.id == alice_user.id).execute()
+    assert app.test_client().get("/v1/probe/me", headers=bearer(key)).status_code == 401
+    User.update(is_approved=True, is_active_flag=False).where(User.id == alice_user.id).execute()
+    assert app.test_client().get("/v1/probe/me", headers=bearer(key)).status_code == 401
+
+
+def test_last_used_is_recorded_about_once_a_minute(make_app):
+    app = make_app("hosted")
+    alice, _ = signed_up(app, "alice@example.com")
+    key = new_key_from_profile(alice)
+    script = app.test_client()
+    assert ApiKey.get().last_used_at is None
+
+    script.get("/v1/probe/me", headers=bearer(key))
+    first = ApiKey.get().last_used_at
+    assert first is not None
+    script.get("/v1/probe/me", headers=bearer(key))
+    assert ApiKey.get().last_used_at == first  # no write for every request
+
+    earlier = first - dt.timedelta(minutes=2)
+    ApiKey.update(last_used_at=earlier).execute()
+    script.get("/v1/probe/me", headers=bearer(key))
+    assert ApiKey.get().last_used_at > first

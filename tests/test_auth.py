@@ -1,0 +1,381 @@
+"""Local accounts, modes, sign-in rules, CSRF and next= redirects, against a real SQLite file per test."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+from flask import Blueprint, jsonify
+from flask_login import current_user
+
+from nanochat_studio import auth
+from nanochat_studio.app import create_app
+from nanochat_studio.auth import admin_required, api_key_required, login_required
+from nanochat_studio.models import AppState, User
+from nanochat_studio.settings import load_settings
+
+PASSWORD = "correct horse battery"
+REMOTE = {"REMOTE_ADDR": "10.0.0.5"}
+
+# Routes standing in for the other blueprints, to see what the helpers let through.
+probe = Blueprint("probe", __name__)
+
+
+@probe.get("/api/probe/me")
+@login_required
+def probe_api_me():
+    return jsonify(id=current_user.id, email=current_user.email, admin=current_user.is_admin)
+
+
+@probe.get("/v1/probe/me")
+@api_key_required
+def probe_v1_me():
+    return jsonify(id=current_user.id, email=current_user.email)
+
+
+@probe.get("/probe/page")
+@login_required
+def probe_page():
+    return f"page for {current_user.email or current_user.name}"
+
+
+@probe.get("/probe/admin")
+@admin_required
+def probe_admin():
+    return "admins only"
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    """An app over a fresh SQLite file in a temporary home; ``csrf`` as in production when True."""
+
+    def make(mode: str = "solo", csrf: bool = False, **overrides):
+        settings = load_settings(environ={"NCS_HOME": str(tmp_path / "home")}, mode=mode, **overrides)
+        app = create_app(settings)
+        app.config.update(TESTING=True, WTF_CSRF_ENABLED=csrf)
+        app.register_blueprint(probe)
+        return app
+
+    return make
+
+
+def register(client, email, password=PASSWORD, name="", environ_base=None, **fields):
+    data = {"email": email, "password": password, "confirm": password, "name": name, **fields}
+    return client.post("/account/register", data=data, environ_base=environ_base or {})
+
+
+def login(client, email, password=PASSWORD, environ_base=None, **fields):
+    return client.post("/account/login", data={"email": email, "password": password, **fields}, environ_base=environ_base or {})
+
+
+def whoami(client, **kwargs):
+    response = client.get("/api/probe/me", **kwargs)
+    return response.json["email"] if response.status_code == 200 else None
+
+
+def page_text(response) -> str:
+    return response.get_data(as_text=True)
+
+
+# ------------------------------------------------------------------------------ local accounts
+
+def test_register_sign_in_and_sign_out_round_trip(make_app):
+    client = make_app("hosted").test_client()
+    response = register(client, "alice@example.com", name="Alice")
+    assert response.status_code == 302
+    assert whoami(client) == "alice@example.com"
+
+    assert client.post("/account/logout").status_code == 302
+    assert whoami(client) is None
+
+    response = login(client, "alice@example.com")
+    assert response.status_code == 302 and response.headers["Location"] == "/"
+    assert whoami(client) == "alice@example.com"
+    assert User.get(User.email == "alice@example.com").last_login_at is not None
+
+
+def test_passwords_are_stored_hashed(make_app):
+    client = make_app("hosted").test_client()
+    register(client, "alice@example.com")
+    stored = User.get(User.email == "alice@example.com").password_hash
+    assert PASSWORD not in stored and stored.startswith(("scrypt:", "pbkdf2:"))
+
+
+def test_logout_is_not_a_get(make_app):
+    client = make_app("hosted").test_client()
+    register(client, "alice@example.com")
+    assert client.get("/account/logout").status_code == 405
+    assert whoami(client) == "alice@example.com"
+
+
+def test_wrong_password_and_unknown_email_get_the_same_refusal(make_app):
+    client = make_app("hosted").test_client()
+    register(client, "alice@example.com")
+    client.post("/account/logout")
+
+    wrong = login(client, "alice@example.com", "not the password")
+    unknown = login(client, "nobody@example.com", PASSWORD)
+    for response in (wrong, unknown):
+        assert response.status_code == 400
+        assert "Wrong email or password." in page_text(response)
+    assert whoami(client) is None
+
+
+def test_email_is_normalised(make_app):
+    client = make_app("hosted").test_client()
+    register(client, "  Alice@Example.COM ")
+    assert User.get().email == "alice@example.com"
+    client.post("/account/logout")
+    login(client, "ALICE@example.com")
+    assert whoami(client) == "alice@example.com"
+
+
+@pytest.mark.parametrize(
+    "email, password, confirm, message",
+    [
+        ("alice@example.com", "short", "short", "Use 10 to 256 characters."),
+        ("alice@example.com", PASSWORD, PASSWORD + "x", "The passwords differ."),
+        ("not-an-email", PASSWORD, PASSWORD, "Enter a valid email address"),
+        ("alice@localhost", PASSWORD, PASSWORD, "Enter a valid email address"),
+    ],
+)
+def test_bad_sign_up_forms_show_a_clear_error(make_app, email, password, confirm, message):
+    client = make_app("hosted").test_client()
+    response = client.post("/account/register", data={"email": email, "password": password, "confirm": confirm})
+    assert response.status_code == 400
+    assert message in page_text(response)
+    assert User.select().count() == 0
+
+
+def test_a_taken_email_is_refused(make_app):
+    client = make_app("hosted").test_client()
+    register(client, "alice@example.com")
+    client.post("/account/logout")
+    response = register(client, "ALICE@example.com")
+    assert response.status_code == 400
+    assert "An account with this email already exists." in page_text(response)
+    assert User.select().count() == 1
+
+
+# ----------------------------------------------------------------------------------------- modes
+
+@pytest.mark.parametrize("mode", ["lab", "hosted"])
+def test_the_first_account_becomes_admin_and_later_ones_do_not(make_app, mode):
+    app = make_app(mode)
+    register(app.test_client(), "alice@example.com")
+    register(app.test_client(), "bob@example.com")
+    alice, bob = User.get(User.email == "alice@example.com"), User.get(User.email == "bob@example.com")
+    assert alice.is_admin and alice.is_approved
+    assert not bob.is_admin
+    assert AppState.get_by_id(auth.FIRST_ADMIN_KEY).value == alice.id
+
+
+def test_only_one_of_simultaneous_first_sign_ups_becomes_admin(make_app):
+    make_app("hosted")  # opens the database
+    barrier = threading.Barrier(6)
+    failures = []
+
+    def sign_up(i):
+        barrier.wait()
+        try:
+            auth.register_user(f"user{i}@example.com", PASSWORD, mode="hosted")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=sign_up, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert User.select().count() == 6
+    assert User.select().where(User.is_admin == True).count() == 1  # noqa: E712
+
+
+def test_lab_sign_ups_wait_for_an_admin(make_app):
+    app = make_app("lab")
+    alice, bob, charlie = app.test_client(), app.test_client(), app.test_client()
+    register(alice, "alice@example.com")
+    assert whoami(alice) == "alice@example.com"  # the first account is the admin, approved
+
+    response = register(bob, "bob@example.com")
+    assert response.status_code == 302 and response.headers["Location"] == "/account/login"
+    assert whoami(bob) is None
+    response = login(bob, "bob@example.com")
+    assert response.status_code == 400
+    assert "waiting for an administrator" in page_text(response)
+
+    register(charlie, "charlie@example.com")
+    assert charlie.get("/account/admin/users").status_code in (302, 401)  # not signed in
+    listing = alice.get("/account/admin/users")
+    assert "bob@example.com" in page_text(listing) and "waiting for approval" in page_text(listing)
+
+    bob_id = User.get(User.email == "bob@example.com").id
+    assert alice.post(f"/account/admin/users/{bob_id}/approve").status_code == 302
+    login(bob, "bob@example.com")
+    assert whoami(bob) == "bob@example.com"
+    assert bob.get("/account/admin/users").status_code == 403
+    assert bob.get("/probe/admin").status_code == 403
+
+
+def test_lab_invitation_skips_approval_once(make_app):
+    app = make_app("lab")
+    alice = app.test_client()
+    register(alice, "alice@example.com")
+    response = alice.post("/account/admin/invites")
+    assert response.status_code == 201
+    link = re.search(r'value="(http://localhost/account/register\?invite=[^"]+)"', page_text(response)).group(1)
+    token = link.partition("invite=")[2]
+    assert not AppState.select().where(AppState.value.contains(token)).exists()  # only its hash is kept
+
+    bob = app.test_client()
+    assert 'name="invite"' in page_text(bob.get(link))
+    register(bob, "bob@example.com", invite=token)
+    assert whoami(bob) == "bob@example.com"
+
+    charlie = app.test_client()
+    response = register(charlie, "charlie@example.com", invite=token)
+    assert response.status_code == 400 and "not valid, or was already used" in page_text(response)
+    assert not User.select().where(User.email == "charlie@example.com").exists()
+
+
+def test_an_admin_can_promote(make_app):
+    app = make_app("hosted")
+    alice, bob = app.test_client(), app.test_client()
+    register(alice, "alice@example.com")
+    register(bob, "bob@example.com")
+    bob_id = User.get(User.email == "bob@example.com").id
+    assert bob.post(f"/account/admin/users/{bob_id}/promote").status_code == 403
+    alice.post(f"/account/admin/users/{bob_id}/promote")
+    assert User.get_by_id(bob_id).is_admin
+    assert bob.get("/probe/admin").status_code == 200
+
+
+def test_solo_mode_makes_the_local_machine_the_owner_without_sign_in(make_app):
+    client = make_app("solo").test_client()
+    response = client.get("/api/probe/me")
+    assert response.status_code == 200 and response.json["admin"] is True
+    owner_id = AppState.get_by_id(auth.SOLO_OWNER_KEY).value
+    assert response.json["id"] == owner_id
+    assert client.get("/api/probe/me").json["id"] == owner_id  # the same owner, not a new one
+    assert auth.solo_owner().id == owner_id
+    assert User.select().count() == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"environ_base": REMOTE},
+        {"headers": {"X-Forwarded-For": "203.0.113.9"}},
+        {"headers": {"X-Forwarded-For": "127.0.0.1, 203.0.113.9"}},
+        {"headers": {"Forwarded": 'for="[2001:db8::7]:4711"'}},
+        {"headers": {"X-Real-IP": "192.168.1.20"}},
+        {"headers": {"Host": "studio.example.com"}},
+    ],
+    ids=["remote-addr", "xff", "xff-chain", "forwarded", "x-real-ip", "proxied-host"],
+)
+def test_solo_mode_asks_anyone_elsewhere_to_sign_in(make_app, kwargs):
+    client = make_app("solo").test_client()
+    assert client.get("/api/probe/me", **kwargs).status_code == 401
+    response = client.get("/probe/page?tab=2", **kwargs)
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/account/login?next=/probe/page?tab%3D2"
+
+
+def test_solo_mode_accepts_loopback_forwarding(make_app):
+    client = make_app("solo").test_client()
+    response = client.get("/api/probe/me", headers={"X-Forwarded-For": "127.0.0.1, ::1", "Host": "localhost:8765"})
+    assert response.status_code == 200
+
+
+def test_solo_owner_sets_a_password_to_sign_in_from_elsewhere(make_app):
+    app = make_app("solo")
+    local, remote = app.test_client(), app.test_client()
+    form = {"email": "owner@example.com", "name": "Owner", "new_password": PASSWORD, "confirm": PASSWORD}
+    assert local.post("/account/profile", data=form).status_code == 302
+
+    login(remote, "owner@example.com", environ_base=REMOTE)
+    assert remote.get("/api/probe/me", environ_base=REMOTE).json["id"] == auth.solo_owner().id
+
+    # Changing it later needs the current one.
+    response = local.post("/account/profile", data={"new_password": "another password!", "confirm": "another password!"})
+    assert response.status_code == 400 and "The current password is wrong." in page_text(response)
+
+
+def test_solo_mode_has_no_sign_up(make_app):
+    client = make_app("solo").test_client()
+    response = register(client, "mallory@example.com", environ_base=REMOTE)
+    assert response.status_code == 302
+    assert User.select().where(User.email == "mallory@example.com").count() == 0
+
+
+def test_a_disabled_account_loses_its_session(make_app):
+    client = make_app("hosted").test_client()
+    register(client, "alice@example.com")
+    User.update(is_active_flag=False).where(User.email == "alice@example.com").execute()
+    assert whoami(client) is None
+
+
+# ------------------------------------------------------------------------------ helpers, redirects
+
+def test_pages_redirect_to_sign_in_and_api_answers_401_json(make_app):
+    client = make_app("hosted").test_client()
+    response = client.get("/probe/page")
+    assert response.status_code == 302 and response.headers["Location"] == "/account/login?next=/probe/page"
+    response = client.get("/api/probe/me")
+    assert response.status_code == 401 and response.is_json
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//evil.example", "/\\evil.example", "\\\\evil.example", "https://evil.example/", "http:/evil.example",
+        "javascript:alert(1)", "/\t/evil.example", "/\n/evil.example", "//%2fevil.example", "evil.example",
+        "", "/%0d%0aSet-Cookie:x" + "\r\n",
+    ],
+)
+def test_next_refuses_anything_but_a_path_on_this_site(make_app, target):
+    assert auth.safe_next(target) is None
+    client = make_app("hosted").test_client()
+    register(client, "alice@example.com")
+    client.post("/account/logout")
+    response = login(client, "alice@example.com", next=target)
+    assert response.status_code == 302 and response.headers["Location"] == "/"
+
+
+def test_next_keeps_a_path_on_this_site(make_app):
+    assert auth.safe_next("/jobs/3?tab=loss") == "/jobs/3?tab=loss"
+    client = make_app("hosted").test_client()
+    register(client, "alice@example.com")
+    client.post("/account/logout")
+    page = client.get("/account/login?next=/jobs/3%3Ftab%3Dloss")
+    assert 'value="/jobs/3?tab=loss"' in page_text(page)
+    response = login(client, "alice@example.com", next="/jobs/3?tab=loss")
+    assert response.headers["Location"] == "/jobs/3?tab=loss"
+
+
+# ------------------------------------------------------------------------------------------- CSRF
+
+def csrf_token_of(page) -> str:
+    return re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page_text(page)).group(1)
+
+
+def test_sign_in_and_sign_out_forms_need_the_csrf_token(make_app):
+    app = make_app("hosted", csrf=True)
+    client = app.test_client()
+    token = csrf_token_of(client.get("/account/register"))
+    register(client, "alice@example.com", csrf_token=token)
+    assert whoami(client) == "alice@example.com"
+
+    assert client.post("/account/logout").status_code == 400
+    assert whoami(client) == "alice@example.com"
+    token = csrf_token_of(client.get("/account/profile"))
+    assert client.post("/account/logout", data={"csrf_token": token}).status_code == 302
+    assert whoami(client) is None
+
+    assert login(client, "alice@example.com").status_code == 400
+    assert whoami(client) is None
+    token = csrf_token_of(client.get("/account/login"))
+    assert login(client, "alice@example.com", csrf_token=token).status_code == 302
+    assert whoami(client) == "alice@example.com"
