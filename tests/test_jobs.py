@@ -22,9 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 class StudioSettings:
     """The settings fields jobs/runner/tasks read (names from the settings contract)."""
 
+    home: str
     runs_dir: str
     queue_url: str
     database_url: str
+    storage_url: str
+    storage_options: dict = dataclasses.field(default_factory=dict)
     lease_seconds: float = 30
     max_attempts: int = 3
     cpu_slots: int = 1
@@ -41,8 +44,9 @@ class StudioSettings:
 
 
 def make_settings(tmp_path: Path, **overrides) -> StudioSettings:
-    return StudioSettings(runs_dir=str(tmp_path / "runs"), queue_url=f"sqlite:///{tmp_path}/queue.db",
-                          database_url=f"sqlite:///{tmp_path}/studio.db", **overrides)
+    return StudioSettings(home=str(tmp_path), runs_dir=str(tmp_path / "runs"),
+                          queue_url=f"sqlite:///{tmp_path}/queue.db", database_url=f"sqlite:///{tmp_path}/studio.db",
+                          storage_url=f"file://{tmp_path}/storage", **overrides)
 
 
 def open_store(url: str):

@@ -1,0 +1,468 @@
+"""The only code that spawns processes: the trainer (and, later, model servers).
+
+Everything goes through :func:`spawn`: its own process group, and a parent-death signal so a child never
+outlives the thread that supervises it. :func:`run_training` supervises one attempt of one job: it holds
+RUN_DIR/trainer.lock (inherited by the trainer, so a second trainer for the same run can never start
+while the first lives), turns the trainer's JSON lines into JobEvents and progress, renews the lease,
+honours cancel and shutdown with SIGTERM (the trainer checkpoints and exits 75), and maps the exit code
+to the job's outcome with ``trainer.progress.outcome_of_exit``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from trainer import progress
+
+from . import jobs
+from .db import database
+from .models import Dataset, Model, TrainingJob
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if sys.platform == "linux" else None
+
+EventCallback = Callable[[int, int, str, dict], None]  # job_id, seq, kind, data
+
+
+# --- slots -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A place a job runs in this worker process: one GPU (or several, for torchrun), or a CPU share."""
+
+    name: str
+    kind: str  # "cpu" | "gpu"
+    gpu_ids: tuple[str, ...] = ()
+    threads: int = 1
+
+    def env(self) -> dict[str, str]:
+        if self.kind == "gpu":
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_ids)}
+        return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(self.threads)}
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.kind == "gpu" else "cpu"
+
+
+def local_slots(settings: Any) -> list[Slot]:
+    """This process's slots: one per GPU (``gpus`` = auto / none / "0,1"), else ``cpu_slots`` CPU shares."""
+    gpus = str(getattr(settings, "gpus", "auto") or "auto").strip().lower()
+    ids: list[str] = []
+    if gpus == "auto":
+        ids = detect_gpus()
+    elif gpus != "none":
+        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if ids:
+        return [Slot(f"gpu{i}", "gpu", (i,)) for i in ids]
+    n = max(1, int(getattr(settings, "cpu_slots", 1)))
+    threads = max(1, (os.cpu_count() or 1) // n)
+    return [Slot(f"cpu{k}", "cpu", (), threads) for k in range(n)]
+
+
+def detect_gpus() -> list[str]:
+    """GPU ids visible here, without importing torch (the web process never does)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.split(":", 1)[0].split()[1] for line in out.splitlines() if line.startswith("GPU ")]
+
+
+# --- the spawn primitive -----------------------------------------------------------------------------
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    def preexec() -> None:
+        # Runs in the child between fork and exec. PR_SET_PDEATHSIG fires when the THREAD that forked
+        # exits, so callers spawn from the thread that supervises the child for its whole life.
+        if _libc is not None:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
+          stdin: Any = subprocess.DEVNULL, stdout: Any = None, stderr: Any = None,
+          pass_fds: Sequence[int] = (), die_with_parent: bool = True) -> subprocess.Popen:
+    """Start ``argv`` in its own process group (signals reach its children too), dying with the
+    calling thread when ``die_with_parent``. Raises OSError when the program cannot start."""
+    return subprocess.Popen(
+        list(argv), env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
+        start_new_session=True, preexec_fn=_die_with_parent(os.getpid()) if die_with_parent else None,
+    )
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# --- the run directory's lock --------------------------------------------------------------------------
+
+
+def acquire_run_lock(run_dir: Path, wait_s: float = 0.0) -> int | None:
+    """flock RUN_DIR/trainer.lock; the fd (inherited by the trainer) holds it until every holder exits.
+    None if another live process holds it after ``wait_s`` seconds."""
+    fd = os.open(run_dir / "trainer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.1)
+
+
+# --- supervising one training attempt ------------------------------------------------------------------
+
+
+def run_dir_for(job: TrainingJob, settings: Any) -> Path:
+    return Path(getattr(settings, "runs_dir")) / f"job-{job.id}"
+
+
+def trainer_argv(settings: Any, slot: Slot, config_path: Path, run_dir: Path) -> list[str]:
+    python = getattr(settings, "trainer_python", None) or sys.executable
+    module = getattr(settings, "trainer_module", None) or "trainer.train"
+    args = ["--config", str(config_path), "--out", str(run_dir), "--resume"]
+    if slot.kind == "gpu" and len(slot.gpu_ids) > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(slot.gpu_ids)}",
+                "-m", module, *args]
+    return [python, "-m", module, *args]
+
+
+def trainer_env(slot: Slot) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(slot.env())
+    env["PYTHONUNBUFFERED"] = "1"
+    # Make `trainer` importable whether it is installed or this is a checkout, without touching cwd.
+    spec = importlib.util.find_spec("trainer")
+    if spec and spec.submodule_search_locations:
+        root = str(Path(list(spec.submodule_search_locations)[0]).parent)
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _storage(settings: Any):
+    """The artifact store when settings describe one (storage.py is the only fsspec user), else None."""
+    if not getattr(settings, "storage_url", None) and not getattr(settings, "home", None):
+        return None
+    from .storage import Storage
+
+    return Storage.from_settings(settings)
+
+
+def resolve_data(job: TrainingJob, settings: Any, run_dir: Path) -> tuple[str, str]:
+    """(what the trainer's ``data`` should be, its sha256 when known). https URLs are fetched through
+    fetch.py's guard into RUN_DIR/data once; uploads are local copies from storage; ``demo``, server
+    paths and ``s3://`` prefixes go to the trainer as they are. Raises fetch's errors (status 4xx)."""
+    dataset = job.config["dataset"]
+    if dataset.startswith("https://"):
+        from . import fetch
+
+        dest = run_dir / "data" / "source"
+        if not dest.exists():  # an earlier attempt already fetched it
+            fetched = fetch.download(dataset, dest, settings)
+            (run_dir / "data" / "source.sha256").write_text(fetched.sha256)
+        return str(dest), (run_dir / "data" / "source.sha256").read_text().strip()
+    if dataset.startswith("ds:"):
+        ds = Dataset.get_by_id(int(dataset[3:]))
+        store = _storage(settings)
+        return (store.local_path(ds.storage_key) if store else ds.storage_key), ds.sha256
+    return dataset, ""
+
+
+class _Supervisor:
+    def __init__(self, job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None,
+                 stop: threading.Event | None):
+        self.job, self.slot, self.settings, self.on_event = job, slot, settings, on_event
+        self.stop = stop or threading.Event()
+        self.attempt = job.attempt
+        self.owner = job.lease_owner or jobs.owner_id(slot.name)
+        self.lease_s = float(getattr(settings, "lease_seconds", 30))
+        self.backoff = float(getattr(settings, "retry_backoff_seconds", jobs.DEFAULT_BACKOFF_S))
+        self.run_dir = run_dir_for(job, settings)
+        self.progress: dict[str, Any] = dict(job.progress or {})
+        self.facts: dict[str, Any] = {}  # what the Model row needs: params, samples, sha, checkpoint
+        self.error: dict[str, Any] | None = None
+        self.fenced = False
+        self.last_beat = time.monotonic()
+
+    # -- the job row --
+    def beat(self, force: bool = False) -> bool:
+        if force or time.monotonic() - self.last_beat >= self.lease_s / 3:
+            self.last_beat = time.monotonic()
+            if not jobs.heartbeat(self.job.id, self.attempt, self.owner, lease_seconds=self.lease_s):
+                self.fenced = True
+        return not self.fenced
+
+    def cancel_requested(self) -> bool:
+        return bool(TrainingJob.select(TrainingJob.cancel_requested)
+                    .where(TrainingJob.id == self.job.id).scalar())
+
+    def emit(self, kind: str, data: dict) -> None:
+        seq = jobs.record_event(self.job.id, kind, data, attempt=self.attempt)
+        if self.on_event:
+            self.on_event(self.job.id, seq, kind, data)
+
+    def handle(self, record: dict) -> None:
+        kind = record["event"]
+        data = {k: v for k, v in record.items() if k not in ("event", "v")}
+        self.emit(kind, data)
+        p = self.progress
+        if kind == "start":
+            self.facts.update(params=data.get("params"), start=data)
+            p.update(total_steps=data.get("total_steps"), device=data.get("device"),
+                     resumed_from_step=data.get("resumed_from_step"))
+        elif kind == "step":
+            for key in ("step", "total_steps", "loss", "tokens_per_sec", "eta_s", "elapsed_s", "lr", "mfu"):
+                p[key] = data.get(key)
+        elif kind == "eval":
+            p.update(val_bpb=data.get("val_bpb"), val_loss=data.get("val_loss"))
+        elif kind == "sample":
+            self.facts["samples"] = data.get("samples")
+        elif kind == "checkpoint":
+            p["checkpoint_step"] = data.get("step")
+            self.facts["checkpoint"] = data.get("path")
+        elif kind == "done":
+            self.facts["done"] = data
+            self.facts["checkpoint"] = data.get("checkpoint") or self.facts.get("checkpoint")
+        elif kind == "error":
+            self.error = data
+        if kind in ("start", "step", "eval", "checkpoint", "done"):
+            jobs.update_progress(self.job.id, self.attempt, p)
+
+    # -- the attempt --
+    def run(self) -> str | None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir / "train.log"
+        lock_fd = acquire_run_lock(self.run_dir, wait_s=min(self.lease_s, 60.0))
+        if lock_fd is None:
+            # A trainer from an earlier attempt is still alive (checkpointing after its supervisor died).
+            return jobs.finish(self.job.id, self.attempt, "infrastructure", charged=False,
+                               reason="a trainer from an earlier attempt still holds the run directory",
+                               backoff_base=self.backoff)
+        try:
+            return self._run_locked(lock_fd, log_path)
+        finally:
+            os.close(lock_fd)
+
+    def _run_locked(self, lock_fd: int, log_path: Path) -> str | None:
+        job = self.job
+        try:
+            data, sha = resolve_data(job, self.settings, self.run_dir)
+        except Exception as exc:  # fetch's errors carry an HTTP status: 4xx is the user's to fix
+            status = getattr(exc, "status", None)
+            outcome = "user_error" if isinstance(status, int) and 400 <= status < 500 else "infrastructure"
+            return jobs.finish(job.id, self.attempt, outcome, reason=f"preparing the data failed: {exc}",
+                               backoff_base=self.backoff)
+        self.facts["data_sha256"] = sha
+        config = {k: v for k, v in job.config.items() if k not in ("dataset", "gpus")}
+        config.update(data=data, device=self.slot.device, job_id=job.id)
+        config_path = self.run_dir / "job.json"
+        tmp = config_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, config_path)
+        if self.cancel_requested():
+            return jobs.finish(job.id, self.attempt, "cancelled", reason="cancelled while preparing")
+        if not jobs.transition(job.id, jobs.RUNNING, expect={jobs.PREPARING}, attempt=self.attempt,
+                               reason=f"trainer starting on {self.slot.name}", log_path=str(log_path),
+                               output_path=str(self.run_dir)):
+            return None
+        argv = trainer_argv(self.settings, self.slot, config_path, self.run_dir)
+        with open(log_path, "ab") as stderr:
+            try:
+                proc = spawn(argv, env=trainer_env(self.slot), cwd=self.run_dir, stdout=subprocess.PIPE,
+                             stderr=stderr, pass_fds=(lock_fd,))
+            except OSError as exc:
+                return jobs.finish(job.id, self.attempt, "infrastructure", reason=f"cannot start the trainer: {exc}",
+                                   backoff_base=self.backoff)
+            with open(self.run_dir / "trainers.txt", "a") as fh:
+                fh.write(f"{job.id} attempt={self.attempt} pid={proc.pid} start={time.time():.3f}\n")
+            rc, term_reason = self._supervise(proc)
+        return self._conclude(rc, term_reason)
+
+    def _supervise(self, proc: subprocess.Popen) -> tuple[int, str | None]:
+        lines: queue.Queue = queue.Queue()
+
+        def read() -> None:
+            for raw in proc.stdout:  # type: ignore[union-attr]
+                lines.put(raw)
+            lines.put(None)
+
+        threading.Thread(target=read, name=f"trainer-stdout-{self.job.id}", daemon=True).start()
+        term_reason: str | None = None
+        term_at = 0.0
+        grace = float(getattr(self.settings, "term_grace_seconds", 120))
+        next_poll = 0.0
+        eof = False
+        while not eof or proc.poll() is None:
+            try:
+                raw = lines.get(timeout=0.2) if not eof else None
+            except queue.Empty:
+                raw = b""
+            if raw is None:
+                eof = True
+                try:
+                    proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            elif raw:
+                record = progress.parse_line(raw)
+                if record is not None:
+                    self.handle(record)
+            now = time.monotonic()
+            if term_reason is None:
+                if not self.beat():
+                    term_reason = "fenced"
+                elif self.stop.is_set():
+                    term_reason = "shutdown"
+                elif now >= next_poll:
+                    next_poll = now + 0.5
+                    if self.cancel_requested():
+                        term_reason = "cancel"
+                if term_reason is not None:
+                    term_at = now
+                    signal_group(proc, signal.SIGTERM)
+            elif now - term_at > grace and proc.poll() is None:
+                signal_group(proc, signal.SIGKILL)
+            else:
+                self.beat()  # keep the lease while the trainer checkpoints
+        rc = proc.wait()
+        with open(self.run_dir / "trainers.txt", "a") as fh:
+            fh.write(f"{self.job.id} attempt={self.attempt} pid={proc.pid} end={time.time():.3f} rc={rc}\n")
+        return rc, term_reason
+
+    def _conclude(self, rc: int, term_reason: str | None) -> str | None:
+        job_id, attempt = self.job.id, self.attempt
+        if self.fenced or term_reason == "fenced":
+            log.warning("job %s attempt %s was fenced out; leaving its row alone", job_id, attempt)
+            return None
+        outcome = progress.outcome_of_exit(rc)
+        fields = {"progress": self.progress}
+        if outcome == "completed":
+            return self._complete(fields)
+        if term_reason == "cancel":
+            with database.atomic():
+                status = jobs.finish(job_id, attempt, "cancelled", reason="cancelled by its owner", **fields)
+                model = self._create_model(cancelled=True) if status and self._checkpoint_dir() else None
+            if model is not None:
+                self._publish(model)
+            return status
+        message = (self.error or {}).get("message", "")
+        if outcome == "user_error":
+            return jobs.finish(job_id, attempt, "user_error", reason=message or f"the trainer exited with {rc}",
+                               **fields)
+        if term_reason == "shutdown":
+            return jobs.finish(job_id, attempt, "preempted", charged=False, reason="the server shut down",
+                               backoff_base=self.backoff, **fields)
+        if rc < 0:
+            why = f"the trainer was killed by {signal.Signals(-rc).name}"
+        elif outcome == "preempted":
+            why = "the trainer was stopped by SIGTERM"
+        else:
+            why = f"the trainer exited with code {rc}" + (f": {message}" if message else "")
+        return jobs.finish(job_id, attempt, outcome, reason=why, backoff_base=self.backoff, **fields)
+
+    def _complete(self, fields: dict) -> str | None:
+        if self._checkpoint_dir() is None:
+            return jobs.finish(self.job.id, self.attempt, "infrastructure", backoff_base=self.backoff,
+                               reason="the trainer exited 0 without a final checkpoint", **fields)
+        with database.atomic():
+            status = jobs.finish(self.job.id, self.attempt, "completed", **fields)
+            model = self._create_model(cancelled=False) if status else None
+        if model is not None:
+            self._publish(model)
+        return status
+
+    def _checkpoint_dir(self) -> Path | None:
+        path = self.facts.get("checkpoint")
+        if path:
+            p = Path(path) if os.path.isabs(path) else self.run_dir / path
+            if (p / "manifest.json").exists():
+                return p
+        found = sorted(self.run_dir.glob("checkpoints/step_*/manifest.json"))
+        return found[-1].parent if found else None
+
+    def _create_model(self, cancelled: bool) -> Model:
+        # The row first points at the run directory; _publish moves it to storage once uploaded, so
+        # the (possibly slow) upload happens outside the transaction that ends the job.
+        job = TrainingJob.get_by_id(self.job.id)
+        ckpt = self._checkpoint_dir()
+        assert ckpt is not None
+        done = self.facts.get("done") or {}
+        start = self.facts.get("start") or {}
+        step = done.get("step", self.progress.get("checkpoint_step") or self.progress.get("step") or 0)
+        tok = ckpt / "tokenizer"
+        name = job.name or f"job {job.id}"
+        return Model.create(
+            user=job.user_id, job=job.id, name=name + (f" (cancelled at step {step})" if cancelled else ""),
+            step=step or 0, checkpoint_key=str(ckpt), tokenizer_key=str(tok if tok.exists() else ckpt),
+            params=int(self.facts.get("params") or 0), config=start.get("config") or job.config,
+            metrics={"final_loss": done.get("final_loss", self.progress.get("loss")),
+                     "final_val_bpb": done.get("final_val_bpb", self.progress.get("val_bpb")),
+                     "steps": step, "elapsed_s": done.get("elapsed_s")},
+            samples=self.facts.get("samples") or [], data_source=job.config.get("dataset", ""),
+            data_sha256=str(self.facts.get("data_sha256") or start.get("data_sha256") or ""),
+            size_bytes=sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()),
+        )
+
+    def _publish(self, model: Model) -> None:
+        store = _storage(self.settings)
+        if store is None:
+            return
+        try:
+            key = store.publish_checkpoint(model.user_id, model.id, model.checkpoint_key)
+        except Exception as exc:  # the model stays usable from the run directory on this machine
+            log.exception("publishing the checkpoint of job %s failed", self.job.id)
+            self.emit("publish", {"ok": False, "error": str(exc)})
+            return
+        tokenizer = f"{key}/tokenizer" if model.tokenizer_key.endswith("/tokenizer") else key
+        Model.update(checkpoint_key=key, tokenizer_key=tokenizer).where(Model.id == model.id).execute()
+        self.emit("publish", {"ok": True, "key": key})
+
+
+def run_training(job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None = None, *,
+                 stop: threading.Event | None = None) -> str | None:
+    """Supervise the claimed ``job`` (status preparing, attempt and lease set by ``jobs.claim_next``)
+    on ``slot`` until its trainer exits. Call it from the thread that should own the trainer's life.
+
+    Returns the job's new status, or None when this attempt was fenced out. ``stop`` set means the
+    worker is shutting down: the trainer gets SIGTERM, checkpoints, and the job is requeued.
+    """
+    return _Supervisor(job, slot, settings, on_event, stop).run()

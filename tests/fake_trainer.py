@@ -1,0 +1,128 @@
+"""A fast stand-in for ``python -m trainer.train`` that speaks the same progress contract.
+
+    python -m tests.fake_trainer --config RUN_DIR/job.json --out RUN_DIR [--resume]
+
+It reads max_steps / checkpoint_every / data from the config, resumes from its own latest checkpoint
+(RUN_DIR/checkpoints/step_NNNNNNN/manifest.json, written last), checkpoints and exits 75 on SIGTERM,
+and records what it did in RUN_DIR/fake_log.jsonl (begin/step/end with its pid and whether it found
+RUN_DIR/trainer.lock held) so tests can prove no step ran twice and no two trainers overlapped.
+
+Behaviour knobs (environment): FAKE_STEP_S seconds per step (default 0.05); FAKE_EXIT_AT=step:code
+exits with ``code`` before that step; FAKE_IGNORE_TERM=1 ignores SIGTERM.
+A dataset path to a missing or empty file fails like the real trainer: an error event and exit 65.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from trainer import progress
+
+
+def _record(out: Path, **fields) -> None:
+    with open(out / "fake_log.jsonl", "a") as fh:
+        fh.write(json.dumps({"pid": os.getpid(), "t": time.time(), **fields}) + "\n")
+
+
+def _lock_is_held(out: Path) -> bool:
+    # Our supervisor passed us its flocked fd; a fresh open file description must fail to lock.
+    fd = os.open(out / "trainer.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _latest_checkpoint(out: Path) -> int | None:
+    steps = [int(p.parent.name.split("_")[1]) for p in out.glob("checkpoints/step_*/manifest.json")]
+    return max(steps) if steps else None
+
+
+def _checkpoint(out: Path, step: int, loss: float) -> Path:
+    d = out / "checkpoints" / f"step_{step:07d}"
+    d.mkdir(parents=True, exist_ok=True)
+    weights = f"fake weights at step {step}".encode()
+    (d / "model.bin").write_bytes(weights)
+    manifest = {"step": step, "loss": loss, "files": {"model.bin": hashlib.sha256(weights).hexdigest()}}
+    (d / "manifest.json").write_text(json.dumps(manifest))  # written last
+    return d
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    cfg = json.loads(Path(args.config).read_text())
+    emit = progress.emit
+    step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
+    exit_at = os.environ.get("FAKE_EXIT_AT", "")
+    stop = {"term": False}
+    if os.environ.get("FAKE_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(term=True))
+
+    total = int(cfg.get("max_steps", 20))
+    every = int(cfg.get("checkpoint_every", 5))
+    resumed = _latest_checkpoint(out) if args.resume else None
+    first = (resumed or 0) + 1
+    _record(out, kind="begin", resumed_from=resumed, lock_held=_lock_is_held(out), env_cuda=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            omp=os.environ.get("OMP_NUM_THREADS"))
+    data = cfg.get("data", "demo")
+    if data.startswith("/") and (not os.path.exists(data) or os.path.getsize(data) == 0):
+        emit("error", kind="user", code="empty_data", message=f"the dataset {data} is empty")
+        _record(out, kind="end", rc=progress.EXIT_DATA)
+        return progress.EXIT_DATA
+    emit("start", config=cfg, params=1234, flops_per_token=6 * 1234, total_steps=total, total_tokens=total * 64,
+         device=cfg.get("device", "cpu"), world_size=1, resumed_from_step=resumed, data_sha256="f" * 64)
+    print("a stray line that is not JSON", flush=True)
+    t0 = time.time()
+    loss = 4.0
+    for step in range(first, total + 1):
+        if exit_at and int(exit_at.split(":")[0]) == step:
+            code = int(exit_at.split(":")[1])
+            emit("error", kind="user" if code in progress.USER_ERROR_EXITS else "infrastructure",
+                 code="fake", message=f"fake exit {code} at step {step}")
+            _record(out, kind="end", rc=code)
+            return code
+        time.sleep(step_s)
+        loss = 4.0 / (1 + 0.1 * step)
+        _record(out, kind="step", step=step)
+        emit("step", step=step, total_steps=total, loss=loss, lr=1e-3, tokens_per_sec=1000.0, mfu=None,
+             elapsed_s=time.time() - t0, eta_s=(total - step) * step_s)
+        if step % every == 0 and step < total:
+            path = _checkpoint(out, step, loss)
+            emit("checkpoint", step=step, path=str(path))
+        if stop["term"]:
+            path = _checkpoint(out, step, loss)
+            emit("checkpoint", step=step, path=str(path))
+            _record(out, kind="end", rc=progress.EXIT_PREEMPTED, step=step)
+            return progress.EXIT_PREEMPTED
+    path = _checkpoint(out, total, loss)
+    emit("checkpoint", step=total, path=str(path))
+    emit("eval", step=total, val_loss=loss, val_bpb=loss / 3)
+    emit("sample", step=total, samples=[{"prompt": "Once", "text": "Once upon a fake time"}])
+    emit("done", step=total, final_loss=loss, final_val_bpb=loss / 3, elapsed_s=time.time() - t0,
+         checkpoint=str(path))
+    _record(out, kind="end", rc=0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
