@@ -1,6 +1,6 @@
 """A loopback S3 server for tests: moto's ThreadedMotoServer on 127.0.0.1, a free port, one bucket.
 
-    from s3server import s3_server   # a session-scoped pytest fixture (tests/ is on sys.path)
+    from tests.s3server import s3_server   # a session-scoped pytest fixture
     def test_x(s3_server):
         Storage(s3_server.url("prefix"), s3_server.options)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nanochat_studio.storage import MARKER, IntegrityError, KeyNotFound, Storage, StorageError, check_key
-from s3server import s3_server  # noqa: F401  (fixture)
+from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 
 def make_checkpoint(root: Path, step: int = 100, weights: bytes | None = None) -> Path:
