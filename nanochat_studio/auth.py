@@ -555,6 +555,11 @@ def fetch_identity(provider: str, client: Any) -> Identity:
     from authlib.integrations.base_client import OAuthError
     from requests import RequestException
 
+    try:
+        from joserfc.errors import JoseError  # authlib >= 1.6 verifies id_tokens with joserfc
+    except ImportError:  # pragma: no cover - older authlib
+        from authlib.jose.errors import JoseError
+
     label = PROVIDER_LABELS[provider]
     try:
         token = client.authorize_access_token()
@@ -574,6 +579,9 @@ def fetch_identity(provider: str, client: Any) -> Identity:
             raise AccountError(f"{label} sign-in expired or was started elsewhere. Please try again.") from exc
         detail = exc.description or exc.error
         raise AccountError(f"{label} sign-in failed: {detail}") from exc
+    except JoseError as exc:  # an id_token that does not verify: forged, or keys rotated
+        current_app.logger.warning("%s sign-in refused: id_token did not verify: %r", provider, exc)
+        raise AccountError(f"{label} sign-in failed: its answer could not be verified.") from exc
     except (RequestException, KeyError, ValueError) as exc:
         current_app.logger.warning("%s sign-in failed: %r", provider, exc)
         raise AccountError(f"{label} sign-in failed: could not read your {label} profile.") from exc
