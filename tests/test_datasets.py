@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import threading
 from types import SimpleNamespace
 

@@ -226,3 +226,18 @@ def test_from_settings_defaults_to_home_storage(tmp_path):
     st.put_bytes(b"x", "users/1/a.txt")
     assert (tmp_path / "storage" / "users/1/a.txt").read_bytes() == b"x"
     assert MARKER.endswith(".json")
+
+
+def test_an_oversize_multipart_upload_to_s3_is_aborted(s3_server):
+    """Past s3fs's 5 MiB block a capped stream has started a multipart upload; it must be aborted."""
+    import boto3
+
+    from nanochat_studio.storage import TooLargeError
+
+    storage = Storage(s3_server.url("mpu"), s3_server.options)
+    with pytest.raises(TooLargeError):
+        storage.put_stream(io.BytesIO(os.urandom(12 << 20)), "users/1/datasets/9/big.txt", max_bytes=11 << 20)
+    assert not storage.exists("users/1/datasets/9/big.txt")
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    assert client.list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads", []) == []
