@@ -80,8 +80,8 @@ def _sniff(name: str, head: bytes) -> None:
         raise DatasetError(f"{name} does not look like a {what} file")
 
 
-class _Capped:
-    """``read`` over the upload stream: the already-read first block first, then the rest."""
+class _Prepended:
+    """``read`` over the upload stream: the already-read (sniffed) first block first, then the rest."""
 
     def __init__(self, head: bytes, stream: IO[bytes]):
         self.head, self.stream = head, stream
@@ -111,7 +111,8 @@ def save_upload(user: User, filename: str, stream: IO[bytes], settings: Any, *,
                 size_hint: int | None = None, storage: Storage | None = None) -> Dataset:
     """Stream ``stream`` into storage as a new Dataset of ``user``.
 
-    ``size_hint`` (the request's Content-Length) lets an oversize upload fail before any byte is read.
+    ``size_hint`` (the file's length if the client said it, else the request's Content-Length, which
+    overstates it by the multipart framing) lets an oversize upload fail before any byte is read.
     Raises DatasetError (name, type), TooLarge (over ``upload_max_bytes``), QuotaExceeded.
     """
     name = safe_filename(filename)
@@ -130,7 +131,7 @@ def save_upload(user: User, filename: str, stream: IO[bytes], settings: Any, *,
     key = f"{dataset_prefix(user.id, ds.id)}/{name}"
     limit = min(cap, quota - used)
     try:
-        meta = storage.put_stream(_Capped(head, stream), key, max_bytes=limit)
+        meta = storage.put_stream(_Prepended(head, stream), key, max_bytes=limit)
         # Another upload may have finished meanwhile; the quota holds for their sum.
         others = used_bytes(user, exclude_id=ds.id)
         if others + meta["size"] > quota:

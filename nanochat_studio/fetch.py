@@ -167,6 +167,8 @@ def check_url(url: str, settings: Any, *, policy: NetPolicy | None = None) -> Ta
         host = host.encode("idna").decode("ascii").lower()
     except UnicodeError:
         raise URLRefused(f"{url!r}: {host!r} is not a valid host name") from None
+    if port == 0:
+        raise URLRefused(f"{url!r}: port 0 cannot be fetched")
     port = port or (443 if scheme == "https" else 80)
     try:
         literal = ipaddress.ip_address(host)

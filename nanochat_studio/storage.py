@@ -344,7 +344,13 @@ class Storage:
                 if size != info["size"] or digest != info["sha256"]:
                     raise IntegrityError(f"{key}/{rel}: stored bytes do not match the manifest")
             (tmp / MARKER).write_text(json.dumps(remote_manifest, indent=1))
-            self._swap_in(str(tmp), str(target))
+            try:
+                self._swap_in(str(tmp), str(target))
+            except OSError:
+                # Another process cached the same key first; theirs is as good as ours if it matches.
+                if not (cached.is_file() and json.loads(cached.read_text()) == remote_manifest):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -188,7 +188,8 @@ def test_the_guard_refuses_non_public_addresses(url):
 
 @pytest.mark.parametrize("url", ["http://example.com/data.txt", "ftp://example.com/x", "file:///etc/passwd",
                                  "gopher://example.com/", "javascript:alert(1)", "https://user:pw@example.com/",
-                                 "https:///nohost", "https://exa mple.com/", "https://example.com:99999/"])
+                                 "https:///nohost", "https://exa mple.com/", "https://example.com:99999/",
+                                 "https://example.com:0/"])
 def test_the_guard_refuses_other_schemes_credentials_and_junk(url):
     with pytest.raises(URLRefused):
         check_url(url, settings(), policy=NetPolicy(resolve=lambda h, p: ["93.184.215.14"]))

@@ -241,3 +241,25 @@ def test_an_oversize_multipart_upload_to_s3_is_aborted(s3_server):
     client = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="testing",
                           aws_secret_access_key="testing", region_name="us-east-1")
     assert client.list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads", []) == []
+
+
+def test_two_model_servers_caching_the_same_checkpoint_at_once_both_get_it(tmp_path, s3_server):
+    storage = Storage(s3_server.url("race"), s3_server.options, cache_dir=tmp_path / "cache")
+    ckpt = make_checkpoint(tmp_path / "run", weights=os.urandom(1 << 20))
+    key = storage.publish_checkpoint(1, 1, ckpt)
+    results, errors = [], []
+
+    def cache():
+        try:
+            results.append(Storage(s3_server.url("race"), s3_server.options, cache_dir=tmp_path / "cache").local_path(key))
+        except Exception as e:  # noqa: BLE001  (collected and asserted below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=cache) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(set(results)) == 1
+    assert (Path(results[0]) / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
+    assert [p.name for p in (tmp_path / "cache" / key).parent.iterdir()] == ["step_0000100"]  # no temp debris
