@@ -19,7 +19,6 @@ import importlib.util
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -305,47 +304,48 @@ class _Supervisor:
                                output_path=str(self.run_dir)):
             return None
         argv = trainer_argv(self.settings, self.slot, config_path, self.run_dir)
-        with open(log_path, "ab") as stderr:
+        # stdout goes to a file we tail, not a pipe: when a supervisor dies (kill -9), a pipe would break
+        # and the trainer's next line would kill it with EPIPE before it could checkpoint.
+        events_path = self.run_dir / f"events-{self.attempt}.jsonl"
+        with open(log_path, "ab") as stderr, open(events_path, "ab") as stdout, open(events_path, "rb") as tail:
+            tail.seek(0, os.SEEK_END)
             try:
-                proc = spawn(argv, env=trainer_env(self.slot), cwd=self.run_dir, stdout=subprocess.PIPE,
+                proc = spawn(argv, env=trainer_env(self.slot), cwd=self.run_dir, stdout=stdout,
                              stderr=stderr, pass_fds=(lock_fd,))
             except OSError as exc:
                 return jobs.finish(job.id, self.attempt, "infrastructure", reason=f"cannot start the trainer: {exc}",
                                    backoff_base=self.backoff)
             with open(self.run_dir / "trainers.txt", "a") as fh:
                 fh.write(f"{job.id} attempt={self.attempt} pid={proc.pid} start={time.time():.3f}\n")
-            rc, term_reason = self._supervise(proc)
+            rc, term_reason = self._supervise(proc, tail)
         return self._conclude(rc, term_reason)
 
-    def _supervise(self, proc: subprocess.Popen) -> tuple[int, str | None]:
-        lines: queue.Queue = queue.Queue()
+    def _read_lines(self, tail: Any) -> bool:
+        """Handle every complete line written since the last call; whether there were any."""
+        got = False
+        while True:
+            pos = tail.tell()
+            raw = tail.readline()
+            if not raw.endswith(b"\n"):
+                tail.seek(pos)  # a partial line: the trainer is still writing it
+                return got
+            got = True
+            record = progress.parse_line(raw)
+            if record is not None:
+                self.handle(record)
 
-        def read() -> None:
-            for raw in proc.stdout:  # type: ignore[union-attr]
-                lines.put(raw)
-            lines.put(None)
-
-        threading.Thread(target=read, name=f"trainer-stdout-{self.job.id}", daemon=True).start()
+    def _supervise(self, proc: subprocess.Popen, tail: Any) -> tuple[int, str | None]:
         term_reason: str | None = None
         term_at = 0.0
         grace = float(getattr(self.settings, "term_grace_seconds", 120))
         next_poll = 0.0
-        eof = False
-        while not eof or proc.poll() is None:
-            try:
-                raw = lines.get(timeout=0.2) if not eof else None
-            except queue.Empty:
-                raw = b""
-            if raw is None:
-                eof = True
-                try:
-                    proc.wait(timeout=0.2)
-                except subprocess.TimeoutExpired:
-                    pass
-            elif raw:
-                record = progress.parse_line(raw)
-                if record is not None:
-                    self.handle(record)
+        while True:
+            exited = proc.poll() is not None
+            if not self._read_lines(tail) and not exited:
+                self.stop.wait(0.1) if term_reason is None else time.sleep(0.1)
+            if exited:
+                self._read_lines(tail)  # whatever it wrote last
+                break
             now = time.monotonic()
             if term_reason is None:
                 if not self.beat():
@@ -359,9 +359,9 @@ class _Supervisor:
                 if term_reason is not None:
                     term_at = now
                     signal_group(proc, signal.SIGTERM)
-            elif now - term_at > grace and proc.poll() is None:
+            elif now - term_at > grace:
                 signal_group(proc, signal.SIGKILL)
-            else:
+            elif term_reason != "fenced":
                 self.beat()  # keep the lease while the trainer checkpoints
         rc = proc.wait()
         with open(self.run_dir / "trainers.txt", "a") as fh:

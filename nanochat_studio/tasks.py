@@ -1,0 +1,229 @@
+"""The huey instance and its tasks. Tasks take ids and are thin glue over jobs.py and runner.py.
+
+huey is at-most-once (a task running when its consumer dies is lost), so it only rings a bell: "a job
+may be ready". Whoever hears it claims the oldest fair job from the jobs table (compare-and-set) and
+supervises it on a free local slot. A ticker thread per consumer reconciles lost leases every
+``RECONCILE_EVERY_S`` and rings again when a backed-off job becomes ready, so nothing depends on a
+message surviving.
+
+``serve`` calls :func:`start_consumer` / :func:`stop_consumer`; ``worker`` calls :func:`run_worker`.
+The API calls :func:`enqueue_job` after ``jobs.submit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from huey import Huey, RedisHuey, SqliteHuey
+from huey.consumer import Consumer
+
+from . import jobs, runner
+from .models import utcnow
+
+log = logging.getLogger(__name__)
+
+RECONCILE_EVERY_S = 12.0
+POLL_MAX_DELAY_S = 0.2  # an idle SQL-backed queue notices a new task within this
+
+
+def make_huey(settings: Any) -> Huey:
+    """The huey instance for ``settings.queue_url`` (sqlite:///path, redis://..., postgresql://...),
+    with this module's tasks registered on it; one per URL per process. Raises ValueError for another
+    scheme."""
+    url = str(getattr(settings, "queue_url"))
+    with _hueys_lock:
+        if url not in _hueys:
+            _hueys[url] = _new_huey(url)
+        return _hueys[url]
+
+
+def _new_huey(url: str) -> Huey:
+    if url.startswith("sqlite:///"):
+        huey: Huey = SqliteHuey("nanochat-studio", results=False, filename=url[len("sqlite:///"):])
+    elif url.startswith(("redis://", "rediss://", "unix://")):
+        huey = RedisHuey("nanochat-studio", results=False, url=url)
+    elif url.startswith(("postgresql://", "postgres://")):
+        from huey.contrib.sql_huey import SqlHuey
+
+        huey = SqlHuey("nanochat-studio", results=False, database=url)
+    else:
+        raise ValueError(f"queue_url: expected sqlite:///, redis:// or postgresql://, got {url!r}")
+
+    @huey.task(name="ring")
+    def ring(job_id: int | None = None) -> str | None:
+        """Claim a ready job and supervise it on a free local slot (this worker thread owns it)."""
+        return run_next_job(job_id)
+
+    huey.ring = ring  # type: ignore[attr-defined]
+    return huey
+
+
+_hueys: dict[str, Huey] = {}
+_hueys_lock = threading.Lock()
+
+
+@dataclasses.dataclass
+class _Local:
+    """This process's worker side: its slots and the flag that tells trainers to checkpoint and stop."""
+
+    settings: Any
+    free: list[runner.Slot]
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def take(self) -> runner.Slot | None:
+        with self.lock:
+            return self.free.pop(0) if self.free and not self.stop.is_set() else None
+
+    def give(self, slot: runner.Slot) -> None:
+        with self.lock:
+            self.free.append(slot)
+
+    def has_free(self) -> bool:
+        with self.lock:
+            return bool(self.free)
+
+
+_local: _Local | None = None  # set while this process runs a consumer
+
+
+def run_next_job(job_id: int | None = None) -> str | None:
+    """Claim the next ready job (fair across users) and run it here; returns its final status, or None
+    when there is no free slot or no ready job. ``job_id`` is informational: the table decides."""
+    local = _local
+    if local is None:  # an enqueue-only process (e.g. the web app without a consumer)
+        return None
+    slot = local.take()
+    if slot is None:
+        return None
+    settings = local.settings
+    status = None
+    try:
+        job = jobs.claim_next(jobs.owner_id(slot.name), slot.name,
+                              lease_seconds=float(getattr(settings, "lease_seconds", 30)),
+                              max_running_jobs=getattr(settings, "max_running_jobs", None))
+        if job is None:
+            return None
+        log.info("job %s attempt %s starting on %s (rung for %s)", job.id, job.attempt, slot.name, job_id)
+        status = runner.run_training(job, slot, settings, stop=local.stop)
+        log.info("job %s attempt %s ended: %s", job.id, job.attempt, status)
+    except Exception:
+        log.exception("running a job failed; the reconciler will requeue it when its lease expires")
+    finally:
+        local.give(slot)
+    if not local.stop.is_set():
+        ring_if_ready(settings)  # the slot is free again: start whatever waits
+    return status
+
+
+def enqueue_job(job_id: int, settings: Any = None) -> None:
+    """Ring the bell for a submitted job (called by the API after ``jobs.submit``). ``settings`` may be
+    left out in a process that runs the consumer."""
+    if settings is None:
+        if _local is None:
+            raise RuntimeError("enqueue_job needs settings in a process without a consumer")
+        settings = _local.settings
+    make_huey(settings).ring(job_id)  # type: ignore[attr-defined]
+
+
+def ring_if_ready(settings: Any = None) -> bool:
+    """Ring once if a queued job is ready now. Returns whether it rang."""
+    settings = settings if settings is not None else (_local.settings if _local else None)
+    ready_at = jobs.next_ready_at()
+    if settings is None or ready_at is None or ready_at > utcnow():
+        return False
+    make_huey(settings).ring(None)  # type: ignore[attr-defined]
+    return True
+
+
+def reconcile_and_ring(settings: Any) -> list[int]:
+    backoff = float(getattr(settings, "retry_backoff_seconds", jobs.DEFAULT_BACKOFF_S))
+    moved = jobs.reconcile(backoff_base=backoff)
+    if moved:
+        log.info("reconciled jobs %s", moved)
+    ring_if_ready(settings)
+    return moved
+
+
+class _ThreadConsumer(Consumer):
+    def _set_signal_handlers(self) -> None:
+        # Signals belong to the main thread (serve's waitress loop, or run_worker); it stops us.
+        pass
+
+
+@dataclasses.dataclass
+class ConsumerHandle:
+    huey: Huey
+    consumer: Consumer
+    thread: threading.Thread
+    ticker: threading.Thread
+    local: _Local
+    ticker_stop: threading.Event
+
+
+def start_consumer(settings: Any) -> ConsumerHandle:
+    """Run the queue consumer in background threads of this process: reconcile first, then serve
+    rings on this process's slots (``gpus`` / ``cpu_slots``)."""
+    global _local
+    huey = make_huey(settings)
+    slots = runner.local_slots(settings)
+    local = _Local(settings=settings, free=list(slots))
+    _local = local
+    workers = max(int(getattr(settings, "worker_threads", 4)), len(slots) + 1)
+    consumer = _ThreadConsumer(huey, workers=workers, periodic=False, initial_delay=0.05, backoff=1.5,
+                               max_delay=POLL_MAX_DELAY_S, worker_type="thread", check_worker_health=True)
+    try:
+        reconcile_and_ring(settings)
+    except Exception:
+        log.exception("reconcile at start failed")
+    thread = threading.Thread(target=consumer.run, name="huey-consumer", daemon=True)
+    thread.start()
+    ticker_stop = threading.Event()
+    every = float(getattr(settings, "reconcile_seconds", RECONCILE_EVERY_S))
+
+    def tick() -> None:
+        while not ticker_stop.is_set():
+            wait = every
+            try:
+                reconcile_and_ring(settings)
+                ready_at = jobs.next_ready_at()
+                if ready_at is not None:  # wake when a backed-off job becomes ready
+                    wait = min(every, max(0.05, (ready_at - utcnow()).total_seconds() + 0.05))
+            except Exception:
+                log.exception("reconcile failed")
+            ticker_stop.wait(wait)
+
+    ticker = threading.Thread(target=tick, name="job-reconciler", daemon=True)
+    ticker.start()
+    return ConsumerHandle(huey, consumer, thread, ticker, local, ticker_stop)
+
+
+def stop_consumer(handle: ConsumerHandle, timeout: float = 150.0) -> None:
+    """Stop taking work, SIGTERM running trainers (they checkpoint and their jobs are requeued without
+    using up an attempt), and wait up to ``timeout`` seconds for them to exit."""
+    global _local
+    handle.local.stop.set()
+    handle.ticker_stop.set()
+    handle.consumer.shutdown_timeout = timeout
+    handle.consumer.stop(graceful=True)
+    handle.thread.join(timeout)
+    handle.ticker.join(5)
+    if _local is handle.local:
+        _local = None
+
+
+def run_worker(settings: Any) -> None:
+    """The ``worker`` command: a consumer alone in this process until SIGINT/SIGTERM."""
+    handle = start_consumer(settings)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):
+        if not handle.thread.is_alive():
+            break
+    stop_consumer(handle)

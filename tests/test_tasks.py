@@ -1,0 +1,198 @@
+"""The real queue: a huey consumer in threads (as inside serve) or in its own process, real trainers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanochat_studio import jobs, tasks
+from nanochat_studio.models import TrainingJob
+from tests.test_jobs import REPO, alice, bob, settings, store  # noqa: F401  (fixtures)
+from tests.test_runner import fake_log, states, wait_for
+
+
+@pytest.fixture
+def consumer(settings):
+    handles = []
+
+    def start(s=None):
+        handle = tasks.start_consumer(s or settings)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        tasks.stop_consumer(handle, timeout=30)
+
+
+def status_of(job) -> str:
+    return TrainingJob.get_by_id(job.id).status
+
+
+def submit(user, settings, **config):
+    job = jobs.submit(user, {"depth": 1, "dataset": "demo", "max_steps": 6, "checkpoint_every": 3, **config},
+                      settings)
+    tasks.enqueue_job(job.id, settings)
+    return job
+
+
+def test_make_huey_picks_the_storage_from_the_queue_url(settings):
+    from huey import RedisHuey, SqliteHuey
+
+    assert isinstance(tasks.make_huey(settings), SqliteHuey)
+    assert tasks.make_huey(settings) is tasks.make_huey(settings)
+    redis = dataclasses.replace(settings, queue_url="redis://127.0.0.1:1/0")
+    assert isinstance(tasks.make_huey(redis), RedisHuey)
+    with pytest.raises(ValueError, match="queue_url"):
+        tasks.make_huey(dataclasses.replace(settings, queue_url="amqp://x"))
+
+
+def test_a_submitted_job_starts_within_two_seconds_and_completes(alice, settings, consumer):
+    consumer()
+    time.sleep(1.0)  # let the idle consumer back off to its longest poll
+    t0 = time.monotonic()
+    job = submit(alice, settings)
+    wait_for(lambda: fake_log(settings, job))
+    started = time.monotonic() - t0
+    wait_for(lambda: status_of(job) == "completed")
+    assert started < 2.0, f"submit to trainer start took {started:.2f} s"
+    assert states(job) == ["queued", "preparing", "running", "completed"]
+
+
+def test_jobs_wait_for_the_one_cpu_slot_and_run_one_at_a_time(alice, bob, settings, consumer):
+    consumer()
+    subs = [submit(alice, settings), submit(bob, settings), submit(alice, settings)]
+    for job in subs:
+        wait_for(lambda: status_of(job) == "completed", timeout=40)
+    spans = sorted((min(r["t"] for r in fake_log(settings, j)), max(r["t"] for r in fake_log(settings, j)))
+                   for j in subs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two trainers at once
+    assert [TrainingJob.get_by_id(j.id).attempt for j in subs] == [1, 1, 1]
+
+
+def test_stopping_the_consumer_checkpoints_and_requeues_without_using_an_attempt(alice, settings, consumer,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_S", "0.1")
+    handle = consumer()
+    job = submit(alice, settings, max_steps=60, checkpoint_every=50)
+    wait_for(lambda: (TrainingJob.get_by_id(job.id).progress or {}).get("step", 0) >= 3)
+    tasks.stop_consumer(handle, timeout=30)
+    job = TrainingJob.get_by_id(job.id)
+    assert job.status == "queued" and job.not_before is None and jobs.charged_failures(job.id) == 0
+    assert "the server shut down" in job.status_reason
+    first = fake_log(settings, job)
+    assert first[-1]["kind"] == "end" and first[-1]["rc"] == 75
+    monkeypatch.setenv("FAKE_STEP_S", "0.01")
+    consumer()  # the next start picks the job up again: reconcile at start rings
+    wait_for(lambda: status_of(job) == "completed", timeout=30)
+    begins = [r for r in fake_log(settings, job) if r["kind"] == "begin"]
+    assert begins[1]["resumed_from"] == first[-1]["step"]
+
+
+def test_a_killed_trainer_is_retried_after_its_back_off_by_the_consumer(alice, settings, consumer, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_S", "0.1")
+    consumer()
+    job = submit(alice, settings, max_steps=12, checkpoint_every=4)
+    wait_for(lambda: (TrainingJob.get_by_id(job.id).progress or {}).get("step", 0) >= 5)
+    os.kill(fake_log(settings, job)[0]["pid"], signal.SIGKILL)
+    wait_for(lambda: status_of(job) == "completed", timeout=30)
+    job = TrainingJob.get_by_id(job.id)
+    assert job.attempt == 2 and jobs.charged_failures(job.id) == 1
+    assert [r["resumed_from"] for r in fake_log(settings, job) if r["kind"] == "begin"] == [None, 4]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is not installed")
+def test_the_queue_can_live_in_redis(alice, settings, consumer, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        redis_settings = dataclasses.replace(settings, queue_url=f"redis://127.0.0.1:{port}/0")
+        wait_for(lambda: _answers(port), timeout=10)
+        consumer(redis_settings)
+        job = submit(alice, redis_settings)
+        wait_for(lambda: status_of(job) == "completed", timeout=30)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+# --- the serve process killed with kill -9 ---------------------------------------------------------------
+
+SERVE_LIKE = """
+import json, os, sys
+from tests.test_jobs import StudioSettings, open_store
+from nanochat_studio import tasks
+settings = StudioSettings(**json.loads(os.environ["NCS_TEST_SETTINGS"]))
+open_store(settings.database_url)
+print("consumer running", flush=True)
+tasks.run_worker(settings)
+"""
+
+
+def start_serve_like(settings, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, NCS_TEST_SETTINGS=json.dumps(dataclasses.asdict(settings)), PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-c", SERVE_LIKE], cwd=REPO, env=env, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_it_resumes_after_the_serve_process_is_killed(alice, settings, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_STEP_S", "0.1")
+    # A long lease on purpose: recovery must not wait for it (the dead holder's pid is noticed).
+    s = dataclasses.replace(settings, lease_seconds=60, retry_backoff_seconds=0.2)
+    first = start_serve_like(s, tmp_path / "serve1.log")
+    try:
+        job = submit(alice, s, max_steps=40, checkpoint_every=5)
+        wait_for(lambda: (TrainingJob.get_by_id(job.id).progress or {}).get("step", 0) >= 12, timeout=30)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        t_killed = time.time()
+        second = start_serve_like(s, tmp_path / "serve2.log")
+        try:
+            wait_for(lambda: status_of(job) == "completed", timeout=60)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    job = TrainingJob.get_by_id(job.id)
+    log = fake_log(s, job)
+    begins = [r for r in log if r["kind"] == "begin"]
+    assert len(begins) == 2 and all(b["lock_held"] for b in begins)
+    old, new = begins[0]["pid"], begins[1]["pid"]
+    old_end = [r for r in log if r["kind"] == "end" and r["pid"] == old]
+    assert old_end and old_end[0]["rc"] == 75  # it got SIGTERM when its supervisor died, and checkpointed
+    ckpt = begins[1]["resumed_from"]
+    assert ckpt == old_end[0]["step"] and ckpt >= 12
+    assert [r["step"] for r in log if r["kind"] == "step" and r["pid"] == new] == list(range(ckpt + 1, 41))
+    assert max(r["t"] for r in log if r["pid"] == old) < begins[1]["t"]  # one trainer at a time
+    assert begins[1]["t"] - t_killed < 15  # no waiting out the 60 s lease
+    assert job.attempt == 2 and "its worker process died" in " ".join(
+        e.data.get("reason", "") for e in jobs.events_since(job) if e.kind == "state")
+    trainers = (Path(s.runs_dir) / f"job-{job.id}" / "trainers.txt").read_text()
+    assert "attempt=1" in trainers and "attempt=2" in trainers
