@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urljoin, urlsplit
 
+import certifi
 import urllib3
 
 try:
@@ -118,7 +119,7 @@ class NetPolicy:
     resolve: Callable[[str, int], list[str]] = system_resolve
     is_public: Callable[[IPAddress], bool] = is_public_address
     allow_http: bool = False
-    ca_bundle: str | None = None  # None: the system's trust store
+    ca_bundle: str | None = None  # None: certifi's bundle, as requests uses (certifi comes with it)
 
 
 DEFAULT_POLICY = NetPolicy()
@@ -263,7 +264,7 @@ def _request(target: Target, deadline: float, policy: NetPolicy) -> urllib3.Base
         if target.scheme == "https":
             pool = urllib3.HTTPSConnectionPool(
                 address, target.port, timeout=timeout, retries=False, cert_reqs="CERT_REQUIRED",
-                ca_certs=policy.ca_bundle, server_hostname=target.host, assert_hostname=target.host)
+                ca_certs=policy.ca_bundle or certifi.where(), server_hostname=target.host, assert_hostname=target.host)
         else:
             pool = urllib3.HTTPConnectionPool(address, target.port, timeout=timeout, retries=False)
         headers = {"Host": target.host_header, "User-Agent": "nanochat-studio dataset fetcher",

@@ -255,7 +255,7 @@ def test_the_certificate_is_checked_against_the_original_name(https_server, tls_
     port = https_server.server_address[1]
     with pytest.raises(FetchFailed, match="TLS"):
         download(f"https://other.test:{port}/data", tmp_path / "d", settings(), policy=seam(tls_files))
-    with pytest.raises(FetchFailed, match="TLS"):  # the system trust store does not know the test CA
+    with pytest.raises(FetchFailed, match="TLS"):  # the default (certifi) bundle does not know the test CA
         download(f"https://public.test:{port}/data", tmp_path / "d", settings(),
                  policy=NetPolicy(resolve=seam(tls_files).resolve, is_public=seam(tls_files).is_public))
 
