@@ -7,10 +7,13 @@ import hashlib
 import re
 from pathlib import Path
 
-from tests.test_auth import REMOTE, login, make_app, register  # noqa: F401 - make_app is a fixture
-
 from nanochat_studio import auth
 from nanochat_studio.models import ApiKey, User
+from tests.test_auth import (
+    REMOTE,
+    make_app_fixture,  # noqa: F401 - the make_app fixture
+    register,
+)
 
 KEY_RE = re.compile(r'value="(ncs_[A-Za-z0-9_-]{20,})"')
 

@@ -9,7 +9,7 @@ import pytest
 from flask import Blueprint, jsonify
 from flask_login import current_user
 
-from nanochat_studio import auth
+from nanochat_studio import accounts, auth
 from nanochat_studio.app import create_app
 from nanochat_studio.auth import admin_required, api_key_required, login_required
 from nanochat_studio.models import AppState, User
@@ -46,8 +46,8 @@ def probe_admin():
     return "admins only"
 
 
-@pytest.fixture
-def make_app(tmp_path):
+@pytest.fixture(name="make_app")
+def make_app_fixture(tmp_path):
     """An app over a fresh SQLite file in a temporary home; ``csrf`` as in production when True."""
 
     def make(mode: str = "solo", csrf: bool = False, **overrides):
@@ -66,7 +66,8 @@ def register(client, email, password=PASSWORD, name="", environ_base=None, **fie
 
 
 def login(client, email, password=PASSWORD, environ_base=None, **fields):
-    return client.post("/account/login", data={"email": email, "password": password, **fields}, environ_base=environ_base or {})
+    data = {"email": email, "password": password, **fields}
+    return client.post("/account/login", data=data, environ_base=environ_base or {})
 
 
 def whoami(client, **kwargs):
@@ -168,7 +169,7 @@ def test_the_first_account_becomes_admin_and_later_ones_do_not(make_app, mode):
     alice, bob = User.get(User.email == "alice@example.com"), User.get(User.email == "bob@example.com")
     assert alice.is_admin and alice.is_approved
     assert not bob.is_admin
-    assert AppState.get_by_id(auth.FIRST_ADMIN_KEY).value == alice.id
+    assert AppState.get_by_id(accounts.FIRST_ADMIN_KEY).value == alice.id
 
 
 def test_only_one_of_simultaneous_first_sign_ups_becomes_admin(make_app):
@@ -179,7 +180,7 @@ def test_only_one_of_simultaneous_first_sign_ups_becomes_admin(make_app):
     def sign_up(i):
         barrier.wait()
         try:
-            auth.register_user(f"user{i}@example.com", PASSWORD, mode="hosted")
+            accounts.register_user(f"user{i}@example.com", PASSWORD, mode="hosted")
         except Exception as exc:  # noqa: BLE001 - reported below
             failures.append(exc)
 
@@ -256,10 +257,10 @@ def test_solo_mode_makes_the_local_machine_the_owner_without_sign_in(make_app):
     client = make_app("solo").test_client()
     response = client.get("/api/probe/me")
     assert response.status_code == 200 and response.json["admin"] is True
-    owner_id = AppState.get_by_id(auth.SOLO_OWNER_KEY).value
+    owner_id = AppState.get_by_id(accounts.SOLO_OWNER_KEY).value
     assert response.json["id"] == owner_id
     assert client.get("/api/probe/me").json["id"] == owner_id  # the same owner, not a new one
-    assert auth.solo_owner().id == owner_id
+    assert accounts.solo_owner().id == owner_id
     assert User.select().count() == 1
 
 
@@ -296,10 +297,11 @@ def test_solo_owner_sets_a_password_to_sign_in_from_elsewhere(make_app):
     assert local.post("/account/profile", data=form).status_code == 302
 
     login(remote, "owner@example.com", environ_base=REMOTE)
-    assert remote.get("/api/probe/me", environ_base=REMOTE).json["id"] == auth.solo_owner().id
+    assert remote.get("/api/probe/me", environ_base=REMOTE).json["id"] == accounts.solo_owner().id
 
     # Changing it later needs the current one.
-    response = local.post("/account/profile", data={"new_password": "another password!", "confirm": "another password!"})
+    change = {"new_password": "another password!", "confirm": "another password!"}
+    response = local.post("/account/profile", data=change)
     assert response.status_code == 400 and "The current password is wrong." in page_text(response)
 
 

@@ -21,7 +21,12 @@ from tests.oauth_provider import (
     FakeProvider,
     signing_key,
 )
-from tests.test_auth import login, make_app, register, whoami  # noqa: F401 - make_app is a fixture
+from tests.test_auth import (
+    login,
+    make_app_fixture,  # noqa: F401 - the make_app fixture
+    register,
+    whoami,
+)
 
 CALLBACKS = {name: [f"http://localhost/account/oauth/{name}/callback"] for name in ("github", "google")}
 
@@ -84,13 +89,13 @@ def flashed(client) -> str:
 @pytest.mark.parametrize("name", ["github", "google"])
 def test_sign_in_creates_an_account_keyed_by_provider_and_id(studio, provider, name):
     client = studio().test_client()
-    provider.account = FakeAccount(id="4242", email="Octo@Example.com", email_verified=True, name="Octo Cat", login="octo")
+    provider.account = FakeAccount(id="4242", email="Octo@Example.com", email_verified=True, name="Octo", login="octo")
 
     response = sign_in_with(client, provider, name)
     assert response.status_code == 302 and response.headers["Location"] == "/"
     assert whoami(client) == "octo@example.com"
     user = User.get()
-    assert (user.oauth_provider, user.oauth_id, user.name) == (name, "4242", "Octo Cat")
+    assert (user.oauth_provider, user.oauth_id, user.name) == (name, "4242", "Octo")
     assert user.password_hash is None and user.is_admin  # the first account of a hosted install
 
     # The authorization request used state and PKCE S256.
@@ -102,7 +107,7 @@ def test_sign_in_creates_an_account_keyed_by_provider_and_id(studio, provider, n
 
     # Signing in again finds the same account, even when the provider's email changed.
     client.post("/account/logout")
-    provider.account = FakeAccount(id="4242", email="new@example.com", email_verified=True, name="Octo Cat")
+    provider.account = FakeAccount(id="4242", email="new@example.com", email_verified=True, name="Octo")
     sign_in_with(client, provider, name)
     assert whoami(client) == "octo@example.com"
     assert User.select().count() == 1
@@ -233,7 +238,8 @@ def test_a_provider_error_with_a_description_is_shown(studio, provider):
     client = studio().test_client()
     client.get("/account/oauth/github/login")
     state = parse_qs(urlsplit(client.get("/account/oauth/github/login").headers["Location"]).query)["state"][0]
-    response = client.get(f"/account/oauth/github/callback?error=server_error&error_description=Try+later&state={state}")
+    query = urlencode({"error": "server_error", "error_description": "Try later", "state": state})
+    response = client.get(f"/account/oauth/github/callback?{query}")
     assert response.headers["Location"] == "/account/login"
     assert "GitHub sign-in failed: Try later" in flashed(client)
 

@@ -1,6 +1,7 @@
 """Account pages: sign in and out, sign up, GitHub/Google sign-in, profile with API keys, admin's user list.
 
-The rules live in ``auth.py``; these views turn forms into calls and ``AccountError`` into form errors.
+The rules live in ``accounts.py`` and ``auth.py``; these views turn forms into calls and
+``AccountError`` into form errors.
 """
 
 from __future__ import annotations
@@ -13,23 +14,25 @@ from flask_wtf import FlaskForm
 from wtforms import HiddenField, PasswordField, StringField
 from wtforms.validators import EqualTo, InputRequired, Length, Optional
 
-from .. import auth
-from ..auth import AccountError, admin_required, login_required
+from .. import accounts, auth
+from ..accounts import AccountError
+from ..auth import admin_required, login_required
 from ..errors import BadRequest, NotFound
 from ..models import ApiKey, User
 
 bp = Blueprint("account", __name__, url_prefix="/account")
 
+_DIFFER = "The passwords differ."
 _PASSWORD_LENGTH = Length(
-    min=auth.PASSWORD_MIN_LENGTH,
-    max=auth.PASSWORD_MAX_LENGTH,
-    message=f"Use {auth.PASSWORD_MIN_LENGTH} to {auth.PASSWORD_MAX_LENGTH} characters.",
+    min=accounts.PASSWORD_MIN_LENGTH,
+    max=accounts.PASSWORD_MAX_LENGTH,
+    message=f"Use {accounts.PASSWORD_MIN_LENGTH} to {accounts.PASSWORD_MAX_LENGTH} characters.",
 )
 
 
 class LoginForm(FlaskForm):
     email = StringField("Email", validators=[InputRequired(), Length(max=320)])
-    password = PasswordField("Password", validators=[InputRequired(), Length(max=auth.PASSWORD_MAX_LENGTH)])
+    password = PasswordField("Password", validators=[InputRequired(), Length(max=accounts.PASSWORD_MAX_LENGTH)])
     next = HiddenField()
 
 
@@ -37,7 +40,7 @@ class RegisterForm(FlaskForm):
     email = StringField("Email", validators=[InputRequired(), Length(max=320)])
     name = StringField("Name (optional)", validators=[Optional(), Length(max=120)])
     password = PasswordField("Password", validators=[InputRequired(), _PASSWORD_LENGTH])
-    confirm = PasswordField("Password again", validators=[InputRequired(), EqualTo("password", "The passwords differ.")])
+    confirm = PasswordField("Password again", validators=[InputRequired(), EqualTo("password", _DIFFER)])
     invite = HiddenField()
     next = HiddenField()
 
@@ -47,7 +50,7 @@ class ProfileForm(FlaskForm):
     name = StringField("Name", validators=[Optional(), Length(max=120)])
     current_password = PasswordField("Current password", validators=[Optional()])
     new_password = PasswordField("New password", validators=[Optional(), _PASSWORD_LENGTH])
-    confirm = PasswordField("New password again", validators=[EqualTo("new_password", "The passwords differ.")])
+    confirm = PasswordField("New password again", validators=[EqualTo("new_password", _DIFFER)])
 
 
 class KeyForm(FlaskForm):
@@ -92,7 +95,7 @@ def login() -> Any:
     error = None
     if form.validate_on_submit():
         try:
-            user = auth.authenticate(form.email.data, form.password.data)
+            user = accounts.authenticate(form.email.data, form.password.data)
             auth.sign_in(user)
             return redirect(target)
         except AccountError as exc:
@@ -122,7 +125,7 @@ def register() -> Any:
     error = None
     if form.validate_on_submit():
         try:
-            user = auth.register_user(
+            user = accounts.register_user(
                 form.email.data, form.password.data, form.name.data or "", mode=mode, invite=form.invite.data or None
             )
         except AccountError as exc:
@@ -177,11 +180,11 @@ def oauth_callback(provider: str) -> Any:
         linking = current_user._get_current_object()
     try:
         identity = auth.fetch_identity(provider, client)
-        user = auth.sign_in_identity(identity, mode=_mode(), linking=linking, invite=invite)
+        user = accounts.sign_in_identity(identity, mode=_mode(), linking=linking, invite=invite)
     except AccountError as exc:
         flash(str(exc), "error")
         return redirect(url_for("account.profile" if linking else "account.login"))
-    label = auth.PROVIDER_LABELS[provider]
+    label = accounts.PROVIDER_LABELS[provider]
     if linking is not None:
         flash(f"{label} is now linked to your account.", "info")
         return redirect(url_for("account.profile"))
@@ -206,7 +209,7 @@ def _render_profile(new_key: str | None = None, key_form: KeyForm | None = None,
         profile_form=profile_form,
         action_form=ActionForm(formdata=None),
         error=error,
-        provider_label=auth.PROVIDER_LABELS.get(user.oauth_provider or "", user.oauth_provider),
+        provider_label=accounts.PROVIDER_LABELS.get(user.oauth_provider or "", user.oauth_provider),
         providers=auth.enabled_providers(),
     )
     headers = {"Cache-Control": "no-store"} if new_key else {}
@@ -228,9 +231,9 @@ def update_profile() -> Any:
     user = current_user._get_current_object()
     try:
         if form.email.data and form.email.data.strip().lower() != (user.email or ""):
-            auth.set_email(user, form.email.data)
+            accounts.set_email(user, form.email.data)
         if form.new_password.data:
-            auth.set_password(user, form.new_password.data, form.current_password.data)
+            accounts.set_password(user, form.new_password.data, form.current_password.data)
     except AccountError as exc:
         return _render_profile(profile_form=form, error=str(exc), status=400)
     name = (form.name.data or "").strip()
@@ -308,5 +311,5 @@ def promote_user(user_id: int) -> Any:
 @admin_required
 def create_invite() -> Any:
     _require_form(ActionForm())
-    token = auth.create_invite(current_user._get_current_object())
+    token = accounts.create_invite(current_user._get_current_object())
     return _render_admin(invite_link=_external("account.register", invite=token), status=201)
