@@ -299,6 +299,15 @@ def _recorded(data_dir: Path, source: str, sha256: str | None, path: Path) -> bo
     return rec.get("source") == source and path.is_file() and (sha256 is None or rec.get("sha256") == sha256)
 
 
+def recorded_source(run_dir: str | os.PathLike) -> dict | None:
+    """What :func:`resolve_for_training` noted about the bytes it prepared in ``run_dir``:
+    ``{"source", "sha256", "size"}`` (uploads and https files), or None (demo, s3, server paths)."""
+    try:
+        return json.loads((Path(run_dir) / "data" / "source.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def _record(data_dir: Path, source: str, sha256: str, size: int) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = data_dir / "source.json.tmp"

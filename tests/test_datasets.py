@@ -127,7 +127,8 @@ def test_uploads_round_trip_through_s3_storage(alice, settings, s3_server, tmp_p
     data, options = resolve_for_training(job_for(alice, f"ds:{ds.id}"), settings, tmp_path / "run")
     assert (data, options) == (str(tmp_path / "run" / "data" / "s3.txt"), None)
     assert open(data, "rb").read() == TEXT
-    assert json.loads((tmp_path / "run" / "data" / "source.json").read_text())["sha256"] == ds.sha256
+    assert datasets.recorded_source(tmp_path / "run") == {"source": f"ds:{ds.id}", "sha256": ds.sha256,
+                                                          "size": len(TEXT)}
     datasets.delete_dataset(alice, ds.id, settings)
     assert not Storage.from_settings(settings).exists(ds.storage_key)
 
@@ -216,6 +217,7 @@ def test_an_https_dataset_is_downloaded_once_into_the_run_dir(alice, settings, h
     fetched = len(https_server.hits) - before
     assert resolve_for_training(job, settings, tmp_path / "run", policy=seam(tls_files))[0] == data
     assert len(https_server.hits) - before == fetched  # a retried attempt reuses the bytes it trained on
+    assert datasets.recorded_source(tmp_path / "run")["sha256"] == hashlib.sha256(BODY).hexdigest()
     with pytest.raises(URLRefused):  # and without the test seam the loopback server is refused
         resolve_for_training(job_for(alice, f"https://127.0.0.1:{port}/data"), settings, tmp_path / "run2")
 
