@@ -1,0 +1,104 @@
+"""trainer.sizing: shapes, counts, FLOPs and memory, checked against the real torch model."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer import sizing
+from trainer.sizing import ModelShape, shape_for
+
+
+def test_depth_sets_width_in_whole_heads():
+    s = shape_for(2, 512, 64)
+    assert (s.n_layer, s.n_embd, s.head_dim, s.n_head, s.n_kv_head) == (2, 128, 64, 2, 2)
+    s = shape_for(12, 65536, 2048)  # 768 wide: GPU-sized, heads of 128
+    assert (s.n_embd, s.head_dim, s.n_head) == (768, 128, 6)
+    s = shape_for(20, 65536, 2048)
+    assert (s.n_embd, s.n_head) == (1280, 10)
+    s = shape_for(13, 65536, 2048)  # 832 is not a multiple of 128: round up
+    assert (s.n_embd, s.n_head) == (896, 7)
+    s = shape_for(3, 512, 64, head_dim=32)
+    assert (s.n_embd, s.n_head) == (192, 6)
+
+
+def test_gqa_option_must_divide_the_heads():
+    assert shape_for(4, 512, 64, n_kv_head=2).n_kv_head == 2
+    with pytest.raises(ValueError, match="n_kv_head"):
+        shape_for(4, 512, 64, n_kv_head=3)
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    (dict(depth=0, vocab_size=512, seq_len=64), "depth"),
+    (dict(depth=65, vocab_size=512, seq_len=64), "depth"),
+    (dict(depth=2.0, vocab_size=512, seq_len=64), "depth"),
+    (dict(depth=2, vocab_size=256, seq_len=64), "vocab_size"),
+    (dict(depth=2, vocab_size=512, seq_len=0), "seq_len"),
+    (dict(depth=2, vocab_size=512, seq_len=64, head_dim=63), "head_dim"),
+])
+def test_bad_shapes_are_refused_by_name(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        shape_for(**kwargs)
+
+
+def test_shape_is_frozen_and_serialisable():
+    s = shape_for(2, 512, 64)
+    assert s.to_dict()["n_embd"] == 128
+    assert ModelShape(**s.to_dict()) == s
+    with pytest.raises(Exception):
+        s.depth = 3
+
+
+@pytest.mark.parametrize("depth,kv", [(1, None), (2, None), (3, None), (4, 2), (4, 1), (6, 3)])
+def test_param_counts_equal_the_torch_model(depth, kv):
+    pytest.importorskip("torch")
+    from trainer.model import GPT, GPTConfig
+
+    s = shape_for(depth, 300, 32, n_kv_head=kv)
+    model = GPT(GPTConfig.from_shape(s))
+    counts = sizing.param_counts(s)
+    assert counts["embedding"] == model.wte.weight.numel()
+    assert counts["lm_head"] == model.lm_head.weight.numel()
+    assert counts["blocks"] == sum(p.numel() for p in model.blocks.parameters())
+    assert counts["total"] == model.num_params()
+    assert model.flops_per_token() == sizing.flops_per_token(s)
+
+
+def test_flops_follow_the_palm_convention():
+    s = shape_for(4, 8192, 256)
+    c = sizing.param_counts(s)
+    expected = 6 * (c["total"] - c["embedding"]) + 12 * 4 * 4 * 64 * 256
+    assert sizing.flops_per_token(s) == expected
+    assert sizing.flops_per_token(shape_for(4, 8192, 512)) > expected  # longer context, more attention
+
+
+def test_memory_grows_with_depth_and_batch_and_counts_the_logits():
+    small = sizing.memory_estimate(shape_for(4, 8192, 256), 8)
+    deeper = sizing.memory_estimate(shape_for(8, 8192, 256), 8)
+    bigger_batch = sizing.memory_estimate(shape_for(4, 8192, 256), 16)
+    assert deeper["total"] > small["total"] and deeper["weights"] > small["weights"]
+    assert bigger_batch["activations"] > small["activations"]
+    assert bigger_batch["weights"] == small["weights"]
+    # the float32 logits alone are B*T*V*4 bytes, and they are part of the activations
+    assert small["logits"] >= 8 * 256 * 8192 * 4
+    assert small["activations"] > small["logits"]
+    assert small["total"] == sum(small[k] for k in ("weights", "grads", "optimizer", "activations"))
+    cuda = sizing.memory_estimate(shape_for(4, 8192, 256), 8, device_kind="cuda")
+    compiled = sizing.memory_estimate(shape_for(4, 8192, 256), 8, compiled=True)
+    assert cuda["activations"] < small["activations"] and compiled["activations"] < small["activations"]
+    with pytest.raises(ValueError, match="device_kind"):
+        sizing.memory_estimate(shape_for(4, 8192, 256), 8, device_kind="tpu")
+
+
+def test_default_training_tokens_is_twenty_per_parameter():
+    assert sizing.default_training_tokens(1_000_000) == 20_000_000
+    assert sizing.default_training_tokens(1000, tokens_per_param=10) == 10_000
+
+
+def test_sizing_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; import trainer.sizing as s; "
+            "print(s.param_counts(s.shape_for(2, 512, 64))['total'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert int(out.stdout) > 0
