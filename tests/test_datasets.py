@@ -9,7 +9,6 @@ import gzip
 import hashlib
 import http.server
 import io
-import json
 import threading
 from types import SimpleNamespace
 
