@@ -17,8 +17,9 @@ from typing import Any, Iterable
 
 import peewee as pw
 
+from . import datasets
 from .db import database
-from .models import Dataset, JobEvent, TrainingJob, User, utcnow
+from .models import JobEvent, TrainingJob, User, utcnow
 
 QUEUED, PREPARING, RUNNING = "queued", "preparing", "running"
 COMPLETED, FAILED, CANCELLED, INTERRUPTED = "completed", "failed", "cancelled", "interrupted"
@@ -131,23 +132,26 @@ _INT_KEYS = {
     "seed": (0, 2**31 - 1),
     "gpus": (1, 64),
 }
-_STR_KEYS = {"dataset": 4096, "name": 120}
+_STR_KEYS = {"name": 120}
 _REQUIRED = ("depth", "dataset")
 
 
-def validate_config(config: Any, user: User | None = None, settings: Any = None) -> dict[str, Any]:
-    """The config as the trainer will get it, or :class:`JobConfigError` saying what is wrong."""
+def validate_config(config: Any, user: User, settings: Any) -> dict[str, Any]:
+    """The config as the trainer will get it, or :class:`JobConfigError` saying what is wrong (the
+    dataset's own errors come from datasets.validate_spec: 400, 403 for a server path, 404)."""
     if not isinstance(config, dict):
         raise JobConfigError("the job config must be a JSON object")
-    unknown = sorted(set(config) - set(_INT_KEYS) - set(_STR_KEYS))
+    unknown = sorted(set(config) - set(_INT_KEYS) - set(_STR_KEYS) - {"dataset"})
     if unknown:
-        allowed = ", ".join(sorted([*_INT_KEYS, *_STR_KEYS]))
+        allowed = ", ".join(sorted([*_INT_KEYS, *_STR_KEYS, "dataset"]))
         raise JobConfigError(f"unknown config key(s): {', '.join(unknown)} (allowed: {allowed})")
     for key in _REQUIRED:
         if key not in config:
             raise JobConfigError(f"'{key}' is required")
     clean: dict[str, Any] = {}
     for key, value in config.items():
+        if key == "dataset":
+            continue
         if key in _INT_KEYS:
             lo, hi = _INT_KEYS[key]
             if isinstance(value, bool) or not isinstance(value, int):
@@ -163,49 +167,16 @@ def validate_config(config: Any, user: User | None = None, settings: Any = None)
         clean[key] = value
     if "checkpoint_every" in clean and "max_steps" in clean and clean["checkpoint_every"] > clean["max_steps"]:
         raise JobConfigError("'checkpoint_every' cannot exceed 'max_steps'")
-    clean["dataset"] = _validate_dataset(clean["dataset"], user, settings)
+    # datasets.py owns what a dataset may be (and the URL guard); it answers a normalised spec dict.
+    clean["dataset"] = datasets.validate_spec(config["dataset"], user, settings)
     return clean
-
-
-def _validate_dataset(value: str, user: User | None, settings: Any) -> str:
-    # Only the shape is checked here; fetch.py enforces the URL security boundary when it downloads.
-    if value == "demo":
-        return value
-    if value.startswith("https://"):
-        if len(value) <= len("https://") or " " in value:
-            raise JobConfigError("'dataset' is not a valid https URL")
-        return value
-    if value.startswith("http://"):
-        raise JobConfigError("'dataset' URLs must use https")
-    if value.startswith("s3://"):
-        if len(value) <= len("s3://"):
-            raise JobConfigError("'dataset' s3:// prefix lacks a bucket")
-        return value
-    if value.startswith("ds:"):
-        ds_id = value[3:]
-        if not ds_id.isdigit():
-            raise JobConfigError("'dataset' ds:<id> needs a numeric dataset id")
-        query = Dataset.select().where(Dataset.id == int(ds_id))
-        if user is not None:
-            query = query.where(Dataset.user == user)
-        if not query.exists():
-            raise JobConfigError(f"no uploaded dataset with id {ds_id}")
-        return value
-    if value.startswith("/"):
-        allowed = bool(getattr(settings, "allow_server_paths", False)) or bool(user and user.is_admin)
-        if not allowed:
-            raise JobConfigError("server paths as datasets are only allowed in solo mode or for admins")
-        if not os.path.exists(value):
-            raise JobConfigError(f"server path {value} does not exist")
-        return os.path.normpath(value)
-    raise JobConfigError("'dataset' must be \"demo\", an https:// URL, an s3:// prefix, "
-                         "an uploaded dataset id \"ds:<id>\" or an absolute server path")
 
 
 def submit(user: User, config: dict[str, Any], settings: Any) -> TrainingJob:
     """Validate ``config`` and queue a job for ``user``.
 
-    Raises JobConfigError (400) or JobLimitError (429: too many queued jobs). The caller enqueues
+    Raises JobConfigError (400), datasets' errors for the dataset (DatasetError 400, Forbidden 403,
+    NotFound 404, fetch.URLRefused 400) or JobLimitError (429: too many queued jobs). The caller enqueues
     the bell (``tasks.enqueue_job(job.id)``) after this returns.
     """
     clean = validate_config(config, user, settings)

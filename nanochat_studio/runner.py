@@ -28,11 +28,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import peewee as pw
+
 from trainer import progress
 
-from . import jobs
+from . import datasets, jobs
 from .db import database
-from .models import Dataset, Model, TrainingJob
+from .models import Model, TrainingJob
 
 log = logging.getLogger(__name__)
 
@@ -186,26 +188,6 @@ def _storage(settings: Any):
     return Storage.from_settings(settings)
 
 
-def resolve_data(job: TrainingJob, settings: Any, run_dir: Path) -> tuple[str, str]:
-    """(what the trainer's ``data`` should be, its sha256 when known). https URLs are fetched through
-    fetch.py's guard into RUN_DIR/data once; uploads are local copies from storage; ``demo``, server
-    paths and ``s3://`` prefixes go to the trainer as they are. Raises fetch's errors (status 4xx)."""
-    dataset = job.config["dataset"]
-    if dataset.startswith("https://"):
-        from . import fetch
-
-        dest = run_dir / "data" / "source"
-        if not dest.exists():  # an earlier attempt already fetched it
-            fetched = fetch.download(dataset, dest, settings)
-            (run_dir / "data" / "source.sha256").write_text(fetched.sha256)
-        return str(dest), (run_dir / "data" / "source.sha256").read_text().strip()
-    if dataset.startswith("ds:"):
-        ds = Dataset.get_by_id(int(dataset[3:]))
-        store = _storage(settings)
-        return (store.local_path(ds.storage_key) if store else ds.storage_key), ds.sha256
-    return dataset, ""
-
-
 class _Supervisor:
     def __init__(self, job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None,
                  stop: threading.Event | None):
@@ -284,18 +266,22 @@ class _Supervisor:
     def _run_locked(self, lock_fd: int, log_path: Path) -> str | None:
         job = self.job
         try:
-            data, sha = resolve_data(job, self.settings, self.run_dir)
+            data, storage_options = datasets.resolve_for_training(job, self.settings, self.run_dir)
         except Exception as exc:  # fetch's errors carry an HTTP status: 4xx is the user's to fix
             status = getattr(exc, "status", None)
             outcome = "user_error" if isinstance(status, int) and 400 <= status < 500 else "infrastructure"
             return jobs.finish(job.id, self.attempt, outcome, reason=f"preparing the data failed: {exc}",
                                backoff_base=self.backoff)
-        self.facts["data_sha256"] = sha
+        self.facts["data_sha256"] = (datasets.recorded_source(self.run_dir) or {}).get("sha256", "")
         config = {k: v for k, v in job.config.items() if k not in ("dataset", "gpus")}
-        config.update(data=data, device=self.slot.device, job_id=job.id)
+        config.update(data=data, device=self.slot.device, job_id=job.id, name=job.name)
+        if storage_options:
+            config["storage_options"] = storage_options  # may hold the user's S3 secret: a 0600 file
         config_path = self.run_dir / "job.json"
         tmp = config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(config, indent=2))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(config, fh, indent=2)
         os.replace(tmp, config_path)
         if self.cancel_requested():
             return jobs.finish(job.id, self.attempt, "cancelled", reason="cancelled while preparing")
@@ -317,7 +303,19 @@ class _Supervisor:
                                    backoff_base=self.backoff)
             with open(self.run_dir / "trainers.txt", "a") as fh:
                 fh.write(f"{job.id} attempt={self.attempt} pid={proc.pid} start={time.time():.3f}\n")
-            rc, term_reason = self._supervise(proc, tail)
+            try:
+                rc, term_reason = self._supervise(proc, tail)
+            except BaseException:
+                # Never leave a trainer running unsupervised: stop it (it checkpoints), then let the
+                # reconciler requeue the job once our lease runs out.
+                log.exception("supervising job %s failed; stopping its trainer", job.id)
+                signal_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(float(getattr(self.settings, "term_grace_seconds", 120)))
+                except subprocess.TimeoutExpired:
+                    signal_group(proc, signal.SIGKILL)
+                    proc.wait()
+                raise
         return self._conclude(rc, term_reason)
 
     def _read_lines(self, tail: Any) -> bool:
@@ -329,44 +327,63 @@ class _Supervisor:
             if not raw.endswith(b"\n"):
                 tail.seek(pos)  # a partial line: the trainer is still writing it
                 return got
-            got = True
             record = progress.parse_line(raw)
             if record is not None:
-                self.handle(record)
+                try:
+                    self.handle(record)
+                except BaseException:
+                    tail.seek(pos)  # handle this line again once the database answers
+                    raise
+            got = True
 
     def _supervise(self, proc: subprocess.Popen, tail: Any) -> tuple[int, str | None]:
         term_reason: str | None = None
         term_at = 0.0
         grace = float(getattr(self.settings, "term_grace_seconds", 120))
         next_poll = 0.0
+        db_errors = 0
         while True:
             exited = proc.poll() is not None
-            if not self._read_lines(tail) and not exited:
-                self.stop.wait(0.1) if term_reason is None else time.sleep(0.1)
-            if exited:
-                self._read_lines(tail)  # whatever it wrote last
-                break
-            now = time.monotonic()
-            if term_reason is None:
-                if not self.beat():
-                    term_reason = "fenced"
-                elif self.stop.is_set():
-                    term_reason = "shutdown"
-                elif now >= next_poll:
-                    next_poll = now + 0.5
-                    if self.cancel_requested():
-                        term_reason = "cancel"
-                if term_reason is not None:
-                    term_at = now
-                    signal_group(proc, signal.SIGTERM)
-            elif now - term_at > grace:
-                signal_group(proc, signal.SIGKILL)
-            elif term_reason != "fenced":
-                self.beat()  # keep the lease while the trainer checkpoints
+            try:
+                if not self._read_lines(tail) and not exited:
+                    self.stop.wait(0.1) if term_reason is None else time.sleep(0.1)
+                if exited:
+                    self._read_lines(tail)  # whatever it wrote last
+                    break
+                term_reason, term_at, next_poll = self._check(proc, term_reason, term_at, next_poll, grace)
+                db_errors = 0
+            except pw.DatabaseError as exc:
+                # A database restart or a network blip: the trainer keeps training; we retry. If it lasts
+                # past our lease, another worker takes the job and our next heartbeat fences us out.
+                db_errors += 1
+                log.warning("job %s: database error while supervising (%s); retrying", self.job.id, exc)
+                time.sleep(min(5.0, 0.2 * db_errors))
         rc = proc.wait()
         with open(self.run_dir / "trainers.txt", "a") as fh:
             fh.write(f"{self.job.id} attempt={self.attempt} pid={proc.pid} end={time.time():.3f} rc={rc}\n")
         return rc, term_reason
+
+    def _check(self, proc: subprocess.Popen, term_reason: str | None, term_at: float, next_poll: float,
+               grace: float) -> tuple[str | None, float, float]:
+        """Heartbeat, cancel, shutdown and the SIGKILL deadline; returns the updated loop state."""
+        now = time.monotonic()
+        if term_reason is None:
+            if not self.beat():
+                term_reason = "fenced"
+            elif self.stop.is_set():
+                term_reason = "shutdown"
+            elif now >= next_poll:
+                next_poll = now + 0.5
+                if self.cancel_requested():
+                    term_reason = "cancel"
+            if term_reason is not None:
+                term_at = now
+                signal_group(proc, signal.SIGTERM)
+        elif now - term_at > grace:
+            signal_group(proc, signal.SIGKILL)
+        elif term_reason != "fenced":
+            self.beat()  # keep the lease while the trainer checkpoints
+        return term_reason, term_at, next_poll
 
     def _conclude(self, rc: int, term_reason: str | None) -> str | None:
         job_id, attempt = self.job.id, self.attempt
@@ -437,7 +454,7 @@ class _Supervisor:
             metrics={"final_loss": done.get("final_loss", self.progress.get("loss")),
                      "final_val_bpb": done.get("final_val_bpb", self.progress.get("val_bpb")),
                      "steps": step, "elapsed_s": done.get("elapsed_s")},
-            samples=self.facts.get("samples") or [], data_source=job.config.get("dataset", ""),
+            samples=self.facts.get("samples") or [], data_source=datasets.describe_spec(job.config.get("dataset")),
             data_sha256=str(self.facts.get("data_sha256") or start.get("data_sha256") or ""),
             size_bytes=sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()),
         )

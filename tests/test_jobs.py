@@ -28,6 +28,9 @@ class StudioSettings:
     database_url: str
     storage_url: str
     storage_options: dict = dataclasses.field(default_factory=dict)
+    allow_private_urls: bool = False
+    url_max_bytes: int = 10 << 20
+    url_timeout_s: float = 30
     lease_seconds: float = 30
     max_attempts: int = 3
     cpu_slots: int = 1
@@ -90,12 +93,9 @@ def _submit(user, settings, **config):
     ({"depth": "2", "dataset": "demo"}, "'depth' must be an integer"),
     ({"depth": True, "dataset": "demo"}, "'depth' must be an integer"),
     ({"depth": 2, "dataset": "demo", "lr": 0.1}, "unknown config key(s): lr"),
-    ({"depth": 2, "dataset": "http://example.com/a.txt"}, "must use https"),
-    ({"depth": 2, "dataset": "ftp://x"}, "'dataset' must be"),
-    ({"depth": 2, "dataset": "ds:999"}, "no uploaded dataset with id 999"),
-    ({"depth": 2, "dataset": "/no/such/file.txt"}, "does not exist"),
     ({"depth": 2, "dataset": "demo", "max_steps": 5, "checkpoint_every": 10}, "cannot exceed"),
     ({"depth": 2, "dataset": "demo", "name": 5}, "'name' must be a string"),
+    ([1, 2], "must be a JSON object"),
 ])
 def test_submit_refuses_a_bad_config_with_a_clear_message(alice, settings, config, message):
     with pytest.raises(jobs.JobConfigError) as err:
@@ -105,15 +105,31 @@ def test_submit_refuses_a_bad_config_with_a_clear_message(alice, settings, confi
     assert TrainingJob.select().count() == 0
 
 
+@pytest.mark.parametrize("dataset, status, message", [
+    ("http://example.com/a.txt", 400, "only https:// URLs"),
+    ("https://127.0.0.1/corpus.txt", 400, "loopback"),
+    ("ftp://x", 400, "is not a dataset"),
+    ("ds:999", 404, "no dataset 999"),
+    ("/no/such/file.txt", 400, "does not exist"),
+])
+def test_submit_refuses_a_bad_dataset_with_the_dataset_rules(alice, settings, dataset, status, message):
+    with pytest.raises(Exception) as err:
+        jobs.submit(alice, {"depth": 2, "dataset": dataset}, settings)
+    assert err.value.status == status and message in str(err.value)
+    assert TrainingJob.select().count() == 0
+
+
 def test_submit_accepts_every_dataset_kind(alice, bob, settings, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("hello world\n")
-    ds = Dataset.create(user=alice, name="mine", storage_key="users/1/ds/1")
-    for dataset in ("demo", "https://example.com/tiny.txt", "s3://bucket/prefix/", f"ds:{ds.id}", str(corpus)):
+    ds = Dataset.create(user=alice, name="mine.txt", storage_key="users/1/datasets/1/mine.txt", sha256="a" * 64)
+    for dataset, kind in (("demo", "demo"), ("s3://bucket/prefix", "s3"), (f"ds:{ds.id}", "upload"),
+                          (str(corpus), "path")):
         job = jobs.submit(alice, {"depth": 2, "dataset": dataset, "name": " tiny "}, settings)
-        assert job.status == "queued" and job.config["dataset"] == dataset and job.name == "tiny"
+        assert job.status == "queued" and job.name == "tiny"
+        assert job.config["dataset"]["kind"] == kind and job.config["dataset"]["source"] == dataset
         assert [e.data["to"] for e in jobs.events_since(job)] == ["queued"]
-    with pytest.raises(jobs.JobConfigError, match="no uploaded dataset"):  # bob cannot use alice's upload
+    with pytest.raises(Exception, match="no dataset"):  # bob cannot use alice's upload
         jobs.submit(bob, {"depth": 2, "dataset": f"ds:{ds.id}"}, settings)
 
 
@@ -121,7 +137,7 @@ def test_server_paths_need_the_setting_or_an_admin(alice, settings, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("x")
     locked = dataclasses.replace(settings, allow_server_paths=False)
-    with pytest.raises(jobs.JobConfigError, match="only allowed in solo mode or for admins"):
+    with pytest.raises(Exception, match="allowed only in solo mode or for admins"):
         jobs.submit(alice, {"depth": 1, "dataset": str(corpus)}, locked)
     alice.is_admin = True
     alice.save()
