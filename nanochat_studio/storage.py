@@ -390,8 +390,10 @@ class Storage:
     def stream_model_archive(self, model: Any, extra_files: Mapping[str, bytes | str] | None = None) -> Iterator[bytes]:
         """A ``.tar.gz`` of the model, generated chunk by chunk (never whole in memory).
 
-        Holds ``<name>/model.safetensors``, ``config.json``, ``tokenizer/...``, ``MODEL_CARD.md``,
-        ``SHA256SUMS`` and any ``extra_files`` (name -> content). The weights are re-hashed while they
+        Holds ``<name>/model.safetensors``, ``config.json``, ``state.json``, ``tokenizer/...`` and a
+        ``manifest.json`` listing just those (so the directory is a trainer checkpoint without optimizer
+        state: ``python -m trainer.sample --checkpoint <name>`` loads it), plus ``MODEL_CARD.md``,
+        ``SHA256SUMS`` and any ``extra_files`` (name -> content). Stored files are re-hashed while they
         stream; a mismatch raises IntegrityError mid-stream so a corrupt archive never looks whole.
         Missing checkpoint: KeyNotFound, raised before the first byte.
         """
@@ -402,13 +404,20 @@ class Storage:
         top = archive_dirname(model)
         # (archive name, storage key or None, size, sha256, inline bytes or None)
         members: list[tuple[str, str | None, int, str, bytes | None]] = []
-        for rel in ("model.safetensors", "config.json"):
+        for rel in ("model.safetensors", "config.json", "state.json"):
             if rel in files:
                 members.append((rel, f"{ckpt}/{rel}", files[rel]["size"], files[rel]["sha256"], None))
         if "config.json" not in files:
             members.append(inline_member("config.json", json.dumps(model.config or {}, indent=2)))
         for rel, size, sha, key in self._tokenizer_files(model, ckpt, files):
             members.append((f"tokenizer/{rel}", key, size, sha, None))
+        # The trainer's manifest with its file list cut to what ships (optim.pt stays home).
+        ckpt_manifest: dict[str, Any] = {}
+        if "manifest.json" in files:
+            with self.open(f"{ckpt}/manifest.json") as f:
+                ckpt_manifest = json.loads(f.read())
+        ckpt_manifest["files"] = {name: {"sha256": sha, "size": size} for name, _, size, sha, _ in members}
+        members.append(inline_member("manifest.json", json.dumps(ckpt_manifest, indent=1)))
         members.append(inline_member("MODEL_CARD.md", model_card(model, files["model.safetensors"]["sha256"], top)))
         for name, content in (extra_files or {}).items():
             members.append(inline_member(check_key(name), content))

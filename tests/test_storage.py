@@ -198,9 +198,14 @@ def test_the_download_is_one_streamed_archive_with_weights_config_tokenizer_and_
     with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r:gz") as tar:
         names = sorted(tar.getnames())
         top = "tiny-shakespeare-d2"
-        assert names == sorted(f"{top}/{n}" for n in ["model.safetensors", "config.json", "tokenizer/meta.json",
-                                                      "tokenizer/tokenizer.pkl", "MODEL_CARD.md", "SHA256SUMS",
+        assert names == sorted(f"{top}/{n}" for n in ["model.safetensors", "config.json", "state.json",
+                                                      "tokenizer/meta.json", "tokenizer/tokenizer.pkl",
+                                                      "manifest.json", "MODEL_CARD.md", "SHA256SUMS",
                                                       "samples.json"])
+        shipped = json.loads(tar.extractfile(f"{top}/manifest.json").read())
+        assert sorted(shipped["files"]) == ["config.json", "model.safetensors", "state.json",
+                                            "tokenizer/meta.json", "tokenizer/tokenizer.pkl"]
+        assert shipped["step"] == 100  # the trainer's own fields are kept
         assert tar.extractfile(f"{top}/model.safetensors").read() == weights
         assert json.loads(tar.extractfile(f"{top}/config.json").read())["depth"] == 2
         card = tar.extractfile(f"{top}/MODEL_CARD.md").read().decode()
@@ -263,3 +268,37 @@ def test_two_model_servers_caching_the_same_checkpoint_at_once_both_get_it(tmp_p
     assert errors == [] and len(set(results)) == 1
     assert (Path(results[0]) / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
     assert [p.name for p in (tmp_path / "cache" / key).parent.iterdir()] == ["step_0000100"]  # no temp debris
+
+
+def test_the_downloaded_archive_loads_with_the_trainers_sample_command(tmp_path, s3_server):
+    """A real trainer checkpoint, through S3 storage and the archive, runs as MODEL_CARD.md says."""
+    torch = pytest.importorskip("torch")
+    import dataclasses
+    import subprocess
+    import sys
+
+    from trainer import checkpoint, model as model_mod, optim, tokenizer as tok_mod
+
+    cfg = model_mod.GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    torch.manual_seed(0)
+    gpt = model_mod.GPT(cfg)
+    gpt.init_weights()
+    tok_mod.Tokenizer.train_from_iterator(["hello world, once upon a time"] * 20, vocab_size=300).save(tmp_path / "tok")
+    ckpt = checkpoint.save_checkpoint(tmp_path / "run", 7, gpt, optim.build_optimizers(gpt.param_groups(), n_embd=32),
+                                      {}, tmp_path / "tok", {"model": dataclasses.asdict(cfg), "train": {}})
+    storage = Storage(s3_server.url("e2e"), s3_server.options)
+    key = storage.publish_checkpoint(1, 5, ckpt)
+    archive = b"".join(storage.stream_model_archive(FakeModel(name="e2e", checkpoint_key=key,
+                                                              tokenizer_key=f"{key}/tokenizer")))
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        tar.extractall(tmp_path / "dl", filter="data")
+    assert not (tmp_path / "dl" / "e2e" / "optim.pt").exists()
+    loaded, _, meta = checkpoint.load_model(tmp_path / "dl" / "e2e", "cpu")
+    idx = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        assert meta["step"] == 7 and torch.equal(loaded(idx), gpt.eval()(idx))
+    out = subprocess.run([sys.executable, "-m", "trainer.sample", "--checkpoint", "e2e", "--prompt", "hello",
+                          "--max-tokens", "4", "--device", "cpu", "--seed", "1"], cwd=tmp_path / "dl",
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr[-2000:]
