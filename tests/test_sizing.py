@@ -102,3 +102,9 @@ def test_sizing_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert int(out.stdout) > 0
+
+
+def test_the_vocabulary_floor_matches_the_tokenizer():
+    tokenizer = pytest.importorskip("trainer.tokenizer")
+    assert sizing.SPECIAL_TOKENS == tokenizer.SPECIAL_TOKENS
+    assert sizing.MIN_VOCAB_SIZE == tokenizer.MIN_VOCAB_SIZE

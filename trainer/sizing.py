@@ -14,8 +14,10 @@ import math
 from dataclasses import asdict, dataclass
 
 # The special tokens every tokenizer of ours carries on top of its 256 byte tokens; a vocabulary
-# smaller than this cannot hold them, so no shape is built for it.
-SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+# smaller than this cannot hold them, so no shape is built for it. Mirrors trainer/tokenizer.py's
+# list (a test keeps the two equal) without importing tiktoken into the web app.
+SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|system_start|>", "<|system_end|>")
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 MAX_DEPTH = 64
 ASPECT_RATIO = 64  # width per layer
