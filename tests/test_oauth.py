@@ -21,12 +21,8 @@ from tests.oauth_provider import (
     FakeProvider,
     signing_key,
 )
-from tests.test_auth import (
-    login,
-    make_app_fixture,  # noqa: F401 - the make_app fixture
-    register,
-    whoami,
-)
+from tests.test_auth import login, register, whoami
+from tests.test_auth import make_app_fixture  # noqa: F401 - the make_app fixture
 
 CALLBACKS = {name: [f"http://localhost/account/oauth/{name}/callback"] for name in ("github", "google")}
 
