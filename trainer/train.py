@@ -1,0 +1,615 @@
+"""Train a small GPT from scratch, speaking the JSON-lines contract of trainer/progress.py.
+
+    python -m trainer.train --depth 2 --max-steps 600                 # the demo corpus, any device
+    OMP_NUM_THREADS=1 python -m trainer.train --depth 2 --max-steps 600 --device cpu --out runs/cpu
+    python -m trainer.train --config job.json --out runs/job-7 --resume  # how the web app runs it
+    torchrun --nproc_per_node=8 -m trainer.train --depth 20 --data /data/corpus.txt --out runs/d20
+    torchrun --nproc_per_node=2 -m trainer.train --device cpu --depth 2 --max-steps 50   # DDP on gloo
+
+CPU recipe: OMP_NUM_THREADS=1 (tiny models run faster on one thread than two on a 2-core machine);
+float32, eager, batch 8 x seq 256. CUDA: bf16 autocast and torch.compile. MPS: float32, eager.
+
+stdout carries only contract events (start, step, eval, sample, checkpoint, done, error); human
+logs go to stderr. Exit codes: 0 done, 2 bad flags/config, 65 bad data, 66 diverged, 75 stopped by
+SIGTERM after a checkpoint (run again with --resume), anything else an infrastructure failure.
+
+Resuming is exact: the LR schedule depends only on (step, total_steps), and a checkpoint holds the
+weights, both optimizers' states, the data position and the RNG states. To stop early on purpose and
+continue later with the same plan, use ``--stop-at-step N`` (it checkpoints and exits 0); stopping by
+SIGTERM behaves the same. Changing ``--max-steps`` on resume re-plans the remaining schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer import progress
+
+
+@dataclass
+class TrainConfig:
+    # model
+    depth: int = 4
+    head_dim: int | None = None
+    n_kv_head: int | None = None
+    # data
+    data: str = "demo"
+    vocab_size: int | None = None  # None: the data module's default for a new tokenizer
+    storage_options: dict | None = None
+    cache_dir: str | None = None  # None: <out>/cache
+    # length of training: max_steps, else target_tokens, else tokens_per_param * params
+    max_steps: int | None = None
+    target_tokens: int | None = None
+    tokens_per_param: int = 20
+    stop_at_step: int | None = None  # checkpoint and exit 0 here, keeping the planned schedule
+    # batch (global, across ranks; None: the device's default)
+    batch_size: int | None = None
+    seq_len: int | None = None
+    # optimization
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    grad_clip: float = 1.0
+    # evaluation, samples, checkpoints
+    log_every: int = 1
+    eval_every: int = 250
+    eval_tokens: int | None = None  # None: 8 batches
+    sample_every: int = 500
+    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time,", "There once was"])
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    # runtime
+    out: str = "runs/latest"
+    device: str = "auto"
+    compile: Any = "auto"  # "auto" | True | False
+    seed: int = 42
+    resume: bool = False
+    # bookkeeping from the web app, echoed in the start event
+    name: str = ""
+    job_id: int | None = None
+
+
+class UsageError(Exception):
+    """A bad flag or config value; exits EXIT_USAGE."""
+
+
+class Diverged(Exception):
+    pass
+
+
+_POSITIVE_INTS = ("depth", "tokens_per_param", "log_every", "eval_every", "sample_every",
+                  "checkpoint_every", "keep_checkpoints", "max_steps", "target_tokens", "stop_at_step",
+                  "batch_size", "seq_len", "vocab_size", "eval_tokens", "head_dim", "n_kv_head")
+_NONNEG_FLOATS = ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay", "grad_clip")
+_RATIOS = ("warmup_ratio", "warmdown_ratio", "final_lr_frac")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Type- and range-check every field; raise UsageError naming the field."""
+    hints = {f.name: f.type for f in dataclasses.fields(cfg)}
+    for name in _POSITIVE_INTS:
+        v = getattr(cfg, name)
+        if v is None and "None" in str(hints[name]):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
+    for name in _NONNEG_FLOATS + _RATIOS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise UsageError(f"{name} must be a non-negative number, got {v!r}")
+        setattr(cfg, name, float(v))
+    for name in _RATIOS:
+        if getattr(cfg, name) > 1:
+            raise UsageError(f"{name} must be between 0 and 1, got {getattr(cfg, name)}")
+    if cfg.warmup_ratio + cfg.warmdown_ratio > 1:
+        raise UsageError("warmup_ratio + warmdown_ratio must not exceed 1")
+    if cfg.seed is None or isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not str(cfg.device).startswith("cuda:"):
+        raise UsageError(f"device must be auto, cpu, cuda or mps, got {cfg.device!r}")
+    if cfg.compile not in ("auto", True, False):
+        raise UsageError(f"compile must be auto, true or false, got {cfg.compile!r}")
+    for name in ("data", "out", "name"):
+        if not isinstance(getattr(cfg, name), str) or (name != "name" and not getattr(cfg, name)):
+            raise UsageError(f"{name} must be a non-empty string")
+    if not isinstance(cfg.sample_prompts, list) or not all(isinstance(p, str) for p in cfg.sample_prompts):
+        raise UsageError("sample_prompts must be a list of strings")
+    if cfg.storage_options is not None and not isinstance(cfg.storage_options, dict):
+        raise UsageError("storage_options must be a JSON object")
+    if not isinstance(cfg.resume, bool):
+        raise UsageError("resume must be true or false")
+    return cfg
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _compile_flag(text: str):
+    return "auto" if text == "auto" else _bool(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print and exit 2 without an event
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # default=SUPPRESS: only flags actually given appear, so they can override --config.
+    p = _Parser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0],
+                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="a JSON file of TrainConfig fields; explicit flags override it")
+    # model
+    p.add_argument("--depth", type=int, help="transformer layers; width is 64 * depth")
+    p.add_argument("--head-dim", type=int)
+    p.add_argument("--n-kv-head", type=int, help="key/value heads (grouped-query attention)")
+    # data
+    p.add_argument("--data", help='"demo", a text/JSONL file or directory, or an fsspec URL')
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--storage-options", type=json.loads, help="JSON object for fsspec")
+    p.add_argument("--cache-dir", help="prepared-data cache (default OUT/cache)")
+    # length of training
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--target-tokens", type=int)
+    p.add_argument("--tokens-per-param", type=int)
+    p.add_argument("--stop-at-step", type=int, help="checkpoint and stop here; --resume continues")
+    # batch
+    p.add_argument("--batch-size", type=int, help="global rows per step")
+    p.add_argument("--seq-len", type=int)
+    # optimization
+    p.add_argument("--matrix-lr", type=float)
+    p.add_argument("--embedding-lr", type=float)
+    p.add_argument("--unembedding-lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-ratio", type=float)
+    p.add_argument("--warmdown-ratio", type=float)
+    p.add_argument("--final-lr-frac", type=float)
+    p.add_argument("--grad-clip", type=float, help="0 disables clipping")
+    # evaluation, samples, checkpoints
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-tokens", type=int)
+    p.add_argument("--sample-every", type=int)
+    p.add_argument("--sample-prompts", type=json.loads, help='JSON list, e.g. \'["Once upon"]\'')
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--keep-checkpoints", type=int)
+    # runtime
+    p.add_argument("--out", help="run directory: checkpoints/, cache/")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--compile", type=_compile_flag, help="auto, true or false")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", nargs="?", const=True, type=_bool, help="continue from the latest checkpoint")
+    p.add_argument("--name")
+    p.add_argument("--job-id", type=int)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from flags and an optional --config JSON file; raise UsageError."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if "config" in args:
+        try:
+            loaded = json.loads(Path(args.pop("config")).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read the --config file: {e}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError("the --config file must hold a JSON object")
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise UsageError(f"unknown config key(s): {', '.join(unknown)}")
+        values.update(loaded)
+    values.update(args)
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise UsageError(str(e)) from None
+    return validate(cfg)
+
+# --- devices and processes -----------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks in FLOP/s, for MFU; the first name contained in the device's wins.
+GPU_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("GH200", 989e12),
+                 ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12),
+                 ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12),
+                 ("RTX 3090", 71e12))
+CPU_BATCH, CPU_SEQ = 8, 256  # measured: depth 2, 600 steps finish in a few minutes on 2 cores
+MPS_BATCH, MPS_SEQ = 8, 512
+CUDA_SEQ, CUDA_MAX_ROWS = 2048, 32
+
+
+def peak_flops(device) -> float | None:
+    import torch
+    if device.type != "cuda":
+        return None  # no trustworthy peak for CPUs and Apple GPUs: tests/bench measures one instead
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
+
+
+@dataclass
+class Runtime:
+    device: Any
+    rank: int
+    local_rank: int
+    world_size: int
+    compile: bool
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        import torch
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()  # float32 on CPU (bf16 matmuls are ~100x slower there) and MPS
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    import torch
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    kind = cfg.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device cuda was asked for, but no CUDA device is available")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device mps was asked for, but MPS is not available")
+    if kind == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(kind)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
+    compile_ = (kind == "cuda") if cfg.compile == "auto" else bool(cfg.compile)
+    return Runtime(device, rank, local, world, compile_)
+
+
+def _all_reduce_sum(rt: Runtime, *values: float) -> list[float]:
+    import torch
+    import torch.distributed as dist
+    if rt.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)  # SUM: gloo has no AVG
+    return t.tolist()
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# --- evaluation and samples ----------------------------------------------------------------------
+
+def evaluate(model, rt: Runtime, prepared, batch: int, seq: int, max_batches: int, token_bytes):
+    """(val_loss in nats per token, val_bpb) over the first ``max_batches`` validation batches.
+
+    Bits per byte divide the summed loss by the bytes the target tokens stand for, so models with
+    different tokenizers compare; special tokens (0 bytes) are left out of both sums.
+    """
+    import torch
+    from trainer import data
+    nats = nbytes = loss_sum = ntok = 0.0
+    model.eval()
+    with torch.no_grad():
+        for x, y in data.iter_val_batches(prepared.val_path, prepared.dtype, batch, seq, max_batches,
+                                          rt.rank, rt.world_size):
+            x, y = x.to(rt.device), y.to(rt.device)
+            with rt.autocast():
+                losses = model(x, y, loss_reduction="none").float().view(-1)
+            y = y.reshape(-1)
+            valid = y >= 0
+            b = token_bytes[y.clamp(min=0)] * valid
+            nats += float((losses * (b > 0)).sum())
+            nbytes += float(b.sum())
+            loss_sum += float((losses * valid).sum())
+            ntok += float(valid.sum())
+    model.train()
+    nats, nbytes, loss_sum, ntok = _all_reduce_sum(rt, nats, nbytes, loss_sum, ntok)
+    val_loss = loss_sum / ntok if ntok else float("nan")
+    val_bpb = nats / (math.log(2) * nbytes) if nbytes else float("nan")
+    return val_loss, val_bpb
+
+
+def make_samples(model, rt: Runtime, tokenizer, prompts: list[str], seed: int) -> list[dict] | None:
+    """A short generation per prompt, or None when trainer.sample is not available."""
+    import torch
+    try:
+        from trainer import sample
+    except ImportError:
+        return None
+    # Sampling must not disturb the training RNG, or a resumed run would drift from a straight one.
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None
+    model.eval()
+    out = []
+    try:
+        with rt.autocast():
+            for prompt in prompts:
+                text = "".join(sample.complete(model, tokenizer, prompt, max_tokens=64, temperature=0.8,
+                                               top_k=50, seed=seed))
+                out.append({"prompt": prompt, "text": text})
+    finally:
+        model.train()
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, rt.device)
+    return out
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def _log(rt_master: bool, msg: str) -> None:
+    if rt_master:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _cuda_rows(shape, rt: Runtime) -> int:
+    import torch
+    from trainer import sizing
+    budget = 0.8 * torch.cuda.get_device_properties(rt.device).total_memory
+    rows = CUDA_MAX_ROWS
+    while rows > 1 and sizing.memory_estimate(shape, rows, "cuda", rt.compile)["total"] > budget:
+        rows //= 2
+    return rows * rt.world_size
+
+
+def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from trainer import checkpoint as ckpt
+    from trainer import data, optim, sizing
+    from trainer.model import GPT, GPTConfig
+
+    log = lambda msg: _log(rt.master, msg)  # noqa: E731
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = rt.device.type
+    seq = cfg.seq_len or {"cpu": CPU_SEQ, "mps": MPS_SEQ}.get(kind, CUDA_SEQ)
+
+    # Data: rank 0 tokenizes into the cache first; the others then find it there.
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    prepared = None
+    for turn in (0, 1):
+        if rt.master == (turn == 0):
+            prepared = data.prepare_dataset(cfg.data, cache_dir, vocab_size=cfg.vocab_size,
+                                            storage_options=cfg.storage_options, min_tokens=seq + 1,
+                                            log=log)
+        _barrier(rt)
+    tokenizer = prepared.tokenizer
+    try:
+        shape = sizing.shape_for(cfg.depth, tokenizer.vocab_size, seq, cfg.head_dim, cfg.n_kv_head)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    batch = cfg.batch_size or ({"cpu": CPU_BATCH, "mps": MPS_BATCH}.get(kind) or _cuda_rows(shape, rt))
+    if batch % rt.world_size:
+        raise UsageError(f"batch_size {batch} must be divisible by the {rt.world_size} processes")
+    tokens_per_step = batch * seq
+    if prepared.n_train_tokens < tokens_per_step + 1:
+        raise data.DataError("too_small", f"the training split holds {prepared.n_train_tokens} tokens, "
+                             f"fewer than one batch of {batch} x {seq}; add text or lower batch_size/seq_len")
+
+    torch.manual_seed(cfg.seed)
+    gpt_config = GPTConfig.from_shape(shape)
+    model = GPT(gpt_config).to(rt.device)  # built (and initialised) on the CPU: the same on every device
+    params = model.num_params()
+    flops_per_token = model.flops_per_token()
+    optimizers = optim.build_optimizers(
+        model.param_groups(), shape.n_embd, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+        unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, device_type=kind)
+
+    if cfg.max_steps:
+        total_steps = cfg.max_steps
+    else:
+        target = cfg.target_tokens or sizing.default_training_tokens(params, cfg.tokens_per_param)
+        total_steps = max(1, math.ceil(target / tokens_per_step))
+    resolved = dataclasses.asdict(cfg) | {"batch_size": batch, "seq_len": seq, "compile": rt.compile,
+                                          "device": str(rt.device), "cache_dir": str(cache_dir)}
+    run_config = {"model": gpt_config.to_dict(), "shape": shape.to_dict(), "train": resolved,
+                  "data": {"source": prepared.source, "sha256": prepared.data_sha256,
+                           "n_train_tokens": prepared.n_train_tokens, "n_val_tokens": prepared.n_val_tokens},
+                  "tokenizer_fingerprint": tokenizer.fingerprint(), "params": params}
+
+    # Resume: everything that moves during training comes back from the newest valid checkpoint.
+    state: dict[str, Any] = {}
+    resumed_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    loader = data.TokenLoader(prepared.train_path, prepared.dtype, batch, seq, rank=rt.rank,
+                              world_size=rt.world_size)
+    if resumed_from is not None:
+        saved = ckpt.read_config(resumed_from)
+        if saved.get("model") != gpt_config.to_dict():
+            raise UsageError(f"{resumed_from} holds a different model ({saved.get('model')}); "
+                             "resume with the same depth, vocab and sequence length, or use a new --out")
+        if saved.get("tokenizer_fingerprint") != tokenizer.fingerprint():
+            raise UsageError(f"{resumed_from} was trained with a different tokenizer")
+        state = ckpt.load_checkpoint(resumed_from, model, optimizers, rt.device)
+        loader.load_state(state["loader"])
+        log(f"resumed from {resumed_from} at step {state['step']}")
+    start_step = int(state.get("step", 0))
+
+    train_model = model
+    if rt.world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[rt.local_rank] if kind == "cuda" else None)
+    if rt.compile:
+        train_model = torch.compile(train_model)
+
+    peak = peak_flops(rt.device)
+    emit("start", config=resolved, params=params, flops_per_token=flops_per_token, total_steps=total_steps,
+         total_tokens=total_steps * tokens_per_step, device=str(rt.device), world_size=rt.world_size,
+         resumed_from_step=start_step if resumed_from is not None else None, shape=shape.to_dict(),
+         tokens_per_step=tokens_per_step, vocab_size=tokenizer.vocab_size, peak_flops=peak)
+    log(f"depth {cfg.depth}: {params:,} params, {total_steps} steps of {batch}x{seq} tokens on "
+        f"{rt.device} x{rt.world_size}{' (compiled)' if rt.compile else ''}")
+
+    token_bytes = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float32, device=rt.device)
+    eval_batches = max(1, (cfg.eval_tokens or 8 * tokens_per_step) // tokens_per_step)
+    diverge_limit = 3 * math.log(tokenizer.vocab_size) + 5  # well above the loss of a uniform guess
+    tokens_seen = int(state.get("tokens_seen", 0))
+    elapsed_before = float(state.get("elapsed_s", 0.0))
+    last_loss = state.get("last_loss")
+    last_bpb = state.get("last_val_bpb")
+    last_ckpt: Path | None = resumed_from
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum  # finish the step in flight, then checkpoint and leave
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def save(step: int) -> Path | None:
+        _barrier(rt)
+        path = None
+        if rt.master:
+            train_state = {"step": step, "total_steps": total_steps, "tokens_seen": tokens_seen,
+                           "elapsed_s": elapsed(), "loader": loader.state(), "last_loss": last_loss,
+                           "last_val_bpb": last_bpb, "data_sha256": prepared.data_sha256}
+            path = ckpt.save_checkpoint(out, step, model, optimizers, train_state, prepared.tokenizer_dir,
+                                        run_config, keep=cfg.keep_checkpoints)
+            emit("checkpoint", step=step, path=str(path))
+        _barrier(rt)
+        return path
+
+    t_start = time.perf_counter()
+    elapsed = lambda: elapsed_before + time.perf_counter() - t_start  # noqa: E731
+    t_window, tokens_window = time.perf_counter(), 0
+    step = start_step
+    while step < total_steps:
+        optim.set_lr(optimizers, optim.lr_multiplier(step, total_steps, cfg.warmup_ratio,
+                                                     cfg.warmdown_ratio, cfg.final_lr_frac))
+        optim.set_muon_momentum(optimizers, optim.muon_momentum(step))
+        x, y = loader.next_batch(rt.device)
+        with rt.autocast():
+            loss = train_model(x, y)
+        loss.backward()
+        optim.clip_grad_norm(model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        tokens_window += tokens_per_step
+        # One collective per step: the mean loss over ranks and whether any rank was told to stop.
+        last_loss, stop_votes = _all_reduce_sum(rt, float(loss.detach()), float(stop["signal"] is not None))
+        last_loss /= rt.world_size
+        if not math.isfinite(last_loss) or last_loss > diverge_limit:
+            raise Diverged(f"the loss reached {last_loss:.4g} at step {step}; try a lower learning rate "
+                           "(--matrix-lr, --embedding-lr) or a smaller --grad-clip")
+
+        if step % cfg.log_every == 0 or step == total_steps or step == start_step + 1:
+            now = time.perf_counter()
+            tps = tokens_window / max(now - t_window, 1e-9)
+            t_window, tokens_window = now, 0
+            mfu = flops_per_token * tps / (peak * rt.world_size) if peak else None
+            run_s = now - t_start
+            eta = run_s / (step - start_step) * (total_steps - step)
+            lr = optimizers[-1].param_groups[0]["lr"]
+            emit("step", step=step, total_steps=total_steps, loss=last_loss, lr=lr, tokens_per_sec=tps,
+                 mfu=mfu, elapsed_s=elapsed(), eta_s=eta, tokens_seen=tokens_seen)
+            if step % max(cfg.log_every, 10) == 0 or step == total_steps:
+                log(f"step {step:6d}/{total_steps} loss {last_loss:.4f} lr {lr:.4g} {tps:,.0f} tok/s"
+                    + (f" mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" eta {eta:.0f}s")
+        if step % cfg.eval_every == 0 or step == total_steps:
+            val_loss, last_bpb = evaluate(model, rt, prepared, batch, seq, eval_batches, token_bytes)
+            emit("eval", step=step, val_loss=val_loss, val_bpb=last_bpb)
+            log(f"step {step:6d} val_loss {val_loss:.4f} val_bpb {last_bpb:.4f}")
+        if rt.master and cfg.sample_prompts and (step % cfg.sample_every == 0 or step == total_steps):
+            samples = make_samples(model, rt, tokenizer, cfg.sample_prompts, cfg.seed)
+            if samples is not None:
+                emit("sample", step=step, samples=samples)
+        stopping = stop_votes > 0 or step == cfg.stop_at_step
+        if step % cfg.checkpoint_every == 0 or step == total_steps or stopping:
+            last_ckpt = save(step)
+        if stop_votes > 0:
+            log(f"stopped by a signal at step {step}; --resume continues from {last_ckpt}")
+            return progress.EXIT_PREEMPTED
+        if step == cfg.stop_at_step:
+            log(f"stopped at step {step} as asked; --resume continues from {last_ckpt}")
+            return progress.EXIT_OK
+    if rt.master and last_ckpt is None and start_step >= total_steps:
+        last_ckpt = resumed_from
+    emit("done", step=step, final_loss=last_loss, final_val_bpb=last_bpb, elapsed_s=elapsed(),
+         checkpoint=str(last_ckpt) if last_ckpt else None, tokens_seen=tokens_seen)
+    return progress.EXIT_OK
+
+
+def run(cfg: TrainConfig) -> int:
+    """Train, mapping every failure to an error event and the contract's exit code."""
+    rank = int(os.environ.get("RANK", "0"))
+    emit = progress.Emitter(enabled=rank == 0)
+    rt = None
+    try:
+        from trainer import data
+        data_error = data.DataError
+    except ImportError:
+        data_error = ()
+    try:
+        rt = setup_runtime(cfg)
+        return train(cfg, rt, emit)
+    except UsageError as e:
+        emit("error", kind="user", code="bad_config", message=str(e))
+        _log(rank == 0, f"error: {e}")
+        return progress.EXIT_USAGE
+    except Diverged as e:
+        emit("error", kind="user", code="diverged", message=str(e))
+        _log(rank == 0, f"error: {e}")
+        return progress.EXIT_DIVERGED
+    except Exception as e:
+        if data_error and isinstance(e, data_error):
+            emit("error", kind="user", code=getattr(e, "code", "bad_data"), message=getattr(e, "message", str(e)))
+            _log(rank == 0, f"data error: {e}")
+            return progress.EXIT_DATA
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        emit("error", kind="infrastructure", code=type(e).__name__, message=str(e) or type(e).__name__)
+        return 1
+    finally:
+        if rt is not None and rt.world_size > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except UsageError as e:
+        progress.emit("error", kind="user", code="bad_config", message=str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return progress.EXIT_USAGE
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
