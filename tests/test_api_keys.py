@@ -12,7 +12,7 @@ import peewee as pw
 from nanochat_studio import auth
 from nanochat_studio.db import database
 from nanochat_studio.models import ALL_MODELS, ApiKey, User
-from tests.test_auth import REMOTE, register
+from tests.test_auth import REMOTE, csrf_token_of, register
 from tests.test_auth import make_app_fixture  # noqa: F401 - the make_app fixture
 
 KEY_RE = re.compile(r'value="(ncs_[A-Za-z0-9_-]{20,})"')
@@ -23,7 +23,7 @@ def bearer(key: str) -> dict:
 
 
 def new_key_from_profile(client, name="laptop") -> str:
-    response = client.post("/account/keys", data={"name": name})
+    response = client.post("/account/keys", data={"key-name": name})
     assert response.status_code == 201
     assert response.headers["Cache-Control"] == "no-store"
     return KEY_RE.search(response.get_data(as_text=True)).group(1)
@@ -62,7 +62,7 @@ def test_a_new_key_is_shown_once_and_only_its_hash_is_stored(make_app):
 def test_a_key_is_never_put_in_the_session_cookie(make_app):
     app = make_app("hosted")
     alice, _ = signed_up(app, "alice@example.com")
-    response = alice.post("/account/keys", data={"name": ""})
+    response = alice.post("/account/keys", data={"key-name": ""})
     key = KEY_RE.search(response.get_data(as_text=True)).group(1)
     assert all(key not in header for header in response.headers.getlist("Set-Cookie"))
 
@@ -173,3 +173,17 @@ def test_last_used_is_recorded_about_once_a_minute(make_app):
     ApiKey.update(last_used_at=earlier).execute()
     script.get("/v1/probe/me", headers=bearer(key))
     assert ApiKey.get().last_used_at > first
+
+
+def test_creating_and_revoking_keys_need_the_csrf_token(make_app):
+    app = make_app("hosted", csrf=True)
+    alice = app.test_client()
+    register(alice, "alice@example.com", csrf_token=csrf_token_of(alice.get("/account/register")))
+    assert alice.post("/account/keys", data={"key-name": "x"}).status_code == 400
+    assert ApiKey.select().count() == 0
+
+    token = csrf_token_of(alice.get("/account/profile"))
+    assert alice.post("/account/keys", data={"key-name": "x", "key-csrf_token": token}).status_code == 201
+    key_id = ApiKey.get().id
+    assert alice.post(f"/account/keys/{key_id}/revoke").status_code == 400
+    assert ApiKey.get_by_id(key_id).revoked_at is None

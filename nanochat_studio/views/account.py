@@ -54,6 +54,8 @@ class ProfileForm(FlaskForm):
 
 
 class KeyForm(FlaskForm):
+    """Prefixed ("key-name"): it shares the profile page with ProfileForm, and HTML ids must be unique."""
+
     name = StringField("Key name", validators=[Optional(), Length(max=120)])
 
 
@@ -205,7 +207,7 @@ def _render_profile(new_key: str | None = None, key_form: KeyForm | None = None,
         user=user,
         keys=list(keys),
         new_key=new_key,
-        key_form=key_form or KeyForm(formdata=None),
+        key_form=key_form or KeyForm(formdata=None, prefix="key"),
         profile_form=profile_form,
         action_form=ActionForm(formdata=None),
         error=error,
@@ -246,7 +248,7 @@ def update_profile() -> Any:
 @bp.post("/keys")
 @login_required
 def create_key() -> Any:
-    form = KeyForm()
+    form = KeyForm(prefix="key")
     _require_form(form)
     _, secret = auth.create_api_key(current_user._get_current_object(), form.name.data or "")
     # Rendered into this response, never flashed: a flash would put the key in the session cookie.
