@@ -15,6 +15,11 @@ Events and their fields (extra fields are allowed; these are guaranteed):
 ``checkpoint`` step, path
 ``done``       step, final_loss, final_val_bpb (float|None), elapsed_s, checkpoint (path|None)
 ``error``      kind ("user" | "infrastructure"), code (a short slug), message
+
+``python -m trainer.calibrate`` speaks the same contract with one more event:
+
+``calibration`` device, device_name, memory_bytes (total memory of the device), and when a shape was
+               timed: shape (dict), tokens_per_sec, step_s, peak_memory_bytes (None where unknown)
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import IO, Any
 
 SCHEMA_VERSION = 1
 
-EVENTS = ("start", "step", "eval", "sample", "checkpoint", "done", "error")
+EVENTS = ("start", "step", "eval", "sample", "checkpoint", "done", "error", "calibration")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "start": ("config", "params", "flops_per_token", "total_steps", "total_tokens", "device"),
     "step": ("step", "total_steps", "loss", "lr", "tokens_per_sec", "elapsed_s", "eta_s"),
@@ -36,6 +41,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "checkpoint": ("step", "path"),
     "done": ("step", "final_loss"),
     "error": ("kind", "code", "message"),
+    "calibration": ("device", "device_name", "memory_bytes"),
 }
 
 ERROR_KINDS = ("user", "infrastructure")
