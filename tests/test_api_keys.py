@@ -12,8 +12,8 @@ import peewee as pw
 from nanochat_studio import auth
 from nanochat_studio.db import database
 from nanochat_studio.models import ALL_MODELS, ApiKey, User
-from tests.test_auth import REMOTE, csrf_token_of, register
-from tests.test_auth import make_app_fixture  # noqa: F401 - the make_app fixture
+from test_auth import REMOTE, csrf_token_of, register
+from test_auth import make_app_fixture  # noqa: F401 - the make_app fixture
 
 KEY_RE = re.compile(r'value="(ncs_[A-Za-z0-9_-]{20,})"')
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from nanochat_studio.models import User
-from tests.oauth_provider import (
+from oauth_provider import (
     GITHUB_CLIENT_ID,
     GITHUB_CLIENT_SECRET,
     GOOGLE_CLIENT_ID,
@@ -21,8 +21,8 @@ from tests.oauth_provider import (
     FakeProvider,
     signing_key,
 )
-from tests.test_auth import login, register, whoami
-from tests.test_auth import make_app_fixture  # noqa: F401 - the make_app fixture
+from test_auth import login, register, whoami
+from test_auth import make_app_fixture  # noqa: F401 - the make_app fixture
 
 CALLBACKS = {name: [f"http://localhost/account/oauth/{name}/callback"] for name in ("github", "google")}
 
