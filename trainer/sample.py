@@ -94,6 +94,8 @@ def generate_tokens(model: GPT, prompt_ids: Iterable[int], *, max_tokens: int, t
 
 
 def _generate(model, ids, max_tokens, temperature, top_k, top_p, seed, stop, use_cache) -> Iterator[int]:
+    # a torch.compile'd model would recompile for every new cache position: decode with the original
+    model = getattr(model, "_orig_mod", model)
     window = model.config.sequence_len
     device = model.lm_head.weight.device
     on_cuda = device.type == "cuda"

@@ -71,18 +71,17 @@ def shape_for(depth: int, vocab_size: int, seq_len: int, head_dim: int | None = 
                       head_dim=head_dim, vocab_size=vocab_size, seq_len=seq_len)
 
 
-def _block_params(s: ModelShape) -> tuple[int, int]:
-    """(parameters of one block, of which in 2-D matrices). No biases; RMSNorm has no weights."""
+def _block_params(s: ModelShape) -> int:
+    """Parameters of one block, all in 2-D matrices: no biases, and RMSNorm has no weights."""
     qkv = s.n_embd * (s.n_head + 2 * s.n_kv_head) * s.head_dim
     attn_out = s.n_head * s.head_dim * s.n_embd
     mlp = 2 * s.n_embd * s.mlp_ratio * s.n_embd
-    total = qkv + attn_out + mlp
-    return total, total
+    return qkv + attn_out + mlp
 
 
 def param_counts(shape: ModelShape) -> dict:
     """Parameters by part: embedding, blocks, lm_head (untied) and total."""
-    per_block, _ = _block_params(shape)
+    per_block = _block_params(shape)
     embedding = shape.vocab_size * shape.n_embd
     blocks = shape.n_layer * per_block
     lm_head = shape.n_embd * shape.vocab_size
