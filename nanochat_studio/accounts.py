@@ -22,6 +22,7 @@ from .models import AppState, User, utcnow
 MODES = ("solo", "lab", "hosted")
 PASSWORD_MIN_LENGTH = 10
 PASSWORD_MAX_LENGTH = 256  # hashing cost grows with length; nobody types more
+PASSWORD_HASH_METHOD = "scrypt"  # werkzeug's default, ~0.1 s a hash here; tests lower it for speed
 INVITE_TTL = dt.timedelta(days=7)
 SOLO_OWNER_KEY = "solo_owner_id"
 FIRST_ADMIN_KEY = "first_admin_id"
@@ -118,7 +119,7 @@ def create_user(email: str | None, password: str | None = None, name: str = "", 
             user = User.create(
                 email=address,
                 name=(name or "").strip()[:120],
-                password_hash=generate_password_hash(password) if password is not None else None,
+                password_hash=generate_password_hash(password, PASSWORD_HASH_METHOD) if password is not None else None,
                 is_admin=is_admin,
                 is_approved=True,
             )
@@ -160,7 +161,7 @@ def authenticate(email: str, password: str) -> User:
         user = None
     if user is None or not user.password_hash:
         # Spend the same time as a real check, so timing does not tell which emails have accounts.
-        _dummy_hash = _dummy_hash or generate_password_hash(secrets.token_hex(8))
+        _dummy_hash = _dummy_hash or generate_password_hash(secrets.token_hex(8), PASSWORD_HASH_METHOD)
         check_password_hash(_dummy_hash, password or "")
         raise AccountError("Wrong email or password.")
     if not check_password_hash(user.password_hash, password or ""):
@@ -174,7 +175,7 @@ def set_password(user: User, new_password: str, current_password: str | None = N
     if user.password_hash and not check_password_hash(user.password_hash, current_password or ""):
         raise AccountError("The current password is wrong.")
     check_password_rules(new_password)
-    user.password_hash = generate_password_hash(new_password)
+    user.password_hash = generate_password_hash(new_password, PASSWORD_HASH_METHOD)
     user.save(only=[User.password_hash])
 
 

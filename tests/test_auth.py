@@ -47,8 +47,13 @@ def probe_admin():
 
 
 @pytest.fixture(name="make_app")
-def make_app_fixture(tmp_path):
-    """An app over a fresh SQLite file in a temporary home; ``csrf`` as in production when True."""
+def make_app_fixture(tmp_path, monkeypatch):
+    """An app over a fresh SQLite file in a temporary home; ``csrf`` as in production when True.
+
+    Passwords are hashed with a cheap pbkdf2 here (the suite hashes hundreds); the production scrypt
+    has its own test below.
+    """
+    monkeypatch.setattr(accounts, "PASSWORD_HASH_METHOD", "pbkdf2:sha256:1000")
 
     def make(mode: str = "solo", csrf: bool = False, **overrides):
         settings = load_settings(environ={"NCS_HOME": str(tmp_path / "home")}, mode=mode, **overrides)
@@ -96,11 +101,15 @@ def test_register_sign_in_and_sign_out_round_trip(make_app):
     assert User.get(User.email == "alice@example.com").last_login_at is not None
 
 
-def test_passwords_are_stored_hashed(make_app):
+def test_passwords_are_stored_hashed_with_scrypt(make_app, monkeypatch):
     client = make_app("hosted").test_client()
+    monkeypatch.setattr(accounts, "PASSWORD_HASH_METHOD", "scrypt")  # the production setting
     register(client, "alice@example.com")
     stored = User.get(User.email == "alice@example.com").password_hash
-    assert PASSWORD not in stored and stored.startswith(("scrypt:", "pbkdf2:"))
+    assert PASSWORD not in stored and stored.startswith("scrypt:")
+    client.post("/account/logout")
+    login(client, "alice@example.com")
+    assert whoami(client) == "alice@example.com"
 
 
 def test_logout_is_not_a_get(make_app):
