@@ -1,0 +1,263 @@
+"""The model pool against real model-server subprocesses (trainer/serve.py).
+
+Real network: a tiny checkpoint trained by tests/chat_fixtures.py. Scripted servers (a checkpoint dir with
+fake_model.json) make crashes, queues and timing deterministic; they run the same server program.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from chat_fixtures import cached_tiny_checkpoint, scripted_checkpoint  # noqa: E402
+
+from nanochat_studio.inference import Final, InferenceError, ModelPool, TooBusy  # noqa: E402
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+HI = [{"role": "user", "content": "hi"}]
+
+
+def row(id_: int, path) -> SimpleNamespace:
+    return SimpleNamespace(id=id_, path=str(path), checkpoint_key=f"k{id_}")
+
+
+@pytest.fixture
+def make_pool():
+    pools = []
+
+    def make(**kw):
+        kw.setdefault("max_loaded", 2)
+        kw.setdefault("idle_seconds", 600)
+        kw.setdefault("queue_limit", 4)
+        kw.setdefault("load_timeout", 60)
+        p = ModelPool(None, checkpoint_dir_of=lambda m: m.path, device="cpu", **kw)
+        pools.append(p)
+        return p
+
+    yield make
+    for p in pools:
+        p.close()
+
+
+def collect(stream) -> tuple[str, Final]:
+    text, final = [], None
+    for item in stream:
+        if isinstance(item, str):
+            text.append(item)
+        elif isinstance(item, Final):
+            final = item
+    return "".join(text), final
+
+
+def test_it_streams_a_real_checkpoint_in_chat_and_complete_modes(make_pool, tmp_path):
+    pool = make_pool()
+    m = row(1, cached_tiny_checkpoint(tmp_path / "ck"))
+    text, final = collect(pool.stream(m, "complete", "Once upon a time", {"max_tokens": 12, "temperature": 0, "seed": 1}))
+    assert final.completion_tokens == 12 and final.finish_reason == "length"
+    assert final.prompt_tokens > 1 and final.ttft_s is not None and text
+    again, _ = collect(pool.stream(m, "complete", "Once upon a time", {"max_tokens": 12, "temperature": 0}))
+    assert again == text  # greedy is deterministic: the same server answered the same way
+    text, final = collect(pool.stream(m, "chat", HI, {"max_tokens": 8, "temperature": 0.8, "seed": 3}))
+    assert 1 <= final.completion_tokens <= 8 and final.finish_reason in ("stop", "length")
+    assert pool.loaded() == [1]
+
+
+def test_multibyte_text_arrives_as_whole_characters(make_pool, tmp_path):
+    pool = make_pool()
+    words = "naïve café — 世界 🙂 ok"
+    m = row(1, scripted_checkpoint(tmp_path / "s", words))
+    deltas = [d for d in pool.stream(m, "chat", HI, {}) if isinstance(d, str)]
+    assert "".join(deltas) == words
+    assert "🙂" in deltas  # one delta per character, never half of one
+
+
+def test_a_bad_checkpoint_is_a_permanent_error_not_a_hang(make_pool, tmp_path):
+    pool = make_pool()
+    (tmp_path / "broken").mkdir()
+    t0 = time.monotonic()
+    with pytest.raises(InferenceError) as e:
+        collect(pool.stream(row(1, tmp_path / "broken"), "chat", HI, {}))
+    assert e.value.permanent and "could not be loaded" in e.value.message
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_request_the_model_rejects_is_a_permanent_error(make_pool, tmp_path):
+    pool = make_pool()
+    m = row(1, cached_tiny_checkpoint(tmp_path / "ck"))
+    with pytest.raises(InferenceError) as e:
+        collect(pool.stream(m, "complete", "hello", {"temperature": -1}))
+    assert e.value.permanent and "temperature" in e.value.message
+    _, final = collect(pool.stream(m, "complete", "hello", {"max_tokens": 3}))  # the server is still fine
+    assert final.completion_tokens == 3
+
+
+def test_it_recovers_after_the_server_is_killed_between_requests(make_pool, tmp_path):
+    pool = make_pool()
+    m = row(1, cached_tiny_checkpoint(tmp_path / "ck"))
+    collect(pool.stream(m, "complete", "A", {"max_tokens": 2}))
+    pid = pool.server_pid(m)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    _, final = collect(pool.stream(m, "complete", "A", {"max_tokens": 4}))
+    assert final.completion_tokens == 4
+    assert pool.server_pid(m) not in (None, pid)
+
+
+def test_it_reports_a_crash_during_a_request_then_serves_the_next(make_pool, tmp_path):
+    pool = make_pool()
+    m = row(1, scripted_checkpoint(tmp_path / "s", "x" * 400, delay_s=0.01))
+    stream = pool.stream(m, "chat", HI, {"max_tokens": 400})
+    got = []
+    with pytest.raises(InferenceError) as e:
+        for item in stream:
+            got.append(item)
+            if len(got) == 5:
+                os.kill(pool.server_pid(m), signal.SIGKILL)
+    assert not e.value.permanent
+    assert "stopped unexpectedly" in e.value.message and "-9" in e.value.message
+    assert 5 <= len(got) < 400
+    text, final = collect(pool.stream(m, "chat", HI, {"max_tokens": 3}))
+    assert text == "xxx" and final.finish_reason == "length"
+
+
+def test_a_hung_server_times_out_instead_of_hanging(make_pool, tmp_path):
+    pool = make_pool(read_timeout=1.0)
+    m = row(1, scripted_checkpoint(tmp_path / "s", "y" * 100, delay_s=0.01))
+    collect(pool.stream(m, "chat", HI, {"max_tokens": 1}))
+    pid = pool.server_pid(m)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(InferenceError) as e:
+            collect(pool.stream(m, "chat", HI, {}))
+        assert "no answer" in e.value.message and time.monotonic() - t0 < 10
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _, final = collect(pool.stream(m, "chat", HI, {"max_tokens": 2}))
+    assert final.completion_tokens == 2
+
+
+def test_closing_a_stream_early_cancels_generation_in_the_server(make_pool, tmp_path):
+    pool = make_pool()
+    m = row(1, scripted_checkpoint(tmp_path / "s", "z" * 1000, delay_s=0.005))
+    stream = pool.stream(m, "chat", HI, {"max_tokens": 1000})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stats = pool.server_stats(m)
+        if stats.get("cancelled") == 1 and stats["active"] == 0:
+            break
+        time.sleep(0.05)
+    assert stats["cancelled"] == 1 and stats["active"] == 0
+    assert stats["completion_tokens"] < 100  # it stopped, it did not run on to 1000
+
+
+def test_concurrent_streams_are_interleaved_fairly(make_pool, tmp_path):
+    pool = make_pool()
+    m = row(1, scripted_checkpoint(tmp_path / "s", "ab" * 30, delay_s=0.002))
+    collect(pool.stream(m, "chat", HI, {"max_tokens": 1}))  # warm
+    order: list[int] = []
+    lock = threading.Lock()
+
+    def run(k):
+        for item in pool.stream(m, "chat", HI, {}):
+            if isinstance(item, str):
+                with lock:
+                    order.append(k)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(order) == [0] * 60 + [1] * 60 + [2] * 60
+    # round-robin: nobody finishes before the others have started
+    firsts = [order.index(k) for k in range(3)]
+    lasts = [len(order) - 1 - order[::-1].index(k) for k in range(3)]
+    assert max(firsts) < min(lasts)
+
+
+def test_past_the_queue_limit_requests_get_toobusy(make_pool, tmp_path):
+    pool = make_pool(max_active=1, queue_limit=1)
+    m = row(1, scripted_checkpoint(tmp_path / "s", "q" * 200, delay_s=0.01))
+    a = pool.stream(m, "chat", HI, {})
+    next(a)  # running
+    b = pool.stream(m, "chat", HI, {})  # waiting (the one queue place)
+    with pytest.raises(TooBusy) as e:
+        pool.stream(m, "chat", HI, {})
+    assert e.value.status == 429 and "limit" in e.value.message
+    a.close()
+    b.close()  # never started: still gives its place back
+    _, final = collect(pool.stream(m, "chat", HI, {"max_tokens": 2}))
+    assert final.completion_tokens == 2
+
+
+def test_idle_servers_are_stopped(make_pool, tmp_path):
+    pool = make_pool(idle_seconds=0.5)
+    m = row(1, scripted_checkpoint(tmp_path / "s", "hello"))
+    collect(pool.stream(m, "chat", HI, {}))
+    pid = pool.server_pid(m)
+    deadline = time.monotonic() + 5
+    while pool.loaded() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.loaded() == []
+    while time.monotonic() < deadline:  # stopping takes a moment after leaving the pool
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    text, _ = collect(pool.stream(m, "chat", HI, {}))  # loads again on demand
+    assert text == "hello"
+
+
+def test_the_least_recently_used_idle_model_makes_room(make_pool, tmp_path):
+    pool = make_pool(max_loaded=2)
+    ms = [row(k, scripted_checkpoint(tmp_path / f"s{k}", f"model {k}")) for k in (1, 2, 3)]
+    for m in ms[:2]:
+        collect(pool.stream(m, "chat", HI, {}))
+    collect(pool.stream(ms[0], "chat", HI, {}))  # 1 is now more recent than 2
+    text, _ = collect(pool.stream(ms[2], "chat", HI, {}))
+    assert text == "model 3" and sorted(pool.loaded()) == [1, 3]
+
+
+def test_when_every_slot_is_busy_a_new_model_gets_toobusy(make_pool, tmp_path):
+    pool = make_pool(max_loaded=1)
+    a = row(1, scripted_checkpoint(tmp_path / "a", "a" * 200, delay_s=0.01))
+    b = row(2, scripted_checkpoint(tmp_path / "b", "b"))
+    s = pool.stream(a, "chat", HI, {})
+    next(s)
+    with pytest.raises(TooBusy):
+        pool.stream(b, "chat", HI, {})
+    s.close()
+    assert collect(pool.stream(b, "chat", HI, {}))[0] == "b"
+
+
+def test_stop_strings_cut_the_text_before_them(make_pool, tmp_path):
+    pool = make_pool()
+    m = row(1, scripted_checkpoint(tmp_path / "s", "one two. three four", tokens_per_delta=2))
+    text, final = collect(pool.stream(m, "chat", HI, {"stop": [". th"]}))
+    assert text == "one two" and final.finish_reason == "stop"
+
+
+def test_the_web_process_does_not_import_torch():
+    import subprocess
+
+    code = "import sys, nanochat_studio.inference; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
