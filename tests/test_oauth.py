@@ -6,6 +6,7 @@ studio's token exchange, profile and email calls, discovery and JWKS fetches all
 
 from __future__ import annotations
 
+import socket
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import pytest
@@ -281,3 +282,16 @@ def test_providers_without_a_client_id_are_off(make_app):
 def test_configured_providers_are_offered(studio):
     page = studio().test_client().get("/account/login").get_data(as_text=True)
     assert "Continue with GitHub" in page and "Continue with Google" in page
+
+
+def test_an_unreachable_provider_is_a_clean_message(make_app, monkeypatch):
+    monkeypatch.setenv("AUTHLIB_INSECURE_TRANSPORT", "1")
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    app = make_app("hosted", google_client_id=GOOGLE_CLIENT_ID, google_client_secret=GOOGLE_CLIENT_SECRET,
+                   google_discovery_url=f"http://127.0.0.1:{port}/.well-known/openid-configuration")
+    client = app.test_client()
+    response = client.get("/account/oauth/google/login")
+    assert response.status_code == 302 and response.headers["Location"] == "/account/login"
+    assert "Google sign-in is unavailable right now." in flashed(client)

@@ -11,6 +11,7 @@ from typing import Any
 from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, logout_user
 from flask_wtf import FlaskForm
+from requests import RequestException
 from wtforms import HiddenField, PasswordField, StringField
 from wtforms.validators import EqualTo, InputRequired, Length, Optional
 
@@ -153,7 +154,7 @@ def oauth_login(provider: str) -> Any:
     session["oauth_next"] = auth.safe_next(request.args.get("next")) or ""
     session["oauth_invite"] = request.args.get("invite", "")[:100]
     session.pop("oauth_link_user", None)
-    return client.authorize_redirect(_external("account.oauth_callback", provider=provider))
+    return _to_provider(provider, client)
 
 
 @bp.post("/oauth/<provider>/link")
@@ -166,7 +167,16 @@ def oauth_link(provider: str) -> Any:
         raise NotFound("This sign-in method is not enabled.")
     session["oauth_link_user"] = current_user.id
     session["oauth_next"] = url_for("account.profile")
-    return client.authorize_redirect(_external("account.oauth_callback", provider=provider))
+    return _to_provider(provider, client)
+
+
+def _to_provider(provider: str, client: Any) -> Any:
+    try:  # Google's first sign-in fetches its discovery document: the provider may be unreachable
+        return client.authorize_redirect(_external("account.oauth_callback", provider=provider))
+    except RequestException as exc:
+        current_app.logger.warning("%s sign-in unavailable: %r", provider, exc)
+        flash(f"{accounts.PROVIDER_LABELS[provider]} sign-in is unavailable right now. Try again later.", "error")
+        return redirect(url_for("account.login"))
 
 
 @bp.get("/oauth/<provider>/callback")
