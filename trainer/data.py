@@ -42,7 +42,6 @@ MAX_JSONL_LINE = 64 << 20  # one JSON record must fit in memory; longer is a mal
 DEMO_BYTES = 2_000_000  # size of the built-in corpus
 TOKENIZER_SAMPLE_BYTES = 64 << 20  # train the tokenizer on at most this much text
 CACHE_VERSION = 1
-TEXT_EXTS = (".txt", ".md", ".text", ".markdown")
 
 
 class DataError(Exception):
@@ -224,8 +223,7 @@ def iter_documents(source: str, *, storage_options: dict | None = None,
             except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
                 raise DataError("bad_format", f"{name} is not a valid gzip file: {exc}") from None
     if not found:
-        what = "the files in " + source if len(paths) > 1 else source
-        raise DataError("empty", f"{what} contain(s) no text (empty or only whitespace)")
+        raise DataError("empty", f"{source} has no text in it (empty, or only whitespace)")
 
 
 def _content_hash(source: str, storage_options: dict | None, chunk_size: int) -> tuple[str, int]:
@@ -300,58 +298,52 @@ def _read_meta(entry: Path) -> dict | None:
     return None
 
 
-def _batches(docs: Iterator[str], max_chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def _tokenize_into(docs: Iterator[str], tok: Tokenizer, out: Path, dtype: str, val_fraction: float,
                    log: Callable[[str], None]) -> dict:
-    """Write train.bin / val.bin under ``out``: bos + tokens per document; every document whose running
-    share crosses a multiple of 1/val_fraction goes to validation, spread evenly through the data."""
-    counts = {"n_train_tokens": 0, "n_val_tokens": 0, "n_train_bytes": 0, "n_val_bytes": 0,
-              "n_documents": 0}
-    bos = tok.bos_id
-    started, last_log = time.monotonic(), time.monotonic()
+    """Write train.bin / val.bin under ``out``: bos + tokens per document. Document i goes to
+    validation when (i+1)*val_fraction crosses an integer, which spreads validation through the data."""
+    n = {"train_tokens": 0, "val_tokens": 0, "train_bytes": 0, "val_bytes": 0, "documents": 0}
+    started = last_log = time.monotonic()
+
+    def flush(batch: list[str]) -> None:
+        parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        for doc, ids in zip(batch, tok.encode_batch(batch, num_threads=os.cpu_count() or 1)):
+            i = n["documents"]
+            split = "val" if math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) else "train"
+            parts[split].append(np.array([tok.bos_id] + ids, dtype=dtype))
+            n[f"{split}_bytes"] += len(doc.encode())
+            n["documents"] += 1
+        for split, f in (("train", ftrain), ("val", fval)):
+            if parts[split]:
+                arr = np.concatenate(parts[split])
+                arr.tofile(f)
+                n[f"{split}_tokens"] += len(arr)
+
     with open(out / "train.bin", "wb") as ftrain, open(out / "val.bin", "wb") as fval:
-        for batch in _batches(docs, 4 << 20):
-            for doc, ids in zip(batch, tok.encode_batch(batch, num_threads=os.cpu_count() or 1)):
-                i = counts["n_documents"]
-                to_val = val_fraction > 0 and math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
-                split = "val" if to_val else "train"
-                arr = np.empty(len(ids) + 1, dtype=dtype)
-                arr[0] = bos
-                arr[1:] = ids
-                arr.tofile(fval if to_val else ftrain)
-                counts[f"n_{split}_tokens"] += len(arr)
-                counts[f"n_{split}_bytes"] += len(doc.encode())
-                counts["n_documents"] += 1
-            if time.monotonic() - last_log > 10:
-                last_log = time.monotonic()
-                log(f"tokenized {counts['n_documents']:,} documents, "
-                    f"{counts['n_train_tokens'] + counts['n_val_tokens']:,} tokens "
-                    f"({time.monotonic() - started:.0f}s)")
-    if val_fraction > 0 and counts["n_val_tokens"] == 0 and counts["n_train_tokens"] > 1:
-        # Too few documents to hold one out (a single long text): use the tail of the token stream.
-        n_val = max(1, int(counts["n_train_tokens"] * val_fraction))
+        batch: list[str] = []
+        size = 0
+        for doc in docs:
+            batch.append(doc)
+            size += len(doc)
+            if size >= 4 << 20:  # ~4M characters per encode_batch call: threads stay busy, memory bounded
+                flush(batch)
+                batch, size = [], 0
+                if time.monotonic() - last_log > 10:
+                    last_log = time.monotonic()
+                    log(f"tokenized {n['documents']:,} documents, {n['train_tokens'] + n['val_tokens']:,}"
+                        f" tokens ({last_log - started:.0f}s)")
+        flush(batch)
+    if val_fraction > 0 and n["val_tokens"] == 0 and n["train_tokens"] > 1:
+        # Too few documents to hold one out (one long text): move the tail of the token stream instead.
+        n_val = max(1, int(n["train_tokens"] * val_fraction))
         train = np.memmap(out / "train.bin", dtype=dtype, mode="r")
         np.asarray(train[-n_val:]).tofile(out / "val.bin")
         del train
-        os.truncate(out / "train.bin", (counts["n_train_tokens"] - n_val) * np.dtype(dtype).itemsize)
-        moved_bytes = counts["n_train_bytes"] * n_val // counts["n_train_tokens"]  # estimate
-        counts["n_train_tokens"] -= n_val
-        counts["n_val_tokens"] = n_val
-        counts["n_train_bytes"] -= moved_bytes
-        counts["n_val_bytes"] = moved_bytes
-    return counts
+        os.truncate(out / "train.bin", (n["train_tokens"] - n_val) * np.dtype(dtype).itemsize)
+        moved = n["train_bytes"] * n_val // n["train_tokens"]  # an estimate: bytes are not per token
+        n.update(train_tokens=n["train_tokens"] - n_val, val_tokens=n_val,
+                 train_bytes=n["train_bytes"] - moved, val_bytes=moved)
+    return {f"n_{k}": v for k, v in n.items()}
 
 
 def prepare_dataset(source: str, cache_dir: str | os.PathLike, *, tokenizer: Tokenizer | None = None,
@@ -418,7 +410,7 @@ def prepare_dataset(source: str, cache_dir: str | os.PathLike, *, tokenizer: Tok
                     "n_bytes": counts["n_train_bytes"] + counts["n_val_bytes"], **counts,
                     "complete": True}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if entry.exists():  # a stale or half entry under the same key from an older run
+            if _read_meta(entry) is None:  # a stale or half entry under this key from an older run
                 shutil.rmtree(entry, ignore_errors=True)
             try:
                 os.rename(tmp, entry)
@@ -494,9 +486,9 @@ class TokenLoader:
         self.position += self.batch_size * self.seq_len
         x = chunk[:-1].view(rows, self.seq_len)
         y = chunk[1:].view(rows, self.seq_len)
-        if str(device) != "cpu":
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x, y
+        if torch.device(device).type == "cuda":  # pinned host memory lets the copy overlap compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
 
     def state(self) -> dict:
         return {"position": self.position, "n_tokens": len(self.data)}
