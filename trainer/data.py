@@ -440,7 +440,7 @@ def _train_tokenizer(source, storage_options, chunk_size, vocab_size, sample_byt
         seen = 0
         for doc in iter_documents(source, storage_options=storage_options, chunk_size=chunk_size):
             yield doc
-            seen += len(doc)
+            seen += len(doc.encode())
             if seen >= sample_bytes:
                 return
 

@@ -9,7 +9,7 @@ matcher, so "the model writes grammatical sentences" is something we can measure
 
 Within a story the generator keeps the cast fixed (hero, friend, the hero's animal and pronoun); the
 checker accepts any cast, since it judges one sentence at a time. Stories are separated by a blank line.
-About 400 distinct words: enough variety to be worth learning, small enough for a depth-2..4 model
+About 300 distinct words: enough variety to be worth learning, small enough for a depth-2..4 model
 on a CPU in minutes.
 """
 
