@@ -1,0 +1,233 @@
+"""``create_app(settings)``: wiring only. Blueprints, sign-in, the database per request, CSRF, host
+guard, security headers and error handlers. No module-level app; the web process never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask, current_app, request, url_for
+from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
+from werkzeug.routing import BuildError
+
+from . import __version__, auth, db, errors
+from .errors import BadRequest, Forbidden
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Blueprints by module, registered in this order when the module exists (later ones are added by the
+# engineers who write them: a missing module is skipped, a broken one fails the start).
+BLUEPRINTS = ["views.pages", "views.account", "views.jobs", "views.api", "views.chat", "views.openai"]
+API_PREFIXES = (errors.API_PREFIX, errors.OPENAI_PREFIX)
+UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'self'",
+    "script-src 'self'",  # no inline script anywhere: the pages load static/js files
+    "style-src 'self'",
+    "img-src 'self' data:",
+    "connect-src 'self'",
+    "object-src 'none'",
+    "base-uri 'self'",
+    "frame-ancestors 'none'",
+])
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+
+csrf = CSRFProtect()
+
+
+def resource_dir(name: str) -> Path:
+    """``templates`` or ``static``: inside the package when installed from a wheel, else at the top of
+    the source checkout."""
+    inside = PACKAGE_DIR / name
+    return inside if inside.is_dir() else PACKAGE_DIR.parent / name
+
+
+def create_app(settings: Settings) -> Flask:
+    app = Flask("nanochat_studio", template_folder=str(resource_dir("templates")),
+                static_folder=str(resource_dir("static")), static_url_path="/static")
+    secure = settings.base_url.startswith("https://")
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        NCS_SETTINGS=settings,
+        SESSION_COOKIE_NAME="ncs_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=secure,
+        REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SAMESITE="Lax",
+        REMEMBER_COOKIE_SECURE=secure,
+        MAX_CONTENT_LENGTH=settings.upload_max_bytes + (1 << 20),  # the file plus the form around it
+        WTF_CSRF_CHECK_DEFAULT=False,  # _guard_request decides: forms need the token, JSON APIs their rules
+        WTF_CSRF_TIME_LIMIT=None,  # tokens live as long as the session; a tab left open still works
+        JSON_SORT_KEYS=False,
+    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    db.open_database(settings.database_url)
+    applied = db.migrate()
+    if applied:
+        log.info("applied migrations %s", applied)
+    db.database.close()  # requests open their own connection
+
+    csrf.init_app(app)
+    errors.init_app(app)
+    auth.init_app(app, settings)
+    _install_request_hooks(app, settings)
+    for name in BLUEPRINTS:
+        module = _optional_module(name)
+        if module is not None:
+            app.register_blueprint(module.bp)
+    app.jinja_env.globals.update(settings=settings, nav_url=nav_url, app_version=__version__)
+    return app
+
+
+def _optional_module(name: str) -> Any:
+    full = f"{__package__}.{name}"
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as exc:
+        if exc.name == full:  # not written yet; an import error inside it still fails loudly
+            return None
+        raise
+
+
+def nav_url(endpoint: str, fallback: str | None = None) -> str | None:
+    """``url_for(endpoint)``, or ``fallback`` while the blueprint that owns it does not exist yet."""
+    if endpoint not in current_app.view_functions:
+        return fallback
+    try:
+        return url_for(endpoint)
+    except BuildError:
+        return fallback
+
+
+# ------------------------------------------------------------------------------------------ guards
+
+def allowed_hosts(settings: Settings) -> set[str]:
+    names = set(LOOPBACK_HOSTS)
+    names.update(h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip())
+    if settings.host not in ("0.0.0.0", "::", ""):
+        names.add(settings.host.lower())
+    if settings.base_url:
+        names.add((urlsplit(settings.base_url).hostname or "").lower())
+    return names
+
+
+def host_is_allowed(host_header: str, allowed: set[str]) -> bool:
+    """The Host header names this app (DNS-rebinding guard). An IP literal is always accepted: a page
+    whose origin is an IP address cannot have been rebound."""
+    if "*" in allowed:
+        return True
+    host = urlsplit("//" + host_header).hostname or ""
+    if not host:
+        return False
+    if host in allowed:
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _same_origin(origin: str, settings: Settings) -> bool:
+    if origin == "null":
+        return False
+    netloc = urlsplit(origin).netloc.lower()
+    ours = {request.host.lower()}
+    if settings.base_url:
+        ours.add(urlsplit(settings.base_url).netloc.lower())
+    return netloc in ours
+
+
+def _guard_api_write(settings: Settings) -> None:
+    """A write to /api/ or /v1/ must come from a script, not a cross-site form: JSON content type, our
+    page's CSRF header (multipart uploads), or a bearer key. Cross-site Origins are refused outright."""
+    origin = request.headers.get("Origin")
+    if origin and not _same_origin(origin, settings):
+        raise Forbidden(f"Requests from {origin} are not accepted.", code="cross_origin")
+    if not current_app.config.get("WTF_CSRF_ENABLED", True):
+        return
+    if auth.bearer_token():
+        return
+    if request.mimetype == "application/json":
+        return
+    token = request.headers.get("X-CSRFToken") or request.headers.get("X-CSRF-Token")
+    if token:
+        try:
+            validate_csrf(token)
+            return
+        except Exception:
+            raise Forbidden("The CSRF token is missing or invalid. Reload the page and try again.",
+                            code="csrf_failed") from None
+    raise Forbidden("Send JSON with 'Content-Type: application/json', an X-CSRFToken header, or an API key.",
+                    code="csrf_failed")
+
+
+def _install_request_hooks(app: Flask, settings: Settings) -> None:
+    hosts = allowed_hosts(settings)
+
+    @app.before_request
+    def _guard_request() -> None:
+        if not host_is_allowed(request.host, hosts):
+            raise BadRequest(f"Unknown host {request.host!r}. Add it to NCS_ALLOWED_HOSTS to serve it.",
+                             code="bad_host")
+        if request.method not in UNSAFE_METHODS:
+            return
+        if request.path.startswith(API_PREFIXES):
+            _guard_api_write(settings)
+        elif app.config.get("WTF_CSRF_ENABLED", True) and not auth.bearer_token():
+            csrf.protect()  # every form carries the token; a key-authenticated script needs none
+
+    @app.before_request
+    def _open_db() -> None:
+        db.database.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def _close_db(exc: BaseException | None) -> None:
+        if not db.database.is_closed():
+            db.database.close()
+
+    @app.after_request
+    def _security_headers(response: Any) -> Any:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    @app.errorhandler(CSRFError)
+    def _csrf_error(exc: CSRFError) -> Any:
+        return errors.render_error(BadRequest(
+            "This form expired or was not sent from this site. Reload the page and try again.",
+            code="csrf_failed"))
+
+
+# ------------------------------------------------------------------------------ the in-process worker
+
+def start_worker(settings: Settings) -> Any:
+    """Start the queue consumer inside this process (``serve``); None while tasks.py does not exist."""
+    tasks = _optional_module("tasks")
+    if tasks is None:
+        log.warning("no queue consumer: nanochat_studio.tasks is not installed")
+        return None
+    return tasks.start_consumer(settings)
+
+
+def stop_worker(handle: Any) -> None:
+    if handle is not None:
+        importlib.import_module(f"{__package__}.tasks").stop_consumer(handle)

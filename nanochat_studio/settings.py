@@ -1,0 +1,344 @@
+"""Settings: the one reader of ``NCS_*`` environment variables and of the optional TOML file.
+
+``load_settings()`` builds a frozen :class:`Settings` once, at start. Precedence, highest first:
+keyword overrides (the CLI's flags) > environment (``NCS_<NAME>``, or ``NCS_<NAME>_FILE`` for secrets)
+> TOML file (``NCS_CONFIG`` or ``--config``; keys are the field names) > defaults. A bad value raises
+:class:`SettingsError` naming the setting. Every field carries a ``doc``; ``python -m nanochat_studio
+settings --markdown`` prints the table the README shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import platformdirs
+
+ENV_PREFIX = "NCS_"
+MODES = ("solo", "lab", "hosted")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SECRET_KEY_FILE = "secret_key"
+GiB = 1 << 30
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message starts with the setting's environment name."""
+
+
+def _f(default: Any, doc: str, *, env: str | None = None, secret: bool = False, default_doc: str | None = None,
+       choices: tuple[str, ...] | None = None, minimum: float | None = None, maximum: float | None = None) -> Any:
+    meta = {"doc": doc, "env": env, "secret": secret, "default_doc": default_doc, "choices": choices,
+            "minimum": minimum, "maximum": maximum}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # --- where things live ---
+    home: str = _f("", "Data directory: SQLite database, queue, storage, logs, trainer runs, secret key.",
+                   default_doc='the platform\'s user data dir for "nanochat-studio"')
+    mode: str = _f("solo", "solo: one person, no sign-in from this machine; lab: accounts, admin approves or "
+                   "invites; hosted: accounts plus billing.", choices=MODES)
+    host: str = _f("127.0.0.1", "Address `serve` binds to. Anything but loopback exposes the app to the network.")
+    port: int = _f(8765, "Port `serve` listens on; 0 picks a free one and prints it.", minimum=0, maximum=65535)
+    secret_key: str = _f("", "Signs sessions and CSRF tokens. Generated into `{home}/secret_key` (mode 0600) on "
+                         "first run when unset.", secret=True, default_doc="generated, persisted")
+    database_url: str = _f("", "The store: `sqlite:///path` or `postgresql://user:pass@host:port/db`.",
+                           secret=True, default_doc="sqlite:///{home}/studio.db")
+    queue_url: str = _f("", "huey queue storage: `sqlite:///path`, `redis://host:port/db` or `postgresql://...`.",
+                        secret=True, default_doc="sqlite:///{home}/queue.db")
+    storage_url: str = _f("", "Where models, datasets and logs are kept: any fsspec URL, e.g. "
+                          "`s3://bucket/prefix`.", default_doc="file://{home}/storage")
+    storage_options: dict = _f({}, "JSON object of fsspec options for storage_url (endpoint_url, key, "
+                               "secret, ...).", secret=True)
+    runs_dir: str = _f("", "Local working directories of trainer runs (checkpoints while training).",
+                       default_doc="{home}/runs")
+    base_url: str = _f("", "Public URL of the app (https://studio.example.org) behind a proxy: OAuth "
+                       "redirect URIs, allowed host, Secure cookies.", default_doc="derived from the request")
+    allowed_hosts: str = _f("", "Comma-separated Host header names accepted (DNS-rebinding guard); `*` accepts "
+                            "any.", default_doc="loopback names, host and base_url's host")
+    log_level: str = _f("info", "Logging level.", choices=LOG_LEVELS)
+    # --- serving and the queue ---
+    threads: int = _f(24, "waitress threads; every open event stream holds one.", minimum=1, maximum=1024)
+    worker: bool = _f(True, "Run the queue consumer inside `serve` (turn off when `worker` runs elsewhere).")
+    worker_threads: int = _f(4, "huey consumer worker threads.", minimum=1, maximum=256)
+    cpu_slots: int = _f(1, "Training jobs run at once on the CPU when there is no GPU.", minimum=0, maximum=256)
+    gpus: str = _f("auto", "GPUs this process trains on: `auto`, `none` or a list like `0,1`.")
+    trainer_python: str = _f("", "Python interpreter that runs the trainer.", default_doc="this interpreter")
+    trainer_module: str = _f("trainer.train", "Module run as `python -m` for training (tests use a fake).")
+    lease_seconds: float = _f(30.0, "Lease of a running job; heartbeats renew it every third of it.",
+                              minimum=1)
+    max_attempts: int = _f(3, "Attempts of a job that fails for infrastructure reasons.", minimum=1, maximum=100)
+    retry_backoff_seconds: float = _f(10.0, "First retry waits this long, then doubles.", minimum=0)
+    reconcile_seconds: float = _f(12.0, "How often the worker re-checks leases and starts waiting jobs.",
+                                  minimum=0.05)
+    term_grace_seconds: float = _f(120.0, "How long a stopped trainer may take to checkpoint before it is "
+                                   "killed.", minimum=0)
+    max_running_jobs: int = _f(2, "Running jobs per user.", minimum=1)
+    max_queued_jobs: int = _f(10, "Waiting jobs per user before submissions get 429.", minimum=1)
+    # --- data ---
+    upload_max_bytes: int = _f(2 * GiB, "Largest single dataset upload, in bytes.", minimum=1)
+    user_quota_bytes: int = _f(20 * GiB, "Dataset storage per user, in bytes.", minimum=0)
+    url_max_bytes: int = _f(5 * GiB, "Largest dataset fetched from an https URL, in bytes.", minimum=1)
+    url_timeout_s: float = _f(600.0, "Time limit of one dataset download, in seconds.", env="NCS_URL_TIMEOUT",
+                              minimum=1)
+    allow_private_urls: bool = _f(False, "Allow dataset URLs that resolve to private or loopback addresses "
+                                  "(lab networks).")
+    allow_server_paths: bool | None = _f(None, "Allow datasets given as paths on the server's disk.",
+                                         default_doc="true in solo mode, else admins only")
+    # --- chat ---
+    inference_device: str = _f("auto", "Device of model servers: `auto`, `cpu`, `cuda`, `cuda:1`.")
+    max_loaded_models: int = _f(2, "Model servers kept warm (least recently used is stopped).", minimum=1)
+    model_idle_seconds: int = _f(600, "An unused model server stops after this many seconds.", minimum=1)
+    chat_queue_limit: int = _f(16, "Waiting chat requests per model before 429.", minimum=1)
+    # --- sign-in providers (off unless a client id is set) ---
+    github_client_id: str = _f("", "GitHub OAuth app client id; empty turns GitHub sign-in off.")
+    github_client_secret: str = _f("", "GitHub OAuth app client secret.", secret=True)
+    github_base_url: str = _f("https://github.com", "GitHub's web URL (tests point it at a local provider).")
+    github_api_url: str = _f("https://api.github.com", "GitHub's API URL.")
+    google_client_id: str = _f("", "Google OAuth client id; empty turns Google sign-in off.")
+    google_client_secret: str = _f("", "Google OAuth client secret.", secret=True)
+    google_discovery_url: str = _f("https://accounts.google.com/.well-known/openid-configuration",
+                                   "Google's OpenID Connect discovery document.")
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home)
+
+    def public(self) -> dict[str, Any]:
+        """Effective values with secrets masked (for `settings` and logs)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                value = _mask(f.name, value)
+            out[f.name] = value
+        return out
+
+
+def env_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("env") or ENV_PREFIX + f.name.upper()
+
+
+def _mask(name: str, value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "***" if any(s in k.lower() for s in ("secret", "key", "token", "password")) else v
+                for k, v in value.items()}
+    text = str(value)
+    if "://" in text:  # a URL: hide only its password
+        parts = urlsplit(text)
+        if parts.password:
+            return text.replace(f":{parts.password}@", ":***@", 1)
+        return text
+    return "***"
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
+    """``raw`` (a string from the environment, or a TOML/flag value) as the field's type."""
+    name, kind = env_name(f), str(f.type)
+
+    def bad(expected: str) -> SettingsError:
+        return SettingsError(f"{name}: expected {expected}, got {raw!r} (from {source})")
+
+    if "bool" in kind:
+        if raw is None and "None" in kind:
+            return None
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        if "None" in kind and text in ("", "auto"):
+            return None
+        raise bad("true or false")
+    if kind == "int" or kind == "float":
+        lo, hi = f.metadata["minimum"], f.metadata["maximum"]
+        span = f" {lo:g}-{hi:g}" if lo is not None and hi is not None else (f" >= {lo:g}" if lo is not None else "")
+        expected = ("an integer" if kind == "int" else "a number") + span
+        if isinstance(raw, bool):
+            raise bad(expected)
+        try:
+            value = int(str(raw).strip().replace("_", "")) if kind == "int" else float(raw)
+        except (TypeError, ValueError):
+            raise bad(expected) from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi) or value != value:
+            raise bad(expected)
+        return value
+    if kind == "dict":
+        if isinstance(raw, Mapping):
+            return dict(raw)
+        try:
+            value = json.loads(raw)
+        except (TypeError, ValueError):
+            raise bad("a JSON object") from None
+        if not isinstance(value, dict):
+            raise bad("a JSON object")
+        return value
+    if not isinstance(raw, str):
+        raise bad("a string")
+    value = raw.strip()
+    choices = f.metadata["choices"]
+    if choices:
+        value = value.lower()
+        if value not in choices:
+            raise bad("one of " + ", ".join(choices))
+    return value
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"NCS_CONFIG: cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"NCS_CONFIG: {path} is not valid TOML: {exc}") from None
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"NCS_CONFIG: unknown setting(s) in {path}: {', '.join(unknown)}")
+    return data
+
+
+def _generated_secret(home: Path) -> str:
+    """The persisted secret key, created (0600) on first run; never a constant."""
+    path = home / SECRET_KEY_FILE
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        existing = ""
+    except OSError as exc:
+        raise SettingsError(f"NCS_SECRET_KEY: cannot read {path}: {exc.strerror or exc}") from None
+    if existing:
+        return existing
+    key = secrets.token_urlsafe(48)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: two processes starting at once agree on the first key written.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip() or key
+    except OSError as exc:
+        raise SettingsError(f"NCS_HOME: cannot write {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(key + "\n")
+    return key
+
+
+def load_settings(environ: Mapping[str, str] | None = None, toml_path: str | os.PathLike | None = None,
+                  **overrides: Any) -> Settings:
+    """Build the settings from overrides > environment > TOML > defaults, validated.
+
+    ``environ`` defaults to ``os.environ``; pass a dict in tests. Overrides whose value is None are
+    ignored (unset CLI flags). Raises :class:`SettingsError` naming the setting on a bad value.
+    """
+    env = dict(os.environ if environ is None else environ)
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
+    toml_path = toml_path or env.get("NCS_CONFIG") or None
+    from_toml = _read_toml(str(toml_path)) if toml_path else {}
+
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = env_name(f)
+        if overrides.get(name) is not None:
+            values[name] = _convert(f, overrides[name], "the command line")
+        elif env.get(key, "") != "":
+            values[name] = _convert(f, env[key], "the environment")
+        elif f.metadata["secret"] and env.get(key + "_FILE"):
+            values[name] = _convert(f, _read_secret_file(key + "_FILE", env[key + "_FILE"]), key + "_FILE")
+        elif name in from_toml:
+            values[name] = _convert(f, from_toml[name], str(toml_path))
+
+    home = Path(values.get("home") or platformdirs.user_data_dir("nanochat-studio")).expanduser().resolve()
+    values["home"] = str(home)
+    mode = values.get("mode", "solo")
+    values.setdefault("database_url", f"sqlite:///{home}/studio.db")
+    values.setdefault("queue_url", f"sqlite:///{home}/queue.db")
+    values.setdefault("storage_url", f"file://{home}/storage")
+    values.setdefault("runs_dir", str(home / "runs"))
+    values.setdefault("trainer_python", sys.executable)
+    if values.get("allow_server_paths") is None:
+        values["allow_server_paths"] = mode == "solo"
+    _check_urls(values)
+    if not values.get("secret_key"):
+        values["secret_key"] = _generated_secret(home)
+    elif len(values["secret_key"]) < 16:
+        raise SettingsError("NCS_SECRET_KEY: too short; use at least 16 random characters")
+    return Settings(**values)
+
+
+def _check_urls(values: dict[str, Any]) -> None:
+    schemes = {
+        "database_url": ("sqlite", "postgres", "postgresql"),
+        "queue_url": ("sqlite", "redis", "rediss", "postgres", "postgresql"),
+    }
+    for name, allowed in schemes.items():
+        scheme = urlsplit(values[name]).scheme.split("+")[0]
+        if scheme not in allowed:
+            raise SettingsError(f"NCS_{name.upper()}: expected a URL starting with "
+                                f"{' or '.join(s + '://' for s in allowed)}, got {values[name]!r}")
+    if not urlsplit(values["storage_url"]).scheme:
+        raise SettingsError(f"NCS_STORAGE_URL: expected a URL like file:///path or s3://bucket/prefix, "
+                            f"got {values['storage_url']!r}")
+    base = values.get("base_url", "")
+    if base:
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f"NCS_BASE_URL: expected http(s)://host[:port][/path], got {base!r}")
+    gpus = values.get("gpus", "auto").replace(" ", "")
+    if gpus not in ("auto", "none") and not all(p.isdigit() for p in gpus.split(",")):
+        raise SettingsError(f"NCS_GPUS: expected auto, none or a list like 0,1, got {gpus!r}")
+    values["gpus"] = gpus
+
+
+# ------------------------------------------------------------------------------------- documentation
+
+def default_text(f: dataclasses.Field) -> str:
+    if f.metadata["default_doc"]:
+        return f.metadata["default_doc"]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, dict):
+        return json.dumps(default)
+    if isinstance(default, int) and default >= GiB and default % GiB == 0:
+        return f"{default} ({default // GiB} GiB)"
+    return str(default) if default != "" else '""'
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from the dataclass."""
+    lines = ["| setting | environment | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        env = f"`{env_name(f)}`" + (f" / `{env_name(f)}_FILE`" if f.metadata["secret"] else "")
+        doc = f.metadata["doc"].replace("|", "\\|")
+        lines.append(f"| `{f.name}` | {env} | `{default_text(f)}` | {doc} |")
+    return "\n".join(lines) + "\n"
