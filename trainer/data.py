@@ -94,11 +94,15 @@ def _format_of(path: str) -> tuple[str, bool]:
     return "text", gz  # .txt, .md, or no/unknown extension: binary detection catches non-text
 
 
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13)) + b"\x7f"
+
+
 def _looks_binary(chunk: bytes) -> bool:
+    # NUL never occurs in text; nor do many other control bytes (tab, newlines, form feed excepted)
     if b"\x00" in chunk:
         return True
     sample = chunk[:8192]
-    controls = sum(1 for b in sample if b < 32 and b not in (9, 10, 12, 13)) + sample.count(127)
+    controls = len(sample) - len(sample.translate(None, _CONTROL_BYTES))
     return bool(sample) and controls / len(sample) > 0.05
 
 
