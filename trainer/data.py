@@ -35,11 +35,12 @@ from typing import IO, Callable, Iterator
 import numpy as np
 
 from trainer import demo
+from trainer import sizing
 from trainer.tokenizer import Tokenizer, choose_vocab_size
 
 CHUNK_SIZE = 1 << 20  # bytes read at a time, and the longest piece of text yielded as one document
 MAX_JSONL_LINE = 64 << 20  # one JSON record must fit in memory; longer is a malformed dataset
-DEMO_BYTES = 2_000_000  # size of the built-in corpus
+DEMO_BYTES = sizing.DEMO_CORPUS_BYTES  # size of the built-in corpus (the web app's estimates read it too)
 TOKENIZER_SAMPLE_BYTES = 64 << 20  # train the tokenizer on at most this much text
 CACHE_VERSION = 1
 

@@ -22,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
+from trainer.sizing import DEMO_CORPUS_BYTES
+
 HEROES_HE = ("Tom", "Ben", "Sam", "Leo", "Max", "Jack", "Finn", "Noah", "Oscar", "Hugo", "Theo", "Felix",
              "Omar", "Ravi", "Kenji", "Luca")
 HEROES_SHE = ("Mia", "Lily", "Anna", "Zoe", "Emma", "Ruby", "Ella", "Nora", "Maya", "Rosa", "Ivy", "Lucy",
@@ -179,7 +181,7 @@ def iter_corpus(n_bytes: int, seed: int = 0) -> Iterator[str]:
         total += len(story.encode()) + 2
 
 
-def write_corpus(path: str | Path, n_bytes: int = 2_000_000, seed: int = 0) -> Path:
+def write_corpus(path: str | Path, n_bytes: int = DEMO_CORPUS_BYTES, seed: int = 0) -> Path:
     """Write about ``n_bytes`` of stories to ``path``, one blank line between stories."""
     path = Path(path)
     with path.open("w", encoding="utf-8") as f:
@@ -239,7 +241,7 @@ def coherence(text: str) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the demo story corpus.")
     parser.add_argument("path")
-    parser.add_argument("--bytes", type=int, default=2_000_000, help="about this many bytes")
+    parser.add_argument("--bytes", type=int, default=DEMO_CORPUS_BYTES, help="about this many bytes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     write_corpus(args.path, args.bytes, args.seed)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-# The special tokens every tokenizer of ours carries on top of its 256 byte tokens; a vocabulary
-# smaller than this cannot hold them, so no shape is built for it. Mirrors trainer/tokenizer.py's
-# list (a test keeps the two equal) without importing tiktoken into the web app.
+# The special tokens every tokenizer of ours carries on top of its 256 byte tokens, reserved from the
+# first tokenizer on so pretraining and chat tuning share one vocabulary (a system turn has its own
+# pair, so a model can tell instructions from the user's words). trainer/tokenizer.py uses this list;
+# it lives here so the web app's estimates need neither torch nor tiktoken.
 SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                   "<|system_start|>", "<|system_end|>")
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
@@ -153,3 +154,40 @@ def default_training_tokens(params: int, tokens_per_param: int = 20) -> int:
     if params < 0 or tokens_per_param <= 0:
         raise ValueError("params must be >= 0 and tokens_per_param > 0")
     return int(params * tokens_per_param)
+
+
+# Per-device batch and sequence defaults, shared by the trainer and the web app's estimates.
+# CPU: measured here, a depth-2 run of 600 steps finishes in a few minutes on 2 cores. CUDA: the
+# sequence is long and the batch (rows per GPU) is picked from the memory estimate at run time;
+# ``batch_size`` here is only the starting point the plan page shows.
+DEVICE_DEFAULTS = {
+    "cpu": {"batch_size": 8, "seq_len": 256},
+    "mps": {"batch_size": 8, "seq_len": 512},
+    "cuda": {"batch_size": 32, "seq_len": 2048},
+}
+
+# The built-in demo corpus's size in bytes (trainer/demo.py writes it; trainer/data.py reads it).
+DEMO_CORPUS_BYTES = 2_000_000
+
+
+def device_defaults(device_kind: str) -> dict:
+    """{"batch_size", "seq_len"} for a device kind ("cpu", "mps", "cuda"); unknown kinds get CPU's."""
+    return dict(DEVICE_DEFAULTS.get(device_kind, DEVICE_DEFAULTS["cpu"]))
+
+
+def choose_vocab_size(num_bytes: int) -> int:
+    """A vocabulary size for a corpus of ``num_bytes`` bytes of text.
+
+    Rule: 512 below 256 KiB, then one doubling for every 4x more data (2048 at ~1-4 MiB, 8192 at
+    16-64 MiB, 32768 at 256 MiB-1 GiB), capped at 65536 (>= 1 GiB) so token files stay uint16. Small
+    corpora cannot fill a big vocabulary (rare merges would be seen a handful of times) and the embedding
+    table would dominate a tiny model; big corpora gain from shorter sequences. A corpus with fewer
+    distinct merges than this (the demo grammar) ends up with a smaller vocabulary.
+    """
+    if num_bytes < 0:
+        raise ValueError("num_bytes must be >= 0")
+    size, threshold = 512, 256 << 10
+    while num_bytes >= threshold and size < 65536:
+        size *= 2
+        threshold *= 4
+    return size

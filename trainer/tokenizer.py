@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import tiktoken
 
+from trainer.sizing import MIN_VOCAB_SIZE, SPECIAL_TOKENS, choose_vocab_size  # noqa: F401
+
 FORMAT = "nanochat-studio-bpe"
 FORMAT_VERSION = 1
 FILENAME = "tokenizer.json"
@@ -35,20 +37,8 @@ SPLIT_PATTERN = (
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
-# Reserved from the first tokenizer on so that pretraining and chat fine-tuning share one vocabulary.
-# A "system" message gets its own pair (rather than being glued onto the first user turn) so the model
-# can tell instructions from the user's words.
-SPECIAL_TOKENS = (
-    "<|bos|>",  # starts every document and every conversation
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|system_start|>",
-    "<|system_end|>",
-)
-
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+# The special tokens and the vocabulary rule live in sizing.py (torch- and tiktoken-free) so the web
+# app's estimates use the same numbers; they are re-exported here for the trainer's callers.
 MAX_VOCAB_SIZE = 1 << 20  # far above anything useful; keeps token files and embeddings sane
 
 _ROLES = {
@@ -56,23 +46,6 @@ _ROLES = {
     "user": ("<|user_start|>", "<|user_end|>"),
     "assistant": ("<|assistant_start|>", "<|assistant_end|>"),
 }
-
-
-def choose_vocab_size(num_bytes: int) -> int:
-    """A vocabulary size for a corpus of ``num_bytes`` bytes of text.
-
-    Rule: 512 below 256 KiB, then one doubling for every 4x more data (2048 at ~1-4 MiB, 8192 at
-    16-64 MiB, 32768 at 256 MiB-1 GiB), capped at 65536 (>= 1 GiB) so token files stay uint16. Small
-    corpora cannot fill a big vocabulary (rare merges would be seen a handful of times) and the embedding
-    table would dominate a tiny model; big corpora gain from shorter sequences.
-    """
-    if num_bytes < 0:
-        raise ValueError("num_bytes must be >= 0")
-    size, threshold = 512, 256 << 10
-    while num_bytes >= threshold and size < 65536:
-        size *= 2
-        threshold *= 4
-    return size
 
 
 class Tokenizer:
