@@ -17,7 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# Run as a script, Python puts tests/bench/ first on sys.path, where a sibling named tokenize.py
+# would shadow the standard library's module (torch imports it); import from the repository root.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import torch  # noqa: E402
 
