@@ -187,3 +187,18 @@ def test_creating_and_revoking_keys_need_the_csrf_token(make_app):
     key_id = ApiKey.get().id
     assert alice.post(f"/account/keys/{key_id}/revoke").status_code == 400
     assert ApiKey.get_by_id(key_id).revoked_at is None
+
+
+def test_a_key_writes_to_the_api_without_a_csrf_token_but_a_cookie_cannot(make_app):
+    app = make_app("hosted", csrf=True)
+    alice = app.test_client()
+    register(alice, "alice@example.com", csrf_token=csrf_token_of(alice.get("/account/register")))
+    token = csrf_token_of(alice.get("/account/profile"))
+    key = KEY_RE.search(alice.post("/account/keys", data={"key-csrf_token": token}).get_data(as_text=True)).group(1)
+
+    # A form post riding on the session cookie (what another site could make a browser send) is refused...
+    assert alice.post("/api/probe/echo", data={"x": "1"}).status_code == 403
+    # ...while a script with the key needs no token: no other site can make a browser send that header.
+    script = app.test_client()
+    response = script.post("/api/probe/echo", data={"x": "1"}, headers=bearer(key), environ_base=REMOTE)
+    assert response.status_code == 200 and response.json["form"] == {"x": "1"}

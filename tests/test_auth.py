@@ -6,7 +6,7 @@ import re
 import threading
 
 import pytest
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 from flask_login import current_user
 
 from nanochat_studio import accounts, auth
@@ -26,6 +26,12 @@ probe = Blueprint("probe", __name__)
 @login_required
 def probe_api_me():
     return jsonify(id=current_user.id, email=current_user.email, admin=current_user.is_admin)
+
+
+@probe.post("/api/probe/echo")
+@login_required
+def probe_api_echo():
+    return jsonify(id=current_user.id, form=request.form.to_dict())
 
 
 @probe.get("/v1/probe/me")
