@@ -446,9 +446,13 @@ class ModelPool:
 
     # -- where checkpoints are -----------------------------------------------------------------------------
     def _storage_path(self, model_row: Any) -> str:
+        key = model_row.checkpoint_key
+        # a finished job's row points at its run directory until the upload to storage is done
+        if os.path.isabs(key) and os.path.isdir(key):
+            return key
         from .storage import Storage
 
-        return Storage.from_settings(self.settings).local_path(model_row.checkpoint_key)
+        return Storage.from_settings(self.settings).local_path(key)
 
 
 def get_pool(app: Any) -> ModelPool:
@@ -460,7 +464,7 @@ def get_pool(app: Any) -> ModelPool:
             if pool is None:
                 import atexit
 
-                pool = ModelPool(app.config.get("SETTINGS"))
+                pool = ModelPool(app.config.get("NCS_SETTINGS"))
                 atexit.register(pool.close)
                 app.extensions["model_pool"] = pool
     return pool

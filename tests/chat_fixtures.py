@@ -69,3 +69,91 @@ def scripted_checkpoint(dest: str | os.PathLike, text: str, delay_s: float = 0.0
     (dest / "fake_model.json").write_text(
         json.dumps({"text": text, "delay_s": delay_s, "tokens_per_delta": tokens_per_delta}), encoding="utf-8")
     return dest
+
+
+# --- a live app on loopback ------------------------------------------------------------------------------
+
+
+class LiveServer:
+    """The app served by waitress on 127.0.0.1 and a free port, in a thread (what `serve` runs)."""
+
+    def __init__(self, app, threads: int = 8):
+        import threading
+
+        from waitress.server import create_server
+
+        self.app = app
+        self.server = create_server(app, host="127.0.0.1", port=0, threads=threads)
+        self.port = self.server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self._run, name="waitress", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except (OSError, ValueError):  # close() from the test thread pulls the sockets from under select()
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def make_chat_app(home: str | os.PathLike, mode: str = "hosted", **pool_kw):
+    """An app over a fresh SQLite file in ``home``, CSRF off (tests send JSON), with a model pool whose
+    servers are cleaned up by ``app.extensions['model_pool'].close()``."""
+    from nanochat_studio.app import create_app
+    from nanochat_studio.inference import ModelPool
+    from nanochat_studio.settings import load_settings
+
+    settings = load_settings(environ={"NCS_HOME": str(home)}, mode=mode)
+    app = create_app(settings)
+    app.config.update(TESTING=True, WTF_CSRF_ENABLED=False)
+    pool_kw.setdefault("device", "cpu")
+    app.extensions["model_pool"] = ModelPool(settings, **pool_kw)
+    return app
+
+
+def add_user(email: str):
+    from nanochat_studio import accounts
+
+    return accounts.create_user(email, "correct horse battery", name=email.split("@")[0])
+
+
+def add_model(user, checkpoint_dir, name: str = "tiny", **fields):
+    from nanochat_studio.models import Model
+
+    return Model.create(user=user, name=name, checkpoint_key=str(checkpoint_dir),
+                        tokenizer_key=str(Path(checkpoint_dir) / "tokenizer"), **fields)
+
+
+def login_session(base_url: str, email: str):
+    """A requests.Session signed in as ``email`` on the live server."""
+    import requests
+
+    s = requests.Session()
+    r = s.post(f"{base_url}/account/login", data={"email": email, "password": "correct horse battery"},
+               allow_redirects=False)
+    assert r.status_code in (302, 303), (r.status_code, r.text[:300])
+    return s
+
+
+def sse_events(lines) -> list[tuple[str, dict | str]]:
+    """(event, data) pairs from an iterator of SSE text lines; comments and retry lines skipped."""
+    out, event, data = [], "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                raw = "\n".join(data)
+                try:
+                    out.append((event, json.loads(raw)))
+                except ValueError:
+                    out.append((event, raw))
+            event, data = "message", []
+        elif line.startswith(":") or line.startswith("retry:") or line.startswith("id:"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+    return out
