@@ -87,6 +87,8 @@ def test_memory_grows_with_depth_and_batch_and_counts_the_logits():
     cuda = sizing.memory_estimate(shape_for(4, 8192, 256), 8, device_kind="cuda")
     compiled = sizing.memory_estimate(shape_for(4, 8192, 256), 8, compiled=True)
     assert cuda["activations"] < small["activations"] and compiled["activations"] < small["activations"]
+    mps = sizing.memory_estimate(shape_for(4, 8192, 256), 8, device_kind="mps")
+    assert mps["total"] == small["total"]  # float32 activations, as on CPU
     with pytest.raises(ValueError, match="device_kind"):
         sizing.memory_estimate(shape_for(4, 8192, 256), 8, device_kind="tpu")
 
@@ -104,7 +106,9 @@ def test_sizing_imports_without_torch():
     assert int(out.stdout) > 0
 
 
-def test_the_vocabulary_floor_matches_the_tokenizer():
+def test_the_tokenizer_uses_the_vocabulary_floor_from_here():
     tokenizer = pytest.importorskip("trainer.tokenizer")
-    assert sizing.SPECIAL_TOKENS == tokenizer.SPECIAL_TOKENS
-    assert sizing.MIN_VOCAB_SIZE == tokenizer.MIN_VOCAB_SIZE
+    assert tokenizer.SPECIAL_TOKENS == sizing.SPECIAL_TOKENS
+    with pytest.raises(ValueError):
+        shape_for(2, sizing.MIN_VOCAB_SIZE - 1, 64)
+    assert shape_for(2, sizing.MIN_VOCAB_SIZE, 64).vocab_size == sizing.MIN_VOCAB_SIZE

@@ -121,15 +121,15 @@ def memory_estimate(shape: ModelShape, batch_size: int, device_kind: str = "cpu"
                     compiled: bool = False) -> dict:
     """Approximate training memory in bytes: weights, grads, optimizer, activations, total.
 
-    Weights and grads are float32 on both devices (CUDA trains under bf16 autocast, which keeps
+    Weights and grads are float32 on every device (CUDA trains under bf16 autocast, which keeps
     float32 master weights and grads). Optimizer state: one float32 momentum buffer for every
-    Muon matrix, two AdamW moments for the embedding and lm_head. Activations are stored in bf16
-    on CUDA (autocast outputs) and float32 on CPU, except the logits, which are float32 everywhere
-    because the soft-cap and loss run in float32. This is an estimate for picking a batch size,
-    not a promise: allocator fragmentation and framework workspaces come on top.
+    Muon matrix, two AdamW moments for the embedding and lm_head. Activations are bf16 on CUDA
+    (autocast outputs) and float32 on CPU and MPS (MPS counted as float32 to be safe), except the
+    logits, which are float32 everywhere because the soft-cap and loss run in float32. An estimate
+    for picking a batch size, not a promise: allocator fragmentation and workspaces come on top.
     """
-    if device_kind not in ("cpu", "cuda"):
-        raise ValueError(f"device_kind must be 'cpu' or 'cuda', got {device_kind!r}")
+    if device_kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device_kind must be 'cpu', 'cuda' or 'mps', got {device_kind!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     counts = param_counts(shape)
