@@ -13,7 +13,7 @@ from nanochat_studio import auth
 from nanochat_studio.db import database
 from nanochat_studio.models import ALL_MODELS, ApiKey, User
 from test_auth import REMOTE, csrf_token_of, register
-from test_auth import make_app_fixture  # noqa: F401 - the make_app fixture
+from test_auth import account_app_fixture  # noqa: F401 - the account_app fixture
 
 KEY_RE = re.compile(r'value="(ncs_[A-Za-z0-9_-]{20,})"')
 
@@ -35,8 +35,8 @@ def signed_up(app, email):
     return client, User.get(User.email == email)
 
 
-def test_a_new_key_is_shown_once_and_only_its_hash_is_stored(make_app):
-    app = make_app("hosted")
+def test_a_new_key_is_shown_once_and_only_its_hash_is_stored(account_app):
+    app = account_app("hosted")
     alice, _ = signed_up(app, "alice@example.com")
     key = new_key_from_profile(alice)
 
@@ -59,16 +59,16 @@ def test_a_new_key_is_shown_once_and_only_its_hash_is_stored(make_app):
             assert key.encode() not in file.read_bytes(), file
 
 
-def test_a_key_is_never_put_in_the_session_cookie(make_app):
-    app = make_app("hosted")
+def test_a_key_is_never_put_in_the_session_cookie(account_app):
+    app = account_app("hosted")
     alice, _ = signed_up(app, "alice@example.com")
     response = alice.post("/account/keys", data={"key-name": ""})
     key = KEY_RE.search(response.get_data(as_text=True)).group(1)
     assert all(key not in header for header in response.headers.getlist("Set-Cookie"))
 
 
-def test_a_bearer_key_authenticates_api_and_v1_from_anywhere(make_app):
-    app = make_app("hosted")
+def test_a_bearer_key_authenticates_api_and_v1_from_anywhere(account_app):
+    app = account_app("hosted")
     alice, user = signed_up(app, "alice@example.com")
     key = new_key_from_profile(alice)
 
@@ -79,8 +79,8 @@ def test_a_bearer_key_authenticates_api_and_v1_from_anywhere(make_app):
     assert "Set-Cookie" not in response.headers  # a key opens no session
 
 
-def test_v1_needs_a_key_even_for_the_solo_owner_at_the_machine(make_app):
-    app = make_app("solo")
+def test_v1_needs_a_key_even_for_the_solo_owner_at_the_machine(account_app):
+    app = account_app("solo")
     client = app.test_client()
     assert client.get("/api/probe/me").status_code == 200  # the owner, by being local
     response = client.get("/v1/probe/me")
@@ -91,8 +91,8 @@ def test_v1_needs_a_key_even_for_the_solo_owner_at_the_machine(make_app):
     assert response.status_code == 200 and response.json["id"] == auth.solo_owner().id
 
 
-def test_revoked_and_unknown_keys_are_refused(make_app):
-    app = make_app("hosted")
+def test_revoked_and_unknown_keys_are_refused(account_app):
+    app = account_app("hosted")
     alice, _ = signed_up(app, "alice@example.com")
     key = new_key_from_profile(alice)
     script = app.test_client()
@@ -108,8 +108,8 @@ def test_revoked_and_unknown_keys_are_refused(make_app):
     assert "revoked" in alice.get("/account/profile").get_data(as_text=True)
 
 
-def test_the_cli_revokes_by_prefix_or_id_and_reports_misses(make_app):
-    make_app("hosted")
+def test_the_cli_revokes_by_prefix_or_id_and_reports_misses(account_app):
+    account_app("hosted")
     owner = auth.create_user("alice@example.com", "correct horse battery")
     first, first_secret = auth.create_api_key(owner, "ci")
     second, second_secret = auth.create_api_key(owner)
@@ -122,8 +122,8 @@ def test_the_cli_revokes_by_prefix_or_id_and_reports_misses(make_app):
     assert auth.user_for_api_key(first_secret) is None and auth.user_for_api_key(second_secret) is None
 
 
-def test_someone_cannot_revoke_another_persons_key(make_app):
-    app = make_app("hosted")
+def test_someone_cannot_revoke_another_persons_key(account_app):
+    app = account_app("hosted")
     alice, _ = signed_up(app, "alice@example.com")
     charlie, _ = signed_up(app, "charlie@example.com")
     key = new_key_from_profile(alice)
@@ -135,8 +135,8 @@ def test_someone_cannot_revoke_another_persons_key(make_app):
     assert key[:12] not in charlie.get("/account/profile").get_data(as_text=True)
 
 
-def test_a_key_speaks_for_its_owner_even_beside_another_session(make_app):
-    app = make_app("hosted")
+def test_a_key_speaks_for_its_owner_even_beside_another_session(account_app):
+    app = account_app("hosted")
     alice, alice_user = signed_up(app, "alice@example.com")
     bob, _ = signed_up(app, "bob@example.com")
     key = new_key_from_profile(alice)
@@ -146,8 +146,8 @@ def test_a_key_speaks_for_its_owner_even_beside_another_session(make_app):
     assert bob.get("/api/probe/me", headers=bearer("ncs_wrong")).status_code == 401
 
 
-def test_keys_of_disabled_or_unapproved_accounts_stop_working(make_app):
-    app = make_app("lab")
+def test_keys_of_disabled_or_unapproved_accounts_stop_working(account_app):
+    app = account_app("lab")
     alice, alice_user = signed_up(app, "alice@example.com")
     key = new_key_from_profile(alice)
     User.update(is_approved=False).where(User.id == alice_user.id).execute()
@@ -156,8 +156,8 @@ def test_keys_of_disabled_or_unapproved_accounts_stop_working(make_app):
     assert app.test_client().get("/v1/probe/me", headers=bearer(key)).status_code == 401
 
 
-def test_last_used_is_recorded_about_once_a_minute(make_app):
-    app = make_app("hosted")
+def test_last_used_is_recorded_about_once_a_minute(account_app):
+    app = account_app("hosted")
     alice, _ = signed_up(app, "alice@example.com")
     key = new_key_from_profile(alice)
     script = app.test_client()
@@ -175,8 +175,8 @@ def test_last_used_is_recorded_about_once_a_minute(make_app):
     assert ApiKey.get().last_used_at > first
 
 
-def test_creating_and_revoking_keys_need_the_csrf_token(make_app):
-    app = make_app("hosted", csrf=True)
+def test_creating_and_revoking_keys_need_the_csrf_token(account_app):
+    app = account_app("hosted", csrf=True)
     alice = app.test_client()
     register(alice, "alice@example.com", csrf_token=csrf_token_of(alice.get("/account/register")))
     assert alice.post("/account/keys", data={"key-name": "x"}).status_code == 400
@@ -189,8 +189,8 @@ def test_creating_and_revoking_keys_need_the_csrf_token(make_app):
     assert ApiKey.get_by_id(key_id).revoked_at is None
 
 
-def test_a_key_writes_to_the_api_without_a_csrf_token_but_a_cookie_cannot(make_app):
-    app = make_app("hosted", csrf=True)
+def test_a_key_writes_to_the_api_without_a_csrf_token_but_a_cookie_cannot(account_app):
+    app = account_app("hosted", csrf=True)
     alice = app.test_client()
     register(alice, "alice@example.com", csrf_token=csrf_token_of(alice.get("/account/register")))
     token = csrf_token_of(alice.get("/account/profile"))

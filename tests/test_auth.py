@@ -10,10 +10,8 @@ from flask import Blueprint, jsonify, request
 from flask_login import current_user
 
 from nanochat_studio import accounts, auth
-from nanochat_studio.app import create_app
 from nanochat_studio.auth import admin_required, api_key_required, login_required
 from nanochat_studio.models import AppState, User
-from nanochat_studio.settings import load_settings
 
 PASSWORD = "correct horse battery"
 REMOTE = {"REMOTE_ADDR": "10.0.0.5"}
@@ -52,9 +50,10 @@ def probe_admin():
     return "admins only"
 
 
-@pytest.fixture(name="make_app")
-def make_app_fixture(tmp_path, monkeypatch):
-    """An app over a fresh SQLite file in a temporary home; ``csrf`` as in production when True.
+@pytest.fixture(name="account_app")
+def account_app_fixture(make_app, monkeypatch):
+    """``account_app(mode, csrf=False, **settings)``: conftest's app (store per NCS_TEST_DB) plus the probe
+    routes. CSRF is off so tests post bare forms; the CSRF tests turn it on, as production has it.
 
     Passwords are hashed with a cheap pbkdf2 here (the suite hashes hundreds); the production scrypt
     has its own test below.
@@ -62,9 +61,8 @@ def make_app_fixture(tmp_path, monkeypatch):
     monkeypatch.setattr(accounts, "PASSWORD_HASH_METHOD", "pbkdf2:sha256:1000")
 
     def make(mode: str = "solo", csrf: bool = False, **overrides):
-        settings = load_settings(environ={"NCS_HOME": str(tmp_path / "home")}, mode=mode, **overrides)
-        app = create_app(settings)
-        app.config.update(TESTING=True, WTF_CSRF_ENABLED=csrf)
+        app = make_app(mode=mode, **overrides)
+        app.config.update(WTF_CSRF_ENABLED=csrf)
         app.register_blueprint(probe)
         return app
 
@@ -92,8 +90,8 @@ def page_text(response) -> str:
 
 # ------------------------------------------------------------------------------ local accounts
 
-def test_register_sign_in_and_sign_out_round_trip(make_app):
-    client = make_app("hosted").test_client()
+def test_register_sign_in_and_sign_out_round_trip(account_app):
+    client = account_app("hosted").test_client()
     response = register(client, "alice@example.com", name="Alice")
     assert response.status_code == 302
     assert whoami(client) == "alice@example.com"
@@ -107,8 +105,8 @@ def test_register_sign_in_and_sign_out_round_trip(make_app):
     assert User.get(User.email == "alice@example.com").last_login_at is not None
 
 
-def test_passwords_are_stored_hashed_with_scrypt(make_app, monkeypatch):
-    client = make_app("hosted").test_client()
+def test_passwords_are_stored_hashed_with_scrypt(account_app, monkeypatch):
+    client = account_app("hosted").test_client()
     monkeypatch.setattr(accounts, "PASSWORD_HASH_METHOD", "scrypt")  # the production setting
     register(client, "alice@example.com")
     stored = User.get(User.email == "alice@example.com").password_hash
@@ -118,15 +116,15 @@ def test_passwords_are_stored_hashed_with_scrypt(make_app, monkeypatch):
     assert whoami(client) == "alice@example.com"
 
 
-def test_logout_is_not_a_get(make_app):
-    client = make_app("hosted").test_client()
+def test_logout_is_not_a_get(account_app):
+    client = account_app("hosted").test_client()
     register(client, "alice@example.com")
     assert client.get("/account/logout").status_code == 405
     assert whoami(client) == "alice@example.com"
 
 
-def test_wrong_password_and_unknown_email_get_the_same_refusal(make_app):
-    client = make_app("hosted").test_client()
+def test_wrong_password_and_unknown_email_get_the_same_refusal(account_app):
+    client = account_app("hosted").test_client()
     register(client, "alice@example.com")
     client.post("/account/logout")
 
@@ -138,8 +136,8 @@ def test_wrong_password_and_unknown_email_get_the_same_refusal(make_app):
     assert whoami(client) is None
 
 
-def test_email_is_normalised(make_app):
-    client = make_app("hosted").test_client()
+def test_email_is_normalised(account_app):
+    client = account_app("hosted").test_client()
     register(client, "  Alice@Example.COM ")
     assert User.get().email == "alice@example.com"
     client.post("/account/logout")
@@ -156,16 +154,16 @@ def test_email_is_normalised(make_app):
         ("alice@localhost", PASSWORD, PASSWORD, "Enter a valid email address"),
     ],
 )
-def test_bad_sign_up_forms_show_a_clear_error(make_app, email, password, confirm, message):
-    client = make_app("hosted").test_client()
+def test_bad_sign_up_forms_show_a_clear_error(account_app, email, password, confirm, message):
+    client = account_app("hosted").test_client()
     response = client.post("/account/register", data={"email": email, "password": password, "confirm": confirm})
     assert response.status_code == 400
     assert message in page_text(response)
     assert User.select().count() == 0
 
 
-def test_a_taken_email_is_refused(make_app):
-    client = make_app("hosted").test_client()
+def test_a_taken_email_is_refused(account_app):
+    client = account_app("hosted").test_client()
     register(client, "alice@example.com")
     client.post("/account/logout")
     response = register(client, "ALICE@example.com")
@@ -177,8 +175,8 @@ def test_a_taken_email_is_refused(make_app):
 # ----------------------------------------------------------------------------------------- modes
 
 @pytest.mark.parametrize("mode", ["lab", "hosted"])
-def test_the_first_account_becomes_admin_and_later_ones_do_not(make_app, mode):
-    app = make_app(mode)
+def test_the_first_account_becomes_admin_and_later_ones_do_not(account_app, mode):
+    app = account_app(mode)
     register(app.test_client(), "alice@example.com")
     register(app.test_client(), "bob@example.com")
     alice, bob = User.get(User.email == "alice@example.com"), User.get(User.email == "bob@example.com")
@@ -187,8 +185,8 @@ def test_the_first_account_becomes_admin_and_later_ones_do_not(make_app, mode):
     assert AppState.get_by_id(accounts.FIRST_ADMIN_KEY).value == alice.id
 
 
-def test_only_one_of_simultaneous_first_sign_ups_becomes_admin(make_app):
-    make_app("hosted")  # opens the database
+def test_only_one_of_simultaneous_first_sign_ups_becomes_admin(account_app):
+    account_app("hosted")  # opens the database
     barrier = threading.Barrier(6)
     failures = []
 
@@ -209,8 +207,8 @@ def test_only_one_of_simultaneous_first_sign_ups_becomes_admin(make_app):
     assert User.select().where(User.is_admin == True).count() == 1  # noqa: E712
 
 
-def test_lab_sign_ups_wait_for_an_admin(make_app):
-    app = make_app("lab")
+def test_lab_sign_ups_wait_for_an_admin(account_app):
+    app = account_app("lab")
     alice, bob, charlie = app.test_client(), app.test_client(), app.test_client()
     register(alice, "alice@example.com")
     assert whoami(alice) == "alice@example.com"  # the first account is the admin, approved
@@ -235,8 +233,8 @@ def test_lab_sign_ups_wait_for_an_admin(make_app):
     assert bob.get("/probe/admin").status_code == 403
 
 
-def test_lab_invitation_skips_approval_once(make_app):
-    app = make_app("lab")
+def test_lab_invitation_skips_approval_once(account_app):
+    app = account_app("lab")
     alice = app.test_client()
     register(alice, "alice@example.com")
     response = alice.post("/account/admin/invites")
@@ -256,8 +254,8 @@ def test_lab_invitation_skips_approval_once(make_app):
     assert not User.select().where(User.email == "charlie@example.com").exists()
 
 
-def test_an_admin_can_promote(make_app):
-    app = make_app("hosted")
+def test_an_admin_can_promote(account_app):
+    app = account_app("hosted")
     alice, bob = app.test_client(), app.test_client()
     register(alice, "alice@example.com")
     register(bob, "bob@example.com")
@@ -268,8 +266,8 @@ def test_an_admin_can_promote(make_app):
     assert bob.get("/probe/admin").status_code == 200
 
 
-def test_solo_mode_makes_the_local_machine_the_owner_without_sign_in(make_app):
-    client = make_app("solo").test_client()
+def test_solo_mode_makes_the_local_machine_the_owner_without_sign_in(account_app):
+    client = account_app("solo").test_client()
     response = client.get("/api/probe/me")
     assert response.status_code == 200 and response.json["admin"] is True
     owner_id = AppState.get_by_id(accounts.SOLO_OWNER_KEY).value
@@ -291,23 +289,23 @@ def test_solo_mode_makes_the_local_machine_the_owner_without_sign_in(make_app):
     ],
     ids=["remote-addr", "xff", "xff-chain", "forwarded", "x-real-ip", "proxied-host"],
 )
-def test_solo_mode_asks_anyone_elsewhere_to_sign_in(make_app, kwargs):
+def test_solo_mode_asks_anyone_elsewhere_to_sign_in(account_app, kwargs):
     # A proxy on this machine passing the public name (allowed, so the host guard lets it through).
-    client = make_app("solo", allowed_hosts="studio.example.com").test_client()
+    client = account_app("solo", allowed_hosts="studio.example.com").test_client()
     assert client.get("/api/probe/me", **kwargs).status_code == 401
     response = client.get("/probe/page?tab=2", **kwargs)
     assert response.status_code == 302
     assert response.headers["Location"] == "/account/login?next=/probe/page?tab%3D2"
 
 
-def test_solo_mode_accepts_loopback_forwarding(make_app):
-    client = make_app("solo").test_client()
+def test_solo_mode_accepts_loopback_forwarding(account_app):
+    client = account_app("solo").test_client()
     response = client.get("/api/probe/me", headers={"X-Forwarded-For": "127.0.0.1, ::1", "Host": "localhost:8765"})
     assert response.status_code == 200
 
 
-def test_solo_owner_sets_a_password_to_sign_in_from_elsewhere(make_app):
-    app = make_app("solo")
+def test_solo_owner_sets_a_password_to_sign_in_from_elsewhere(account_app):
+    app = account_app("solo")
     local, remote = app.test_client(), app.test_client()
     form = {"email": "owner@example.com", "name": "Owner", "new_password": PASSWORD, "confirm": PASSWORD}
     assert local.post("/account/profile", data=form).status_code == 302
@@ -321,15 +319,15 @@ def test_solo_owner_sets_a_password_to_sign_in_from_elsewhere(make_app):
     assert response.status_code == 400 and "The current password is wrong." in page_text(response)
 
 
-def test_solo_mode_has_no_sign_up(make_app):
-    client = make_app("solo").test_client()
+def test_solo_mode_has_no_sign_up(account_app):
+    client = account_app("solo").test_client()
     response = register(client, "mallory@example.com", environ_base=REMOTE)
     assert response.status_code == 302
     assert User.select().where(User.email == "mallory@example.com").count() == 0
 
 
-def test_a_disabled_account_loses_its_session(make_app):
-    client = make_app("hosted").test_client()
+def test_a_disabled_account_loses_its_session(account_app):
+    client = account_app("hosted").test_client()
     register(client, "alice@example.com")
     User.update(is_active_flag=False).where(User.email == "alice@example.com").execute()
     assert whoami(client) is None
@@ -337,8 +335,8 @@ def test_a_disabled_account_loses_its_session(make_app):
 
 # ------------------------------------------------------------------------------ helpers, redirects
 
-def test_pages_redirect_to_sign_in_and_api_answers_401_json(make_app):
-    client = make_app("hosted").test_client()
+def test_pages_redirect_to_sign_in_and_api_answers_401_json(account_app):
+    client = account_app("hosted").test_client()
     response = client.get("/probe/page")
     assert response.status_code == 302 and response.headers["Location"] == "/account/login?next=/probe/page"
     response = client.get("/api/probe/me")
@@ -353,18 +351,18 @@ def test_pages_redirect_to_sign_in_and_api_answers_401_json(make_app):
         "", "/%0d%0aSet-Cookie:x" + "\r\n",
     ],
 )
-def test_next_refuses_anything_but_a_path_on_this_site(make_app, target):
+def test_next_refuses_anything_but_a_path_on_this_site(account_app, target):
     assert auth.safe_next(target) is None
-    client = make_app("hosted").test_client()
+    client = account_app("hosted").test_client()
     register(client, "alice@example.com")
     client.post("/account/logout")
     response = login(client, "alice@example.com", next=target)
     assert response.status_code == 302 and response.headers["Location"] == "/"
 
 
-def test_next_keeps_a_path_on_this_site(make_app):
+def test_next_keeps_a_path_on_this_site(account_app):
     assert auth.safe_next("/jobs/3?tab=loss") == "/jobs/3?tab=loss"
-    client = make_app("hosted").test_client()
+    client = account_app("hosted").test_client()
     register(client, "alice@example.com")
     client.post("/account/logout")
     page = client.get("/account/login?next=/jobs/3%3Ftab%3Dloss")
@@ -379,8 +377,8 @@ def csrf_token_of(page) -> str:
     return re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page_text(page)).group(1)
 
 
-def test_sign_in_and_sign_out_forms_need_the_csrf_token(make_app):
-    app = make_app("hosted", csrf=True)
+def test_sign_in_and_sign_out_forms_need_the_csrf_token(account_app):
+    app = account_app("hosted", csrf=True)
     client = app.test_client()
     token = csrf_token_of(client.get("/account/register"))
     register(client, "alice@example.com", csrf_token=token)

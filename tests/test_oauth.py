@@ -23,7 +23,7 @@ from oauth_provider import (
     signing_key,
 )
 from test_auth import login, register, whoami
-from test_auth import make_app_fixture  # noqa: F401 - the make_app fixture
+from test_auth import account_app_fixture  # noqa: F401 - the account_app fixture
 
 CALLBACKS = {name: [f"http://localhost/account/oauth/{name}/callback"] for name in ("github", "google")}
 
@@ -43,7 +43,7 @@ def provider(running_provider, monkeypatch):
 
 
 @pytest.fixture
-def studio(make_app, provider):
+def studio(account_app, provider):
     """Make an app with both providers pointed at the loopback provider."""
 
     def make(mode: str = "hosted", **overrides):
@@ -57,7 +57,7 @@ def studio(make_app, provider):
             google_discovery_url=provider.google_discovery_url,
         )
         settings.update(overrides)
-        return make_app(mode, **settings)
+        return account_app(mode, **settings)
 
     return make
 
@@ -272,8 +272,8 @@ def test_solo_mode_lets_no_stranger_in_through_a_provider(studio, provider):
     assert not User.select().where(User.email == "stranger@example.com").exists()
 
 
-def test_providers_without_a_client_id_are_off(make_app):
-    client = make_app("hosted", github_client_id="").test_client()
+def test_providers_without_a_client_id_are_off(account_app):
+    client = account_app("hosted", github_client_id="").test_client()
     assert client.get("/account/oauth/github/login").status_code == 404
     assert client.get("/account/oauth/google/callback?code=x&state=y").status_code == 404
     assert "Continue with" not in client.get("/account/login").get_data(as_text=True)
@@ -284,12 +284,12 @@ def test_configured_providers_are_offered(studio):
     assert "Continue with GitHub" in page and "Continue with Google" in page
 
 
-def test_an_unreachable_provider_is_a_clean_message(make_app, monkeypatch):
+def test_an_unreachable_provider_is_a_clean_message(account_app, monkeypatch):
     monkeypatch.setenv("AUTHLIB_INSECURE_TRANSPORT", "1")
     with socket.socket() as closed:  # a port nobody listens on
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    app = make_app("hosted", google_client_id=GOOGLE_CLIENT_ID, google_client_secret=GOOGLE_CLIENT_SECRET,
+    app = account_app("hosted", google_client_id=GOOGLE_CLIENT_ID, google_client_secret=GOOGLE_CLIENT_SECRET,
                    google_discovery_url=f"http://127.0.0.1:{port}/.well-known/openid-configuration")
     client = app.test_client()
     response = client.get("/account/oauth/google/login")
