@@ -1,0 +1,297 @@
+"""The JSON API for jobs, models, datasets and estimates (``/api/...``).
+
+Session or API-key auth (in solo mode a request from this machine needs neither); every object is
+scoped to its owner, and another user's id answers 404 exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request, stream_with_context, url_for
+from flask_login import current_user
+
+from .. import datasets, jobs, planning, sse
+from ..auth import login_required
+from ..db import database
+from ..errors import BadRequest, Conflict, NotFound
+from ..models import Model, TrainingJob
+from ..storage import Storage
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+LOG_TAIL_BYTES = 64 << 10
+MAX_LIST = 200
+
+
+# --- serializers (the pages use them too) ------------------------------------------------------------
+
+def _iso(t) -> str | None:
+    return t.isoformat() + "Z" if t else None
+
+
+def job_json(job: TrainingJob, settings: Any = None) -> dict[str, Any]:
+    final = job.status in jobs.FINAL
+    model = (Model.select().where((Model.job == job) & (Model.is_snapshot == False))  # noqa: E712
+             .order_by(Model.id.desc()).first())
+    waiting = "" if final or job.status == jobs.RUNNING else jobs.why_waiting(job, settings)
+    return {
+        "id": job.id,
+        "name": job.name,
+        "status": job.status,
+        "status_reason": job.status_reason,
+        "error_kind": job.error_kind,
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "cancel_requested": job.cancel_requested,
+        "config": _public_config(job.config),
+        "estimate": job.estimate,
+        "progress": job.progress or {},
+        "device": job.device,
+        "queue_position": jobs.queue_position(job) if job.status == jobs.QUEUED else None,
+        "why_waiting": waiting,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "model": model_json(model) if model else None,
+        "urls": {
+            "self": url_for("api.get_job", job_id=job.id),
+            "page": url_for("jobs.show", job_id=job.id),
+            "events": url_for("api.job_events", job_id=job.id),
+            "cancel": None if final else url_for("api.cancel_job", job_id=job.id),
+            "download": url_for("api.download_model", model_id=model.id) if model else None,
+            "chat": _chat_url(model) if model else None,
+        },
+    }
+
+
+def _public_config(config: dict) -> dict:
+    """The config without secrets: S3 credentials are stored for the trainer, never shown."""
+    out = dict(config or {})
+    if isinstance(out.get("dataset"), dict):
+        out["dataset"] = datasets.describe_spec(out["dataset"])
+    return out
+
+
+def model_json(model: Model) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "name": model.name,
+        "job_id": model.job_id,
+        "step": model.step,
+        "is_snapshot": model.is_snapshot,
+        "params": model.params,
+        "config": model.config,
+        "metrics": model.metrics,
+        "samples": model.samples,
+        "data_source": model.data_source,
+        "data_sha256": model.data_sha256,
+        "size_bytes": model.size_bytes,
+        "created_at": _iso(model.created_at),
+        "urls": {
+            "self": url_for("api.get_model", model_id=model.id),
+            "download": url_for("api.download_model", model_id=model.id),
+            "chat": _chat_url(model),
+        },
+    }
+
+
+def _chat_url(model: Model) -> str | None:
+    """The chat page of ``model``, once the chat blueprint is installed."""
+    if "chat.page" not in current_app.view_functions:
+        return None
+    return url_for("chat.page", model_id=model.id)
+
+
+def own_job(job_id: int) -> TrainingJob:
+    job = TrainingJob.get_or_none((TrainingJob.id == job_id) & (TrainingJob.user == current_user.id))
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def own_model(model_id: int) -> Model:
+    model = Model.get_or_none((Model.id == model_id) & (Model.user == current_user.id))
+    if model is None:
+        raise NotFound(f"no model {model_id}")
+    return model
+
+
+def _settings():
+    return current_app.config["NCS_SETTINGS"]
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("send a JSON object with Content-Type: application/json")
+    return body
+
+
+# --- estimate ------------------------------------------------------------------------------------------
+
+@bp.get("/estimate")
+@login_required
+def estimate():
+    return jsonify(planning.estimate_for(request.args, current_user, _settings()))
+
+
+# --- jobs ------------------------------------------------------------------------------------------------
+
+@bp.post("/jobs")
+@login_required
+def create_job():
+    job = planning.submit(current_user, _json_body(), _settings())
+    resp = jsonify(job_json(job, _settings()))
+    resp.status_code = 201
+    resp.headers["Location"] = url_for("api.get_job", job_id=job.id)
+    return resp
+
+
+@bp.get("/jobs")
+@login_required
+def list_jobs():
+    rows = TrainingJob.owned_by(current_user).order_by(TrainingJob.id.desc()).limit(MAX_LIST)
+    status = request.args.get("status")
+    if status:
+        rows = rows.where(TrainingJob.status == status)
+    return jsonify({"jobs": [job_json(j, _settings()) for j in rows]})
+
+
+@bp.get("/jobs/<int:job_id>")
+@login_required
+def get_job(job_id: int):
+    return jsonify(job_json(own_job(job_id), _settings()))
+
+
+@bp.post("/jobs/<int:job_id>/cancel")
+@login_required
+def cancel_job(job_id: int):
+    job = own_job(job_id)
+    if job.status in jobs.FINAL:
+        raise Conflict(f"job {job_id} already {job.status}")
+    jobs.request_cancel(job)
+    return jsonify(job_json(jobs.get(job_id), _settings()))
+
+
+@bp.get("/jobs/<int:job_id>/log")
+@login_required
+def job_log(job_id: int):
+    job = own_job(job_id)
+    text = ""
+    if job.log_path and os.path.exists(job.log_path):
+        with open(job.log_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - LOG_TAIL_BYTES))
+            text = fh.read().decode("utf-8", errors="replace")
+            if size > LOG_TAIL_BYTES:
+                text = text.split("\n", 1)[-1]  # drop the cut first line
+    return jsonify({"text": text})
+
+
+@bp.get("/jobs/<int:job_id>/events")
+@login_required
+def job_events(job_id: int):
+    """The job's events as SSE, replayed from Last-Event-ID, then live until the job ends."""
+    job = own_job(job_id)
+    settings = _settings()
+    after = sse.last_event_id()
+    state = {"after": after, "ended": False}
+
+    def frames_for(events) -> list[str]:
+        out = []
+        for ev in events:
+            data = dict(ev.data or {})
+            if ev.kind == "state":
+                with database.connection_context():
+                    data["job"] = job_json(jobs.get(job_id), settings)
+            out.append(sse.format_event(data, event=ev.kind, id=ev.seq))
+            state["after"] = ev.seq
+        return out
+
+    def first():
+        with database.connection_context():
+            frames = frames_for(jobs.events_since(job_id, after))
+            frames.append(sse.format_event(job_json(jobs.get(job_id), settings), event="job"))
+        return frames
+
+    def poll():
+        if state["ended"]:
+            return None
+        with database.connection_context():
+            frames = frames_for(jobs.events_since(job_id, state["after"]))
+            if jobs.get(job_id).status in jobs.FINAL and not jobs.events_since(job_id, state["after"]):
+                state["ended"] = True
+                frames.append(sse.format_event({"status": jobs.get(job_id).status}, event="end"))
+        return frames
+
+    del job  # the generator below must not hold request-bound objects
+    return sse.response(stream_with_context(sse.with_heartbeats(first, poll)))
+
+
+# --- models ----------------------------------------------------------------------------------------------
+
+@bp.get("/models")
+@login_required
+def list_models():
+    rows = Model.owned_by(current_user).order_by(Model.id.desc()).limit(MAX_LIST)
+    return jsonify({"models": [model_json(m) for m in rows]})
+
+
+@bp.get("/models/<int:model_id>")
+@login_required
+def get_model(model_id: int):
+    return jsonify(model_json(own_model(model_id)))
+
+
+@bp.get("/models/<int:model_id>/download")
+@login_required
+def download_model(model_id: int):
+    model = own_model(model_id)
+    storage = Storage.from_settings(_settings())
+    from ..archive import archive_dirname
+
+    name = archive_dirname(model) + ".tar.gz"
+    stream = storage.stream_model_archive(model)
+    resp = current_app.response_class(stream_with_context(stream), mimetype="application/gzip")
+    resp.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+# --- datasets --------------------------------------------------------------------------------------------
+
+def dataset_json(ds) -> dict[str, Any]:
+    return {"id": ds.id, "name": ds.name, "size_bytes": ds.size_bytes, "sha256": ds.sha256,
+            "created_at": _iso(ds.created_at), "spec": f"ds:{ds.id}"}
+
+
+@bp.post("/datasets")
+@login_required
+def upload_dataset():
+    upload = request.files.get("file")
+    if upload is None or not upload.filename:
+        raise BadRequest("send the file as multipart/form-data in a field named 'file'")
+    ds = datasets.save_upload(current_user, upload.filename, upload.stream, _settings(),
+                              size_hint=request.content_length)
+    resp = jsonify(dataset_json(ds))
+    resp.status_code = 201
+    return resp
+
+
+@bp.get("/datasets")
+@login_required
+def list_datasets():
+    return jsonify({"datasets": [dataset_json(d) for d in datasets.list_datasets(current_user)]})
+
+
+@bp.delete("/datasets/<int:dataset_id>")
+@login_required
+def delete_dataset(dataset_id: int):
+    datasets.delete_dataset(current_user, dataset_id, _settings())
+    return ("", 204)
+
+
+__all__ = ["bp", "job_json", "model_json", "own_job", "own_model"]

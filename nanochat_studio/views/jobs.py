@@ -1,0 +1,139 @@
+"""Pages for training: the plan page (/train), a job's live page, the list of jobs, and models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user
+
+from trainer import sizing
+
+from .. import datasets, jobs, planning
+from ..auth import login_required
+from ..errors import AppError
+from ..models import Model, TrainingJob
+from .api import job_json, model_json, own_job, own_model
+
+bp = Blueprint("jobs", __name__)
+
+FORM_INTS = ("depth", "max_steps", "seq_len", "batch_size", "vocab_size", "checkpoint_every", "seed")
+FORM_FLOATS = ("matrix_lr", "embedding_lr", "unembedding_lr")
+ADVANCED = FORM_INTS[1:] + FORM_FLOATS
+
+
+def _settings():
+    return current_app.config["NCS_SETTINGS"]
+
+
+def _allow_server_paths() -> bool:
+    return bool(getattr(_settings(), "allow_server_paths", False)) or bool(current_user.is_admin)
+
+
+def config_from_form(form) -> tuple[dict[str, Any], list[str]]:
+    """The job config a plan form describes, and what is wrong with it (each message names the field)."""
+    errors: list[str] = []
+    config: dict[str, Any] = {}
+    for key in FORM_INTS:
+        raw = (form.get(key) or "").strip()
+        if not raw:
+            continue
+        try:
+            config[key] = int(raw)
+        except ValueError:
+            errors.append(f"{key.replace('_', ' ').capitalize()} must be a whole number, not {raw!r}.")
+    for key in FORM_FLOATS:
+        raw = (form.get(key) or "").strip()
+        if not raw:
+            continue
+        try:
+            config[key] = float(raw)
+        except ValueError:
+            errors.append(f"{key.replace('_', ' ').capitalize()} must be a number, not {raw!r}.")
+    name = (form.get("name") or "").strip()
+    if name:
+        config["name"] = name
+    source = form.get("source") or "demo"
+    if source == "demo":
+        config["dataset"] = "demo"
+    elif source == "upload":
+        ds = (form.get("dataset_id") or "").strip()
+        if not ds.isdigit():
+            errors.append("Choose an uploaded file, or upload one first.")
+        else:
+            config["dataset"] = f"ds:{ds}"
+    elif source in ("url", "s3", "path"):
+        value = (form.get(source) or "").strip()
+        if not value:
+            errors.append({"url": "Enter the https address of the data.", "s3": "Enter the s3:// prefix.",
+                           "path": "Enter a path on this server."}[source])
+        config["dataset"] = value
+    else:
+        errors.append("Choose where the data comes from.")
+    return config, errors
+
+
+@bp.route("/train", methods=["GET", "POST"])
+@login_required
+def plan():
+    settings = _settings()
+    form: dict[str, Any] = {"depth": request.args.get("depth", "4"), "source": "demo"}
+    errors: list[str] = []
+    if request.method == "POST":
+        form = request.form.to_dict()
+        form["advanced"] = any(form.get(k) for k in ADVANCED)
+        config, errors = config_from_form(request.form)
+        if not errors:
+            try:
+                job = planning.submit(current_user, config, settings)
+            except (AppError, ValueError) as exc:
+                errors.append(str(getattr(exc, "message", None) or exc))
+            else:
+                flash(f"Job #{job.id} is queued.", "success")
+                return redirect(url_for("jobs.show", job_id=job.id))
+    dev = planning.device(settings)
+    defaults = sizing.device_defaults(dev["device"])
+    status = 400 if errors else 200
+    return render_template("jobs/plan.html", form=form, errors=errors, device=dev, defaults=defaults,
+                           datasets=datasets.list_datasets(current_user),
+                           allow_server_paths=_allow_server_paths()), status
+
+
+@bp.get("/jobs")
+@login_required
+def index():
+    rows = TrainingJob.owned_by(current_user).order_by(TrainingJob.id.desc()).limit(100)
+    return render_template("jobs/index.html", jobs=[job_json(j, _settings()) for j in rows])
+
+
+@bp.get("/jobs/<int:job_id>")
+@login_required
+def show(job_id: int):
+    job = own_job(job_id)
+    info = job_json(job, _settings())
+    info["final"] = job.status in jobs.FINAL
+    shape = sizing.shape_for(job.config["depth"], job.config.get("vocab_size") or 8192,
+                             job.config.get("seq_len") or 256)
+    info["params_human"] = (job.estimate or {}).get("params") or sizing.param_counts(shape)["total"]
+    info["params_human"] = _human(info["params_human"])
+    return render_template("jobs/show.html", job=job, info=info)
+
+
+@bp.get("/models")
+@login_required
+def models():
+    rows = Model.owned_by(current_user).order_by(Model.id.desc()).limit(200)
+    return render_template("models/index.html", models=[model_json(m) for m in rows])
+
+
+@bp.get("/models/<int:model_id>")
+@login_required
+def model_page(model_id: int):
+    return render_template("models/show.html", model=model_json(own_model(model_id)))
+
+
+def _human(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(int(n))

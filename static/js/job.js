@@ -1,0 +1,227 @@
+// The job page: live charts, stats, samples, state history and log tail from the job's event stream.
+// Server-Sent Events carry ids, so a browser that reconnects (lid closed, network blip) resumes from
+// Last-Event-ID and loses no points. Every piece of text from the trainer or the model is inserted with
+// textContent, never as HTML.
+(function () {
+  "use strict";
+  const root = document.getElementById("job");
+  if (!root) return;
+  const jobId = root.dataset.jobId;
+  const eventsUrl = root.dataset.eventsUrl;
+  const logUrl = root.dataset.logUrl;
+  const FINAL = new Set(["completed", "failed", "cancelled"]);
+  const $ = (sel) => root.querySelector(sel);
+  const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+
+  // -- formatting ---------------------------------------------------------------------------------
+  function fmtDuration(s) {
+    if (s === null || s === undefined || !isFinite(s)) return "–";
+    s = Math.max(0, Math.round(s));
+    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+    if (h) return `${h}h ${m}m`;
+    if (m) return `${m}m ${sec}s`;
+    return `${sec}s`;
+  }
+  function fmtNum(x, digits) {
+    if (x === null || x === undefined || !isFinite(x)) return "–";
+    if (Math.abs(x) >= 1e6) return (x / 1e6).toFixed(1) + "M";
+    if (Math.abs(x) >= 1e4) return (x / 1e3).toFixed(1) + "K";
+    return Number(x).toFixed(digits === undefined ? 0 : digits);
+  }
+  function setText(sel, text) {
+    const el = $(sel);
+    if (el) el.textContent = text;
+  }
+
+  // -- charts ---------------------------------------------------------------------------------------
+  const loss = { step: [], train: [], valStep: [], val: [], bpb: [] };
+  let lossChart = null, bpbChart = null, dirty = false;
+
+  function chartWidth(el) { return Math.max(280, el.clientWidth - 8); }
+  function makeCharts() {
+    if (typeof uPlot === "undefined") return;
+    const le = $("#loss-chart"), be = $("#bpb-chart");
+    const axes = [{ label: "step", stroke: "currentColor", grid: { stroke: "rgba(128,128,128,.15)" } },
+                  { stroke: "currentColor", grid: { stroke: "rgba(128,128,128,.15)" } }];
+    lossChart = new uPlot({
+      width: chartWidth(le), height: 260, axes: axes,
+      scales: { x: { time: false } },
+      series: [{ label: "step" },
+               { label: "train loss", stroke: "#3b82f6", width: 1.5, spanGaps: true },
+               { label: "val loss", stroke: "#f59e0b", width: 2, spanGaps: true, points: { show: true } }],
+    }, [[], [], []], le);
+    bpbChart = new uPlot({
+      width: chartWidth(be), height: 200, axes: axes,
+      scales: { x: { time: false } },
+      series: [{ label: "step" },
+               { label: "val bits/byte", stroke: "#10b981", width: 2, points: { show: true } }],
+    }, [[], []], be);
+    window.addEventListener("resize", () => {
+      lossChart.setSize({ width: chartWidth(le), height: 260 });
+      bpbChart.setSize({ width: chartWidth(be), height: 200 });
+    });
+  }
+  // Train loss is logged every step and val loss now and then: merge them on one x axis.
+  function lossData() {
+    const xs = Array.from(new Set(loss.step.concat(loss.valStep))).sort((a, b) => a - b);
+    const t = new Map(loss.step.map((s, i) => [s, loss.train[i]]));
+    const v = new Map(loss.valStep.map((s, i) => [s, loss.val[i]]));
+    return [xs, xs.map((s) => (t.has(s) ? t.get(s) : null)), xs.map((s) => (v.has(s) ? v.get(s) : null))];
+  }
+  function redraw() {
+    if (!dirty) return;
+    dirty = false;
+    if (lossChart) lossChart.setData(lossData());
+    if (bpbChart) bpbChart.setData([loss.valStep.slice(), loss.bpb.slice()]);
+  }
+  setInterval(redraw, 250);
+
+  // -- state ----------------------------------------------------------------------------------------
+  function showJob(job) {
+    if (!job) return;
+    const badge = $("#status");
+    badge.textContent = job.status;
+    badge.className = "badge status-" + job.status;
+    setText("#status-reason", job.status_reason || "");
+    setText("#why-waiting", job.why_waiting || "");
+    $("#waiting").hidden = !job.why_waiting;
+    setText("#attempt", job.attempt ? `attempt ${job.attempt} of ${job.max_attempts}` : "");
+    const active = !FINAL.has(job.status);
+    $("#cancel").hidden = !active || job.cancel_requested;
+    $("#cancelling").hidden = !(active && job.cancel_requested);
+    const dl = $("#download");
+    if (job.urls && job.urls.download) { dl.href = job.urls.download; dl.hidden = false; } else { dl.hidden = true; }
+    const chat = $("#chat");
+    if (job.urls && job.urls.chat) { chat.href = job.urls.chat; chat.hidden = false; } else { chat.hidden = true; }
+    $("#snapshot").hidden = !(active && job.progress && job.progress.checkpoint_step);
+    if (job.progress) showProgress(job.progress);
+    if (!active) { stopLog(); setText("#eta", "–"); }
+  }
+  function showProgress(p) {
+    if (p.step !== undefined && p.total_steps) {
+      setText("#step", `${p.step} / ${p.total_steps}`);
+      $("#bar").style.width = Math.min(100, (100 * p.step) / p.total_steps).toFixed(1) + "%";
+    }
+    if (p.loss !== undefined) setText("#loss", fmtNum(p.loss, 3));
+    if (p.val_bpb !== undefined && p.val_bpb !== null) setText("#bpb", fmtNum(p.val_bpb, 3));
+    if (p.tokens_per_sec !== undefined) setText("#tps", fmtNum(p.tokens_per_sec));
+    if (p.mfu !== undefined) setText("#mfu", p.mfu === null ? "–" : (100 * p.mfu).toFixed(1) + "%");
+    if (p.elapsed_s !== undefined) setText("#elapsed", fmtDuration(p.elapsed_s));
+    if (p.eta_s !== undefined) setText("#eta", fmtDuration(p.eta_s));
+  }
+  function addHistory(text, when) {
+    const li = document.createElement("li");
+    const t = document.createElement("time");
+    t.textContent = when ? new Date(when * 1000).toLocaleTimeString() : "";
+    li.append(t, document.createTextNode(" " + text));
+    $("#history").appendChild(li);
+  }
+  function addSamples(d) {
+    const box = $("#samples");
+    const block = document.createElement("div");
+    block.className = "sample-block";
+    const h = document.createElement("h4");
+    h.textContent = `step ${d.step}`;
+    block.appendChild(h);
+    for (const s of d.samples || []) {
+      const p = document.createElement("p");
+      const b = document.createElement("b");
+      b.textContent = s.prompt;
+      p.append(b, document.createTextNode(s.text));
+      block.appendChild(p);
+    }
+    box.prepend(block);
+    $("#no-samples").hidden = true;
+  }
+
+  const handlers = {
+    state(d) {
+      addHistory(`${d.from || "–"} → ${d.to}${d.reason ? ": " + d.reason : ""}`, d.time);
+      showJob(d.job);
+    },
+    start(d) {
+      addHistory(d.resumed_from_step ? `trainer resumed from step ${d.resumed_from_step}` :
+                 `trainer started on ${d.device}`, d.time);
+    },
+    step(d) {
+      loss.step.push(d.step); loss.train.push(d.loss); dirty = true;
+      showProgress(d);
+    },
+    eval(d) {
+      loss.valStep.push(d.step); loss.val.push(d.val_loss); loss.bpb.push(d.val_bpb); dirty = true;
+      if (d.val_bpb !== null) setText("#bpb", fmtNum(d.val_bpb, 3));
+    },
+    sample: addSamples,
+    checkpoint(d) {
+      addHistory(`checkpoint at step ${d.step}`, d.time);
+      $("#snapshot").hidden = FINAL.has($("#status").textContent);
+    },
+    done(d) { addHistory(`finished at step ${d.step}, loss ${fmtNum(d.final_loss, 3)}`, d.time); },
+    error(d) { addHistory(`${d.kind} error: ${d.message}`, d.time); },
+    job(d) { showJob(d); },
+  };
+
+  // -- the stream ------------------------------------------------------------------------------------
+  let source = null;
+  function connect() {
+    source = new EventSource(eventsUrl);
+    for (const name of Object.keys(handlers)) {
+      source.addEventListener(name, (e) => {
+        let d;
+        try { d = JSON.parse(e.data); } catch (err) { return; }
+        handlers[name](d);
+        root.dataset.lastEventId = e.lastEventId || root.dataset.lastEventId || "";
+      });
+    }
+    source.addEventListener("end", () => { source.close(); setText("#live", "finished"); redraw(); });
+    source.onopen = () => setText("#live", "live");
+    source.onerror = () => {
+      // EventSource reconnects by itself and sends Last-Event-ID; just say so.
+      if (source.readyState !== EventSource.CLOSED) setText("#live", "reconnecting…");
+    };
+  }
+
+  // -- the log tail (polled; plain text) ------------------------------------------------------------
+  let logTimer = null;
+  async function pollLog() {
+    try {
+      const r = await fetch(logUrl, { headers: { Accept: "application/json" } });
+      if (r.ok) {
+        const body = await r.json();
+        const pre = $("#log");
+        const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+        pre.textContent = body.text || "";
+        if (atBottom) pre.scrollTop = pre.scrollHeight;
+      }
+    } catch (err) { /* next poll */ }
+  }
+  function stopLog() { if (logTimer) { clearInterval(logTimer); logTimer = null; pollLog(); } }
+
+  async function post(url) {
+    const r = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrf(), Accept: "application/json" },
+      body: "{}",
+    });
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error((body.error && body.error.message) || r.statusText);
+    return body;
+  }
+
+  $("#cancel").addEventListener("click", async () => {
+    if (!confirm("Stop this run? It saves a checkpoint first, and the partial model stays usable.")) return;
+    try { showJob(await post(root.dataset.cancelUrl)); } catch (e) { alert(e.message); }
+  });
+  $("#snapshot").addEventListener("click", async () => {
+    try {
+      const m = await post(root.dataset.snapshotUrl);
+      window.location = m.chat_url;
+    } catch (e) { alert(e.message); }
+  });
+
+  makeCharts();
+  connect();
+  pollLog();
+  logTimer = setInterval(pollLog, 3000);
+  window.__jobPage = { loss: loss, jobId: jobId };  // read by the browser test
+})();

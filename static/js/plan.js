@@ -1,0 +1,129 @@
+// The plan page: as the depth or the data change, ask /api/estimate and show size, tokens, steps,
+// memory and time without a reload. Uploads go straight to /api/datasets with a progress bar.
+(function () {
+  "use strict";
+  const form = document.getElementById("plan-form");
+  if (!form) return;
+  const $ = (id) => document.getElementById(id);
+  const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+  const depth = $("depth");
+  let timer = null, seq = 0, calibrationTimer = null;
+
+  function human(n) {
+    if (n === null || n === undefined) return "–";
+    for (const [u, d] of [["T", 1e12], ["B", 1e9], ["M", 1e6], ["K", 1e3]]) if (Math.abs(n) >= d) return (n / d).toFixed(1) + u;
+    return String(Math.round(n));
+  }
+  function bytes(n) {
+    if (!n) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return n.toFixed(n < 10 ? 1 : 0) + " " + units[i];
+  }
+  function duration(s) {
+    if (s === null || s === undefined || !isFinite(s)) return "–";
+    if (s < 90) return Math.round(s) + " s";
+    if (s < 5400) return Math.round(s / 60) + " min";
+    if (s < 172800) return (s / 3600).toFixed(1) + " h";
+    return (s / 86400).toFixed(1) + " days";
+  }
+
+  function source() { return (form.querySelector('input[name="source"]:checked') || {}).value || "demo"; }
+  function showSourceDetails() {
+    for (const el of form.querySelectorAll(".source-detail")) el.hidden = el.dataset.source !== source();
+  }
+
+  function params() {
+    const p = new URLSearchParams();
+    p.set("depth", depth.value);
+    const s = source();
+    if (s === "demo") p.set("dataset", "demo");
+    if (s === "upload" && $("dataset-id").value) p.set("dataset", "ds:" + $("dataset-id").value);
+    if (s === "url" && form.url.value) p.set("dataset", form.url.value);
+    if (s === "s3" && form.s3.value) p.set("dataset", form.s3.value);
+    if (s === "path" && form.path && form.path.value) p.set("dataset", form.path.value);
+    for (const k of ["max_steps", "seq_len", "batch_size", "vocab_size"]) if (form[k].value) p.set(k, form[k].value);
+    return p;
+  }
+
+  async function refresh() {
+    const mine = ++seq;
+    $("depth-out").textContent = depth.value;
+    try {
+      const r = await fetch(form.dataset.estimateUrl + "?" + params().toString(), { headers: { Accept: "application/json" } });
+      const body = await r.json();
+      if (mine !== seq) return;  // a newer request is on its way
+      if (!r.ok) { showError((body.error && body.error.message) || r.statusText); return; }
+      show(body);
+    } catch (e) { if (mine === seq) showError("Could not reach the server for an estimate."); }
+  }
+  function showError(msg) { const el = $("e-error"); el.textContent = msg; el.hidden = false; }
+
+  function show(e) {
+    $("e-error").hidden = true;
+    $("e-params").textContent = e.params_human;
+    $("e-tokens").textContent = e.tokens_human;
+    $("e-ratio").textContent = e.tokens_per_param;
+    $("e-steps").textContent = e.steps.toLocaleString() + ` × ${e.batch_size}×${e.seq_len}`;
+    const m = e.memory;
+    const verdict = { fits: "fits", tight: "tight", wont_fit: "will not fit", unknown: "" }[m.verdict] || "";
+    $("e-memory").textContent = bytes(m.needed_bytes) + (verdict ? " · " + verdict : "");
+    $("e-memory").className = "verdict-" + m.verdict;
+    const share = m.device_bytes ? Math.min(1, m.needed_bytes / m.device_bytes) : 0;
+    $("e-meter").style.width = (100 * share).toFixed(1) + "%";
+    $("e-meter").className = "meter-bar verdict-" + m.verdict;
+    $("e-memory-note").textContent = m.device_bytes ? `of ${bytes(m.device_bytes)} on ${e.device.device_name || e.device.device}` : "";
+    $("e-time").textContent = duration(e.time.seconds);
+    const src = {
+      calibrated: `measured here: ${human(e.time.tokens_per_sec)} tokens/s at this shape`,
+      extrapolated: "scaled from a timing run at a nearby size; refining…",
+      rough: "a rough guess until the timing run finishes…",
+    }[e.time.source] || "";
+    $("e-time-note").textContent = src;
+    const ul = $("e-warnings");
+    ul.textContent = "";
+    for (const w of e.warnings) { const li = document.createElement("li"); li.textContent = w; ul.appendChild(li); }
+    // A calibration runs in the background; ask again until the time is measured.
+    clearTimeout(calibrationTimer);
+    if (e.time.source !== "calibrated" && e.calibrating) calibrationTimer = setTimeout(refresh, 2000);
+  }
+
+  function schedule() { clearTimeout(timer); timer = setTimeout(refresh, 150); }
+  form.addEventListener("input", (ev) => { if (ev.target.id !== "upload-file") schedule(); });
+  form.addEventListener("change", () => { showSourceDetails(); schedule(); });
+
+  $("upload-file") && $("upload-file").addEventListener("change", () => {
+    const file = $("upload-file").files[0];
+    if (!file) return;
+    const data = new FormData();
+    data.append("file", file);
+    const xhr = new XMLHttpRequest();
+    const bar = $("upload-progress"), status = $("upload-status");
+    bar.hidden = false; bar.value = 0; status.textContent = `Uploading ${file.name}…`;
+    xhr.upload.onprogress = (ev) => { if (ev.lengthComputable) bar.value = (100 * ev.loaded) / ev.total; };
+    xhr.onload = () => {
+      bar.hidden = true;
+      let body = {};
+      try { body = JSON.parse(xhr.responseText); } catch (e) { /* shown below */ }
+      if (xhr.status >= 200 && xhr.status < 300) {
+        const opt = document.createElement("option");
+        opt.value = body.id; opt.textContent = `${body.name} (${bytes(body.size_bytes)})`;
+        $("dataset-id").appendChild(opt);
+        $("dataset-id").value = body.id;
+        status.textContent = `Uploaded ${body.name}.`;
+        refresh();
+      } else {
+        status.textContent = (body.error && body.error.message) || `Upload failed (${xhr.status}).`;
+      }
+    };
+    xhr.onerror = () => { bar.hidden = true; status.textContent = "Upload failed: the connection broke."; };
+    xhr.open("POST", form.dataset.uploadUrl);
+    xhr.setRequestHeader("X-CSRFToken", csrf());
+    xhr.setRequestHeader("Accept", "application/json");
+    xhr.send(data);
+  });
+
+  showSourceDetails();
+  refresh();
+})();
