@@ -19,6 +19,7 @@ import peewee as pw
 
 from . import datasets
 from .db import database
+from .errors import BadRequest, TooManyRequests
 from .models import JobEvent, TrainingJob, User, utcnow
 
 QUEUED, PREPARING, RUNNING = "queued", "preparing", "running"
@@ -41,16 +42,16 @@ DEFAULT_BACKOFF_S = 10.0  # first retry waits this long, then doubles
 MAX_BACKOFF_S = 600.0
 
 
-class JobConfigError(ValueError):
-    """A job config the trainer must not see. ``status`` is the HTTP status the API answers."""
+class JobConfigError(BadRequest, ValueError):
+    """A job config the trainer must not see (400)."""
 
-    status = 400
+    code = "bad_config"
 
 
-class JobLimitError(ValueError):
-    """A per-user cap was hit; the message says which and what to do."""
+class JobLimitError(TooManyRequests, ValueError):
+    """A per-user cap was hit (429); the message says which and what to do."""
 
-    status = 429
+    code = "job_limit"
 
 
 # --- the one place a status changes ---------------------------------------------------------------
