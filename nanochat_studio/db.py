@@ -39,7 +39,7 @@ def open_database(url: str) -> pw.Database:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         db = _connect_url(url, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
     elif url.startswith("postgres"):
-        db = _connect_url(url, autorollback=True)
+        db = _connect_url(url)
     else:
         raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
     database.initialize(db)
@@ -89,7 +89,8 @@ def migrate(db: pw.Database | None = None) -> list[int]:
         raise RuntimeError("open_database() first")
     applied: list[int] = []
     with _Migration.bind_ctx(db):
-        db.create_tables([_Migration], safe=True)
+        with _locked_transaction(db):  # concurrent CREATE TABLE IF NOT EXISTS can collide on PostgreSQL
+            db.create_tables([_Migration], safe=True)
         for version, name, step in MIGRATIONS:
             with _locked_transaction(db):
                 if _Migration.get_or_none(_Migration.version == version) is not None:

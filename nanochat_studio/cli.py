@@ -1,0 +1,313 @@
+"""The ``nanochat-studio`` command. With no subcommand it serves the app (same as ``serve``).
+
+    nanochat-studio                      # serve on http://127.0.0.1:8765, queue consumer included
+    nanochat-studio serve --port 0 --open
+    nanochat-studio worker               # a queue consumer alone (another machine, same database/queue)
+    nanochat-studio migrate
+    nanochat-studio users create alice@example.org --admin
+    nanochat-studio keys create          # a key for the solo owner, printed alone on the last line
+    nanochat-studio settings --markdown
+
+Every failure is a one-line message (``click.ClickException``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import signal
+import sys
+import threading
+import webbrowser
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+import peewee as pw
+
+from . import __version__, db
+from .settings import Settings, SettingsError, load_settings, markdown_table
+
+
+class Context:
+    def __init__(self, config: str | None, home: str | None) -> None:
+        self.config = config
+        self.home = home
+
+    def settings(self, **overrides: Any) -> Settings:
+        try:
+            return load_settings(toml_path=self.config, home=self.home, **overrides)
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def clean_errors(fn: Callable) -> Callable:
+    """Turn the errors a user can cause (bad settings, an unreachable database, account rules) into
+    one-line messages."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .accounts import AccountError
+
+        try:
+            return fn(*args, **kwargs)
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from None
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from None
+        except (pw.OperationalError, pw.InterfaceError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(f"database: {first}") from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def opened_store(settings: Settings) -> Iterator[pw.Database]:
+    """The database from ``settings``, migrated, for a command's duration."""
+    database = db.open_database(settings.database_url)
+    try:
+        database.connect(reuse_if_open=True)
+    except Exception as exc:  # a refused socket or a bad password, for whichever driver
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise click.ClickException(f"NCS_DATABASE_URL: cannot connect: {first}") from None
+    try:
+        db.migrate(database)
+        yield database
+    finally:
+        database.close()
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), default=None, envvar="NCS_CONFIG",
+              help="TOML settings file (keys are the setting names).")
+@click.option("--home", type=click.Path(file_okay=False), default=None,
+              help="Data directory (NCS_HOME).")
+@click.version_option(__version__, prog_name="nanochat-studio")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, home: str | None) -> None:
+    """nanochat studio: train a small GPT from scratch, watch it learn, chat with it, download it."""
+    ctx.obj = Context(config, home)
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+@main.command()
+@click.option("--host", default=None, help="Bind address [default: 127.0.0.1]. 0.0.0.0 exposes the app.")
+@click.option("--port", type=int, default=None, help="Port [default: 8765]; 0 picks a free one.")
+@click.option("--mode", type=click.Choice(["solo", "lab", "hosted"]), default=None, help="Override NCS_MODE.")
+@click.option("--worker/--no-worker", "worker", default=None,
+              help="Run the queue consumer in this process [default: on].")
+@click.option("--demo", is_flag=True, help="Solo mode on this machine only, whatever the configuration says.")
+@click.option("--open", "open_browser", is_flag=True, help="Open the app in a browser once it listens.")
+@pass_ctx
+@clean_errors
+def serve(obj: Context, host: str | None, port: int | None, mode: str | None, worker: bool | None, demo: bool,
+          open_browser: bool) -> None:
+    """Serve the web app with waitress (the default command)."""
+    if demo:
+        mode, host = "solo", "127.0.0.1"
+    settings = obj.settings(host=host, port=port, mode=mode, worker=worker)
+    from waitress import create_server
+
+    from .app import create_app, start_worker, stop_worker
+
+    app = create_app(settings)
+    try:
+        server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
+                               ident="nanochat-studio", channel_timeout=120)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
+                                   "Pick another with --port (0 = any free port).") from None
+    port_bound = server.effective_port  # the real one when --port 0
+    url = f"http://{_browse_host(settings.host)}:{port_bound}/"
+    handle = start_worker(settings) if settings.worker else None
+
+    def stop(*_: Any) -> None:
+        server.close()
+
+    signal.signal(signal.SIGTERM, stop)
+    click.echo(f"nanochat studio {__version__} ({settings.mode} mode, data in {settings.home})")
+    click.echo(f"Serving on {url}", color=False)
+    sys.stdout.flush()
+    if open_browser:
+        threading.Timer(0.5, webbrowser.open, args=(url,)).start()
+    try:
+        server.run()
+    except (KeyboardInterrupt, OSError, ValueError):
+        pass  # Ctrl-C, or the sockets closed by stop()
+    finally:
+        click.echo("Stopping…")
+        stop_worker(handle)
+        server.close()
+
+
+def _browse_host(host: str) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+# ----------------------------------------------------------------------------------- worker, migrate
+
+@main.command()
+@pass_ctx
+@clean_errors
+def worker(obj: Context) -> None:
+    """Run a queue consumer alone (trains jobs from the shared database and queue)."""
+    settings = obj.settings()
+    from . import tasks
+
+    with opened_store(settings):
+        pass
+    click.echo(f"worker: consuming {settings.queue_url}")
+    tasks.run_worker(settings)
+
+
+@main.command()
+@pass_ctx
+@clean_errors
+def migrate(obj: Context) -> None:
+    """Apply pending database migrations."""
+    settings = obj.settings()
+    database = db.open_database(settings.database_url)
+    try:
+        applied = db.migrate(database)
+    finally:
+        database.close()
+    if applied:
+        click.echo("applied migration(s): " + ", ".join(str(v) for v in applied))
+    else:
+        click.echo("database is up to date")
+
+
+# ------------------------------------------------------------------------------------------- users
+
+@main.group()
+def users() -> None:
+    """Create, list and promote accounts."""
+
+
+@users.command("create")
+@click.argument("email")
+@click.option("--name", default="", help="Display name.")
+@click.option("--password", default=None, help="Password; prompted when --prompt-password is given.")
+@click.option("--prompt-password", is_flag=True, help="Ask for the password (hidden).")
+@click.option("--admin", is_flag=True, help="Make the account an administrator.")
+@pass_ctx
+@clean_errors
+def users_create(obj: Context, email: str, name: str, password: str | None, prompt_password: bool,
+                 admin: bool) -> None:
+    """Create an approved account."""
+    from . import auth
+
+    if prompt_password:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    with opened_store(obj.settings()):
+        user = auth.create_user(email, password=password, name=name, is_admin=admin)
+        click.echo(f"created user {user.id} {user.email}{' (admin)' if user.is_admin else ''}")
+
+
+@users.command("list")
+@pass_ctx
+@clean_errors
+def users_list(obj: Context) -> None:
+    """List accounts."""
+    from .models import User
+
+    with opened_store(obj.settings()):
+        rows = list(User.select().order_by(User.id))
+        if not rows:
+            click.echo("no users")
+        for u in rows:
+            flags = [f for f, on in (("admin", u.is_admin), ("pending", not u.is_approved),
+                                     ("disabled", not u.is_active)) if on]
+            click.echo(f"{u.id}\t{u.email or '-'}\t{u.name or '-'}\t{','.join(flags) or '-'}")
+
+
+@users.command("promote")
+@click.argument("email")
+@pass_ctx
+@clean_errors
+def users_promote(obj: Context, email: str) -> None:
+    """Make an account an administrator (and approve it)."""
+    with opened_store(obj.settings()):
+        user = _user_by_email(email)
+        user.is_admin = True
+        user.is_approved = True
+        user.save()
+        click.echo(f"{user.email} is now an administrator")
+
+
+def _user_by_email(email: str) -> Any:
+    from .accounts import normalize_email
+    from .models import User
+
+    user = User.get_or_none(User.email == normalize_email(email))
+    if user is None:
+        raise click.ClickException(f"no user with email {email}")
+    return user
+
+
+# -------------------------------------------------------------------------------------------- keys
+
+@main.group()
+def keys() -> None:
+    """Create and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--user", "email", default=None, help="Owner's email [default: the solo owner].")
+@click.option("--name", default="cli", help="A name to recognise the key by.")
+@pass_ctx
+@clean_errors
+def keys_create(obj: Context, email: str | None, name: str) -> None:
+    """Create an API key; the key is printed alone on the last line, and only once."""
+    from . import auth
+
+    with opened_store(obj.settings()):
+        user = _user_by_email(email) if email else auth.solo_owner()
+        key, plaintext = auth.create_api_key(user, name=name)
+        click.echo(f"created key {key.prefix}… (id {key.id}) for {user.email or user.name}; it is shown only once:",
+                   err=False)
+        click.echo(plaintext)
+
+
+@keys.command("revoke")
+@click.argument("key")
+@click.option("--user", "email", default=None, help="Only among this user's keys.")
+@pass_ctx
+@clean_errors
+def keys_revoke(obj: Context, key: str, email: str | None) -> None:
+    """Revoke a key by id, prefix (ncs_xxxxxxxx) or the whole key."""
+    from . import auth
+
+    with opened_store(obj.settings()):
+        user = _user_by_email(email) if email else None
+        if not auth.revoke_api_key(user, key):
+            raise click.ClickException(f"no active key matches {key!r}")
+        click.echo(f"revoked {key}")
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+@main.command("settings")
+@click.option("--markdown", is_flag=True, help="Print the documentation table of every setting instead.")
+@pass_ctx
+@clean_errors
+def settings_cmd(obj: Context, markdown: bool) -> None:
+    """Print the effective settings (secrets masked)."""
+    if markdown:
+        click.echo(markdown_table(), nl=False)
+        return
+    for name, value in obj.settings().public().items():
+        click.echo(f"{name} = {value!r}" if isinstance(value, str) else f"{name} = {value}")
+
+
+if __name__ == "__main__":
+    main()

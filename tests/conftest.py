@@ -1,0 +1,247 @@
+"""Shared fixtures: settings in a temporary home, the app and its client, a store per test, PostgreSQL,
+and the personas alice, bob (her peer) and charlie (who must see none of alice's things).
+
+The store backend is chosen by ``NCS_TEST_DB``:
+
+* ``sqlite`` (default): a fresh SQLite file per test;
+* ``postgres``: a real PostgreSQL server is started once on loopback (as the ``postgres`` user: initdb
+  refuses root) and every test gets a fresh database. In this mode *every* store a test opens through
+  ``db.open_database`` is redirected, so tests written with a SQLite URL run on PostgreSQL too (the same
+  file path maps to the same database within a test). The huey queue stays where its URL says.
+
+Tests that need PostgreSQL whatever the mode ask for the ``postgres`` fixture (a fresh database URL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nanochat_studio import db
+
+PG_BIN = Path(os.environ.get("NCS_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+TEST_DB = os.environ.get("NCS_TEST_DB", "sqlite").strip().lower()
+PASSWORD = "correct horse battery staple"
+REMOTE = {"REMOTE_ADDR": "203.0.113.7"}  # another machine: no solo-owner sign-in
+PERSONAS = ("alice", "bob", "charlie")
+
+if TEST_DB not in ("sqlite", "postgres"):
+    raise pytest.UsageError(f"NCS_TEST_DB must be sqlite or postgres, got {TEST_DB!r}")
+
+
+def pytest_report_header(config: Any) -> str:
+    return f"nanochat-studio store backend: {TEST_DB} (NCS_TEST_DB)"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No NCS_* setting of the developer's shell leaks into a test (NCS_TEST_* knobs stay)."""
+    for name in list(os.environ):
+        if name.startswith("NCS_") and not name.startswith("NCS_TEST_"):
+            monkeypatch.delenv(name)
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[dict[str, Any]]:
+    """A throwaway PostgreSQL cluster on loopback for the whole session: {"port", "base", "url", "restart"}."""
+    if not (PG_BIN / "initdb").exists() or not shutil.which("runuser"):
+        if TEST_DB == "postgres":
+            pytest.fail(f"NCS_TEST_DB=postgres but no PostgreSQL server binaries in {PG_BIN}")
+        pytest.skip(f"PostgreSQL server binaries are not installed ({PG_BIN})")
+    base = tempfile.mkdtemp(dir="/tmp", prefix="ncs-pg-")  # pytest's tmp_path is root-only
+    shutil.chown(base, "postgres")
+    port = _free_port()
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    data = f"{base}/data"
+    subprocess.run([*as_pg, str(PG_BIN / "initdb"), "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    pg_ctl = [*as_pg, str(PG_BIN / "pg_ctl"), "-D", data]
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+    subprocess.run([*pg_ctl, "-l", f"{base}/log", "-w", "-o", options, "start"], check=True, capture_output=True)
+    server = {
+        "port": port,
+        "base": base,
+        "url": f"postgresql://postgres@127.0.0.1:{port}/postgres",
+        "restart": lambda: subprocess.run([*pg_ctl, "-m", "fast", "-w", "restart"], check=True,
+                                          capture_output=True),
+    }
+    try:
+        yield server
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class PostgresDatabases:
+    """Creates and drops databases on the session's server."""
+
+    def __init__(self, port: int) -> None:
+        import psycopg2
+
+        self.port = port
+        self.admin = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        self.admin.autocommit = True
+        self.created: list[str] = []
+
+    def create(self) -> str:
+        name = "t_" + uuid.uuid4().hex[:16]
+        with self.admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name}")
+        self.created.append(name)
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def drop_all(self) -> None:
+        with self.admin.cursor() as cur:
+            for name in self.created:
+                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.created.clear()
+        self.admin.close()
+
+
+@pytest.fixture
+def postgres(postgres_server: dict[str, Any]) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database (dropped after the test)."""
+    dbs = PostgresDatabases(postgres_server["port"])
+    try:
+        yield dbs.create()
+    finally:
+        _close_store()
+        dbs.drop_all()
+
+
+def _close_store() -> None:
+    if db.database.obj is not None and not db.database.is_closed():
+        db.database.close()
+
+
+@pytest.fixture(autouse=True)
+def _store_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Under NCS_TEST_DB=postgres, every SQLite store a test opens becomes a fresh PostgreSQL database."""
+    if TEST_DB != "postgres" or request.node.get_closest_marker("sqlite_only"):
+        yield
+        return
+    server = request.getfixturevalue("postgres_server")
+    dbs = PostgresDatabases(server["port"])
+    by_path: dict[str, str] = {}
+    real_open = db.open_database
+
+    def open_database(url: str) -> Any:
+        if url.startswith("sqlite"):
+            if url not in by_path:
+                by_path[url] = dbs.create()
+            url = by_path[url]
+        return real_open(url)
+
+    monkeypatch.setattr(db, "open_database", open_database)
+    try:
+        yield
+    finally:
+        _close_store()
+        dbs.drop_all()
+
+
+# ------------------------------------------------------------------------------------ settings and app
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store of this test: a fresh SQLite file, or a fresh PostgreSQL database (NCS_TEST_DB)."""
+    if TEST_DB == "postgres":
+        return request.getfixturevalue("postgres")
+    return f"sqlite:///{tmp_path}/studio.db"
+
+
+@pytest.fixture
+def make_settings(home: Path, db_url: str) -> Callable[..., Any]:
+    """``make_settings(mode="lab", port=0, ...)``: settings in the test's home over the test's store."""
+    from nanochat_studio.settings import load_settings
+
+    def make(environ: dict[str, str] | None = None, **overrides: Any) -> Any:
+        env = {"NCS_HOME": str(home), "NCS_DATABASE_URL": db_url, **(environ or {})}
+        return load_settings(environ=env, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Any]) -> Any:
+    return make_settings()
+
+
+@pytest.fixture
+def make_app(make_settings: Callable[..., Any]) -> Callable[..., Any]:
+    """``make_app(mode="lab", **settings_overrides)``: a production-like app (CSRF on) for this test."""
+    from nanochat_studio.app import create_app
+
+    def make(**overrides: Any) -> Any:
+        app = create_app(make_settings(**overrides))
+        app.config.update(TESTING=True)
+        return app
+
+    return make
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Any]) -> Any:
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+# -------------------------------------------------------------------------------------------- personas
+
+def make_user(name: str, *, admin: bool = False) -> Any:
+    """An approved local account ``{name}@example.com`` with password ``PASSWORD``."""
+    from nanochat_studio import auth
+
+    db.database.connect(reuse_if_open=True)
+    return auth.create_user(f"{name}@example.com", password=PASSWORD, name=name.title(), is_admin=admin)
+
+
+def client_as(app: Any, user: Any) -> Any:
+    """A test client of ``app`` signed in as ``user``, from another machine (so solo mode adds nothing)."""
+    client = app.test_client()
+    client.environ_base.update(REMOTE)
+    with client.session_transaction() as session:
+        session["_user_id"] = str(user.id)
+        session["_fresh"] = True
+    return client
+
+
+@pytest.fixture
+def alice(app: Any) -> Any:
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(app: Any) -> Any:
+    return make_user("bob")
+
+
+@pytest.fixture
+def charlie(app: Any) -> Any:
+    return make_user("charlie")
