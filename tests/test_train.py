@@ -1,0 +1,199 @@
+"""The trainer as the web app runs it: real `python -m trainer.train` subprocesses on the CPU.
+
+Tiny models (depth 1, seq 32, batch 4) so the fast tests take seconds; the demo-quality run is
+marked slow. Every run shares one prepared-data cache (tokenizing the demo corpus once).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from trainer import progress
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+TINY = ["--depth", "1", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "512", "--device", "cpu",
+        "--eval-every", "1000", "--eval-tokens", "512", "--sample-every", "1000", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_trainer(args, out, cache=None, module=("-m", "trainer.train"), timeout=300, python=sys.executable):
+    argv = [python, *module, *TINY, "--out", str(out), *(["--cache-dir", str(cache)] if cache else []), *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+    return proc.returncode, events_of(proc.stdout), proc.stderr
+
+
+def events_of(stdout: str) -> list[dict]:
+    events = []
+    for line in stdout.splitlines():
+        event = progress.parse_line(line)
+        assert event is not None, f"a stdout line is not a contract event: {line!r}"
+        events.append(event)
+    return events
+
+
+def only(events, name):
+    return [e for e in events if e["event"] == name]
+
+
+def steps_losses(events):
+    return {e["step"]: e["loss"] for e in only(events, "step")}
+
+
+def test_a_tiny_run_learns_and_speaks_only_the_contract(tmp_path, cache):
+    code, events, err = run_trainer(["--max-steps", "150", "--eval-every", "150", "--seq-len", "64",
+                                     "--sample-every", "150", "--checkpoint-every", "100"], tmp_path / "run", cache)
+    assert code == 0, err
+    names = [e["event"] for e in events]
+    assert names[0] == "start" and names[-1] == "done"
+    assert {"step", "eval", "checkpoint"} <= set(names)
+    start = events[0]
+    assert start["world_size"] == 1 and start["resumed_from_step"] is None and start["total_steps"] == 150
+    assert start["params"] > 0 and start["flops_per_token"] > 0 and start["device"] == "cpu"
+    assert all(e["mfu"] is None for e in only(events, "step"))  # no known peak on a CPU
+    done = events[-1]
+    assert done["step"] == 150 and Path(done["checkpoint"]).is_dir()
+    assert done["final_val_bpb"] == only(events, "eval")[-1]["val_bpb"] > 0
+
+    # The unigram entropy of the training tokens: what a model that ignores context achieves.
+    from trainer import data
+    prepared = data.prepare_dataset("demo", cache, vocab_size=512)
+    import numpy as np
+    tokens = np.fromfile(prepared.train_path, dtype=prepared.dtype)
+    counts = np.array(list(Counter(tokens.tolist()).values()), dtype=np.float64)
+    p = counts / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())
+    final = done["final_loss"]
+    assert final < 0.8 * unigram, (final, unigram)
+    assert only(events, "eval")[-1]["val_loss"] < 0.8 * unigram
+
+
+PLAN = ["--max-steps", "80", "--checkpoint-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache):
+    """One uninterrupted run that the stopped-and-resumed runs must reproduce."""
+    code, events, err = run_trainer(PLAN, tmp_path_factory.mktemp("straight"), cache)
+    assert code == 0, err
+    return events
+
+
+def test_stopping_and_resuming_gives_the_same_losses_as_a_straight_run(tmp_path, cache, straight):
+    code, first, err = run_trainer([*PLAN, "--stop-at-step", "40"], tmp_path, cache)
+    assert code == 0, err
+    assert only(first, "checkpoint")[-1]["step"] == 40 and not only(first, "done")
+    code, second, err = run_trainer([*PLAN, "--resume"], tmp_path, cache)
+    assert code == 0, err
+    assert second[0]["resumed_from_step"] == 40
+    a, b = steps_losses(straight), steps_losses(first) | steps_losses(second)
+    assert sorted(a) == sorted(b) == list(range(1, 81))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    assert abs(straight[-1]["final_loss"] - second[-1]["final_loss"]) <= 1e-6
+    assert straight[-1]["final_val_bpb"] == pytest.approx(second[-1]["final_val_bpb"], abs=1e-6)
+
+
+def test_sigterm_checkpoints_exits_75_and_resume_finishes_exactly(tmp_path, cache, straight):
+    argv = [sys.executable, "-m", "trainer.train", *TINY, "--out", str(tmp_path), "--cache-dir", str(cache), *PLAN]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        event = progress.parse_line(line)
+        if event and event["event"] == "step" and event["step"] >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == progress.EXIT_PREEMPTED, err
+    events = events_of("".join(lines) + rest)
+    ckpt = only(events, "checkpoint")
+    assert len(ckpt) == 1 and ckpt[0]["step"] < 80 and Path(ckpt[0]["path"]).is_dir()
+    assert not only(events, "done")
+    stopped_at = ckpt[0]["step"]
+
+    code, resumed, err = run_trainer([*PLAN, "--resume"], tmp_path, cache)
+    assert code == 0, err
+    assert resumed[0]["resumed_from_step"] == stopped_at and resumed[-1]["step"] == 80
+    assert abs(straight[-1]["final_loss"] - resumed[-1]["final_loss"]) <= 1e-6
+
+
+@pytest.mark.parametrize("content, why", [(b"", "empty"), (bytes(range(256)) * 64, "binary"),
+                                          (b"hi there.\n", "too small")])
+def test_a_bad_dataset_fails_fast_as_a_user_error(tmp_path, content, why):
+    source = tmp_path / "data.txt"
+    source.write_bytes(content)
+    code, events, err = run_trainer(["--data", str(source), "--max-steps", "5"], tmp_path / "run")
+    assert code == progress.EXIT_DATA, (why, err)
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "user", why
+
+
+def test_bad_config_exits_2_with_an_error_event(tmp_path):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"depth": 2, "colour": "blue"}))
+    code, events, _ = run_trainer(["--config", str(job)], tmp_path / "a")
+    assert code == progress.EXIT_USAGE
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "user" and "colour" in events[-1]["message"]
+    code, events, _ = run_trainer(["--max-steps", "-3"], tmp_path / "b")
+    assert code == progress.EXIT_USAGE and "max_steps" in events[-1]["message"]
+    job.write_text(json.dumps({"max_steps": "many"}))
+    code, events, _ = run_trainer(["--config", str(job)], tmp_path / "c")
+    assert code == progress.EXIT_USAGE and "max_steps" in events[-1]["message"]
+
+
+def test_flags_override_the_config_file_and_web_app_keys_are_accepted(tmp_path):
+    from trainer.train import parse_config
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"depth": 3, "max_steps": 9, "data": "demo", "device": "cpu", "job_id": 4,
+                               "name": "my run", "seq_len": 64, "batch_size": 2, "seed": 1}))
+    cfg = parse_config(["--config", str(job), "--depth", "2", "--resume"])
+    assert (cfg.depth, cfg.max_steps, cfg.resume, cfg.job_id) == (2, 9, True, 4)
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, cache):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun is installed with torch"
+    args = ["--max-steps", "4"]
+    code, single, err = run_trainer(args, tmp_path / "one", cache)
+    assert code == 0, err
+    code, double, err = run_trainer(args, tmp_path / "two", cache, python=torchrun,
+                                    module=("--standalone", "--nproc_per_node=2", "-m", "trainer.train"))
+    assert code == 0, err
+    assert double[0]["world_size"] == 2
+    a, b = steps_losses(single), steps_losses(double)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_the_demo_run_writes_grammatical_stories(tmp_path):
+    from trainer import demo
+    code, events, err = run_trainer(
+        ["--depth", "2", "--seq-len", "256", "--batch-size", "8", "--vocab-size", "1024", "--max-steps", "600", "--eval-tokens", "16384",
+         "--eval-every", "300", "--sample-every", "600"], tmp_path / "demo", timeout=900)
+    assert code == 0, err
+    from trainer import checkpoint, sample
+    model, tokenizer, _ = checkpoint.load_model(events[-1]["checkpoint"])
+    texts = []
+    for seed, prompt in enumerate(["Once upon a time,", "There once was", "One day,", "The next morning,"] * 3):
+        texts.append(prompt + "".join(sample.complete(model, tokenizer, prompt, max_tokens=96, temperature=0.7,
+                                                      top_k=20, seed=seed)))
+    sentences = [s for t in texts for s in demo.split_sentences(t)[:-1]]  # the last one may be cut off
+    assert len(sentences) >= 20
+    score = sum(demo.check_sentence(s) for s in sentences) / len(sentences)
+    assert score >= 0.9, (score, texts[:3])
