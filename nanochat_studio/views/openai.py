@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from flask_login import current_user
 
 from .. import sse
@@ -117,7 +117,7 @@ def chat_completions():
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if stream_flag:
-        return sse.response(_chunks(stream, cid, created, str(model.id), include_usage))
+        return _event_stream(_chunks(stream, cid, created, str(model.id), include_usage))
     parts: list[str] = []
     final: Final | None = None
     try:
@@ -139,6 +139,15 @@ def chat_completions():
                      "finish_reason": _reason(final), "logprobs": None}],
         "usage": _usage(final),
     })
+
+
+def _event_stream(frames: Iterator[str]) -> Response:
+    # Not sse.response: its leading "retry:" frame is an event with empty data to OpenAI's client, which
+    # then fails to parse it as JSON. OpenAI streams carry data lines and comments only.
+    resp = Response((f.encode("utf-8") for f in frames), mimetype="text/event-stream")
+    resp.headers["Cache-Control"] = "no-cache, no-transform"
+    resp.headers["X-Accel-Buffering"] = "no"
+    return resp
 
 
 def _reason(final: Final | None) -> str:
