@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from trainer import sizing
 from trainer.model import GPT, GPTConfig, KVCache
@@ -142,3 +143,23 @@ def test_it_memorises_a_short_text():
     assert loss.item() < 0.05 < first
     with torch.no_grad():
         assert torch.equal(model(x).argmax(-1), y)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_fused_cpu_loss_matches_the_plain_one_with_gradients(reduction):
+    model = random_model(n_kv_head=1)
+    idx = torch.randint(0, VOCAB, (3, 40))
+    targets = torch.randint(0, VOCAB, (3, 40))
+    targets[0, ::3] = -1
+    fused = model(idx, targets=targets, loss_reduction=reduction)  # the chunked CPU path
+    fused.backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    logits = model(idx)  # no targets: plain logits, then the textbook loss
+    plain = F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1, reduction=reduction)
+    plain.backward()
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for (name, p), g in zip(model.named_parameters(), fused_grads):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # evaluation: same loss, no gradients computed
+        torch.testing.assert_close(model(idx, targets=targets, loss_reduction=reduction), plain, atol=1e-5, rtol=1e-5)
