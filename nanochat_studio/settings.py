@@ -72,7 +72,7 @@ class Settings:
     threads: int = _f(24, "waitress threads; every open event stream holds one.", minimum=1, maximum=1024)
     worker: bool = _f(True, "Run the queue consumer inside `serve` (turn off when `worker` runs elsewhere).")
     worker_threads: int = _f(4, "huey consumer worker threads.", minimum=1, maximum=256)
-    cpu_slots: int = _f(1, "Training jobs run at once on the CPU when there is no GPU.", minimum=0, maximum=256)
+    cpu_slots: int = _f(1, "Training jobs run at once on the CPU when there is no GPU.", minimum=1, maximum=256)
     gpus: str = _f("auto", "GPUs this process trains on: `auto`, `none` or a list like `0,1`.")
     trainer_python: str = _f("", "Python interpreter that runs the trainer.", default_doc="this interpreter")
     trainer_module: str = _f("trainer.train", "Module run as `python -m` for training (tests use a fake).")
