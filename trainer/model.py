@@ -12,7 +12,9 @@ Choices, and why:
   running away early in training, and float32 keeps the loss exact under bf16 autocast.
 - Grouped-query attention: ``n_kv_head`` may be a divisor of ``n_head``; SDPA's ``enable_gqa`` shares
   each key/value head between ``n_head / n_kv_head`` query heads without copying them.
-- Q, K and V come out of one fused linear (one GEMM instead of three, the biggest win on CPU).
+- Q, K and V come out of one fused linear (one GEMM instead of three).
+- Eager CPU training computes head, soft-cap and loss together over chunks of rows
+  (:class:`SoftcappedCrossEntropy`), so the (B*T, vocab) logits are never held in memory.
 - Full-sequence attention uses ``is_causal=True`` and never builds a mask. With a KV cache, a chunk
   of several tokens after a cached prefix needs an explicit mask: SDPA's causal flag aligns the
   triangle to the top-left corner, which would hide cached keys from the first queries (the bug of
