@@ -124,6 +124,10 @@ def test_rotary_tables_grow_past_the_precomputed_length():
     with torch.no_grad():
         logits = model(idx)
     assert model.cos.size(1) >= 40 and torch.isfinite(logits).all()
+    with torch.inference_mode():
+        model(torch.randint(0, VOCAB, (1, 100)))
+    model.train()
+    model(torch.randint(0, VOCAB, (1, 90)), targets=torch.randint(0, VOCAB, (1, 90))).backward()
 
 
 def test_it_memorises_a_short_text():

@@ -274,8 +274,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         pos = kv_cache.pos if kv_cache is not None else 0
         if pos + T > self.cos.size(1):
-            # grow past the precomputed length (a graph break under torch.compile; it is rare)
-            self.cos, self.sin = self._rotary_tables(max(2 * self.cos.size(1), pos + T), self.cos.device)
+            # grow past the precomputed length (a graph break under torch.compile; it is rare). Made
+            # as normal tensors even under inference_mode, so later training can still use them.
+            with torch.inference_mode(False):
+                self.cos, self.sin = self._rotary_tables(max(2 * self.cos.size(1), pos + T), self.cos.device)
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
         x = norm(self.wte(idx))
         for block in self.blocks:
