@@ -142,6 +142,13 @@ def test_a_bad_dataset_fails_fast_as_a_user_error(tmp_path, content, why):
     assert events[-1]["event"] == "error" and events[-1]["kind"] == "user", why
 
 
+def test_a_diverging_run_stops_as_a_user_error(tmp_path, cache):
+    code, events, err = run_trainer(["--max-steps", "50", "--matrix-lr", "1e38", "--grad-clip", "0"],
+                                    tmp_path, cache)
+    assert code == progress.EXIT_DIVERGED, err
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "user" and events[-1]["code"] == "diverged"
+
+
 def test_bad_config_exits_2_with_an_error_event(tmp_path):
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"depth": 2, "colour": "blue"}))

@@ -398,14 +398,25 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     kind = rt.device.type
     seq = cfg.seq_len or {"cpu": CPU_SEQ, "mps": MPS_SEQ}.get(kind, CUDA_SEQ)
 
-    # Data: rank 0 tokenizes into the cache first; the others then find it there.
+    # Data: rank 0 tokenizes into the cache first; the others then find it there. A resumed run
+    # must see the tokens its checkpoint was trained on: if the cache now holds a different
+    # tokenizer (the cache was cleared and retrained), tokenize again with the checkpoint's own.
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    resumed_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    saved_fingerprint = ckpt.read_config(resumed_from).get("tokenizer_fingerprint") if resumed_from else None
+
+    def prepare():
+        kwargs = dict(vocab_size=cfg.vocab_size, storage_options=cfg.storage_options, min_tokens=seq + 1, log=log)
+        got = data.prepare_dataset(cfg.data, cache_dir, **kwargs)
+        if saved_fingerprint and got.tokenizer.fingerprint() != saved_fingerprint:
+            log("the cached tokenizer differs from the checkpoint's; tokenizing with the checkpoint's")
+            got = data.prepare_dataset(cfg.data, cache_dir, tokenizer_dir=resumed_from / "tokenizer", **kwargs)
+        return got
+
     prepared = None
     for turn in (0, 1):
         if rt.master == (turn == 0):
-            prepared = data.prepare_dataset(cfg.data, cache_dir, vocab_size=cfg.vocab_size,
-                                            storage_options=cfg.storage_options, min_tokens=seq + 1,
-                                            log=log)
+            prepared = prepare()
         _barrier(rt)
     tokenizer = prepared.tokenizer
     try:
@@ -443,7 +454,6 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
 
     # Resume: everything that moves during training comes back from the newest valid checkpoint.
     state: dict[str, Any] = {}
-    resumed_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     loader = data.TokenLoader(prepared.train_path, prepared.dtype, batch, seq, rank=rt.rank,
                               world_size=rt.world_size)
     if resumed_from is not None:
