@@ -19,10 +19,12 @@ import threading
 import time
 from typing import Any
 
+import peewee as pw
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
 from . import jobs, runner
+from .db import database
 from .models import utcnow
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,7 @@ def _new_huey(url: str) -> Huey:
     elif url.startswith(("redis://", "rediss://", "unix://")):
         huey = RedisHuey("nanochat-studio", results=False, url=url)
     elif url.startswith(("postgresql://", "postgres://")):
-        from huey.contrib.sql_huey import SqlHuey
-
-        huey = SqlHuey("nanochat-studio", results=False, database=url)
+        huey = Huey("nanochat-studio", results=False, storage_class=_reconnecting_sql_storage(), database=url)
     else:
         raise ValueError(f"queue_url: expected sqlite:///, redis:// or postgresql://, got {url!r}")
 
@@ -61,6 +61,38 @@ def _new_huey(url: str) -> Huey:
 
     huey.ring = ring  # type: ignore[attr-defined]
     return huey
+
+
+def _reconnecting_sql_storage() -> type:
+    """huey's SqlStorage, closing a broken connection after an error so the next call reconnects (a
+    PostgreSQL restart would otherwise leave every worker thread with a dead connection forever)."""
+    from huey.contrib.sql_huey import SqlStorage
+
+    class ReconnectingSqlStorage(SqlStorage):
+        pass
+
+    def wrap(name: str) -> None:
+        inner = getattr(SqlStorage, name)
+
+        def method(self, *args, **kwargs):
+            try:
+                return inner(self, *args, **kwargs)
+            except pw.DatabaseError:
+                _close_quietly(self.database)
+                raise
+
+        setattr(ReconnectingSqlStorage, name, method)
+
+    for name in ("enqueue", "dequeue", "queue_size", "add_to_schedule", "read_schedule", "schedule_size"):
+        wrap(name)
+    return ReconnectingSqlStorage
+
+
+def _close_quietly(database: pw.Database) -> None:
+    try:
+        database.close()
+    except Exception:  # already broken, or inside a transaction another frame will end
+        pass
 
 
 _hueys: dict[str, Huey] = {}
@@ -112,8 +144,10 @@ def run_next_job(job_id: int | None = None) -> str | None:
         log.info("job %s attempt %s starting on %s (rung for %s)", job.id, job.attempt, slot.name, job_id)
         status = runner.run_training(job, slot, settings, stop=local.stop)
         log.info("job %s attempt %s ended: %s", job.id, job.attempt, status)
-    except Exception:
+    except Exception as exc:
         log.exception("running a job failed; the reconciler will requeue it when its lease expires")
+        if isinstance(exc, pw.DatabaseError):
+            _close_quietly(database)  # this worker thread reconnects on its next ring
     finally:
         local.give(slot)
     if not local.stop.is_set():
@@ -121,14 +155,23 @@ def run_next_job(job_id: int | None = None) -> str | None:
     return status
 
 
-def enqueue_job(job_id: int, settings: Any = None) -> None:
+def enqueue_job(job_id: int, settings: Any = None) -> bool:
     """Ring the bell for a submitted job (called by the API after ``jobs.submit``). ``settings`` may be
-    left out in a process that runs the consumer."""
+    left out in a process that runs the consumer. Never raises for a queue outage: the job is already
+    in the table and a reconciler rings again within ``RECONCILE_EVERY_S``; returns whether it rang."""
     if settings is None:
         if _local is None:
             raise RuntimeError("enqueue_job needs settings in a process without a consumer")
         settings = _local.settings
-    make_huey(settings).ring(job_id)  # type: ignore[attr-defined]
+    huey = make_huey(settings)
+    for attempt in (1, 2):  # a connection the queue's server dropped fails once, then reconnects
+        try:
+            huey.ring(job_id)  # type: ignore[attr-defined]
+            return True
+        except Exception:
+            if attempt == 2:
+                log.warning("could not ring the queue for job %s; the reconciler will", job_id, exc_info=True)
+    return False
 
 
 def ring_if_ready(settings: Any = None) -> bool:
@@ -194,8 +237,10 @@ def start_consumer(settings: Any) -> ConsumerHandle:
                 ready_at = jobs.next_ready_at()
                 if ready_at is not None:  # wake when a backed-off job becomes ready
                     wait = min(every, max(0.05, (ready_at - utcnow()).total_seconds() + 0.05))
-            except Exception:
+            except Exception as exc:
                 log.exception("reconcile failed")
+                if isinstance(exc, pw.DatabaseError):
+                    _close_quietly(database)
             ticker_stop.wait(wait)
 
     ticker = threading.Thread(target=tick, name="job-reconciler", daemon=True)

@@ -341,3 +341,30 @@ def test_a_graceful_shutdown_does_not_use_up_an_attempt(alice, settings):
         assert jobs.finish(job.id, claimed.attempt, "preempted", charged=False, reason="the server shut down") == "queued"
     assert jobs.charged_failures(job.id) == 0
     assert TrainingJob.get_by_id(job.id).not_before is None
+
+
+# --- the same guarantees on PostgreSQL ---------------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_compare_and_set_and_claims_hold_on_postgresql(postgres, settings):
+    open_store(postgres)  # conftest's fresh PostgreSQL database, whatever NCS_TEST_DB says
+    users = [User.create(email=f"{n}@example.com", name=n) for n in ("alice", "bob")]
+    ids = [_submit(u, settings).id for u in users for _ in range(5)]
+    got: list[int] = []
+    barrier = threading.Barrier(3)
+
+    def claimer(k: int) -> None:
+        barrier.wait()
+        while (job := jobs.claim_next(f"owner{k}", f"cpu{k}")) is not None:
+            got.append(job.id)
+            jobs.record_event(job, "step", {"k": k})
+
+    threads = [threading.Thread(target=claimer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted(ids)
+    for job_id in ids:
+        assert [e.seq for e in jobs.events_since(job_id)] == [1, 2, 3]
+        assert not jobs.transition(job_id, "preparing", expect={"queued"})

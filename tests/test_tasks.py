@@ -17,7 +17,7 @@ import pytest
 
 from nanochat_studio import jobs, tasks
 from nanochat_studio.models import TrainingJob
-from tests.test_jobs import REPO, alice, bob, settings, store  # noqa: F401  (fixtures)
+from tests.test_jobs import REPO, alice, bob, open_store, settings, store  # noqa: F401
 from tests.test_runner import fake_log, states, wait_for
 
 
@@ -160,6 +160,7 @@ def start_serve_like(settings, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+@pytest.mark.sqlite_only  # the child process opens the SQLite URL itself (conftest redirects only ours)
 def test_it_resumes_after_the_serve_process_is_killed(alice, settings, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
     # A long lease on purpose: recovery must not wait for it (the dead holder's pid is noticed).
@@ -196,3 +197,61 @@ def test_it_resumes_after_the_serve_process_is_killed(alice, settings, monkeypat
         e.data.get("reason", "") for e in jobs.events_since(job) if e.kind == "state")
     trainers = (Path(s.runs_dir) / f"job-{job.id}" / "trainers.txt").read_text()
     assert "attempt=1" in trainers and "attempt=2" in trainers
+
+
+@pytest.fixture
+def restartable_postgres(postgres_server):
+    """A fresh database whose teardown reconnects (conftest's ``postgres`` keeps one admin connection,
+    which a server restart breaks)."""
+    import uuid
+
+    import psycopg2
+
+    def admin():
+        conn = psycopg2.connect(host="127.0.0.1", port=postgres_server["port"], user="postgres", dbname="postgres")
+        conn.autocommit = True
+        return conn
+
+    name = "t_" + uuid.uuid4().hex[:16]
+    conn = admin()
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    conn.close()
+    yield f"postgresql://postgres@127.0.0.1:{postgres_server['port']}/{name}"
+    from nanochat_studio.db import database
+
+    database.close()
+    conn = admin()
+    conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    conn.close()
+
+
+def restart_postgres(server) -> None:
+    # With -l the restarted server does not inherit our stdout; a captured pipe would never close.
+    data = f"{server['base']}/data"
+    subprocess.run(["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D", data,
+                    "-l", f"{server['base']}/log", "-m", "fast", "-w", "restart"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.postgres
+def test_store_and_queue_in_postgresql_survive_a_database_restart_mid_run(restartable_postgres, postgres_server,
+                                                                           settings, consumer, monkeypatch):
+    from nanochat_studio.models import User
+
+    postgres = restartable_postgres
+    open_store(postgres)
+    monkeypatch.setenv("FAKE_STEP_S", "0.1")
+    pg = dataclasses.replace(settings, database_url=postgres, queue_url=postgres, lease_seconds=30)
+    alice = User.create(email="alice@example.com", name="alice")
+    consumer(pg)
+    job = submit(alice, pg, max_steps=30, checkpoint_every=5)
+    wait_for(lambda: (TrainingJob.get_by_id(job.id).progress or {}).get("step", 0) >= 5, timeout=30)
+    restart_postgres(postgres_server)
+    from nanochat_studio.db import database
+
+    database.close()  # this test thread's own connection died with the server too
+    wait_for(lambda: status_of(job) == "completed", timeout=60)
+    job = TrainingJob.get_by_id(job.id)
+    assert job.attempt == 1 and job.progress["step"] == 30  # the trainer was never disturbed
+    second = submit(alice, pg)  # the queue still rings after the restart
+    wait_for(lambda: status_of(second) == "completed", timeout=30)
