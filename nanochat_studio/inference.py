@@ -16,6 +16,7 @@ Closing a stream before its end (the HTTP client went away) cancels the generati
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -150,6 +151,22 @@ class _Lines:
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
+
+    def ready(self) -> list[dict]:
+        """Messages that have already arrived, without waiting for more."""
+        try:
+            while True:
+                chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                self.buf += chunk
+                if len(chunk) < 65536:  # drained (or b"" at end of stream: read() reports that)
+                    break
+        except OSError:  # BlockingIOError: nothing waiting; anything worse surfaces in read()
+            pass
+        out = []
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            out.append(json.loads(line))
+        return out
 
 
 class _Stream:
@@ -388,8 +405,9 @@ class ModelPool:
             lines = _Lines(sock)
             ttft = None
             last_msg = last_yield = time.monotonic()
+            pending: collections.deque = collections.deque()
             while True:
-                msg = lines.read()
+                msg = pending.popleft() if pending else lines.read()
                 now = time.monotonic()
                 if msg is None:
                     if now - last_msg > self.read_timeout:
@@ -408,8 +426,17 @@ class ModelPool:
                 if "delta" in msg:
                     if ttft is None:
                         ttft = now - t0
+                    text = msg["delta"]
+                    if not pending:
+                        # A reader slower than the model (a busy machine, a slow client) gets what has
+                        # piled up as one delta instead of paying per-event costs for each token.
+                        for more in lines.ready():
+                            if not pending and more.get("id") == rid and "delta" in more:
+                                text += more["delta"]
+                            else:
+                                pending.append(more)
                     last_yield = now
-                    yield msg["delta"]
+                    yield text
                 elif msg.get("done"):
                     done = True
                     yield Final(msg.get("finish_reason") or "stop", int(msg.get("prompt_tokens") or 0),
