@@ -321,7 +321,7 @@ class ModelPool:
                 srv.checkpoint_dir = self._checkpoint_dir_of(model_row)
             except Exception as e:
                 raise InferenceError(f"the checkpoint of this model is not available: {e}", permanent=True) from e
-            start = self._start_server or start_model_server
+            start = self._start_server or _runner_start
             with open(srv.log_path, "ab") as logf:
                 try:
                     srv.proc = start(srv.checkpoint_dir, srv.socket_path, self.device, self.settings,
@@ -500,27 +500,7 @@ def get_pool(app: Any) -> ModelPool:
 _APP_LOCK = threading.Lock()
 
 
-# TODO(runner.py): move to runner.py's model-server section once the jobs engineer's uncommitted
-# changes there are in; runner.py is meant to be the only spawner. Uses its spawn() primitive already.
-def start_model_server(checkpoint_dir: str, socket_path: str, device: str, settings: Any, *,
-                       stderr: Any = None, max_active: int = 16) -> Any:
-    """Start ``python -m trainer.serve`` for one checkpoint; returns the Popen. Raises OSError."""
-    import importlib.util
-    from pathlib import Path
+def _runner_start(*args: Any, **kwargs: Any) -> Any:
+    from .runner import start_model_server  # runner.py is the only code that spawns processes
 
-    from . import runner
-
-    python = getattr(settings, "trainer_python", None) or sys.executable
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    # tiny models decode fastest on few threads; leave an explicit setting alone
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
-    spec = importlib.util.find_spec("trainer")
-    if spec and spec.submodule_search_locations:
-        root = str(Path(list(spec.submodule_search_locations)[0]).parent)
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    argv = [python, "-m", "trainer.serve", "--socket", socket_path, "--checkpoint", checkpoint_dir,
-            "--device", device or "auto", "--max-active", str(max_active)]
-    # not die_with_parent: that follows the spawning THREAD, and a request thread may end first; the
-    # server watches its parent process instead and exits when it is gone
-    return runner.spawn(argv, env=env, stdout=runner.subprocess.DEVNULL, stderr=stderr, die_with_parent=False)
+    return start_model_server(*args, **kwargs)

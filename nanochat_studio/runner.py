@@ -173,6 +173,57 @@ def calibrate(settings: Any, shape: Any, batch_size: int) -> dict:
     return {k: v for k, v in event.items() if k not in ("event", "v", "time")}
 
 
+# --- short helper runs of the trainer package (device probe, calibration) -----------------------------
+
+
+class SpawnError(RuntimeError):
+    """A helper program could not start, failed, timed out or gave no answer."""
+
+
+def run_helper(settings: Any, module: str, args: Sequence[str], *, event: str, timeout: float,
+               slot: Slot | None = None) -> dict:
+    """Run ``python -m module args`` on ``slot`` (default: this process's first slot) and return the
+    fields of the first ``event`` line it prints. Call it from the thread that waits for the answer
+    (the child dies with it). Raises SpawnError."""
+    slot = slot or local_slots(settings)[0]
+    python = getattr(settings, "trainer_python", None) or sys.executable
+    try:
+        proc = spawn([python, "-m", module, *args], env=trainer_env(slot), stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise SpawnError(f"cannot start {module}: {exc}") from exc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        proc.communicate()
+        raise SpawnError(f"{module} took longer than {timeout:g} s") from None
+    for line in out.splitlines():
+        record = progress.parse_line(line)
+        if record is None:
+            continue
+        if record["event"] == event:
+            return {k: v for k, v in record.items() if k not in ("event", "v", "time")}
+        if record["event"] == "error":
+            raise SpawnError(record.get("message") or record.get("code") or f"{module} failed")
+    tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+    raise SpawnError(f"{module} exited {proc.returncode} without a {event} event: {tail[0][:300]}")
+
+
+def probe_device(settings: Any) -> dict:
+    """{"device", "device_name", "memory_bytes"} of where this process's jobs train, asked of the
+    trainer itself (the web process never imports torch). Raises SpawnError."""
+    return run_helper(settings, "trainer.calibrate", ["--probe"], event="calibration", timeout=120)
+
+
+def calibrate(settings: Any, shape: Any, batch_size: int, *, timeout: float = 600) -> dict:
+    """Time a few real training steps at ``shape`` (trainer.sizing.ModelShape) on this machine's first
+    slot: the calibration event's fields (tokens_per_sec, step_s, ...). Raises SpawnError."""
+    args = ["--depth", str(shape.depth), "--vocab-size", str(shape.vocab_size), "--seq-len", str(shape.seq_len),
+            "--batch-size", str(batch_size)]
+    return run_helper(settings, "trainer.calibrate", args, event="calibration", timeout=timeout)
+
+
 # --- the run directory's lock --------------------------------------------------------------------------
 
 
@@ -532,3 +583,26 @@ def run_training(job: TrainingJob, slot: Slot, settings: Any, on_event: EventCal
     worker is shutting down: the trainer gets SIGTERM, checkpoints, and the job is requeued.
     """
     return _Supervisor(job, slot, settings, on_event, stop).run()
+
+
+# --- model servers (owned by the chat engineer; inference.py is their only client) ----------------------
+
+
+def start_model_server(checkpoint_dir: str, socket_path: str, device: str, settings: Any, *,
+                       stderr: Any = None, max_active: int = 16) -> subprocess.Popen:
+    """Start ``python -m trainer.serve`` for one checkpoint, listening on ``socket_path``; returns the Popen
+    (inference.ModelPool waits for the socket, stops and restarts it). Raises OSError."""
+    python = getattr(settings, "trainer_python", None) or sys.executable
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    # tiny models decode fastest on few threads; an explicit OMP_NUM_THREADS is left alone
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    spec = importlib.util.find_spec("trainer")
+    if spec and spec.submodule_search_locations:
+        root = str(Path(list(spec.submodule_search_locations)[0]).parent)
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    argv = [python, "-m", "trainer.serve", "--socket", socket_path, "--checkpoint", checkpoint_dir,
+            "--device", device or "auto", "--max-active", str(max_active)]
+    # Not die_with_parent: that follows the spawning THREAD, and a request thread may end before the
+    # server should; trainer.serve watches its parent process instead and exits when it is gone.
+    return spawn(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr, die_with_parent=False)
