@@ -204,3 +204,18 @@ def test_slots_from_settings(settings):
     argv = runner.trainer_argv(settings, multi, Path("/r/job.json"), Path("/r"))
     assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert argv[-5:] == ["--config", "/r/job.json", "--out", "/r", "--resume"]
+
+
+@pytest.mark.slow  # imports torch twice and times real steps: ~20 s here
+def test_the_device_probe_and_a_calibration_ask_the_trainer_itself(settings):
+    probe = runner.probe_device(settings)
+    assert probe["device"] == "cpu" and probe["memory_bytes"] > 0 and probe["device_name"]
+    from trainer import sizing
+
+    result = runner.calibrate(settings, sizing.shape_for(1, 512, 32), 2, timeout=300)
+    assert result["tokens_per_sec"] > 0
+
+
+def test_a_helper_that_fails_raises_spawn_error(settings):
+    with pytest.raises(runner.SpawnError, match="without a calibration event"):
+        runner.run_helper(settings, "no_such_module_here", [], event="calibration", timeout=30)
