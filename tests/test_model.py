@@ -34,6 +34,13 @@ def test_logits_and_loss_have_the_right_shapes():
     assert torch.allclose(per_token.mean(), loss, atol=1e-6)
 
 
+def test_last_only_gives_the_last_positions_logits():
+    model = random_model()
+    idx = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:], atol=1e-5, rtol=0)
+
+
 def test_ignored_targets_do_not_count():
     model = random_model()
     idx = torch.randint(0, VOCAB, (2, 10))
@@ -167,3 +174,22 @@ def test_the_fused_cpu_loss_matches_the_plain_one_with_gradients(reduction):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4, msg=name)
     with torch.no_grad():  # evaluation: same loss, no gradients computed
         torch.testing.assert_close(model(idx, targets=targets, loss_reduction=reduction), plain, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_follows_weight_updates_and_loads():
+    model = random_model()
+    idx = torch.randint(0, VOCAB, (1, 6))
+
+    def decode_last():
+        cache = KVCache.for_model(model, batch_size=1, max_len=8)
+        model(idx[:, :5], kv_cache=cache)
+        return model(idx[:, 5:], kv_cache=cache)  # one token, no grad: the decoding path
+
+    with torch.no_grad():
+        before = decode_last()
+        model.lm_head.weight.mul_(-2.0)  # as an optimizer step would
+        after = decode_last()
+        torch.testing.assert_close(after, model(idx)[:, 5:], atol=1e-4, rtol=0)
+        assert not torch.allclose(before, after)
+        model.load_state_dict(random_model(seed=5).state_dict())
+        torch.testing.assert_close(decode_last(), model(idx)[:, 5:], atol=1e-4, rtol=0)

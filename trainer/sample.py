@@ -112,7 +112,7 @@ def _generate(model, ids, max_tokens, temperature, top_k, top_p, seed, stop, use
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             x = torch.tensor([tokens], dtype=torch.long, device=device)
-            return model(x, kv_cache=cache)[0, -1].float()
+            return model(x, kv_cache=cache, last_only=True)[0, -1].float()
 
     logits = run(ids)
     for _ in range(max_tokens):
