@@ -219,3 +219,33 @@ def test_the_device_probe_and_a_calibration_ask_the_trainer_itself(settings):
 def test_a_helper_that_fails_raises_spawn_error(settings):
     with pytest.raises(runner.SpawnError, match="without a calibration event"):
         runner.run_helper(settings, "no_such_module_here", [], event="calibration", timeout=30)
+
+
+# --- the real trainer -----------------------------------------------------------------------------------
+
+@pytest.mark.slow  # ~25 s on 2 cores: torch import, tokenizer, 6 steps, eval, samples
+def test_the_real_trainer_completes_a_tiny_job_into_a_published_model(alice, settings):
+    real = dataclasses.replace(settings, trainer_module="trainer.train")
+    job = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 6, "checkpoint_every": 3,
+                              "batch_size": 4, "seq_len": 64}, real)
+    job, status = claim_and_run(real)
+    job = TrainingJob.get_by_id(job.id)
+    assert status == "completed", job.status_reason + Path(job.log_path).read_text()[-2000:]
+    assert job.progress["step"] == 6 and job.progress["val_bpb"] > 0
+    kinds = [e.kind for e in jobs.events_since(job)]
+    assert kinds.count("step") == 6 and {"start", "eval", "sample", "checkpoint", "done"} <= set(kinds)
+    model = Model.get(Model.job == job)
+    assert model.params > 0 and model.step == 6 and model.samples
+    stored = Path(settings.home) / "storage" / model.checkpoint_key
+    assert (stored / "model.safetensors").exists() and model.tokenizer_key == model.checkpoint_key + "/tokenizer"
+
+
+def test_the_real_trainer_fails_an_empty_dataset_as_a_user_error(alice, settings, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    real = dataclasses.replace(settings, trainer_module="trainer.train")
+    job = jobs.submit(alice, {"depth": 1, "dataset": str(empty), "max_steps": 6}, real)
+    job, status = claim_and_run(real)
+    job = TrainingJob.get_by_id(job.id)
+    assert status == "failed" and job.error_kind == "user" and job.attempt == 1, job.status_reason
+    assert jobs.reconcile() == [] and jobs.claim_next("w", "cpu0") is None

@@ -255,3 +255,58 @@ def test_store_and_queue_in_postgresql_survive_a_database_restart_mid_run(restar
     assert job.attempt == 1 and job.progress["step"] == 30  # the trainer was never disturbed
     second = submit(alice, pg)  # the queue still rings after the restart
     wait_for(lambda: status_of(second) == "completed", timeout=30)
+
+
+# --- the real `nanochat-studio serve`, killed with kill -9 ---------------------------------------------
+
+def start_serve(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat_studio", "serve", "--port", "0"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True)
+    for line in proc.stdout:
+        if line.startswith("Serving on "):
+            return proc, line.split()[-1].rstrip("/")
+    raise AssertionError(f"serve did not start: {log.read_text()[-2000:]}")
+
+
+def api(url: str, path: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_it_resumes_after_the_real_serve_is_killed_with_sigkill(tmp_path):
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NCS_")}
+    env.update(NCS_HOME=str(home), NCS_MODE="solo", NCS_TRAINER_MODULE="tests.fake_trainer", NCS_LEASE_SECONDS="60",
+               NCS_RETRY_BACKOFF_SECONDS="0.2", PYTHONPATH=str(REPO), FAKE_STEP_S="0.1")
+    first, url = start_serve(env, tmp_path / "serve1.log")
+    second = None
+    try:
+        job = api(url, "/api/jobs", {"depth": 1, "dataset": "demo", "max_steps": 40, "checkpoint_every": 5})
+        job_id = job["id"]
+        wait_for(lambda: ((api(url, f"/api/jobs/{job_id}").get("progress") or {}).get("step") or 0) >= 12,
+                 timeout=30)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        second, url = start_serve(env, tmp_path / "serve2.log")
+        final = wait_for(lambda: (j := api(url, f"/api/jobs/{job_id}"))["status"] in ("completed", "failed") and j,
+                         timeout=60)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+    assert final["status"] == "completed", final
+    log = [json.loads(line) for line in (home / "runs" / f"job-{job_id}" / "fake_log.jsonl").read_text().splitlines()]
+    begins = [r for r in log if r["kind"] == "begin"]
+    assert len(begins) == 2 and all(b["lock_held"] for b in begins)
+    old_end = [r for r in log if r["kind"] == "end" and r["pid"] == begins[0]["pid"]]
+    assert old_end and old_end[0]["rc"] == 75  # SIGTERM from the parent-death signal: it checkpointed
+    ckpt = begins[1]["resumed_from"]
+    assert ckpt == old_end[0]["step"]
+    new_steps = [r["step"] for r in log if r["kind"] == "step" and r["pid"] == begins[1]["pid"]]
+    assert new_steps == list(range(ckpt + 1, 41))  # nothing after the checkpoint was trained twice
+    assert max(r["t"] for r in log if r["pid"] == begins[0]["pid"]) < begins[1]["t"]  # one trainer at a time
