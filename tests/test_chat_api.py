@@ -246,6 +246,19 @@ def test_a_running_jobs_newest_checkpoint_can_be_snapshotted_and_chatted_with(wo
     _, events = post_chat(alice, url, model_id=model.id, mode="complete", prompt="The", max_tokens=5, save=False)
     assert events[-1][1]["completion_tokens"] == 5
     assert world["bob"].post(f"{url}/api/jobs/{job.id}/snapshot").status_code == 404
+    assert world["bob"].post(f"{url}/chat/snapshot/{job.id}", allow_redirects=False).status_code == 404
+
+
+def test_the_job_page_form_snapshots_and_opens_the_chat(world, tmp_path):
+    from nanochat_studio.models import TrainingJob
+
+    run = tmp_path / "run2"
+    job = TrainingJob.create(user=world["alice_user"], name="live", status="running", output_path=str(run))
+    cached_tiny_checkpoint(run / "checkpoints" / "step_0000040")
+    r = world["alice"].post(f"{world['url']}/chat/snapshot/{job.id}", allow_redirects=False)
+    assert r.status_code == 303 and r.headers["Location"].startswith("/chat/")
+    page = world["alice"].get(world["url"] + r.headers["Location"])
+    assert page.status_code == 200 and "snapshot · step 40" in page.text
 
 
 def test_the_chat_pages_render(world):

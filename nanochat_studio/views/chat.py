@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from flask import Blueprint, current_app, render_template, request, url_for
+from flask import Blueprint, current_app, redirect, render_template, request, url_for
 from flask_login import current_user
 
 from .. import sse
@@ -432,11 +432,23 @@ def snapshot_model(job: TrainingJob, settings: Any) -> Model:
     raise Conflict("this job has no finished checkpoint yet; try again after its first checkpoint")
 
 
-@bp.post("/api/jobs/<int:job_id>/snapshot")
-@login_required
-def snapshot(job_id: int):
+def _own_job(job_id: int) -> TrainingJob:
     job = TrainingJob.get_or_none((TrainingJob.id == job_id) & (TrainingJob.user == current_user.id))
     if job is None:
         raise NotFound(f"no job {job_id}")
-    model = snapshot_model(job, current_app.config["NCS_SETTINGS"])
+    return job
+
+
+@bp.post("/api/jobs/<int:job_id>/snapshot")
+@login_required
+def snapshot(job_id: int):
+    model = snapshot_model(_own_job(job_id), current_app.config["NCS_SETTINGS"])
     return {"model_id": model.id, "step": model.step, "chat_url": url_for("chat.page", model_id=model.id)}, 201
+
+
+@bp.post("/chat/snapshot/<int:job_id>")
+@login_required
+def snapshot_and_chat(job_id: int):
+    """For a plain form on the job page (CSRF token included): snapshot, then open the chat."""
+    model = snapshot_model(_own_job(job_id), current_app.config["NCS_SETTINGS"])
+    return redirect(url_for("chat.page", model_id=model.id), code=303)

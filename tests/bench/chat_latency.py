@@ -137,6 +137,21 @@ def stream_http(port: int, path: str, body: dict, headers: dict) -> tuple[float,
     return first - t0, (n - 1) / (last - first) if n > 1 else 0.0, n, finish
 
 
+def via_pool(pool, model, mode: str, n_tokens: int) -> tuple[float, float, int]:
+    """The model server through inference.ModelPool in this process: the IPC part of the HTTP path."""
+    payload = [{"role": "user", "content": PROMPT}] if mode == "chat" else PROMPT
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    for item in pool.stream(model, mode, payload, {"max_tokens": n_tokens, "temperature": 0}):
+        if isinstance(item, str):
+            last = time.perf_counter()
+            first = first or last
+        elif item is not None:
+            n = item.completion_tokens
+    return first - t0, (n - 1) / (last - first) if n > 1 else 0.0, n
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
@@ -180,9 +195,10 @@ def main() -> int:
         for name, mode, path, body, hdr in (("sse", "complete", "/api/chat", sse_body, {}),
                                             ("openai", "chat", "/v1/chat/completions", v1_body, bearer)):
             engine.run(mode, args.tokens)  # warm
-            d, h = [], []
-            for _ in range(args.runs):  # interleaved, so a busy machine slows both sides alike
+            d, p, h = [], [], []
+            for _ in range(args.runs):  # interleaved, so a busy machine slows every path alike
                 d.append(engine.run(mode, args.tokens))
+                p.append(via_pool(pool, model, mode, args.tokens))
                 h.append(stream_http(server.port, path, body, hdr))
             row = {
                 "direct_ttft_ms": round(statistics.median(x[0] for x in d) * 1000, 2),
@@ -190,6 +206,8 @@ def main() -> int:
                 "direct_tps": round(statistics.median(x[1] for x in d), 1),
                 "http_tps": round(statistics.median(x[1] for x in h), 1),
                 "direct_tokens": d[0][2], "http_tokens": h[0][2],
+                "pool_ttft_ms": round(statistics.median(x[0] for x in p) * 1000, 2),
+                "pool_tps": round(statistics.median(x[1] for x in p), 1),
             }
             row["ttft_overhead_ms"] = round(row["http_ttft_ms"] - row["direct_ttft_ms"], 2)
             row["tps_ratio"] = round(row["http_tps"] / row["direct_tps"], 3) if row["direct_tps"] else None
@@ -199,6 +217,8 @@ def main() -> int:
                   f"(overhead {row['ttft_overhead_ms']:+.1f} ms); tokens/s direct {row['direct_tps']:.0f}, "
                   f"HTTP {row['http_tps']:.0f} ({row['tps_ratio']:.2f}x); tokens {row['direct_tokens']}/"
                   f"{row['http_tokens']} -> {'OK' if row['meets_targets'] else 'MISSES TARGET'}")
+            print(f"         of which model server + socket (ModelPool in-process, no HTTP): TTFT "
+                  f"{row['pool_ttft_ms']:.1f} ms, {row['pool_tps']:.0f} tokens/s")
         results.update(rows)
 
         # --- N streams at once ---
