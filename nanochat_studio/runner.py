@@ -128,51 +128,6 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-# --- short trainer programs: device probe and calibration -------------------------------------------
-
-PROBE_TIMEOUT_S = 120.0
-CALIBRATION_TIMEOUT_S = 600.0
-
-
-class SpawnError(RuntimeError):
-    """A short trainer program could not start, failed, or printed no answer."""
-
-
-def _run_for_event(module: str, args: Sequence[str], settings: Any, timeout: float) -> dict:
-    """Run ``python -m module args`` on this worker's first slot and return its contract event."""
-    slot = local_slots(settings)[0]
-    argv = [getattr(settings, "trainer_python", None) or sys.executable, "-m", module, *args]
-    try:
-        proc = spawn(argv, env=trainer_env(slot), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as exc:
-        raise SpawnError(f"could not start {module}: {exc}") from exc
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        signal_group(proc, signal.SIGKILL)
-        proc.communicate()
-        raise SpawnError(f"{module} took longer than {timeout:.0f} s") from None
-    events = [e for e in map(progress.parse_line, out.decode("utf-8", "replace").splitlines()) if e]
-    if proc.returncode != 0 or not events:
-        detail = events[-1].get("message") if events else err.decode("utf-8", "replace")[-500:]
-        raise SpawnError(f"{module} exited {proc.returncode}: {detail}")
-    return events[-1]
-
-
-def probe_device(settings: Any) -> dict:
-    """{"device", "device_name", "memory_bytes"} of where this worker's first slot trains."""
-    event = _run_for_event("trainer.calibrate", ["--probe"], settings, PROBE_TIMEOUT_S)
-    return {k: event[k] for k in ("device", "device_name", "memory_bytes")}
-
-
-def calibrate(settings: Any, shape: Any, batch_size: int) -> dict:
-    """Time a few training steps of ``shape`` (a trainer.sizing.ModelShape) at ``batch_size``."""
-    args = ["--depth", str(shape.depth), "--vocab-size", str(shape.vocab_size), "--seq-len", str(shape.seq_len),
-            "--batch-size", str(batch_size)]
-    event = _run_for_event("trainer.calibrate", args, settings, CALIBRATION_TIMEOUT_S)
-    return {k: v for k, v in event.items() if k not in ("event", "v", "time")}
-
-
 # --- short helper runs of the trainer package (device probe, calibration) -----------------------------
 
 
