@@ -6,6 +6,7 @@ scoped to its owner, and another user's id answers 404 exactly like a missing on
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from typing import Any
 
@@ -204,6 +205,7 @@ def job_events(job_id: int):
         out = []
         for ev in events:
             data = dict(ev.data or {})
+            data.setdefault("time", ev.created_at.replace(tzinfo=dt.timezone.utc).timestamp())
             if ev.kind == "state":
                 with database.connection_context():
                     data["job"] = job_json(jobs.get(job_id), settings)

@@ -140,6 +140,7 @@
       showJob(d.job);
     },
     start(d) {
+      if (d.params) setText("#params", fmtNum(d.params, 1));
       addHistory(d.resumed_from_step ? `trainer resumed from step ${d.resumed_from_step}` :
                  `trainer started on ${d.device}`, d.time);
     },
