@@ -79,8 +79,9 @@ def postgres_server() -> Iterator[dict[str, Any]]:
         "port": port,
         "base": base,
         "url": f"postgresql://postgres@127.0.0.1:{port}/postgres",
-        "restart": lambda: subprocess.run([*pg_ctl, "-m", "fast", "-w", "restart"], check=True,
-                                          capture_output=True),
+        # -l and DEVNULL: a restarted server must not inherit a pipe we wait on (it would never close).
+        "restart": lambda: subprocess.run([*pg_ctl, "-l", f"{base}/log", "-m", "fast", "-w", "restart"],
+                                          check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     }
     try:
         yield server
