@@ -98,6 +98,8 @@ class _Server:
         self.in_flight = 0
         self.last_used = time.monotonic()
         self.restarts = 0
+        self.ready = False  # answered a ping since it was (re)started
+        self.started_at = 0.0
         self.start_lock = threading.Lock()
 
     def alive(self) -> bool:
@@ -113,6 +115,7 @@ class _Server:
 
     def stop(self, timeout: float = 5.0) -> None:
         proc, self.proc = self.proc, None
+        self.ready = False
         if proc is not None and proc.poll() is None:
             try:
                 os.killpg(proc.pid, 15)
@@ -307,28 +310,47 @@ class ModelPool:
             srv.in_flight -= 1
             srv.last_used = time.monotonic()
 
-    def _ensure_started(self, srv: _Server, model_row: Any) -> None:
-        with srv.start_lock:
-            if srv.alive():
+    def _starting(self, srv: _Server, model_row: Any) -> Iterator[None]:
+        """Start the server if it is not running and wait until it answers a ping. A generator: it
+        yields None every ``heartbeat_s`` while waiting, so the HTTP stream above it stays alive
+        during a long load. Raises InferenceError (permanent when the checkpoint cannot load)."""
+        last = time.monotonic()
+
+        def beat() -> bool:
+            nonlocal last
+            if time.monotonic() - last >= self.heartbeat_s:
+                last = time.monotonic()
+                return True
+            return False
+
+        while not srv.start_lock.acquire(timeout=self.poll_s):  # another request is starting it
+            if beat():
+                yield None
+        try:
+            if srv.alive() and srv.ready:
                 return
-            if srv.proc is not None:
-                rc = srv.proc.poll()
-                srv.restarts += 1
-                log.warning("model server for model %s had exited (code %s: %s); restarting",
-                            srv.key, rc, srv.log_tail(1))
-                srv.stop()
-            try:
-                srv.checkpoint_dir = self._checkpoint_dir_of(model_row)
-            except Exception as e:
-                raise InferenceError(f"the checkpoint of this model is not available: {e}", permanent=True) from e
-            start = self._start_server or _runner_start
-            with open(srv.log_path, "ab") as logf:
+            if not srv.alive():
+                if srv.proc is not None:
+                    rc = srv.proc.poll()
+                    srv.restarts += 1
+                    log.warning("model server for model %s had exited (code %s: %s); restarting",
+                                srv.key, rc, srv.log_tail(1))
+                    srv.stop()
                 try:
-                    srv.proc = start(srv.checkpoint_dir, srv.socket_path, self.device, self.settings,
-                                     stderr=logf, max_active=self.max_active)
-                except OSError as e:
-                    raise InferenceError(f"cannot start the model server: {e}", permanent=True) from e
-            deadline = time.monotonic() + self.load_timeout
+                    srv.checkpoint_dir = self._checkpoint_dir_of(model_row)
+                except Exception as e:
+                    raise InferenceError(f"the checkpoint of this model is not available: {e}",
+                                         permanent=True) from e
+                start = self._start_server or _runner_start
+                with open(srv.log_path, "ab") as logf:
+                    try:
+                        srv.proc = start(srv.checkpoint_dir, srv.socket_path, self.device, self.settings,
+                                         stderr=logf, max_active=self.max_active)
+                    except OSError as e:
+                        raise InferenceError(f"cannot start the model server: {e}", permanent=True) from e
+                srv.started_at = time.monotonic()
+            # (a server started by a request that went away before it was ready is waited for here)
+            deadline = srv.started_at + self.load_timeout
             while True:
                 rc = srv.proc.poll()
                 if rc is not None:
@@ -340,13 +362,18 @@ class ModelPool:
                 if os.path.exists(srv.socket_path):
                     try:
                         self._op(srv, {"op": "ping"}, timeout=5.0)
+                        srv.ready = True
                         return
                     except InferenceError:
                         pass
                 if time.monotonic() > deadline:
                     srv.stop()
                     raise InferenceError(f"the model did not load within {self.load_timeout:.0f} s")
+                if beat():
+                    yield None
                 time.sleep(0.02)
+        finally:
+            srv.start_lock.release()
 
     def _connect(self, srv: _Server, timeout: float) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -390,13 +417,13 @@ class ModelPool:
         rid = f"r{next(self._ids)}"
         try:
             try:
-                self._ensure_started(srv, model_row)
+                yield from self._starting(srv, model_row)
                 sock = self._connect(srv, self.poll_s)
             except InferenceError as e:
                 if e.permanent or srv.alive():
                     raise
                 # the server died between our check and the connect: one fresh start
-                self._ensure_started(srv, model_row)
+                yield from self._starting(srv, model_row)
                 sock = self._connect(srv, self.poll_s)
             req = {"id": rid, "mode": mode, "sampling": sampling,
                    ("messages" if mode == "chat" else "prompt"): payload}

@@ -63,11 +63,13 @@ def cached_tiny_checkpoint(dest: str | os.PathLike) -> Path:
     return Path(dest)
 
 
-def scripted_checkpoint(dest: str | os.PathLike, text: str, delay_s: float = 0.0, tokens_per_delta: int = 1) -> Path:
+def scripted_checkpoint(dest: str | os.PathLike, text: str, delay_s: float = 0.0, tokens_per_delta: int = 1,
+                        load_delay_s: float = 0.0) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "fake_model.json").write_text(
-        json.dumps({"text": text, "delay_s": delay_s, "tokens_per_delta": tokens_per_delta}), encoding="utf-8")
+        json.dumps({"text": text, "delay_s": delay_s, "tokens_per_delta": tokens_per_delta,
+                    "load_delay_s": load_delay_s}), encoding="utf-8")
     return dest
 
 

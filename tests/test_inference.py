@@ -256,6 +256,46 @@ def test_stop_strings_cut_the_text_before_them(make_pool, tmp_path):
     assert text == "one two" and final.finish_reason == "stop"
 
 
+def test_a_slow_load_yields_heartbeats_instead_of_going_quiet(make_pool, tmp_path):
+    pool = make_pool(heartbeat_s=0.2)
+    m = row(1, scripted_checkpoint(tmp_path / "s", "ok", load_delay_s=1.0))
+    items = list(pool.stream(m, "chat", HI, {}))
+    first_text = next(i for i, x in enumerate(items) if isinstance(x, str))
+    assert items[:first_text].count(None) >= 3 and "".join(x for x in items if isinstance(x, str)) == "ok"
+
+
+def test_a_model_server_exits_when_the_web_process_dies(tmp_path):
+    import subprocess
+
+    ck = scripted_checkpoint(tmp_path / "s", "hi")
+    code = (
+        "import sys, types, time\n"
+        "from nanochat_studio.inference import ModelPool\n"
+        f"p = ModelPool(None, checkpoint_dir_of=lambda m: {str(ck)!r}, device='cpu')\n"
+        "m = types.SimpleNamespace(id=1)\n"
+        "list(p.stream(m, 'chat', [{'role': 'user', 'content': 'x'}], {}))\n"
+        "print(p.server_pid(m), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    web = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(web.stdout.readline())
+        os.kill(server_pid, 0)  # running
+        web.kill()  # kill -9: no atexit, no cleanup
+        web.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        with pytest.raises(ProcessLookupError):
+            os.kill(server_pid, 0)
+    finally:
+        web.kill()
+
+
 def test_the_web_process_does_not_import_torch():
     import subprocess
 

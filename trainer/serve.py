@@ -28,7 +28,7 @@ answer never holds the others back; more wait in a FIFO bounded by --max-queue (
 "permanent": false). The web client keeps its own, tighter bound and answers 429 before this one bites.
 
 A scripted stand-in: a checkpoint directory holding ``fake_model.json`` ({"text": ..., "delay_s": ...,
-"tokens_per_delta": 1}) is served without torch by replaying that text. Tests use it to exercise the
+"tokens_per_delta": 1, "load_delay_s": 0}) is served without torch by replaying that text. Tests use it to exercise the
 plumbing (crashes, queues, hostile output) independently of the network weights.
 """
 
@@ -88,6 +88,7 @@ class ScriptedBackend:
         self.delay_s = float(spec.get("delay_s", 0.0))
         self.tokens_per_delta = int(spec.get("tokens_per_delta", 1))
         self.info = {"backend": "scripted", "chat": True}
+        time.sleep(float(spec.get("load_delay_s", 0.0)))  # stands in for loading big weights
 
     def start(self, mode: str, payload: Any, sampling: dict) -> ScriptedGeneration:
         text = self.text
