@@ -185,6 +185,16 @@ def test_the_first_account_becomes_admin_and_later_ones_do_not(account_app, mode
     assert AppState.get_by_id(accounts.FIRST_ADMIN_KEY).value == alice.id
 
 
+def test_an_install_first_account_made_by_the_operator_is_admin_and_sign_ups_after_it_are_not(account_app):
+    app = account_app("lab")
+    carol = accounts.create_user("carol@example.com", PASSWORD)  # the CLI's `users create`
+    assert carol.is_admin and carol.is_approved
+    # "First" means first: a stranger signing up afterwards gets neither admin nor approval.
+    register(app.test_client(), "mallory@example.com")
+    mallory = User.get(User.email == "mallory@example.com")
+    assert not mallory.is_admin and not mallory.is_approved
+
+
 def test_only_one_of_simultaneous_first_sign_ups_becomes_admin(account_app):
     account_app("hosted")  # opens the database
     barrier = threading.Barrier(6)
