@@ -126,7 +126,7 @@ def _generate(model, ids, max_tokens, temperature, top_k, top_p, seed, stop, use
             logits = run(ids[-window:])
         elif cache.pos >= window:
             cache.reset()
-            logits = run(ids[-(window // 2):])
+            logits = run(ids[-max(1, window // 2):])
         else:
             logits = run([token])
 
