@@ -16,14 +16,19 @@ Human lines first; the LAST line is one JSON object. Target: start under 2 s.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this directory comes first on sys.path, where a sibling (tokenize.py) would shadow
+# the standard library module of the same name.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -116,20 +121,22 @@ def main() -> None:
         handle = tasks.start_consumer(real)
         try:
             time.sleep(1.0)
-            r = measure(user, real, {"depth": 1, "dataset": "demo", "max_steps": 6, "checkpoint_every": 3},
-                        timeout=600)
-            results.update({f"real_{k}": round(v, 3) for k, v in r.items()})
-            print("real trainer (depth 1, 6 steps, demo corpus, CPU):")
-            print(f"  submit -> trainer running : {r['start_s']:.3f} s")
-            print(f"  submit -> first step event: {r['first_step_s']:.3f} s (imports torch, prepares data)")
-            print(f"  submit -> completed       : {r['total_s']:.3f} s; queue overhead {r['overhead_s']:.3f} s")
+            for label in ("cold", "warm"):  # warm: the tokenized demo corpus is in the shared data cache
+                r = measure(user, real, {"depth": 1, "dataset": "demo", "max_steps": 6, "checkpoint_every": 3},
+                            timeout=600)
+                results.update({f"real_{label}_{k}": round(v, 3) for k, v in r.items()})
+                print(f"real trainer (depth 1, 6 steps, demo corpus, CPU), {label} data cache:")
+                print(f"  submit -> trainer running : {r['start_s']:.3f} s")
+                print(f"  submit -> first step event: {r['first_step_s']:.3f} s (imports torch, prepares data)")
+                print(f"  submit -> completed       : {r['total_s']:.3f} s; queue overhead {r['overhead_s']:.3f} s")
         except Exception as exc:
             results["real_error"] = str(exc)
             print(f"real trainer run failed: {exc}")
         finally:
             tasks.stop_consumer(handle, timeout=60)
     results["target_start_s"] = 2.0
-    results["meets_target"] = results["fake_start_s_max"] < 2.0 and results.get("real_start_s", 0) < 2.0
+    results["meets_target"] = results["fake_start_s_max"] < 2.0 and all(
+        results.get(f"real_{label}_start_s", 0) < 2.0 for label in ("cold", "warm"))
     print(json.dumps(results))
 
 
