@@ -162,6 +162,16 @@ def test_bad_config_exits_2_with_an_error_event(tmp_path):
     assert code == progress.EXIT_USAGE and "max_steps" in events[-1]["message"]
 
 
+def test_storage_credentials_never_reach_events_or_checkpoints(tmp_path, cache):
+    secret = "AKIA-not-a-real-key"
+    code, events, err = run_trainer(["--max-steps", "2", "--storage-options", json.dumps({"secret": secret})],
+                                    tmp_path, cache)
+    assert code == 0, err
+    assert secret not in json.dumps(events)
+    for f in (tmp_path / "checkpoints").rglob("*.json"):
+        assert secret not in f.read_text()
+
+
 def test_flags_override_the_config_file_and_web_app_keys_are_accepted(tmp_path):
     from trainer.train import parse_config
     job = tmp_path / "job.json"

@@ -445,8 +445,12 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     else:
         target = cfg.target_tokens or sizing.default_training_tokens(params, cfg.tokens_per_param)
         total_steps = max(1, math.ceil(target / tokens_per_step))
+    # storage_options may hold cloud credentials: the start event and config.json (which ships with
+    # the model) name the keys only.
+    redacted = {k: "<redacted>" for k in cfg.storage_options} if cfg.storage_options else cfg.storage_options
     resolved = dataclasses.asdict(cfg) | {"batch_size": batch, "seq_len": seq, "compile": rt.compile,
-                                          "device": str(rt.device), "cache_dir": str(cache_dir)}
+                                          "device": str(rt.device), "cache_dir": str(cache_dir),
+                                          "storage_options": redacted}
     run_config = {"model": gpt_config.to_dict(), "shape": shape.to_dict(), "train": resolved,
                   "data": {"source": prepared.source, "sha256": prepared.data_sha256,
                            "n_train_tokens": prepared.n_train_tokens, "n_val_tokens": prepared.n_val_tokens},
