@@ -10,6 +10,7 @@ to the job's outcome with ``trainer.progress.outcome_of_exit``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import peewee as pw
 
@@ -306,11 +307,34 @@ class _Supervisor:
         if kind in ("start", "step", "eval", "checkpoint", "done"):
             jobs.update_progress(self.job.id, self.attempt, p)
 
+    @contextlib.contextmanager
+    def _heartbeats(self) -> Iterator[None]:
+        """Renew the lease from a helper thread while this one is busy (preparing the data)."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.lease_s / 3):
+                try:
+                    self.beat(force=True)
+                except pw.DatabaseError:
+                    log.warning("job %s: heartbeat failed while preparing", self.job.id, exc_info=True)
+                finally:
+                    database.close()  # this helper thread's own connection
+
+        thread = threading.Thread(target=beat, name=f"prepare-heartbeat-{self.job.id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
     # -- the attempt --
     def run(self) -> str | None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.run_dir / "train.log"
-        lock_fd = acquire_run_lock(self.run_dir, wait_s=min(self.lease_s, 60.0))
+        with self._heartbeats():  # waiting for an earlier trainer to let go may outlast the lease
+            lock_fd = acquire_run_lock(self.run_dir, wait_s=min(self.lease_s, 60.0))
         if lock_fd is None:
             # A trainer from an earlier attempt is still alive (checkpointing after its supervisor died).
             return jobs.finish(self.job.id, self.attempt, "infrastructure", charged=False,
@@ -324,12 +348,15 @@ class _Supervisor:
     def _run_locked(self, lock_fd: int, log_path: Path) -> str | None:
         job = self.job
         try:
-            data, storage_options = datasets.resolve_for_training(job, self.settings, self.run_dir)
+            with self._heartbeats():  # a download can outlast the lease
+                data, storage_options = datasets.resolve_for_training(job, self.settings, self.run_dir)
         except Exception as exc:  # fetch's errors carry an HTTP status: 4xx is the user's to fix
             status = getattr(exc, "status", None)
             outcome = "user_error" if isinstance(status, int) and 400 <= status < 500 else "infrastructure"
             return jobs.finish(job.id, self.attempt, outcome, reason=f"preparing the data failed: {exc}",
                                backoff_base=self.backoff)
+        if self.fenced:  # the job moved on while we prepared (our lease was lost): leave it alone
+            return None
         self.facts["data_sha256"] = (datasets.recorded_source(self.run_dir) or {}).get("sha256", "")
         config = {k: v for k, v in job.config.items() if k not in ("dataset", "gpus")}
         config.update(data=data, device=self.slot.device, job_id=job.id, name=job.name,

@@ -249,3 +249,22 @@ def test_the_real_trainer_fails_an_empty_dataset_as_a_user_error(alice, settings
     job = TrainingJob.get_by_id(job.id)
     assert status == "failed" and job.error_kind == "user" and job.attempt == 1, job.status_reason
     assert jobs.reconcile() == [] and jobs.claim_next("w", "cpu0") is None
+
+
+def test_a_slow_data_preparation_keeps_its_lease(alice, settings, monkeypatch):
+    from nanochat_studio import datasets
+
+    def slow_download(job, settings, run_dir):  # a large https dataset, fetched for longer than the lease
+        time.sleep(2.0)
+        return "demo", None
+
+    monkeypatch.setattr(datasets, "resolve_for_training", slow_download)
+    short = dataclasses.replace(settings, lease_seconds=0.6)
+    job = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 3}, short)
+    thread, box = in_thread(claim_and_run, short)
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert jobs.reconcile(backoff_base=0) == []
+        time.sleep(0.1)
+    thread.join(30)
+    assert box["result"][1] == "completed" and TrainingJob.get_by_id(job.id).attempt == 1
