@@ -269,3 +269,18 @@ def test_the_chat_pages_render(world):
     assert "<script>" not in page.text  # no inline script
     assert alice.get(f"{url}/chat").status_code == 200
     assert alice.get(f"{url}/chat/compare?a={world['words'].id}&b={world['tiny'].id}").status_code == 200
+
+
+def test_a_slow_model_load_sends_heartbeats_before_the_first_token(live, tmp_path):
+    app, server = live(heartbeat_s=0.2)
+    add_user("alice@example.com")
+    from nanochat_studio.models import User
+
+    slow = add_model(User.get(), scripted_checkpoint(tmp_path / "slow", "hi", load_delay_s=1.0))
+    alice = login_session(server.url, "alice@example.com")
+    r = alice.post(f"{server.url}/api/chat", json={"model_id": slow.id, "messages": HI, "save": False}, stream=True)
+    lines = list(r.iter_lines(decode_unicode=True))
+    first_data = next(i for i, ln in enumerate(lines) if ln.startswith("data:"))
+    assert lines[:first_data].count(": keep-alive") >= 3  # headers went out at once, then comments
+    events = sse_events(lines)
+    assert events[-1][0] == "done" and "".join(d["text"] for k, d in events if k == "delta") == "hi"

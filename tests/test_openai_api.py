@@ -135,8 +135,9 @@ def test_a_model_error_mid_stream_reaches_the_client_as_an_error(v1, tmp_path):
     with pytest.raises(openai.APIError) as e:
         list(v1["client"].chat.completions.create(model=str(broken.id), messages=HI, stream=True))
     assert "could not be loaded" in str(e.value.message)
-    with pytest.raises(openai.APIStatusError):  # not streaming: an HTTP error status
+    with pytest.raises(openai.APIStatusError) as e:  # not streaming: an HTTP error status
         v1["client"].chat.completions.create(model=str(broken.id), messages=HI)
+    assert e.value.status_code == 503 and "could not be loaded" in e.value.message
 
 
 @pytest.mark.parametrize("mode", ["solo", "lab", "hosted"])

@@ -18,6 +18,7 @@ Bad input answers 400 with the reason before any stream starts; a model with too
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -35,6 +36,7 @@ from ..inference import Final, InferenceError, TooBusy, get_pool
 from ..models import ChatMessage, ChatSession, Model, TrainingJob, utcnow
 
 bp = Blueprint("chat", __name__)
+log = logging.getLogger(__name__)
 
 # Limits: generous for real use, small enough that one request cannot occupy a model for long.
 MAX_MESSAGES = 200
@@ -308,14 +310,8 @@ def _save_answer(session_id: int, position: int, parts: list[str], stats: dict, 
             ChatSession.update(updated_at=utcnow()).where(ChatSession.id == session_id).execute()
             return msg.id
     except Exception:  # the session was deleted meanwhile, or the position is taken by a newer request
-        current_app.logger.warning("could not save the answer to chat session %s", session_id) if _has_app() else None
+        log.warning("could not save the answer to chat session %s", session_id, exc_info=True)
         return None
-
-
-def _has_app() -> bool:
-    from flask import has_app_context
-
-    return has_app_context()
 
 
 # --- sessions ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from flask_login import current_user
 
 from .. import sse
 from ..auth import api_key_required
-from ..errors import BadRequest, NotFound
+from ..errors import AppError, BadRequest, NotFound
 from ..inference import Final, InferenceError
 from ..models import Model
 from .chat import open_stream, parse_messages, parse_sampling
@@ -128,8 +128,10 @@ def chat_completions():
                 parts.append(item)
     except InferenceError as e:
         if e.status == 400:
-            raise BadRequest(e.message) from None
-        raise
+            raise BadRequest(e.message, code="model_rejected_request") from None
+        err = AppError(e.message, code="model_unavailable")
+        err.status = 503  # the model server failed or could not load; a retry may work
+        raise err from None
     finally:
         stream.close()
     return jsonify({
