@@ -65,7 +65,8 @@ def postgres_server() -> Iterator[dict[str, Any]]:
         if TEST_DB == "postgres":
             pytest.fail(f"NCS_TEST_DB=postgres but no PostgreSQL server binaries in {PG_BIN}")
         pytest.skip(f"PostgreSQL server binaries are not installed ({PG_BIN})")
-    base = tempfile.mkdtemp(dir="/tmp", prefix="ncs-pg-")  # pytest's tmp_path is root-only
+    # pytest's tmp_path is root-only; NCS_TEST_PG_DIR lets .ci/run find (and stop) only its own clusters.
+    base = tempfile.mkdtemp(dir=os.environ.get("NCS_TEST_PG_DIR", "/tmp"), prefix="ncs-pg-")
     shutil.chown(base, "postgres")
     port = _free_port()
     as_pg = ["runuser", "-u", "postgres", "--"]
