@@ -8,7 +8,8 @@ arrived for ``heartbeat_s`` (so a caller can keep its connection alive), and a :
 Errors: one type, :class:`InferenceError`, with ``permanent`` (retrying the same request will not help:
 a checkpoint that cannot load, a request the model rejects) and an HTTP ``status``. :class:`TooBusy`
 (429) is raised by ``stream`` itself, before anything starts, when more than ``chat_queue_limit``
-requests would be waiting for one model. A server that crashed is reported as an error to the request it
+requests would be waiting for one model, or when open streams over all models would leave fewer than
+four of the web server's ``threads`` for everything else (each open stream holds one). A server that crashed is reported as an error to the request it
 was serving and restarted by the next one; every wait has a timeout, so nothing hangs.
 
 Closing a stream before its end (the HTTP client went away) cancels the generation in the server.
@@ -209,7 +210,8 @@ class ModelPool:
                  max_loaded: int | None = None, idle_seconds: float | None = None,
                  queue_limit: int | None = None, device: str | None = None, max_active: int = 16,
                  load_timeout: float = 120.0, read_timeout: float = 120.0, heartbeat_s: float = 15.0,
-                 poll_s: float = 0.25, start_server: Callable[..., Any] | None = None):
+                 poll_s: float = 0.25, start_server: Callable[..., Any] | None = None,
+                 max_streams: int | None = None):
         self.settings = settings
         self.max_loaded = int(max_loaded if max_loaded is not None else getattr(settings, "max_loaded_models", 2))
         self.idle_seconds = float(idle_seconds if idle_seconds is not None
@@ -217,6 +219,9 @@ class ModelPool:
         self.queue_limit = int(queue_limit if queue_limit is not None else getattr(settings, "chat_queue_limit", 16))
         self.device = device or getattr(settings, "inference_device", "auto") or "auto"
         self.max_active = max_active  # decoded round-robin at once by one server; more wait
+        # Every open stream holds one waitress thread: keep a few threads free for pages and the API.
+        threads = int(getattr(settings, "threads", 0) or 0)
+        self.max_streams = max_streams if max_streams is not None else (max(1, threads - 4) if threads else 10**9)
         self.load_timeout, self.read_timeout = load_timeout, read_timeout
         self.heartbeat_s, self.poll_s = heartbeat_s, poll_s
         self._checkpoint_dir_of = checkpoint_dir_of or self._storage_path
@@ -279,6 +284,10 @@ class ModelPool:
         key = model_row.id
         evicted: list[_Server] = []
         with self._lock:
+            streams = sum(s.in_flight for s in self._servers.values())
+            if streams >= self.max_streams:
+                raise TooBusy(f"the server is already answering {streams} chats (limit {self.max_streams}); "
+                              "try again in a moment")
             srv = self._servers.get(key)
             if srv is None:
                 running = [s for s in self._servers.values()]

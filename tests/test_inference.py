@@ -206,6 +206,24 @@ def test_past_the_queue_limit_requests_get_toobusy(make_pool, tmp_path):
     assert final.completion_tokens == 2
 
 
+def test_streams_over_all_models_are_bounded_below_the_web_threads(make_pool, tmp_path):
+    pool = ModelPool(SimpleNamespace(threads=6, max_loaded_models=2, model_idle_seconds=600, chat_queue_limit=8,
+                                     inference_device="cpu"), checkpoint_dir_of=lambda m: m.path)
+    try:
+        assert pool.max_streams == 2  # 6 threads, 4 kept for pages
+        a = row(1, scripted_checkpoint(tmp_path / "a", "a" * 100, delay_s=0.01))
+        b = row(2, scripted_checkpoint(tmp_path / "b", "b" * 100, delay_s=0.01))
+        sa, sb = pool.stream(a, "chat", HI, {}), pool.stream(b, "chat", HI, {})
+        with pytest.raises(TooBusy) as e:
+            pool.stream(a, "chat", HI, {})
+        assert "already answering 2 chats" in e.value.message
+        sa.close()
+        sb.close()
+        assert collect(pool.stream(a, "chat", HI, {"max_tokens": 1}))[0] == "a"
+    finally:
+        pool.close()
+
+
 def test_idle_servers_are_stopped(make_pool, tmp_path):
     pool = make_pool(idle_seconds=0.5)
     m = row(1, scripted_checkpoint(tmp_path / "s", "hello"))
