@@ -270,7 +270,10 @@ def keys_create(obj: Context, email: str | None, name: str) -> None:
     """Create an API key; the key is printed alone on the last line, and only once."""
     from . import auth
 
-    with opened_store(obj.settings()):
+    settings = obj.settings()
+    if not email and settings.mode != "solo":
+        raise click.ClickException(f"--user EMAIL is required in {settings.mode} mode (only solo has an owner)")
+    with opened_store(settings):
         user = _user_by_email(email) if email else auth.solo_owner()
         key, plaintext = auth.create_api_key(user, name=name)
         click.echo(f"created key {key.prefix}… (id {key.id}) for {user.email or user.name}; it is shown only once:",

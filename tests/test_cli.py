@@ -134,6 +134,11 @@ def test_keys_create_prints_the_key_alone_on_the_last_line(env):
     assert again.exit_code == 1 and "no active key" in again.output
 
 
+def test_keys_create_needs_a_user_outside_solo_mode(env):
+    result = run({**env, "NCS_MODE": "lab"}, "keys", "create", ok=False)
+    assert result.exit_code == 1 and "--user EMAIL is required in lab mode" in result.output
+
+
 def test_settings_prints_effective_values_with_secrets_masked(env):
     out = run({**env, "NCS_GITHUB_CLIENT_SECRET": "gh-very-secret", "NCS_PORT": "9001"}, "settings").output
     assert "port = 9001" in out and "github_client_secret = '***'" in out
