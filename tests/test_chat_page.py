@@ -131,3 +131,22 @@ def test_the_compare_page_sends_the_same_prompt_to_both(site, page):
     assert page.locator("#out-a img").count() == 0 and page.evaluate("window.__xss") is None
     assert "first token" in page.text_content("#stats-b")
     assert page.csp_errors == []
+
+
+def test_complete_text_mode_continues_the_text(site, page, tmp_path):
+    from nanochat_studio import accounts
+
+    echo = add_model(accounts.solo_owner(), scripted_checkpoint(tmp_path / "echo", "[{prompt}]"), name="echo")
+    page.goto(f"{site['url']}/chat/{echo.id}")
+    assert page.is_checked('input[name="mode"][value="complete"]')
+    assert "continues the text" in page.text_content("#mode-banner")
+    send(page, "Once")
+    page.wait_for_selector(".msg-assistant .msg-stats:not(:empty)")
+    assert page.text_content(".msg-user .msg-role") == "Prompt"
+    assert page.text_content(".msg-assistant .msg-body") == "[Once]"
+    page.click("#continue")  # the prompt becomes the text so far, and the model goes on from there
+    page.wait_for_function("() => document.querySelector('.msg-assistant .msg-body')?.textContent.length > 6"
+                           " && document.querySelector('.msg-assistant .msg-stats')?.textContent")
+    assert page.text_content(".msg-user .msg-body") == "Once[Once]"
+    assert page.text_content(".msg-assistant .msg-body") == "[Once[Once]]"
+    assert page.csp_errors == []
