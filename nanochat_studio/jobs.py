@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import peewee as pw
 
@@ -251,8 +251,10 @@ def _ready_queue(now: dt.datetime) -> pw.ModelSelect:
 
 
 def claim_next(owner: str, slot: str, *, lease_seconds: float = 30, max_running_jobs: int | None = None,
-               now: dt.datetime | None = None) -> TrainingJob | None:
-    """Take the next job for ``slot``: the oldest ready job, preferring users with fewer running jobs.
+               now: dt.datetime | None = None,
+               fits: Callable[[TrainingJob], bool] | None = None) -> TrainingJob | None:
+    """Take the next job for ``slot``: the oldest ready job, preferring users with fewer running jobs,
+    among those ``fits`` accepts (e.g. no more GPUs than are free).
 
     Bumps the attempt (the fencing token), sets the lease, moves the job to preparing. None when
     nothing is ready (or every candidate was taken by a concurrent claimer).
@@ -263,6 +265,8 @@ def claim_next(owner: str, slot: str, *, lease_seconds: float = 30, max_running_
     candidates.sort(key=lambda j: (counts.get(j.user_id, 0), j.queued_at, j.id))
     for job in candidates:
         if max_running_jobs is not None and counts.get(job.user_id, 0) >= max_running_jobs:
+            continue
+        if fits is not None and not fits(job):
             continue
         if _claim(job, owner, slot, lease_seconds, now):
             return TrainingJob.get_by_id(job.id)
@@ -437,6 +441,9 @@ def why_waiting(job: TrainingJob, settings: Any = None) -> str:
             return f"waiting: you already have {mine} job{'s' if mine != 1 else ''} running (the limit is {limit})"
         ahead = queue_position(job)
         slot = _slot_words(settings)
+        wanted = int((job.config or {}).get("gpus") or 1)
+        if wanted > 1:
+            slot = f"set of {wanted} GPUs on one worker"
         return f"waiting for a free {slot}: {ahead} job{'s' if ahead != 1 else ''} ahead"
     if job.status == INTERRUPTED:
         return f"interrupted ({job.status_reason}); about to be requeued"

@@ -25,7 +25,7 @@ from huey.consumer import Consumer
 
 from . import jobs, runner
 from .db import database
-from .models import utcnow
+from .models import TrainingJob, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,8 @@ class _Local:
 
     settings: Any
     free: list[runner.Slot]
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    def take(self) -> runner.Slot | None:
-        with self.lock:
-            return self.free.pop(0) if self.free and not self.stop.is_set() else None
 
     def give(self, slot: runner.Slot) -> None:
         with self.lock:
@@ -124,23 +120,40 @@ class _Local:
 _local: _Local | None = None  # set while this process runs a consumer
 
 
+def gpus_wanted(job: TrainingJob) -> int:
+    return int((job.config or {}).get("gpus") or 1)
+
+
 def run_next_job(job_id: int | None = None) -> str | None:
-    """Claim the next ready job (fair across users) and run it here; returns its final status, or None
-    when there is no free slot or no ready job. ``job_id`` is informational: the table decides."""
+    """Claim the next ready job that fits the free local slots (fair across users) and run it here;
+    returns its final status, or None when nothing fits or nothing is ready. ``job_id`` is
+    informational: the table decides. A job asking for n GPUs gets n free GPU slots (torchrun)."""
     local = _local
     if local is None:  # an enqueue-only process (e.g. the web app without a consumer)
         return None
-    slot = local.take()
-    if slot is None:
-        return None
     settings = local.settings
-    status = None
-    try:
-        job = jobs.claim_next(jobs.owner_id(slot.name), slot.name,
+    # Claim and take the slots under the pool's lock so two rings cannot count the same free GPUs.
+    with local.lock:
+        if not local.free or local.stop.is_set():
+            return None
+        free = list(local.free)
+        on_gpus = free[0].kind == "gpu"
+
+        def fits(job: TrainingJob) -> bool:
+            return gpus_wanted(job) <= len(free) if on_gpus else gpus_wanted(job) == 1
+
+        job = jobs.claim_next(jobs.owner_id(free[0].name), free[0].name,
                               lease_seconds=float(getattr(settings, "lease_seconds", 30)),
-                              max_running_jobs=getattr(settings, "max_running_jobs", None))
+                              max_running_jobs=getattr(settings, "max_running_jobs", None), fits=fits)
         if job is None:
             return None
+        taken = free[:gpus_wanted(job)]
+        for slot in taken:
+            local.free.remove(slot)
+    slot = taken[0] if len(taken) == 1 else runner.Slot(
+        "+".join(s.name for s in taken), "gpu", tuple(g for s in taken for g in s.gpu_ids))
+    status = None
+    try:
         log.info("job %s attempt %s starting on %s (rung for %s)", job.id, job.attempt, slot.name, job_id)
         status = runner.run_training(job, slot, settings, stop=local.stop)
         log.info("job %s attempt %s ended: %s", job.id, job.attempt, status)
@@ -149,9 +162,10 @@ def run_next_job(job_id: int | None = None) -> str | None:
         if isinstance(exc, pw.DatabaseError):
             _close_quietly(database)  # this worker thread reconnects on its next ring
     finally:
-        local.give(slot)
+        for s in taken:
+            local.give(s)
     if not local.stop.is_set():
-        ring_if_ready(settings)  # the slot is free again: start whatever waits
+        ring_if_ready(settings)  # the slots are free again: start whatever waits
     return status
 
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -310,3 +311,54 @@ def test_it_resumes_after_the_real_serve_is_killed_with_sigkill(tmp_path):
     new_steps = [r["step"] for r in log if r["kind"] == "step" and r["pid"] == begins[1]["pid"]]
     assert new_steps == list(range(ckpt + 1, 41))  # nothing after the checkpoint was trained twice
     assert max(r["t"] for r in log if r["pid"] == begins[0]["pid"]) < begins[1]["t"]  # one trainer at a time
+
+
+# --- GPU slots -----------------------------------------------------------------------------------------
+
+def test_each_gpu_is_a_slot_with_its_own_cuda_visible_devices(alice, bob, settings, consumer, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_S", "0.1")
+    two = dataclasses.replace(settings, gpus="0,1", worker_threads=3)
+    consumer(two)
+    a, b = submit(alice, two, max_steps=10), submit(bob, two, max_steps=10)
+    for job in (a, b):
+        wait_for(lambda: status_of(job) == "completed", timeout=30)
+    begin_a, begin_b = fake_log(two, a)[0], fake_log(two, b)[0]
+    assert {begin_a["env_cuda"], begin_b["env_cuda"]} == {"0", "1"}
+    end_a = max(r["t"] for r in fake_log(two, a))
+    assert begin_b["t"] < end_a  # they trained side by side
+    assert {TrainingJob.get_by_id(j.id).device for j in (a, b)} == {"gpu0", "gpu1"}
+
+
+def test_a_job_asking_for_two_gpus_waits_for_both_and_gets_one_torchrun_slot(alice, bob, settings, consumer,
+                                                                              monkeypatch):
+    # The supervisor is replaced by a stand-in holding its slot until released: this checks the slot
+    # accounting only (torchrun itself needs GPUs; runner.trainer_argv's torchrun command is tested apart).
+    from nanochat_studio import runner
+
+    release = {}
+    seen = {}
+
+    def hold(job, slot, settings, stop=None):
+        seen[job.id] = slot
+        event = release.setdefault(job.id, threading.Event())
+        event.wait(30)
+        jobs.transition(job.id, "running", expect={"preparing"}, attempt=job.attempt)
+        return jobs.finish(job.id, job.attempt, "completed")
+
+    monkeypatch.setattr(runner, "run_training", hold)
+    two = dataclasses.replace(settings, gpus="0,1", worker_threads=4)
+    consumer(two)
+    single = submit(alice, two)
+    wait_for(lambda: single.id in seen)
+    double = submit(bob, two, gpus=2)
+    time.sleep(0.5)
+    assert double.id not in seen  # one GPU is busy
+    assert jobs.why_waiting(TrainingJob.get_by_id(double.id), two).startswith(
+        "waiting for a free set of 2 GPUs on one worker")
+    release.setdefault(single.id, threading.Event()).set()
+    wait_for(lambda: double.id in seen, timeout=10)
+    assert seen[single.id].gpu_ids in (("0",), ("1",))
+    assert seen[double.id].gpu_ids == ("0", "1") or seen[double.id].gpu_ids == ("1", "0")
+    assert seen[double.id].name in ("gpu0+gpu1", "gpu1+gpu0")
+    release.setdefault(double.id, threading.Event()).set()
+    wait_for(lambda: status_of(double) == "completed")
