@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import signal
 import threading
-import time
 from typing import Any
 
 import peewee as pw

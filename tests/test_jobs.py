@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nanochat_studio import db, jobs, models
-from nanochat_studio.models import Dataset, JobEvent, TrainingJob, User, utcnow
+from nanochat_studio.models import Dataset, TrainingJob, User, utcnow
 
 REPO = Path(__file__).resolve().parent.parent
 
