@@ -362,3 +362,43 @@ def test_a_job_asking_for_two_gpus_waits_for_both_and_gets_one_torchrun_slot(ali
     assert seen[double.id].name in ("gpu0+gpu1", "gpu1+gpu0")
     release.setdefault(double.id, threading.Event()).set()
     wait_for(lambda: status_of(double) == "completed")
+
+
+@pytest.mark.slow  # two real trainer starts on 2 cores: ~60 s
+def test_the_real_trainer_resumes_exactly_after_the_real_serve_is_killed(tmp_path):
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NCS_")}
+    env.update(NCS_HOME=str(home), NCS_MODE="solo", NCS_LEASE_SECONDS="60", NCS_RETRY_BACKOFF_SECONDS="0.2",
+               PYTHONPATH=str(REPO))
+    first, url = start_serve(env, tmp_path / "serve1.log")
+    second = None
+    try:
+        job_id = api(url, "/api/jobs", {"depth": 1, "dataset": "demo", "max_steps": 80, "checkpoint_every": 20,
+                                        "batch_size": 2, "seq_len": 64})["id"]
+        wait_for(lambda: ((api(url, f"/api/jobs/{job_id}").get("progress") or {}).get("step") or 0) >= 25,
+                 timeout=180, interval=0.2)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        second, url = start_serve(env, tmp_path / "serve2.log")
+        final = wait_for(lambda: (j := api(url, f"/api/jobs/{job_id}"))["status"] in ("completed", "failed") and j,
+                         timeout=240, interval=0.5)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+    run_dir = home / "runs" / f"job-{job_id}"
+    assert final["status"] == "completed", (final, (run_dir / "train.log").read_text()[-3000:])
+
+    def events(attempt: int) -> list[dict]:
+        return [json.loads(line) for line in (run_dir / f"events-{attempt}.jsonl").read_text().splitlines()
+                if line.startswith("{")]
+
+    one, two = events(1), events(2)
+    last_ckpt = [e["step"] for e in one if e["event"] == "checkpoint"][-1]
+    assert last_ckpt >= 25  # the SIGTERM from the parent-death signal checkpointed past the periodic one
+    start = next(e for e in two if e["event"] == "start")
+    assert start["resumed_from_step"] == last_ckpt
+    steps = [e["step"] for e in two if e["event"] == "step"]
+    assert steps == list(range(last_ckpt + 1, 81))  # no step after the checkpoint trained twice
+    assert max(e["time"] for e in one) <= start["time"]  # one trainer at a time
