@@ -247,6 +247,84 @@ def _storage(settings: Any):
     return Storage.from_settings(settings)
 
 
+class CheckpointMirror:
+    """Copies the checkpoints a trainer writes into storage (newest wins, one upload at a time), so a
+    worker on another machine can resume the job; restores the newest into a run directory with none.
+    On by default with remote storage (``mirror_checkpoints`` forces it either way)."""
+
+    def __init__(self, store: Any, user_id: int, job_id: int):
+        from .storage import user_prefix
+
+        self.store = store
+        self.prefix = f"{user_prefix(user_id)}/runs/{job_id}/checkpoints"
+        self._pending: Path | None = None
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    @classmethod
+    def for_job(cls, settings: Any, job: TrainingJob) -> "CheckpointMirror | None":
+        wanted = getattr(settings, "mirror_checkpoints", None)
+        if wanted is False:
+            return None
+        store = _storage(settings)
+        if store is None or (wanted is None and store.is_local):
+            return None
+        return cls(store, job.user_id, job.id)
+
+    def push(self, checkpoint_dir: Path) -> None:
+        with self._cv:
+            self._pending = checkpoint_dir
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name=f"mirror-{self.prefix}", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._closing:
+                    self._cv.wait()
+                path, self._pending = self._pending, None
+                if path is None:
+                    return
+            try:
+                key = f"{self.prefix}/{path.name}"
+                self.store.put_dir(path, key)
+                for older in self.store.list_committed(self.prefix):
+                    if older != key:
+                        self.store.delete(older)
+            except Exception:  # the trainer may have rotated it away meanwhile; the next one will do
+                log.warning("mirroring checkpoint %s failed", path, exc_info=True)
+
+    def close(self) -> None:
+        """Finish the pending upload (the checkpoint a stopping trainer just wrote)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def restore(self, run_dir: Path) -> str | None:
+        """Copy the newest mirrored checkpoint into ``run_dir`` if it has no finished checkpoint."""
+        if any(run_dir.glob("checkpoints/step_*/manifest.json")):
+            return None
+        keys = self.store.list_committed(self.prefix)
+        if not keys:
+            return None
+        src = Path(self.store.local_path(keys[-1]))
+        dst = run_dir / "checkpoints" / keys[-1].rsplit("/", 1)[-1]
+        tmp = dst.with_name(f".restore-{dst.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("_COMMITTED.json"))
+        os.replace(tmp, dst)
+        return keys[-1]
+
+    def forget(self) -> None:
+        for key in self.store.list_committed(self.prefix):
+            self.store.delete(key)
+
+
 class _Supervisor:
     def __init__(self, job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None,
                  stop: threading.Event | None):
@@ -262,6 +340,7 @@ class _Supervisor:
         self.error: dict[str, Any] | None = None
         self.fenced = False
         self.last_beat = time.monotonic()
+        self.mirror = CheckpointMirror.for_job(settings, job)
 
     # -- the job row --
     def beat(self, force: bool = False) -> bool:
@@ -299,6 +378,8 @@ class _Supervisor:
         elif kind == "checkpoint":
             p["checkpoint_step"] = data.get("step")
             self.facts["checkpoint"] = data.get("path")
+            if self.mirror is not None and self._checkpoint_dir() is not None:
+                self.mirror.push(self._checkpoint_dir())
         elif kind == "done":
             self.facts["done"] = data
             self.facts["checkpoint"] = data.get("checkpoint") or self.facts.get("checkpoint")
@@ -350,6 +431,7 @@ class _Supervisor:
         try:
             with self._heartbeats():  # a download can outlast the lease
                 data, storage_options = datasets.resolve_for_training(job, self.settings, self.run_dir)
+                restored = self.mirror.restore(self.run_dir) if self.mirror is not None else None
         except Exception as exc:  # fetch's errors carry an HTTP status: 4xx is the user's to fix
             status = getattr(exc, "status", None)
             outcome = "user_error" if isinstance(status, int) and 400 <= status < 500 else "infrastructure"
@@ -357,6 +439,8 @@ class _Supervisor:
                                backoff_base=self.backoff)
         if self.fenced:  # the job moved on while we prepared (our lease was lost): leave it alone
             return None
+        if restored:
+            self.emit("restore", {"key": restored, "reason": "resuming from the checkpoint another worker mirrored"})
         self.facts["data_sha256"] = (datasets.recorded_source(self.run_dir) or {}).get("sha256", "")
         config = {k: v for k, v in job.config.items() if k not in ("dataset", "gpus")}
         config.update(data=data, device=self.slot.device, job_id=job.id, name=job.name,
@@ -391,6 +475,9 @@ class _Supervisor:
                 fh.write(f"{job.id} attempt={self.attempt} pid={proc.pid} start={time.time():.3f}\n")
             try:
                 rc, term_reason = self._supervise(proc, tail)
+                if self.mirror is not None:
+                    with self._heartbeats():
+                        self.mirror.close()
             except BaseException:
                 # Never leave a trainer running unsupervised: stop it (it checkpoints), then let the
                 # reconciler requeue the job once our lease runs out.
@@ -515,6 +602,8 @@ class _Supervisor:
             model = self._create_model(cancelled=False) if status else None
         if model is not None:
             self._publish(model)
+            if self.mirror is not None:
+                self.mirror.forget()  # the model has its own published copy now
         return status
 
     def _checkpoint_dir(self) -> Path | None:

@@ -43,6 +43,7 @@ class StudioSettings:
     retry_backoff_seconds: float = 0.2
     reconcile_seconds: float = 0.5
     term_grace_seconds: float = 20
+    mirror_checkpoints: bool | None = None
 
 
 def make_settings(tmp_path: Path, **overrides) -> StudioSettings:

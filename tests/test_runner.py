@@ -14,6 +14,7 @@ import pytest
 
 from nanochat_studio import jobs, runner
 from nanochat_studio.models import JobEvent, Model, TrainingJob
+from tests.s3server import s3_server  # noqa: F401  (fixture)
 from tests.test_jobs import alice, settings, store  # noqa: F401  (fixtures)
 
 CPU = runner.Slot("cpu0", "cpu", (), 1)
@@ -268,3 +269,52 @@ def test_a_slow_data_preparation_keeps_its_lease(alice, settings, monkeypatch):
         time.sleep(0.1)
     thread.join(30)
     assert box["result"][1] == "completed" and TrainingJob.get_by_id(job.id).attempt == 1
+
+
+def test_another_machine_resumes_from_the_checkpoint_mirrored_in_storage(alice, settings, tmp_path, monkeypatch):
+    # Two workers share the store and the storage but not their run directories (two machines).
+    monkeypatch.setenv("FAKE_STEP_S", "0.1")
+    machine_a = dataclasses.replace(settings, runs_dir=str(tmp_path / "a-runs"), mirror_checkpoints=True)
+    machine_b = dataclasses.replace(settings, runs_dir=str(tmp_path / "b-runs"), mirror_checkpoints=True)
+    job = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 20, "checkpoint_every": 4}, machine_a)
+    mirrored = Path(settings.home) / "storage" / f"users/{alice.id}/runs/{job.id}/checkpoints"
+    thread, box = in_thread(claim_and_run, machine_a)
+    wait_for(lambda: (mirrored / "step_0000008" / "_COMMITTED.json").exists(), timeout=30)
+    os.kill(fake_log(machine_a, job)[0]["pid"], signal.SIGKILL)  # machine A is lost mid-run
+    thread.join(30)
+    assert box["result"][1] == "queued"
+    kept = sorted(p.name for p in mirrored.iterdir() if not p.name.startswith("."))
+    assert len(kept) == 1 and kept[0] >= "step_0000008"  # only the newest is kept
+    step = int(kept[0].split("_")[1])
+    time.sleep(0.25)
+    job, status = claim_and_run(machine_b)
+    assert status == "completed"
+    begin = fake_log(machine_b, job)[0]
+    assert begin["resumed_from"] == step
+    assert [r["step"] for r in fake_log(machine_b, job) if r["kind"] == "step"] == list(range(step + 1, 21))
+    assert "restore" in [e.kind for e in jobs.events_since(job)]
+    assert not any(p for p in mirrored.glob("step_*"))  # forgotten once the model was published
+
+
+def test_checkpoints_are_mirrored_to_s3_by_default_and_restored_elsewhere(alice, settings, tmp_path, monkeypatch,
+                                                                           s3_server):
+    from nanochat_studio.storage import Storage
+
+    monkeypatch.setenv("FAKE_STEP_S", "0.1")
+    remote = dict(storage_url=s3_server.url(f"ncs-{tmp_path.name}"), storage_options=s3_server.options)
+    machine_a = dataclasses.replace(settings, runs_dir=str(tmp_path / "a-runs"), **remote)
+    machine_b = dataclasses.replace(settings, runs_dir=str(tmp_path / "b-runs"), home=str(tmp_path / "b-home"),
+                                    **remote)
+    job = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 16, "checkpoint_every": 4}, machine_a)
+    store = Storage(remote["storage_url"], remote["storage_options"])
+    prefix = f"users/{alice.id}/runs/{job.id}/checkpoints"
+    thread, box = in_thread(claim_and_run, machine_a)
+    wait_for(lambda: store.list_committed(prefix), timeout=30)
+    os.kill(fake_log(machine_a, job)[0]["pid"], signal.SIGKILL)
+    thread.join(30)
+    step = int(store.list_committed(prefix)[-1].rsplit("_", 1)[1])
+    time.sleep(0.25)
+    job, status = claim_and_run(machine_b)
+    assert status == "completed" and fake_log(machine_b, job)[0]["resumed_from"] == step
+    model = Model.get(Model.job == job)
+    assert store.exists(f"{model.checkpoint_key}/model.bin") and store.list_committed(prefix) == []
