@@ -197,6 +197,15 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
 
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, cache, straight):
+    code, events, err = run_trainer([*PLAN, "--stop-at-step", "5", "--device-batch-size", "1"], tmp_path, cache)
+    assert code == 0, err
+    assert events[0]["grad_accum_steps"] == 4
+    a, b = steps_losses(straight), steps_losses(events)
+    for step in range(1, 6):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
 @pytest.mark.slow
 def test_the_demo_run_writes_grammatical_stories(tmp_path):
     from trainer import demo

@@ -55,6 +55,7 @@ class TrainConfig:
     stop_at_step: int | None = None  # checkpoint and exit 0 here, keeping the planned schedule
     # batch (global, across ranks; None: the device's default)
     batch_size: int | None = None
+    device_batch_size: int | None = None  # rows per process per micro-step (gradient accumulation)
     seq_len: int | None = None
     # optimization
     matrix_lr: float = 0.02
@@ -94,7 +95,7 @@ class Diverged(Exception):
 
 _POSITIVE_INTS = ("depth", "tokens_per_param", "log_every", "eval_every", "sample_every",
                   "checkpoint_every", "keep_checkpoints", "max_steps", "target_tokens", "stop_at_step",
-                  "batch_size", "seq_len", "vocab_size", "eval_tokens", "head_dim", "n_kv_head")
+                  "batch_size", "device_batch_size", "seq_len", "vocab_size", "eval_tokens", "head_dim", "n_kv_head")
 _NONNEG_FLOATS = ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay", "grad_clip")
 _RATIOS = ("warmup_ratio", "warmdown_ratio", "final_lr_frac")
 
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-step", type=int, help="checkpoint and stop here; --resume continues")
     # batch
     p.add_argument("--batch-size", type=int, help="global rows per step")
+    p.add_argument("--device-batch-size", type=int,
+                   help="rows per process per forward; accumulates gradients up to --batch-size")
     p.add_argument("--seq-len", type=int)
     # optimization
     p.add_argument("--matrix-lr", type=float)
@@ -458,7 +461,14 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
 
     # Resume: everything that moves during training comes back from the newest valid checkpoint.
     state: dict[str, Any] = {}
-    loader = data.TokenLoader(prepared.train_path, prepared.dtype, batch, seq, rank=rt.rank,
+    # Gradient accumulation: `accum` consecutive micro-batches of `micro` rows per process cover
+    # exactly the rows one big batch would (the loader's windows are consecutive), so the mean
+    # gradient is the same; only the summation order differs.
+    micro = cfg.device_batch_size or batch // rt.world_size
+    if (batch // rt.world_size) % micro:
+        raise UsageError(f"device_batch_size {micro} must divide the {batch // rt.world_size} rows per process")
+    accum = batch // rt.world_size // micro
+    loader = data.TokenLoader(prepared.train_path, prepared.dtype, micro * rt.world_size, seq, rank=rt.rank,
                               world_size=rt.world_size)
     if resumed_from is not None:
         saved = ckpt.read_config(resumed_from)
@@ -472,9 +482,9 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
         log(f"resumed from {resumed_from} at step {state['step']}")
     start_step = int(state.get("step", 0))
 
-    train_model = model
+    train_model = ddp = model
     if rt.world_size > 1:
-        train_model = DistributedDataParallel(model, device_ids=[rt.local_rank] if kind == "cuda" else None)
+        train_model = ddp = DistributedDataParallel(model, device_ids=[rt.local_rank] if kind == "cuda" else None)
     if rt.compile:
         train_model = torch.compile(train_model)
 
@@ -482,7 +492,8 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     emit("start", config=resolved, params=params, flops_per_token=flops_per_token, total_steps=total_steps,
          total_tokens=total_steps * tokens_per_step, device=str(rt.device), world_size=rt.world_size,
          resumed_from_step=start_step if resumed_from is not None else None, shape=shape.to_dict(),
-         tokens_per_step=tokens_per_step, vocab_size=tokenizer.vocab_size, peak_flops=peak)
+         tokens_per_step=tokens_per_step, vocab_size=tokenizer.vocab_size, peak_flops=peak,
+         grad_accum_steps=accum)
     log(f"depth {cfg.depth}: {params:,} params, {total_steps} steps of {batch}x{seq} tokens on "
         f"{rt.device} x{rt.world_size}{' (compiled)' if rt.compile else ''}")
 
@@ -523,10 +534,16 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
         optim.set_lr(optimizers, optim.lr_multiplier(step, total_steps, cfg.warmup_ratio,
                                                      cfg.warmdown_ratio, cfg.final_lr_frac))
         optim.set_muon_momentum(optimizers, optim.muon_momentum(step))
-        x, y = loader.next_batch(rt.device)
-        with rt.autocast():
-            loss = train_model(x, y)
-        loss.backward()
+        step_loss = 0.0  # summed on the device: one host sync per step, not per micro-step
+        for k in range(accum):
+            x, y = loader.next_batch(rt.device)
+            # DDP all-reduces on the last micro-step's backward only.
+            sync = ddp.no_sync() if ddp is not model and k < accum - 1 else nullcontext()
+            with sync:
+                with rt.autocast():
+                    loss = train_model(x, y)
+                (loss / accum).backward()
+            step_loss = step_loss + loss.detach() / accum
         optim.clip_grad_norm(model.parameters(), cfg.grad_clip)
         for opt in optimizers:
             opt.step()
@@ -535,7 +552,7 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
         tokens_seen += tokens_per_step
         tokens_window += tokens_per_step
         # One collective per step: the mean loss over ranks and whether any rank was told to stop.
-        last_loss, stop_votes = _all_reduce_sum(rt, float(loss.detach()), float(stop["signal"] is not None))
+        last_loss, stop_votes = _all_reduce_sum(rt, float(step_loss), float(stop["signal"] is not None))
         last_loss /= rt.world_size
         if not math.isfinite(last_loss) or last_loss > diverge_limit:
             raise Diverged(f"the loss reached {last_loss:.4g} at step {step}; try a lower learning rate "
