@@ -7,7 +7,9 @@
     torchrun --nproc_per_node=2 -m trainer.train --device cpu --depth 2 --max-steps 50   # DDP on gloo
 
 CPU recipe: OMP_NUM_THREADS=1 (tiny models run faster on one thread than two on a 2-core machine);
-float32, eager, batch 8 x seq 256. CUDA: bf16 autocast and torch.compile. MPS: float32, eager.
+float32, eager, batch 8 x seq 256. CUDA: bf16 autocast and torch.compile, seq 2048 and the largest
+batch (<= 32 rows per GPU) that sizing.memory_estimate fits in 80% of the GPU's memory; a bigger
+global --batch-size with --device-batch-size accumulates gradients. MPS: float32, eager.
 
 stdout carries only contract events (start, step, eval, sample, checkpoint, done, error); human
 logs go to stderr. Exit codes: 0 done, 2 bad flags/config, 65 bad data, 66 diverged, 75 stopped by
