@@ -23,216 +23,25 @@ SIGTERM behaves the same. Changing ``--max-steps`` on resume re-plans the remain
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import progress
-
-
-@dataclass
-class TrainConfig:
-    # model
-    depth: int = 4
-    head_dim: int | None = None
-    n_kv_head: int | None = None
-    # data
-    data: str = "demo"
-    vocab_size: int | None = None  # None: the data module's default for a new tokenizer
-    storage_options: dict | None = None
-    cache_dir: str | None = None  # None: <out>/cache
-    # length of training: max_steps, else target_tokens, else tokens_per_param * params
-    max_steps: int | None = None
-    target_tokens: int | None = None
-    tokens_per_param: int = 20
-    stop_at_step: int | None = None  # checkpoint and exit 0 here, keeping the planned schedule
-    # batch (global, across ranks; None: the device's default)
-    batch_size: int | None = None
-    device_batch_size: int | None = None  # rows per process per micro-step (gradient accumulation)
-    seq_len: int | None = None
-    # optimization
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
-    final_lr_frac: float = 0.0
-    grad_clip: float = 1.0
-    # evaluation, samples, checkpoints
-    log_every: int = 1
-    eval_every: int = 250
-    eval_tokens: int | None = None  # None: 8 batches
-    sample_every: int = 500
-    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time,", "There once was"])
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    # runtime
-    out: str = "runs/latest"
-    device: str = "auto"
-    compile: Any = "auto"  # "auto" | True | False
-    seed: int = 42
-    resume: bool = False
-    # bookkeeping from the web app, echoed in the start event
-    name: str = ""
-    job_id: int | None = None
-
-
-class UsageError(Exception):
-    """A bad flag or config value; exits EXIT_USAGE."""
+from trainer import progress, sizing
+# Re-exported: calibrate.py and the tests import these from here.
+from trainer.config import TrainConfig, UsageError, build_parser, parse_config, validate  # noqa: F401
 
 
 class Diverged(Exception):
     pass
 
-
-_POSITIVE_INTS = ("depth", "tokens_per_param", "log_every", "eval_every", "sample_every",
-                  "checkpoint_every", "keep_checkpoints", "max_steps", "target_tokens", "stop_at_step",
-                  "batch_size", "device_batch_size", "seq_len", "vocab_size", "eval_tokens", "head_dim", "n_kv_head")
-_NONNEG_FLOATS = ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay", "grad_clip")
-_RATIOS = ("warmup_ratio", "warmdown_ratio", "final_lr_frac")
-
-
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Type- and range-check every field; raise UsageError naming the field."""
-    hints = {f.name: f.type for f in dataclasses.fields(cfg)}
-    for name in _POSITIVE_INTS:
-        v = getattr(cfg, name)
-        if v is None and "None" in str(hints[name]):
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UsageError(f"{name} must be a positive integer, got {v!r}")
-    for name in _NONNEG_FLOATS + _RATIOS:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise UsageError(f"{name} must be a non-negative number, got {v!r}")
-        setattr(cfg, name, float(v))
-    for name in _RATIOS:
-        if getattr(cfg, name) > 1:
-            raise UsageError(f"{name} must be between 0 and 1, got {getattr(cfg, name)}")
-    if cfg.warmup_ratio + cfg.warmdown_ratio > 1:
-        raise UsageError("warmup_ratio + warmdown_ratio must not exceed 1")
-    if cfg.seed is None or isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise UsageError(f"seed must be a non-negative integer, got {cfg.seed!r}")
-    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not str(cfg.device).startswith("cuda:"):
-        raise UsageError(f"device must be auto, cpu, cuda or mps, got {cfg.device!r}")
-    if cfg.compile not in ("auto", True, False):
-        raise UsageError(f"compile must be auto, true or false, got {cfg.compile!r}")
-    for name in ("data", "out", "name"):
-        if not isinstance(getattr(cfg, name), str) or (name != "name" and not getattr(cfg, name)):
-            raise UsageError(f"{name} must be a non-empty string")
-    if not isinstance(cfg.sample_prompts, list) or not all(isinstance(p, str) for p in cfg.sample_prompts):
-        raise UsageError("sample_prompts must be a list of strings")
-    if cfg.storage_options is not None and not isinstance(cfg.storage_options, dict):
-        raise UsageError("storage_options must be a JSON object")
-    if not isinstance(cfg.resume, bool):
-        raise UsageError("resume must be true or false")
-    return cfg
-
-
-# --- command line --------------------------------------------------------------------------------
-
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _compile_flag(text: str):
-    return "auto" if text == "auto" else _bool(text)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print and exit 2 without an event
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    # default=SUPPRESS: only flags actually given appear, so they can override --config.
-    p = _Parser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0],
-                argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="a JSON file of TrainConfig fields; explicit flags override it")
-    # model
-    p.add_argument("--depth", type=int, help="transformer layers; width is 64 * depth")
-    p.add_argument("--head-dim", type=int)
-    p.add_argument("--n-kv-head", type=int, help="key/value heads (grouped-query attention)")
-    # data
-    p.add_argument("--data", help='"demo", a text/JSONL file or directory, or an fsspec URL')
-    p.add_argument("--vocab-size", type=int)
-    p.add_argument("--storage-options", type=json.loads, help="JSON object for fsspec")
-    p.add_argument("--cache-dir", help="prepared-data cache (default OUT/cache)")
-    # length of training
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--target-tokens", type=int)
-    p.add_argument("--tokens-per-param", type=int)
-    p.add_argument("--stop-at-step", type=int, help="checkpoint and stop here; --resume continues")
-    # batch
-    p.add_argument("--batch-size", type=int, help="global rows per step")
-    p.add_argument("--device-batch-size", type=int,
-                   help="rows per process per forward; accumulates gradients up to --batch-size")
-    p.add_argument("--seq-len", type=int)
-    # optimization
-    p.add_argument("--matrix-lr", type=float)
-    p.add_argument("--embedding-lr", type=float)
-    p.add_argument("--unembedding-lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-ratio", type=float)
-    p.add_argument("--warmdown-ratio", type=float)
-    p.add_argument("--final-lr-frac", type=float)
-    p.add_argument("--grad-clip", type=float, help="0 disables clipping")
-    # evaluation, samples, checkpoints
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-tokens", type=int)
-    p.add_argument("--sample-every", type=int)
-    p.add_argument("--sample-prompts", type=json.loads, help='JSON list, e.g. \'["Once upon"]\'')
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--keep-checkpoints", type=int)
-    # runtime
-    p.add_argument("--out", help="run directory: checkpoints/, cache/")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--compile", type=_compile_flag, help="auto, true or false")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", nargs="?", const=True, type=_bool, help="continue from the latest checkpoint")
-    p.add_argument("--name")
-    p.add_argument("--job-id", type=int)
-    return p
-
-
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from flags and an optional --config JSON file; raise UsageError."""
-    args = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if "config" in args:
-        try:
-            loaded = json.loads(Path(args.pop("config")).read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read the --config file: {e}") from None
-        if not isinstance(loaded, dict):
-            raise UsageError("the --config file must hold a JSON object")
-        unknown = sorted(set(loaded) - known)
-        if unknown:
-            raise UsageError(f"unknown config key(s): {', '.join(unknown)}")
-        values.update(loaded)
-    values.update(args)
-    try:
-        cfg = TrainConfig(**values)
-    except TypeError as e:
-        raise UsageError(str(e)) from None
-    return validate(cfg)
 
 # --- devices and processes -----------------------------------------------------------------------
 
@@ -241,9 +50,9 @@ GPU_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), 
                  ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12),
                  ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12),
                  ("RTX 3090", 71e12))
-CPU_BATCH, CPU_SEQ = 8, 256  # measured: depth 2, 600 steps finish in a few minutes on 2 cores
-MPS_BATCH, MPS_SEQ = 8, 512
-CUDA_SEQ, CUDA_MAX_ROWS = 2048, 32
+# Batch and sequence defaults per device come from sizing.DEVICE_DEFAULTS, which the web app's
+# estimates read too; on CUDA that batch is only the ceiling: _cuda_rows halves it until it fits.
+CUDA_MAX_ROWS = sizing.DEVICE_DEFAULTS["cuda"]["batch_size"]
 
 
 def peak_flops(device) -> float | None:
@@ -381,7 +190,6 @@ def _log(rt_master: bool, msg: str) -> None:
 
 def _cuda_rows(shape, rt: Runtime) -> int:
     import torch
-    from trainer import sizing
     budget = 0.8 * torch.cuda.get_device_properties(rt.device).total_memory
     rows = CUDA_MAX_ROWS
     while rows > 1 and sizing.memory_estimate(shape, rows, "cuda", rt.compile)["total"] > budget:
@@ -394,14 +202,15 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     from torch.nn.parallel import DistributedDataParallel
 
     from trainer import checkpoint as ckpt
-    from trainer import data, optim, sizing
+    from trainer import data, optim
     from trainer.model import GPT, GPTConfig
 
     log = lambda msg: _log(rt.master, msg)  # noqa: E731
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     kind = rt.device.type
-    seq = cfg.seq_len or {"cpu": CPU_SEQ, "mps": MPS_SEQ}.get(kind, CUDA_SEQ)
+    defaults = sizing.device_defaults(kind)
+    seq = cfg.seq_len or defaults["seq_len"]
 
     # Data: rank 0 tokenizes into the cache first; the others then find it there. A resumed run
     # must see the tokens its checkpoint was trained on: if the cache now holds a different
@@ -428,7 +237,7 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
         shape = sizing.shape_for(cfg.depth, tokenizer.vocab_size, seq, cfg.head_dim, cfg.n_kv_head)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    batch = cfg.batch_size or ({"cpu": CPU_BATCH, "mps": MPS_BATCH}.get(kind) or _cuda_rows(shape, rt))
+    batch = cfg.batch_size or (_cuda_rows(shape, rt) if kind == "cuda" else defaults["batch_size"])
     if batch % rt.world_size:
         raise UsageError(f"batch_size {batch} must be divisible by the {rt.world_size} processes")
     tokens_per_step = batch * seq
