@@ -98,6 +98,22 @@ def test_default_training_tokens_is_twenty_per_parameter():
     assert sizing.default_training_tokens(1000, tokens_per_param=10) == 10_000
 
 
+def test_the_default_length_is_capped_at_a_few_passes_over_the_data():
+    # 1M params want 20M tokens; 430K tokens of data allow 4 x 430K = 1.72M.
+    assert sizing.planned_tokens(1_000_000, 20, data_tokens=430_000) == (1_720_000, "data")
+    assert sizing.planned_tokens(1_000_000, 20, data_tokens=430_000, max_epochs=2.5) == (1_075_000, "data")
+    # plenty of data: twenty tokens per parameter, as before
+    assert sizing.planned_tokens(1_000_000, 20, data_tokens=10**9) == (20_000_000, "tokens_per_param")
+    # no cap when the size of the data is unknown or the cap is off
+    assert sizing.planned_tokens(1_000_000, 20) == (20_000_000, "tokens_per_param")
+    for off in (0, 0.0, None):
+        assert sizing.planned_tokens(1_000_000, 20, 430_000, max_epochs=off) == (20_000_000, "tokens_per_param")
+    with pytest.raises(ValueError):
+        sizing.planned_tokens(1000, 20, data_tokens=-1)
+    with pytest.raises(ValueError):
+        sizing.planned_tokens(1000, 20, data_tokens=10, max_epochs=-1)
+
+
 def test_sizing_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; import trainer.sizing as s; "
             "print(s.param_counts(s.shape_for(2, 512, 64))['total'])")

@@ -181,6 +181,27 @@ def test_flags_override_the_config_file_and_web_app_keys_are_accepted(tmp_path):
     assert (cfg.depth, cfg.max_steps, cfg.resume, cfg.job_id) == (2, 9, True, 4)
 
 
+def test_without_a_length_a_small_corpus_is_read_at_most_four_times(tmp_path, cache):
+    # Depth 2 on the demo corpus: twenty tokens per parameter would read its ~720K tokens ~15 times.
+    from trainer import data
+    n_train = data.prepare_dataset("demo", cache, vocab_size=512).n_train_tokens
+    tokens_per_step = 4 * 32
+    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1"], tmp_path / "capped", cache)
+    assert code == 0, err
+    start = events[0]
+    assert start["budget"] == "data"
+    assert start["total_steps"] == math.ceil(4 * n_train / tokens_per_step)
+    assert f"data-limited: 4 epochs of {n_train:,} tokens" in err
+    uncapped = math.ceil(20 * start["params"] / tokens_per_step)
+    assert start["total_steps"] < uncapped
+
+    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1", "--max-epochs", "0"],
+                                    tmp_path / "uncapped", cache)
+    assert code == 0, err
+    assert events[0]["budget"] == "tokens_per_param" and events[0]["total_steps"] == uncapped
+    assert "data-limited" not in err
+
+
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, cache):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun is installed with torch"

@@ -32,10 +32,12 @@ class TrainConfig:
     vocab_size: int | None = None  # None: the data module's default for a new tokenizer
     storage_options: dict | None = None
     cache_dir: str | None = None  # None: <out>/cache
-    # length of training: max_steps, else target_tokens, else tokens_per_param * params
+    # length of training: max_steps, else target_tokens, else tokens_per_param * params capped at
+    # max_epochs passes over the training split (sizing.planned_tokens; 0 or None: no cap)
     max_steps: int | None = None
     target_tokens: int | None = None
     tokens_per_param: int = 20
+    max_epochs: float | None = 4.0
     stop_at_step: int | None = None  # checkpoint and exit 0 here, keeping the planned schedule
     # batch (global, across ranks; None: the device's default)
     batch_size: int | None = None
@@ -97,6 +99,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in _RATIOS:
         if getattr(cfg, name) > 1:
             raise UsageError(f"{name} must be between 0 and 1, got {getattr(cfg, name)}")
+    if cfg.max_epochs is not None:
+        v = cfg.max_epochs
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise UsageError(f"max_epochs must be a non-negative number (0: no cap), got {v!r}")
+        cfg.max_epochs = float(v)
     if cfg.warmup_ratio + cfg.warmdown_ratio > 1:
         raise UsageError("warmup_ratio + warmdown_ratio must not exceed 1")
     if cfg.seed is None or isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
@@ -155,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--target-tokens", type=int)
     p.add_argument("--tokens-per-param", type=int)
+    p.add_argument("--max-epochs", type=float,
+                   help="cap the default length at this many passes over the data (0: no cap)")
     p.add_argument("--stop-at-step", type=int, help="checkpoint and stop here; --resume continues")
     # batch
     p.add_argument("--batch-size", type=int, help="global rows per step")

@@ -156,6 +156,32 @@ def default_training_tokens(params: int, tokens_per_param: int = 20) -> int:
     return int(params * tokens_per_param)
 
 
+DEFAULT_MAX_EPOCHS = 4.0
+
+
+def planned_tokens(params: int, tokens_per_param: int = 20, data_tokens: int | None = None,
+                   max_epochs: float | None = DEFAULT_MAX_EPOCHS) -> tuple[int, str]:
+    """(training tokens, budget) when no step or token count was asked for.
+
+    Twenty tokens per parameter, unless that would read the data more than ``max_epochs`` times:
+    past a few passes a small model memorises a small corpus instead of learning more from it, so
+    the demo corpus (~430K tokens) at depth 2-4 would spend hours of CPU for nothing. ``budget`` is
+    "tokens_per_param" or "data", whichever set the length. ``data_tokens`` None (unknown yet) or
+    ``max_epochs`` 0/None turns the cap off. Raises ValueError for negative sizes.
+    """
+    tokens = default_training_tokens(params, tokens_per_param)
+    if data_tokens is not None and data_tokens < 0:
+        raise ValueError("data_tokens must be >= 0")
+    if max_epochs is not None and max_epochs < 0:
+        raise ValueError("max_epochs must be >= 0")
+    if data_tokens is None or not max_epochs:
+        return tokens, "tokens_per_param"
+    cap = int(max_epochs * data_tokens)
+    if cap < tokens:
+        return cap, "data"
+    return tokens, "tokens_per_param"
+
+
 # Per-device batch and sequence defaults, shared by the trainer and the web app's estimates.
 # CPU: measured here, a depth-2 run of 600 steps finishes in a few minutes on 2 cores. CUDA: the
 # sequence is long and the batch (rows per GPU) is picked from the memory estimate at run time;

@@ -11,6 +11,10 @@ float32, eager, batch 8 x seq 256. CUDA: bf16 autocast and torch.compile, seq 20
 batch (<= 32 rows per GPU) that sizing.memory_estimate fits in 80% of the GPU's memory; a bigger
 global --batch-size with --device-batch-size accumulates gradients. MPS: float32, eager.
 
+Length: --max-steps, else --target-tokens, else 20 tokens per parameter, capped at --max-epochs
+(default 4) passes over the training split so a small corpus is not memorised for hours; the start
+event's ``budget`` says which of the four set it (sizing.planned_tokens holds the rule).
+
 stdout carries only contract events (start, step, eval, sample, checkpoint, done, error); human
 logs go to stderr. Exit codes: 0 done, 2 bad flags/config, 65 bad data, 66 diverged, 75 stopped by
 SIGTERM after a checkpoint (run again with --resume), anything else an infrastructure failure.
@@ -255,9 +259,15 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
         unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, device_type=kind)
 
     if cfg.max_steps:
-        total_steps = cfg.max_steps
+        total_steps, budget = cfg.max_steps, "max_steps"
     else:
-        target = cfg.target_tokens or sizing.default_training_tokens(params, cfg.tokens_per_param)
+        if cfg.target_tokens:
+            target, budget = cfg.target_tokens, "target_tokens"
+        else:
+            target, budget = sizing.planned_tokens(params, cfg.tokens_per_param, prepared.n_train_tokens,
+                                                   cfg.max_epochs)
+            if budget == "data":
+                log(f"data-limited: {cfg.max_epochs:g} epochs of {prepared.n_train_tokens:,} tokens")
         total_steps = max(1, math.ceil(target / tokens_per_step))
     # storage_options may hold cloud credentials: the start event and config.json (which ships with
     # the model) name the keys only.
@@ -304,7 +314,7 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
          total_tokens=total_steps * tokens_per_step, device=str(rt.device), world_size=rt.world_size,
          resumed_from_step=start_step if resumed_from is not None else None, shape=shape.to_dict(),
          tokens_per_step=tokens_per_step, vocab_size=tokenizer.vocab_size, peak_flops=peak,
-         grad_accum_steps=accum)
+         grad_accum_steps=accum, budget=budget)
     log(f"depth {cfg.depth}: {params:,} params, {total_steps} steps of {batch}x{seq} tokens on "
         f"{rt.device} x{rt.world_size}{' (compiled)' if rt.compile else ''}")
 
