@@ -202,6 +202,17 @@ def test_without_a_length_a_small_corpus_is_read_at_most_four_times(tmp_path, ca
     assert "data-limited" not in err
 
 
+def test_the_start_event_names_the_data_and_its_hash(tmp_path, cache):
+    from trainer import data
+    prepared = data.prepare_dataset("demo", cache, vocab_size=512)
+    code, events, err = run_trainer(["--max-steps", "1"], tmp_path, cache)
+    assert code == 0, err
+    start = events[0]
+    assert start["data_source"] == prepared.source == "demo"
+    assert start["data_sha256"] == prepared.data_sha256
+    assert len(start["data_sha256"]) == 64 and int(start["data_sha256"], 16) >= 0
+
+
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, cache):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun is installed with torch"

@@ -10,7 +10,8 @@ Events and their fields (extra fields are allowed; these are guaranteed):
 ``start``      config (dict), params (int), flops_per_token (int), total_steps (int),
                total_tokens (int), device (str), world_size (int), resumed_from_step (int|None);
                the trainer also sends budget ("tokens_per_param" | "data" | "max_steps" |
-               "target_tokens": what set the run's length)
+               "target_tokens": what set the run's length), data_source (str) and data_sha256 (str,
+               the content hash of the training text, shown on the model card)
 ``step``       step, total_steps, loss, lr, tokens_per_sec, mfu (float|None), elapsed_s, eta_s
 ``eval``       step, val_loss, val_bpb
 ``sample``     step, samples: list of {"prompt": str, "text": str}

@@ -314,7 +314,7 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
          total_tokens=total_steps * tokens_per_step, device=str(rt.device), world_size=rt.world_size,
          resumed_from_step=start_step if resumed_from is not None else None, shape=shape.to_dict(),
          tokens_per_step=tokens_per_step, vocab_size=tokenizer.vocab_size, peak_flops=peak,
-         grad_accum_steps=accum, budget=budget)
+         grad_accum_steps=accum, budget=budget, data_source=prepared.source, data_sha256=prepared.data_sha256)
     log(f"depth {cfg.depth}: {params:,} params, {total_steps} steps of {batch}x{seq} tokens on "
         f"{rt.device} x{rt.world_size}{' (compiled)' if rt.compile else ''}")
 
