@@ -16,6 +16,7 @@ import torch
 
 from trainer import data as data_mod
 from trainer import demo
+from trainer import sources
 from trainer.data import DataError, TokenLoader, bits_per_byte, iter_documents, iter_val_batches, prepare_dataset
 from trainer.tokenizer import Tokenizer
 
@@ -174,14 +175,14 @@ def test_reads_are_bounded_by_the_chunk_size(tmp_path, monkeypatch):
     path = tmp_path / "one_line.txt"
     path.write_text("x " * 200_000)
     sizes = []
-    original = data_mod._read_chunks
+    original = sources._read_chunks
 
     def spy(f, name, chunk_size):
         real_read = f.read
         f.read = lambda n=-1: (sizes.append(n), real_read(n))[1]
         return original(f, name, chunk_size)
 
-    monkeypatch.setattr(data_mod, "_read_chunks", spy)
+    monkeypatch.setattr(sources, "_read_chunks", spy)
     assert sum(len(p) for p in iter_documents(str(path), chunk_size=2048)) == 400_000
     assert sizes and all(0 < n <= 2048 for n in sizes)
 
@@ -262,7 +263,7 @@ def test_a_prepare_killed_before_publishing_leaves_nothing_that_looks_valid(corp
 
 
 def test_the_demo_source_needs_no_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "DEMO_BYTES", 30_000)
+    monkeypatch.setattr(sources, "DEMO_BYTES", 30_000)
     p = prepare("demo", tmp_path / "cache")
     text = p.tokenizer.decode(np.memmap(p.train_path, dtype=p.dtype, mode="r")[:2000].tolist())
     assert demo.coherence(text.replace("<|bos|>", " ")) == 1.0

@@ -192,7 +192,7 @@ DEVICE_DEFAULTS = {
     "cuda": {"batch_size": 32, "seq_len": 2048},
 }
 
-# The built-in demo corpus's size in bytes (trainer/demo.py writes it; trainer/data.py reads it).
+# The built-in demo corpus's size in bytes (trainer/demo.py writes it; trainer/sources.py reads it).
 DEMO_CORPUS_BYTES = 2_000_000
 
 
