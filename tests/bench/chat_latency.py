@@ -14,25 +14,22 @@ Human lines first, then one JSON line last.
 
 from __future__ import annotations
 
+import argparse
+import http.client
+import json
+import os
+import statistics
 import sys
-
-# tests/bench/tokenize.py would shadow the standard library's tokenize (run as a script, this folder comes
-# first on sys.path): drop the folder before anything imports it
-sys.path[:] = [p for p in sys.path if p and not p.rstrip("/").endswith("tests/bench")]
-
-import argparse  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# nanochat_studio and trainer are installed (pip install -e .); the test fixtures are not, so
+# tests/ goes on the path for `chat_fixtures`.
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "tests"))
 
 PROMPT = "Once upon a time, a little fox"
 

@@ -16,18 +16,12 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-# Run as a script, Python puts tests/bench/ first on sys.path, where a sibling named tokenize.py
-# would shadow the standard library's module (torch imports it); import from the repository root.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import torch
 
-import torch  # noqa: E402
-
-from trainer import sizing  # noqa: E402
-from trainer.model import GPT, GPTConfig  # noqa: E402
-from trainer.sample import generate_tokens  # noqa: E402
+from trainer import sizing
+from trainer.model import GPT, GPTConfig
+from trainer.sample import generate_tokens
 
 
 def timed_generation(model, prompt, new_tokens, use_cache):

@@ -16,20 +16,17 @@ Human lines first; the LAST line is one JSON object. Target: start under 2 s.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this directory comes first on sys.path, where a sibling (tokenize.py) would shadow
-# the standard library module of the same name.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
+# nanochat_studio and trainer are installed (pip install -e .); the test helpers imported below
+# are not, so the repository root goes on the path for `tests.test_jobs`.
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 

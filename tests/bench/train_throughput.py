@@ -12,20 +12,15 @@ Human lines go to stderr; the last line on stdout is one JSON object with every 
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import time
 
-# A script's own folder comes first on sys.path; tests/bench holds a tokenize.py that would shadow
-# the standard library's. Put the repository root there instead (so `trainer` imports too).
-sys.path[0] = __file__.rsplit("/", 3)[0] if __file__.count("/") >= 3 else "."
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from trainer import optim, sizing  # noqa: E402
-from trainer.model import GPT, GPTConfig  # noqa: E402
+from trainer import optim, sizing
+from trainer.model import GPT, GPTConfig
 
 
 def _time(fn, min_s: float = 1.0, min_iters: int = 3) -> float:

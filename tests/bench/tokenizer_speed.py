@@ -1,7 +1,7 @@
 """Tokenizer benchmark: our BPE (rustbpe training, tiktoken encoding) against Hugging Face `tokenizers`
 (a byte-level BPE trained on the same text to the same vocabulary size), in one run.
 
-    OMP_NUM_THREADS=1 python tests/bench/tokenize.py [--mb 24] [--vocab 8192] [--threads 2]
+    OMP_NUM_THREADS=1 python tests/bench/tokenizer_speed.py [--mb 24] [--vocab 8192] [--threads 2]
 
 The text: the demo story corpus plus varied real text found on this machine (the Python standard
 library's source and docs: code, prose, numbers, punctuation), so the figures are not only about a
@@ -10,23 +10,15 @@ library's source and docs: code, prose, numbers, punctuation), so the figures ar
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file is named like the standard library's `tokenize`, which logging/linecache import: drop its
-# own folder from the import path before anything else is imported, and put the repo root there.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
-
 import argparse
 import json
+import os
 import sysconfig
 import time
 from pathlib import Path
 
-from trainer import demo  # noqa: E402
-from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from trainer import demo
+from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def varied_text(n_bytes: int) -> list[str]:
