@@ -93,7 +93,9 @@
     if (job.urls && job.urls.download) { dl.href = job.urls.download; dl.hidden = false; } else { dl.hidden = true; }
     const chat = $("#chat");
     if (job.urls && job.urls.chat) { chat.href = job.urls.chat; chat.hidden = false; } else { chat.hidden = true; }
-    $("#snapshot").hidden = !(active && job.progress && job.progress.checkpoint_step);
+    const midRun = active && job.progress && job.progress.checkpoint_step;
+    $("#snapshot").hidden = !midRun;
+    $("#snapshot-download").hidden = !midRun;
     if (job.progress) showProgress(job.progress);
     if (!active) { stopLog(); setText("#eta", "–"); }
   }
@@ -155,7 +157,7 @@
     sample: addSamples,
     checkpoint(d) {
       addHistory(`checkpoint at step ${d.step}`, d.time);
-      $("#snapshot").hidden = FINAL.has($("#status").textContent);
+      $("#snapshot").hidden = $("#snapshot-download").hidden = FINAL.has($("#status").textContent);
     },
     done(d) { addHistory(`finished at step ${d.step}, loss ${fmtNum(d.final_loss, 3)}`, d.time); },
     error(d) { addHistory(`${d.kind} error: ${d.message}`, d.time); },
@@ -217,6 +219,14 @@
     try {
       const m = await post(root.dataset.snapshotUrl);
       window.location = m.chat_url;
+    } catch (e) { alert(e.message); }
+  });
+
+  // A checkpoint taken mid-run becomes a read-only model of its own, which downloads like any other.
+  $("#snapshot-download").addEventListener("click", async () => {
+    try {
+      const m = await post(root.dataset.snapshotUrl);
+      window.location = root.dataset.downloadBase.replace("0", String(m.model_id));
     } catch (e) { alert(e.message); }
   });
 
