@@ -1,4 +1,5 @@
-"""The huey instance and its tasks. Tasks take ids and are thin glue over jobs.py and runner.py.
+"""The huey instance and its tasks. Tasks take ids and are thin glue over jobs.py, runner.py (slots) and
+supervisor.py (one training attempt).
 
 huey is at-most-once (a task running when its consumer dies is lost), so it only rings a bell: "a job
 may be ready". Whoever hears it claims the oldest fair job from the jobs table (compare-and-set) and
@@ -22,7 +23,7 @@ import peewee as pw
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
-from . import jobs, runner
+from . import jobs, runner, supervisor
 from .db import database
 from .models import TrainingJob, utcnow
 
@@ -154,7 +155,7 @@ def run_next_job(job_id: int | None = None) -> str | None:
     status = None
     try:
         log.info("job %s attempt %s starting on %s (rung for %s)", job.id, job.attempt, slot.name, job_id)
-        status = runner.run_training(job, slot, settings, stop=local.stop)
+        status = supervisor.run_training(job, slot, settings, stop=local.stop)
         log.info("job %s attempt %s ended: %s", job.id, job.attempt, status)
     except Exception as exc:
         log.exception("running a job failed; the reconciler will requeue it when its lease expires")

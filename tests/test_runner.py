@@ -1,4 +1,5 @@
-"""The supervisor against real trainer subprocesses (tests/fake_trainer.py) and a real SQLite file."""
+"""runner.py's spawn primitive, slots and run lock, and supervisor.py against real trainer subprocesses
+(tests/fake_trainer.py) and a real SQLite file."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_studio import jobs, runner
+from nanochat_studio import jobs, runner, supervisor
 from nanochat_studio.models import JobEvent, Model, TrainingJob
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 from tests.test_jobs import alice, settings, store  # noqa: F401  (fixtures)
@@ -28,7 +29,7 @@ def fake_log(settings, job) -> list[dict]:
 def claim_and_run(settings, **kw):
     job = jobs.claim_next(jobs.owner_id("cpu0"), "cpu0", lease_seconds=settings.lease_seconds)
     assert job is not None
-    return job, runner.run_training(job, CPU, settings, **kw)
+    return job, supervisor.run_training(job, CPU, settings, **kw)
 
 
 def wait_for(predicate, timeout=20.0, interval=0.05):
@@ -155,7 +156,7 @@ def test_a_second_supervisor_cannot_start_a_trainer_while_the_first_lives(alice,
     assert jobs.reconcile(jobs.utcnow() + jobs.dt.timedelta(hours=1), backoff_base=0) == [job.id]
     again = jobs.claim_next("second-supervisor", "cpu1", lease_seconds=1.5)
     assert again.attempt == 2
-    assert runner.run_training(again, CPU, quick) == "queued"  # it waited for the lock and gave up
+    assert supervisor.run_training(again, CPU, quick) == "queued"  # it waited for the lock and gave up
     again = TrainingJob.get_by_id(job.id)
     assert "still holds the run directory" in again.status_reason
     assert len([r for r in fake_log(quick, job) if r["kind"] == "begin"]) == 1

@@ -333,7 +333,7 @@ def test_a_job_asking_for_two_gpus_waits_for_both_and_gets_one_torchrun_slot(ali
                                                                               monkeypatch):
     # The supervisor is replaced by a stand-in holding its slot until released: this checks the slot
     # accounting only (torchrun itself needs GPUs; runner.trainer_argv's torchrun command is tested apart).
-    from nanochat_studio import runner
+    from nanochat_studio import supervisor
 
     release = {}
     seen = {}
@@ -345,7 +345,7 @@ def test_a_job_asking_for_two_gpus_waits_for_both_and_gets_one_torchrun_slot(ali
         jobs.transition(job.id, "running", expect={"preparing"}, attempt=job.attempt)
         return jobs.finish(job.id, job.attempt, "completed")
 
-    monkeypatch.setattr(runner, "run_training", hold)
+    monkeypatch.setattr(supervisor, "run_training", hold)
     two = dataclasses.replace(settings, gpus="0,1", worker_threads=4)
     consumer(two)
     single = submit(alice, two)

@@ -396,8 +396,8 @@ def snapshot_model(job: TrainingJob, settings: Any) -> Model:
     The copy goes into storage (verified against the trainer's manifest), so the trainer pruning its
     own checkpoints afterwards does not touch it. Raises Conflict when no checkpoint is ready yet.
     """
-    from ..runner import run_dir_for
     from ..storage import Storage, StorageError
+    from ..supervisor import run_dir_for
 
     run_dir = Path(job.output_path) if job.output_path and os.path.isdir(job.output_path) else run_dir_for(job, settings)
     store = Storage.from_settings(settings)

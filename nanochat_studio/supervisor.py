@@ -1,0 +1,394 @@
+"""The training supervisor: one attempt of one job, from the claimed row to the trainer's exit.
+
+:func:`run_training` holds RUN_DIR/trainer.lock (inherited by the trainer, so a second trainer for the
+same run can never start while the first lives), prepares the data and the job's config, starts the
+trainer through ``runner.spawn`` (runner.py stays the only code that spawns processes), tails the
+trainer's JSON-lines event file into JobEvents and progress, renews the lease, honours cancel and
+shutdown with SIGTERM (the trainer checkpoints and exits 75), maps the exit code to the job's outcome
+with ``trainer.progress.outcome_of_exit``, and creates and publishes the Model a finished run leaves.
+Checkpoints are mirrored to storage by mirror.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import peewee as pw
+
+from trainer import progress
+
+from . import datasets, jobs
+from .db import database
+from .mirror import CheckpointMirror, artifact_store
+from .models import Model, TrainingJob
+from .runner import Slot, acquire_run_lock, signal_group, spawn, trainer_argv, trainer_env
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[int, int, str, dict], None]  # job_id, seq, kind, data
+
+
+# --- where a run lives -----------------------------------------------------------------------------------
+
+
+def run_dir_for(job: TrainingJob, settings: Any) -> Path:
+    return Path(getattr(settings, "runs_dir")) / f"job-{job.id}"
+
+
+def data_cache_dir(settings: Any) -> Path:
+    """Tokenized data shared by all runs on this machine: the trainer's cache is content-addressed and
+    published by rename, so jobs on the same data skip tokenizing (the demo corpus: ~20 s on 2 cores)."""
+    home = getattr(settings, "home", None)
+    return Path(home) / "cache" / "data" if home else Path(getattr(settings, "runs_dir")) / "_data_cache"
+
+
+
+# --- supervising one training attempt ------------------------------------------------------------------
+
+
+class _Supervisor:
+    def __init__(self, job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None,
+                 stop: threading.Event | None):
+        self.job, self.slot, self.settings, self.on_event = job, slot, settings, on_event
+        self.stop = stop or threading.Event()
+        self.attempt = job.attempt
+        self.owner = job.lease_owner or jobs.owner_id(slot.name)
+        self.lease_s = float(getattr(settings, "lease_seconds", 30))
+        self.backoff = float(getattr(settings, "retry_backoff_seconds", jobs.DEFAULT_BACKOFF_S))
+        self.run_dir = run_dir_for(job, settings)
+        self.progress: dict[str, Any] = dict(job.progress or {})
+        self.facts: dict[str, Any] = {}  # what the Model row needs: params, samples, sha, checkpoint
+        self.error: dict[str, Any] | None = None
+        self.fenced = False
+        self.last_beat = time.monotonic()
+        self.mirror = CheckpointMirror.for_job(settings, job)
+
+    # -- the job row --
+    def beat(self, force: bool = False) -> bool:
+        if force or time.monotonic() - self.last_beat >= self.lease_s / 3:
+            self.last_beat = time.monotonic()
+            if not jobs.heartbeat(self.job.id, self.attempt, self.owner, lease_seconds=self.lease_s):
+                self.fenced = True
+        return not self.fenced
+
+    def cancel_requested(self) -> bool:
+        return bool(TrainingJob.select(TrainingJob.cancel_requested)
+                    .where(TrainingJob.id == self.job.id).scalar())
+
+    def emit(self, kind: str, data: dict) -> None:
+        seq = jobs.record_event(self.job.id, kind, data, attempt=self.attempt)
+        if self.on_event:
+            self.on_event(self.job.id, seq, kind, data)
+
+    def handle(self, record: dict) -> None:
+        kind = record["event"]
+        data = {k: v for k, v in record.items() if k not in ("event", "v")}
+        self.emit(kind, data)
+        p = self.progress
+        if kind == "start":
+            self.facts.update(params=data.get("params"), start=data)
+            p.update(total_steps=data.get("total_steps"), device=data.get("device"),
+                     resumed_from_step=data.get("resumed_from_step"))
+        elif kind == "step":
+            for key in ("step", "total_steps", "loss", "tokens_per_sec", "eta_s", "elapsed_s", "lr", "mfu"):
+                p[key] = data.get(key)
+        elif kind == "eval":
+            p.update(val_bpb=data.get("val_bpb"), val_loss=data.get("val_loss"))
+        elif kind == "sample":
+            self.facts["samples"] = data.get("samples")
+        elif kind == "checkpoint":
+            p["checkpoint_step"] = data.get("step")
+            self.facts["checkpoint"] = data.get("path")
+            if self.mirror is not None and self._checkpoint_dir() is not None:
+                self.mirror.push(self._checkpoint_dir())
+        elif kind == "done":
+            self.facts["done"] = data
+            self.facts["checkpoint"] = data.get("checkpoint") or self.facts.get("checkpoint")
+        elif kind == "error":
+            self.error = data
+        if kind in ("start", "step", "eval", "checkpoint", "done"):
+            jobs.update_progress(self.job.id, self.attempt, p)
+
+    @contextlib.contextmanager
+    def _heartbeats(self) -> Iterator[None]:
+        """Renew the lease from a helper thread while this one is busy (preparing the data)."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.lease_s / 3):
+                try:
+                    self.beat(force=True)
+                except pw.DatabaseError:
+                    log.warning("job %s: heartbeat failed while preparing", self.job.id, exc_info=True)
+                finally:
+                    database.close()  # this helper thread's own connection
+
+        thread = threading.Thread(target=beat, name=f"prepare-heartbeat-{self.job.id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    # -- the attempt --
+    def run(self) -> str | None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir / "train.log"
+        with self._heartbeats():  # waiting for an earlier trainer to let go may outlast the lease
+            lock_fd = acquire_run_lock(self.run_dir, wait_s=min(self.lease_s, 60.0))
+        if lock_fd is None:
+            # A trainer from an earlier attempt is still alive (checkpointing after its supervisor died).
+            return jobs.finish(self.job.id, self.attempt, "infrastructure", charged=False,
+                               reason="a trainer from an earlier attempt still holds the run directory",
+                               backoff_base=self.backoff)
+        try:
+            return self._run_locked(lock_fd, log_path)
+        finally:
+            os.close(lock_fd)
+
+    def _run_locked(self, lock_fd: int, log_path: Path) -> str | None:
+        job = self.job
+        try:
+            with self._heartbeats():  # a download can outlast the lease
+                data, storage_options = datasets.resolve_for_training(job, self.settings, self.run_dir)
+                restored = self.mirror.restore(self.run_dir) if self.mirror is not None else None
+        except Exception as exc:  # fetch's errors carry an HTTP status: 4xx is the user's to fix
+            status = getattr(exc, "status", None)
+            outcome = "user_error" if isinstance(status, int) and 400 <= status < 500 else "infrastructure"
+            return jobs.finish(job.id, self.attempt, outcome, reason=f"preparing the data failed: {exc}",
+                               backoff_base=self.backoff)
+        if self.fenced:  # the job moved on while we prepared (our lease was lost): leave it alone
+            return None
+        if restored:
+            self.emit("restore", {"key": restored, "reason": "resuming from the checkpoint another worker mirrored"})
+        self.facts["data_sha256"] = (datasets.recorded_source(self.run_dir) or {}).get("sha256", "")
+        config = {k: v for k, v in job.config.items() if k not in ("dataset", "gpus")}
+        config.update(data=data, device=self.slot.device, job_id=job.id, name=job.name,
+                      cache_dir=str(data_cache_dir(self.settings)))
+        if storage_options:
+            config["storage_options"] = storage_options  # may hold the user's S3 secret: a 0600 file
+        config_path = self.run_dir / "job.json"
+        tmp = config_path.with_suffix(".json.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(config, fh, indent=2)
+        os.replace(tmp, config_path)
+        if self.cancel_requested():
+            return jobs.finish(job.id, self.attempt, "cancelled", reason="cancelled while preparing")
+        if not jobs.transition(job.id, jobs.RUNNING, expect={jobs.PREPARING}, attempt=self.attempt,
+                               reason=f"trainer starting on {self.slot.name}", log_path=str(log_path),
+                               output_path=str(self.run_dir)):
+            return None
+        argv = trainer_argv(self.settings, self.slot, config_path, self.run_dir)
+        # stdout goes to a file we tail, not a pipe: when a supervisor dies (kill -9), a pipe would break
+        # and the trainer's next line would kill it with EPIPE before it could checkpoint.
+        events_path = self.run_dir / f"events-{self.attempt}.jsonl"
+        with open(log_path, "ab") as stderr, open(events_path, "ab") as stdout, open(events_path, "rb") as tail:
+            tail.seek(0, os.SEEK_END)
+            try:
+                proc = spawn(argv, env=trainer_env(self.slot), cwd=self.run_dir, stdout=stdout,
+                             stderr=stderr, pass_fds=(lock_fd,))
+            except OSError as exc:
+                return jobs.finish(job.id, self.attempt, "infrastructure", reason=f"cannot start the trainer: {exc}",
+                                   backoff_base=self.backoff)
+            with open(self.run_dir / "trainers.txt", "a") as fh:
+                fh.write(f"{job.id} attempt={self.attempt} pid={proc.pid} start={time.time():.3f}\n")
+            try:
+                rc, term_reason = self._supervise(proc, tail)
+                if self.mirror is not None:
+                    with self._heartbeats():
+                        self.mirror.close()
+            except BaseException:
+                # Never leave a trainer running unsupervised: stop it (it checkpoints), then let the
+                # reconciler requeue the job once our lease runs out.
+                log.exception("supervising job %s failed; stopping its trainer", job.id)
+                signal_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(float(getattr(self.settings, "term_grace_seconds", 120)))
+                except subprocess.TimeoutExpired:
+                    signal_group(proc, signal.SIGKILL)
+                    proc.wait()
+                raise
+        return self._conclude(rc, term_reason)
+
+    def _read_lines(self, tail: Any) -> bool:
+        """Handle every complete line written since the last call; whether there were any."""
+        got = False
+        while True:
+            pos = tail.tell()
+            raw = tail.readline()
+            if not raw.endswith(b"\n"):
+                tail.seek(pos)  # a partial line: the trainer is still writing it
+                return got
+            record = progress.parse_line(raw)
+            if record is not None:
+                try:
+                    self.handle(record)
+                except BaseException:
+                    tail.seek(pos)  # handle this line again once the database answers
+                    raise
+            got = True
+
+    def _supervise(self, proc: subprocess.Popen, tail: Any) -> tuple[int, str | None]:
+        term_reason: str | None = None
+        term_at = 0.0
+        grace = float(getattr(self.settings, "term_grace_seconds", 120))
+        next_poll = 0.0
+        db_errors = 0
+        while True:
+            exited = proc.poll() is not None
+            try:
+                if not self._read_lines(tail) and not exited:
+                    self.stop.wait(0.1) if term_reason is None else time.sleep(0.1)
+                if exited:
+                    self._read_lines(tail)  # whatever it wrote last
+                    break
+                term_reason, term_at, next_poll = self._check(proc, term_reason, term_at, next_poll, grace)
+                db_errors = 0
+            except pw.DatabaseError as exc:
+                # A database restart or a network blip: the trainer keeps training; we retry. If it lasts
+                # past our lease, another worker takes the job and our next heartbeat fences us out.
+                db_errors += 1
+                log.warning("job %s: database error while supervising (%s); retrying", self.job.id, exc)
+                try:
+                    database.close()  # a dead connection stays dead: reconnect on the next query
+                except Exception:
+                    pass
+                time.sleep(min(5.0, 0.2 * db_errors))
+        rc = proc.wait()
+        with open(self.run_dir / "trainers.txt", "a") as fh:
+            fh.write(f"{self.job.id} attempt={self.attempt} pid={proc.pid} end={time.time():.3f} rc={rc}\n")
+        return rc, term_reason
+
+    def _check(self, proc: subprocess.Popen, term_reason: str | None, term_at: float, next_poll: float,
+               grace: float) -> tuple[str | None, float, float]:
+        """Heartbeat, cancel, shutdown and the SIGKILL deadline; returns the updated loop state."""
+        now = time.monotonic()
+        if term_reason is None:
+            if not self.beat():
+                term_reason = "fenced"
+            elif self.stop.is_set():
+                term_reason = "shutdown"
+            elif now >= next_poll:
+                next_poll = now + 0.5
+                if self.cancel_requested():
+                    term_reason = "cancel"
+            if term_reason is not None:
+                term_at = now
+                signal_group(proc, signal.SIGTERM)
+        elif now - term_at > grace:
+            signal_group(proc, signal.SIGKILL)
+        elif term_reason != "fenced":
+            self.beat()  # keep the lease while the trainer checkpoints
+        return term_reason, term_at, next_poll
+
+    def _conclude(self, rc: int, term_reason: str | None) -> str | None:
+        job_id, attempt = self.job.id, self.attempt
+        if self.fenced or term_reason == "fenced":
+            log.warning("job %s attempt %s was fenced out; leaving its row alone", job_id, attempt)
+            return None
+        outcome = progress.outcome_of_exit(rc)
+        fields = {"progress": self.progress}
+        if outcome == "completed":
+            return self._complete(fields)
+        if term_reason == "cancel":
+            with database.atomic():
+                status = jobs.finish(job_id, attempt, "cancelled", reason="cancelled by its owner", **fields)
+                model = self._create_model(cancelled=True) if status and self._checkpoint_dir() else None
+            if model is not None:
+                self._publish(model)
+            return status
+        message = (self.error or {}).get("message", "")
+        if outcome == "user_error":
+            return jobs.finish(job_id, attempt, "user_error", reason=message or f"the trainer exited with {rc}",
+                               **fields)
+        if term_reason == "shutdown":
+            return jobs.finish(job_id, attempt, "preempted", charged=False, reason="the server shut down",
+                               backoff_base=self.backoff, **fields)
+        if rc < 0:
+            why = f"the trainer was killed by {signal.Signals(-rc).name}"
+        elif outcome == "preempted":
+            why = "the trainer was stopped by SIGTERM"
+        else:
+            why = f"the trainer exited with code {rc}" + (f": {message}" if message else "")
+        return jobs.finish(job_id, attempt, outcome, reason=why, backoff_base=self.backoff, **fields)
+
+    def _complete(self, fields: dict) -> str | None:
+        if self._checkpoint_dir() is None:
+            return jobs.finish(self.job.id, self.attempt, "infrastructure", backoff_base=self.backoff,
+                               reason="the trainer exited 0 without a final checkpoint", **fields)
+        with database.atomic():
+            status = jobs.finish(self.job.id, self.attempt, "completed", **fields)
+            model = self._create_model(cancelled=False) if status else None
+        if model is not None:
+            self._publish(model)
+            if self.mirror is not None:
+                self.mirror.forget()  # the model has its own published copy now
+        return status
+
+    def _checkpoint_dir(self) -> Path | None:
+        path = self.facts.get("checkpoint")
+        if path:
+            p = Path(path) if os.path.isabs(path) else self.run_dir / path
+            if (p / "manifest.json").exists():
+                return p
+        found = sorted(self.run_dir.glob("checkpoints/step_*/manifest.json"))
+        return found[-1].parent if found else None
+
+    def _create_model(self, cancelled: bool) -> Model:
+        # The row first points at the run directory; _publish moves it to storage once uploaded, so
+        # the (possibly slow) upload happens outside the transaction that ends the job.
+        job = TrainingJob.get_by_id(self.job.id)
+        ckpt = self._checkpoint_dir()
+        assert ckpt is not None
+        done = self.facts.get("done") or {}
+        start = self.facts.get("start") or {}
+        step = done.get("step", self.progress.get("checkpoint_step") or self.progress.get("step") or 0)
+        tok = ckpt / "tokenizer"
+        name = job.name or f"job {job.id}"
+        return Model.create(
+            user=job.user_id, job=job.id, name=name + (f" (cancelled at step {step})" if cancelled else ""),
+            step=step or 0, checkpoint_key=str(ckpt), tokenizer_key=str(tok if tok.exists() else ckpt),
+            params=int(self.facts.get("params") or 0), config=start.get("config") or job.config,
+            metrics={"final_loss": done.get("final_loss", self.progress.get("loss")),
+                     "final_val_bpb": done.get("final_val_bpb", self.progress.get("val_bpb")),
+                     "steps": step, "elapsed_s": done.get("elapsed_s")},
+            samples=self.facts.get("samples") or [], data_source=datasets.describe_spec(job.config.get("dataset")),
+            data_sha256=str(self.facts.get("data_sha256") or start.get("data_sha256") or ""),
+            size_bytes=sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()),
+        )
+
+    def _publish(self, model: Model) -> None:
+        store = artifact_store(self.settings)
+        if store is None:
+            return
+        try:
+            key = store.publish_checkpoint(model.user_id, model.id, model.checkpoint_key)
+        except Exception as exc:  # the model stays usable from the run directory on this machine
+            log.exception("publishing the checkpoint of job %s failed", self.job.id)
+            self.emit("publish", {"ok": False, "error": str(exc)})
+            return
+        tokenizer = f"{key}/tokenizer" if model.tokenizer_key.endswith("/tokenizer") else key
+        Model.update(checkpoint_key=key, tokenizer_key=tokenizer).where(Model.id == model.id).execute()
+        self.emit("publish", {"ok": True, "key": key})
+
+
+def run_training(job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None = None, *,
+                 stop: threading.Event | None = None) -> str | None:
+    """Supervise the claimed ``job`` (status preparing, attempt and lease set by ``jobs.claim_next``)
+    on ``slot`` until its trainer exits. Call it from the thread that should own the trainer's life.
+
+    Returns the job's new status, or None when this attempt was fenced out. ``stop`` set means the
+    worker is shutting down: the trainer gets SIGTERM, checkpoints, and the job is requeued.
+    """
+    return _Supervisor(job, slot, settings, on_event, stop).run()
