@@ -13,40 +13,30 @@ four of the web server's ``threads`` for everything else (each open stream holds
 was serving and restarted by the next one; every wait has a timeout, so nothing hangs.
 
 Closing a stream before its end (the HTTP client went away) cancels the generation in the server.
+
+This module is the pool (which servers run, admission, loading, eviction) and the public API; one
+server's process handle and socket protocol are modelclient.py's, whose InferenceError and Final are
+re-exported here. Servers are started through runner.py, the only code that spawns processes.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import itertools
-import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterator
 
+from .modelclient import EXIT_BAD_CHECKPOINT, Final, InferenceError, ModelServer
+
+__all__ = ["MODES", "Final", "InferenceError", "ModelPool", "TooBusy", "get_pool"]
+
 log = logging.getLogger(__name__)
 
 MODES = ("chat", "complete")
-EXIT_BAD_CHECKPOINT = 3  # trainer/serve.py's exit code for a checkpoint that cannot load
-
-
-class InferenceError(Exception):
-    """Generation failed. ``permanent``: the same request will fail again; ``status``: HTTP status."""
-
-    status = 503
-
-    def __init__(self, message: str, permanent: bool = False, status: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.permanent = permanent
-        if status is not None:
-            self.status = status
 
 
 class TooBusy(InferenceError):
@@ -56,127 +46,13 @@ class TooBusy(InferenceError):
         super().__init__(message, permanent=False)
 
 
-@dataclasses.dataclass
-class Final:
-    """The last item of a stream."""
-
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float | None  # request sent -> first text
-    elapsed_s: float  # request sent -> done
-
-    @property
-    def tokens_per_sec(self) -> float | None:
-        # decoding speed after the first token (prefill and queueing are in ttft)
-        if self.ttft_s is None or self.completion_tokens < 2 or self.elapsed_s <= self.ttft_s:
-            return None
-        return (self.completion_tokens - 1) / (self.elapsed_s - self.ttft_s)
-
-    def as_dict(self) -> dict:
-        tps = self.tokens_per_sec
-        return {
-            "finish_reason": self.finish_reason,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1),
-            "elapsed_ms": round(self.elapsed_s * 1000, 1),
-            "tokens_per_sec": None if tps is None else round(tps, 1),
-        }
-
-
-# --- one server --------------------------------------------------------------------------------------
-
-
-class _Server:
-    def __init__(self, key: Any, checkpoint_dir: str, socket_path: str, log_path: str):
-        self.key = key
-        self.checkpoint_dir = checkpoint_dir
-        self.socket_path = socket_path
-        self.log_path = log_path
-        self.proc: Any = None
-        self.in_flight = 0
-        self.last_used = time.monotonic()
-        self.restarts = 0
-        self.ready = False  # answered a ping since it was (re)started
-        self.started_at = 0.0
-        self.start_lock = threading.Lock()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 3) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                lines = [ln.strip() for ln in f.readlines()[-n:] if ln.strip()]
-            return " | ".join(lines)
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 5.0) -> None:
-        proc, self.proc = self.proc, None
-        self.ready = False
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, 15)
-                os.killpg(proc.pid, 18)  # SIGCONT: a stopped (hung) server must be able to act on it
-            except (ProcessLookupError, PermissionError):
-                proc.terminate()
-            try:
-                proc.wait(timeout)
-            except Exception:
-                proc.kill()
-                proc.wait(timeout)
-        try:
-            os.unlink(self.socket_path)
-        except OSError:
-            pass
-
-
-class _Lines:
-    """Newline-framed JSON over a socket, with a short poll so waits can be interleaved with checks."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.buf = b""
-
-    def read(self) -> dict | None | bool:
-        """A message; None on timeout; False at end of stream (the server closed or crashed)."""
-        while b"\n" not in self.buf:
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                return None
-            except OSError:
-                return False
-            if not chunk:
-                return False
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def ready(self) -> list[dict]:
-        """Messages that have already arrived, without waiting for more."""
-        try:
-            while True:
-                chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
-                self.buf += chunk
-                if len(chunk) < 65536:  # drained (or b"" at end of stream: read() reports that)
-                    break
-        except OSError:  # BlockingIOError: nothing waiting; anything worse surfaces in read()
-            pass
-        out = []
-        while b"\n" in self.buf:
-            line, self.buf = self.buf.split(b"\n", 1)
-            out.append(json.loads(line))
-        return out
 
 
 class _Stream:
     """The iterator ``stream`` returns. Admission happened already, so a stream closed (or dropped)
     before its first ``next`` must still give its place back."""
 
-    def __init__(self, pool: "ModelPool", srv: _Server, gen: Iterator[Any]):
+    def __init__(self, pool: "ModelPool", srv: ModelServer, gen: Iterator[Any]):
         self._pool, self._srv, self._gen = pool, srv, gen
         self._started = self._closed = False
 
@@ -225,7 +101,7 @@ class ModelPool:
         self.heartbeat_s, self.poll_s = heartbeat_s, poll_s
         self._checkpoint_dir_of = checkpoint_dir_of or self._storage_path
         self._start_server = start_server
-        self._servers: dict[Any, _Server] = {}
+        self._servers: dict[Any, ModelServer] = {}
         self._lock = threading.Lock()
         self._dir = tempfile.mkdtemp(prefix="ncs-models-")  # short: Unix socket paths max out near 107 bytes
         self._ids = itertools.count(1)
@@ -251,7 +127,7 @@ class ModelPool:
         srv = self._servers.get(model_row.id)
         if srv is None or not srv.alive():
             return {}
-        return self._op(srv, {"op": "stats"}, timeout)
+        return srv.op({"op": "stats"}, timeout)
 
     def server_pid(self, model_row: Any) -> int | None:
         srv = self._servers.get(model_row.id)
@@ -279,9 +155,9 @@ class ModelPool:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- admission, loading, eviction --------------------------------------------------------------------
-    def _admit(self, model_row: Any) -> _Server:
+    def _admit(self, model_row: Any) -> ModelServer:
         key = model_row.id
-        evicted: list[_Server] = []
+        evicted: list[ModelServer] = []
         with self._lock:
             streams = sum(s.in_flight for s in self._servers.values())
             if streams >= self.max_streams:
@@ -300,7 +176,7 @@ class ModelPool:
                     running.remove(victim)
                     evicted.append(victim)
                 n = next(self._ids)
-                srv = _Server(key, "", os.path.join(self._dir, f"m{n}.sock"), os.path.join(self._dir, f"m{n}.log"))
+                srv = ModelServer(key, "", os.path.join(self._dir, f"m{n}.sock"), os.path.join(self._dir, f"m{n}.log"))
                 self._servers[key] = srv
             if srv.in_flight >= self.max_active + self.queue_limit:
                 raise TooBusy(f"this model already has {srv.in_flight} requests running or waiting "
@@ -313,12 +189,12 @@ class ModelPool:
         self._ensure_reaper()
         return srv
 
-    def _release(self, srv: _Server) -> None:
+    def _release(self, srv: ModelServer) -> None:
         with self._lock:
             srv.in_flight -= 1
             srv.last_used = time.monotonic()
 
-    def _starting(self, srv: _Server, model_row: Any) -> Iterator[None]:
+    def _starting(self, srv: ModelServer, model_row: Any) -> Iterator[None]:
         """Start the server if it is not running and wait until it answers a ping. A generator: it
         yields None every ``heartbeat_s`` while waiting, so the HTTP stream above it stays alive
         during a long load. Raises InferenceError (permanent when the checkpoint cannot load)."""
@@ -369,7 +245,7 @@ class ModelPool:
                     raise InferenceError(f"the model server exited while loading (code {rc}): {why}")
                 if os.path.exists(srv.socket_path):
                     try:
-                        self._op(srv, {"op": "ping"}, timeout=5.0)
+                        srv.op({"op": "ping"}, timeout=5.0)
                         srv.ready = True
                         return
                     except InferenceError:
@@ -382,29 +258,6 @@ class ModelPool:
                 time.sleep(0.02)
         finally:
             srv.start_lock.release()
-
-    def _connect(self, srv: _Server, timeout: float) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            s.connect(srv.socket_path)
-        except OSError as e:
-            s.close()
-            raise InferenceError(f"cannot reach the model server: {e}") from e
-        return s
-
-    def _op(self, srv: _Server, msg: dict, timeout: float) -> dict:
-        s = self._connect(srv, timeout)
-        try:
-            s.sendall((json.dumps(msg) + "\n").encode())
-            reply = _Lines(s).read()
-            if not reply:
-                raise InferenceError("the model server did not answer")
-            return reply
-        except OSError as e:
-            raise InferenceError(f"the model server did not answer: {e}") from e
-        finally:
-            s.close()
 
     def _ensure_reaper(self) -> None:
         if self._reaper is None or not self._reaper.is_alive():
@@ -419,92 +272,27 @@ class ModelPool:
                 log.exception("idle eviction failed")
 
     # -- one request -------------------------------------------------------------------------------------
-    def _run(self, srv: _Server, model_row: Any, mode: str, payload: Any, sampling: dict) -> Iterator[Any]:
+    def _run(self, srv: ModelServer, model_row: Any, mode: str, payload: Any, sampling: dict) -> Iterator[Any]:
         sock = None
-        done = False
         rid = f"r{next(self._ids)}"
         try:
             try:
                 yield from self._starting(srv, model_row)
-                sock = self._connect(srv, self.poll_s)
+                sock = srv.connect(self.poll_s)
             except InferenceError as e:
                 if e.permanent or srv.alive():
                     raise
                 # the server died between our check and the connect: one fresh start
                 yield from self._starting(srv, model_row)
-                sock = self._connect(srv, self.poll_s)
-            req = {"id": rid, "mode": mode, "sampling": sampling,
-                   ("messages" if mode == "chat" else "prompt"): payload}
-            t0 = time.monotonic()
-            sock.sendall((json.dumps(req) + "\n").encode())
-            lines = _Lines(sock)
-            ttft = None
-            last_msg = last_yield = time.monotonic()
-            pending: collections.deque = collections.deque()
-            while True:
-                msg = pending.popleft() if pending else lines.read()
-                now = time.monotonic()
-                if msg is None:
-                    if now - last_msg > self.read_timeout:
-                        srv.stop()  # hung: the next request starts a fresh one
-                        raise InferenceError(f"the model server gave no answer for {self.read_timeout:.0f} s "
-                                             "and was stopped; try again")
-                    if now - last_yield >= self.heartbeat_s:
-                        last_yield = now
-                        yield None
-                    continue
-                if msg is False:
-                    raise self._crashed(srv)
-                last_msg = now
-                if msg.get("id") != rid:
-                    continue
-                if "delta" in msg:
-                    if ttft is None:
-                        ttft = now - t0
-                    text = msg["delta"]
-                    if not pending:
-                        # A reader slower than the model (a busy machine, a slow client) gets what has
-                        # piled up as one delta instead of paying per-event costs for each token.
-                        for more in lines.ready():
-                            if not pending and more.get("id") == rid and "delta" in more:
-                                text += more["delta"]
-                            else:
-                                pending.append(more)
-                    last_yield = now
-                    yield text
-                elif msg.get("done"):
-                    done = True
-                    yield Final(msg.get("finish_reason") or "stop", int(msg.get("prompt_tokens") or 0),
-                                int(msg.get("completion_tokens") or 0), ttft, now - t0)
-                    return
-                elif "error" in msg:
-                    done = True
-                    permanent = bool(msg.get("permanent"))
-                    raise InferenceError(str(msg["error"]), permanent=permanent, status=400 if permanent else 503)
+                sock = srv.connect(self.poll_s)
+            yield from srv.generate(sock, rid, mode, payload, sampling, read_timeout=self.read_timeout,
+                                    heartbeat_s=self.heartbeat_s)
         except OSError as e:
-            raise self._crashed(srv) if not srv.alive() else InferenceError(f"model server connection failed: {e}") from e
+            raise srv.crashed() if not srv.alive() else InferenceError(f"model server connection failed: {e}") from e
         finally:
             if sock is not None:
-                if not done:  # the caller stopped early (client gone) or we failed: stop generating
-                    try:
-                        sock.sendall((json.dumps({"cancel": rid}) + "\n").encode())
-                    except OSError:
-                        pass
                 sock.close()
             self._release(srv)
-
-    def _crashed(self, srv: _Server) -> InferenceError:
-        proc = srv.proc
-        rc = None
-        if proc is not None:
-            try:
-                rc = proc.wait(timeout=1.0)
-            except Exception:
-                rc = proc.poll()
-        what = f"exit code {rc}" if rc is not None else "connection lost"
-        log.warning("model server for model %s stopped mid-request (%s)", srv.key, what)
-        return InferenceError(f"the model server stopped unexpectedly ({what}) while answering; "
-                              "it will be restarted on your next request")
 
     # -- where checkpoints are -----------------------------------------------------------------------------
     def _storage_path(self, model_row: Any) -> str:

@@ -1,0 +1,258 @@
+"""One model server: a ``trainer/serve.py`` subprocess for one checkpoint and the newline-framed JSON
+protocol spoken over its Unix socket (ping, stats, generate, cancel).
+
+inference.py's :class:`~nanochat_studio.inference.ModelPool` decides which servers run (loading, LRU and
+idle eviction, queue bounds) and starts them through runner.py; this module talks to one of them. It
+defines the error type and the final stream item that inference.py re-exports as its public API:
+:class:`InferenceError` (``permanent``, HTTP ``status``) and :class:`Final`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_CHECKPOINT = 3  # trainer/serve.py's exit code for a checkpoint that cannot load
+
+
+class InferenceError(Exception):
+    """Generation failed. ``permanent``: the same request will fail again; ``status``: HTTP status."""
+
+    status = 503
+
+    def __init__(self, message: str, permanent: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+        if status is not None:
+            self.status = status
+
+
+@dataclasses.dataclass
+class Final:
+    """The last item of a stream."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None  # request sent -> first text
+    elapsed_s: float  # request sent -> done
+
+    @property
+    def tokens_per_sec(self) -> float | None:
+        # decoding speed after the first token (prefill and queueing are in ttft)
+        if self.ttft_s is None or self.completion_tokens < 2 or self.elapsed_s <= self.ttft_s:
+            return None
+        return (self.completion_tokens - 1) / (self.elapsed_s - self.ttft_s)
+
+    def as_dict(self) -> dict:
+        tps = self.tokens_per_sec
+        return {
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1),
+            "elapsed_ms": round(self.elapsed_s * 1000, 1),
+            "tokens_per_sec": None if tps is None else round(tps, 1),
+        }
+
+
+# --- one server --------------------------------------------------------------------------------------
+
+
+class ModelServer:
+    """One ``trainer/serve.py`` process (started by the pool through runner.py) and its socket. The
+    pool owns the fields it mutates under its lock (``in_flight``, ``last_used``) and the start."""
+
+    def __init__(self, key: Any, checkpoint_dir: str, socket_path: str, log_path: str):
+        self.key = key
+        self.checkpoint_dir = checkpoint_dir
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.proc: Any = None
+        self.in_flight = 0
+        self.last_used = time.monotonic()
+        self.restarts = 0
+        self.ready = False  # answered a ping since it was (re)started
+        self.started_at = 0.0
+        self.start_lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 3) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                lines = [ln.strip() for ln in f.readlines()[-n:] if ln.strip()]
+            return " | ".join(lines)
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 5.0) -> None:
+        proc, self.proc = self.proc, None
+        self.ready = False
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, 15)
+                os.killpg(proc.pid, 18)  # SIGCONT: a stopped (hung) server must be able to act on it
+            except (ProcessLookupError, PermissionError):
+                proc.terminate()
+            try:
+                proc.wait(timeout)
+            except Exception:
+                proc.kill()
+                proc.wait(timeout)
+        try:
+            os.unlink(self.socket_path)
+        except OSError:
+            pass
+
+    # -- the socket protocol -------------------------------------------------------------------------------
+    def connect(self, timeout: float) -> socket.socket:
+        """A new connection to the server. Raises InferenceError."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(self.socket_path)
+        except OSError as e:
+            s.close()
+            raise InferenceError(f"cannot reach the model server: {e}") from e
+        return s
+
+    def op(self, msg: dict, timeout: float) -> dict:
+        """One request-reply operation (ping, stats) on its own connection. Raises InferenceError."""
+        s = self.connect(timeout)
+        try:
+            s.sendall((json.dumps(msg) + "\n").encode())
+            reply = Lines(s).read()
+            if not reply:
+                raise InferenceError("the model server did not answer")
+            return reply
+        except OSError as e:
+            raise InferenceError(f"the model server did not answer: {e}") from e
+        finally:
+            s.close()
+
+    def generate(self, sock: socket.socket, rid: str, mode: str, payload: Any, sampling: dict, *,
+                 read_timeout: float, heartbeat_s: float) -> Iterator[Any]:
+        """Send generation request ``rid`` on ``sock`` (from :meth:`connect`, closed by the caller) and
+        yield str deltas, None after ``heartbeat_s`` of silence, then a Final. Closed early (or failing),
+        it asks the server to cancel the request. Raises InferenceError; OSError when the socket fails."""
+        done = False
+        try:
+            req = {"id": rid, "mode": mode, "sampling": sampling,
+                   ("messages" if mode == "chat" else "prompt"): payload}
+            t0 = time.monotonic()
+            sock.sendall((json.dumps(req) + "\n").encode())
+            lines = Lines(sock)
+            ttft = None
+            last_msg = last_yield = time.monotonic()
+            pending: collections.deque = collections.deque()
+            while True:
+                msg = pending.popleft() if pending else lines.read()
+                now = time.monotonic()
+                if msg is None:
+                    if now - last_msg > read_timeout:
+                        self.stop()  # hung: the next request starts a fresh one
+                        raise InferenceError(f"the model server gave no answer for {read_timeout:.0f} s "
+                                             "and was stopped; try again")
+                    if now - last_yield >= heartbeat_s:
+                        last_yield = now
+                        yield None
+                    continue
+                if msg is False:
+                    raise self.crashed()
+                last_msg = now
+                if msg.get("id") != rid:
+                    continue
+                if "delta" in msg:
+                    if ttft is None:
+                        ttft = now - t0
+                    text = msg["delta"]
+                    if not pending:
+                        # A reader slower than the model (a busy machine, a slow client) gets what has
+                        # piled up as one delta instead of paying per-event costs for each token.
+                        for more in lines.ready():
+                            if not pending and more.get("id") == rid and "delta" in more:
+                                text += more["delta"]
+                            else:
+                                pending.append(more)
+                    last_yield = now
+                    yield text
+                elif msg.get("done"):
+                    done = True
+                    yield Final(msg.get("finish_reason") or "stop", int(msg.get("prompt_tokens") or 0),
+                                int(msg.get("completion_tokens") or 0), ttft, now - t0)
+                    return
+                elif "error" in msg:
+                    done = True
+                    permanent = bool(msg.get("permanent"))
+                    raise InferenceError(str(msg["error"]), permanent=permanent, status=400 if permanent else 503)
+        finally:
+            if not done:  # the caller stopped early (client gone) or we failed: stop generating
+                try:
+                    sock.sendall((json.dumps({"cancel": rid}) + "\n").encode())
+                except OSError:
+                    pass
+
+    def crashed(self) -> InferenceError:
+        """The error for a request whose server went away mid-answer (waits briefly for its exit code)."""
+        proc = self.proc
+        rc = None
+        if proc is not None:
+            try:
+                rc = proc.wait(timeout=1.0)
+            except Exception:
+                rc = proc.poll()
+        what = f"exit code {rc}" if rc is not None else "connection lost"
+        log.warning("model server for model %s stopped mid-request (%s)", self.key, what)
+        return InferenceError(f"the model server stopped unexpectedly ({what}) while answering; "
+                              "it will be restarted on your next request")
+
+
+class Lines:
+    """Newline-framed JSON over a socket, with a short poll so waits can be interleaved with checks."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+
+    def read(self) -> dict | None | bool:
+        """A message; None on timeout; False at end of stream (the server closed or crashed)."""
+        while b"\n" not in self.buf:
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                return None
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def ready(self) -> list[dict]:
+        """Messages that have already arrived, without waiting for more."""
+        try:
+            while True:
+                chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                self.buf += chunk
+                if len(chunk) < 65536:  # drained (or b"" at end of stream: read() reports that)
+                    break
+        except OSError:  # BlockingIOError: nothing waiting; anything worse surfaces in read()
+            pass
+        out = []
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            out.append(json.loads(line))
+        return out
