@@ -23,6 +23,7 @@ BYTES_PER_TOKEN = 3.6
 TIGHT_FRACTION = 0.8  # above this share of the device's memory a run is "tight"
 FALLBACK_FLOPS = {"cpu": 20e9, "mps": 2e12, "cuda": 100e12}  # sustained FLOP/s when nothing is measured
 DEFAULT_VOCAB = 8192
+VAL_FRACTION = 0.05  # trainer/data.py's default validation split
 
 
 def _human(n: float) -> str:
@@ -77,13 +78,16 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
     counts = sizing.param_counts(shape)
     params = counts["total"]
     tokens_per_step = batch * seq_len
+    # Rough until the tokenizer has seen the data; the trainer holds out VAL_FRACTION for validation.
+    est_tokens = int(data_bytes / BYTES_PER_TOKEN) if data_bytes is not None else None
+    train_tokens = int(est_tokens * (1 - VAL_FRACTION)) if est_tokens is not None else None
     if config.get("max_steps"):
-        steps = int(config["max_steps"])
-        tokens = steps * tokens_per_step
+        steps, budget = int(config["max_steps"]), "max_steps"
     else:
-        tokens = sizing.default_training_tokens(params)
-        steps = max(1, math.ceil(tokens / tokens_per_step))
-        tokens = steps * tokens_per_step
+        # The trainer's own rule: ~20 tokens per parameter, but at most a few passes over the data.
+        wanted, budget = sizing.planned_tokens(params, data_tokens=train_tokens)
+        steps = max(1, math.ceil(wanted / tokens_per_step))
+    tokens = steps * tokens_per_step
     fpt = sizing.flops_per_token(shape)
 
     mem = sizing.memory_estimate(shape, batch, device_kind=kind)
@@ -101,18 +105,21 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
     seconds = tokens / tps if tps else None
 
     warnings: list[str] = []
-    data: dict[str, Any] = {"bytes": data_bytes}
-    if data_bytes is not None:
-        est_tokens = int(data_bytes / BYTES_PER_TOKEN)
-        data["est_tokens"] = est_tokens
-        data["epochs"] = round(tokens / est_tokens, 2) if est_tokens else None
-        if est_tokens < tokens_per_step + 1:
+    data: dict[str, Any] = {"bytes": data_bytes, "est_tokens": est_tokens}
+    if train_tokens is not None:
+        data["epochs"] = round(tokens / train_tokens, 2) if train_tokens else None
+        if train_tokens < tokens_per_step + 1:
             warnings.append(f"The data holds about {_human(est_tokens)} tokens, fewer than one batch "
                             f"({_human(tokens_per_step)}): the run would fail. Add data or shrink the batch.")
-        elif est_tokens < tokens / 4:
-            warnings.append(f"The data holds about {_human(est_tokens)} tokens but the run reads "
-                            f"{_human(tokens)}: it would repeat the data {tokens / est_tokens:.0f} times "
-                            f"and memorise it. Choose a smaller depth or add data.")
+        elif budget == "data":
+            ideal = sizing.default_training_tokens(params)
+            warnings.append(f"The data is small for this size: a {_human(params)}-parameter model learns best "
+                            f"from about {_human(ideal)} tokens, but the data holds about "
+                            f"{_human(train_tokens)}, so the run stops after {sizing.DEFAULT_MAX_EPOCHS:g} "
+                            f"passes over it. Add data, or choose a smaller depth.")
+        elif tokens > sizing.DEFAULT_MAX_EPOCHS * train_tokens:
+            warnings.append(f"The run reads the data {tokens / train_tokens:.0f} times: a model repeats "
+                            f"and memorises small data. Lower max steps or add data.")
     if verdict == "wont_fit":
         warnings.append(f"Needs about {need / 2**30:.1f} GiB but the device has {have / 2**30:.1f} GiB: "
                         f"lower the depth or the batch size.")
@@ -130,6 +137,7 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
         "tokens": tokens,
         "tokens_human": _human(tokens),
         "tokens_per_param": round(tokens / params, 2),
+        "budget": budget,
         "memory": {"needed_bytes": need, "device_bytes": have or None, "verdict": verdict, "breakdown": mem},
         "time": {"seconds": seconds, "tokens_per_sec": tps, "source": source},
         "device": device,

@@ -60,7 +60,18 @@ def test_estimate_warns_when_the_model_will_not_fit_or_the_data_is_too_small(app
     e = c.get("/api/estimate?depth=24&dataset=demo").get_json()
     assert e["memory"]["verdict"] == "wont_fit"
     assert any("GiB" in w for w in e["warnings"])
-    assert any("repeat the data" in w for w in e["warnings"])
+    assert any("data is small for this size" in w for w in e["warnings"])
+
+
+def test_the_default_length_follows_the_trainers_data_limited_rule(app, alice):
+    e = client_as(app, alice).get("/api/estimate?depth=4&dataset=demo").get_json()
+    train_tokens = int(sizing.DEMO_CORPUS_BYTES / estimate.BYTES_PER_TOKEN * (1 - estimate.VAL_FRACTION))
+    wanted, budget = sizing.planned_tokens(e["params"], data_tokens=train_tokens)
+    assert budget == e["budget"] == "data"  # 20 tokens/param would read 2 MB a hundred times
+    assert e["steps"] == -(-wanted // e["tokens_per_step"])
+    assert e["data"]["epochs"] == pytest.approx(sizing.DEFAULT_MAX_EPOCHS, rel=0.01)
+    small = client_as(app, alice).get("/api/estimate?depth=4&dataset=demo&max_steps=50").get_json()
+    assert small["budget"] == "max_steps" and small["steps"] == 50
 
 
 @pytest.mark.parametrize("query, message", [
