@@ -81,7 +81,22 @@ def opened_store(settings: Settings) -> Iterator[pw.Database]:
         database.close()
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+class ServeByDefault(click.Group):
+    """``nanochat-studio --port 0 --open`` means ``nanochat-studio serve --port 0 --open``."""
+
+    GROUP_OPTIONS_WITH_VALUES = ("--config", "--home")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        i = 0
+        while i < len(args) and args[i].split("=", 1)[0] in self.GROUP_OPTIONS_WITH_VALUES:
+            i += 1 if "=" in args[i] else 2
+        if i < len(args) and args[i] not in self.commands and args[i] not in ("-h", "--help", "--version"):
+            args = [*args[:i], "serve", *args[i:]]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=ServeByDefault, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), default=None, envvar="NCS_CONFIG",
               help="TOML settings file (keys are the setting names).")
 @click.option("--home", type=click.Path(file_okay=False), default=None,
@@ -129,7 +144,9 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
     handle = start_worker(settings) if settings.worker else None
 
     def stop(*_: Any) -> None:
-        server.close()
+        # Unwinds waitress's loop in the main thread; waitress then lets running requests finish
+        # (closing its sockets from here instead races the request threads still writing).
+        raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
     click.echo(f"nanochat studio {__version__} ({settings.mode} mode, data in {settings.home})")
@@ -138,9 +155,7 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
     if open_browser:
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
     try:
-        server.run()
-    except (KeyboardInterrupt, OSError, ValueError):
-        pass  # Ctrl-C, or the sockets closed by stop()
+        server.run()  # returns after Ctrl-C or SIGTERM, once request threads are done
     finally:
         click.echo("Stopping…")
         stop_worker(handle)

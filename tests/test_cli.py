@@ -37,7 +37,8 @@ def subprocess_env(env):
 
 
 def test_serve_with_port_0_prints_the_real_url_and_answers_healthz(env, home):
-    proc = subprocess.Popen([sys.executable, "-m", "nanochat_studio", "serve", "--port", "0"],
+    # No subcommand: serve is the default, and takes its options directly.
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat_studio", "--port", "0"],
                             env=subprocess_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, seen = None, []
@@ -69,6 +70,19 @@ def test_python_dash_m_and_the_console_script_speak_the_same_cli(env):
                          capture_output=True, text=True, check=True).stdout
     for command in ("serve", "worker", "migrate", "users", "keys", "settings"):
         assert command in out
+
+
+def test_serve_options_work_without_naming_serve(env, tmp_path, monkeypatch):
+    import nanochat_studio.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli.serve, "callback", lambda **kw: seen.update(kw))
+    run(env, "--home", str(tmp_path / "h"), "--port", "0", "--no-worker")
+    assert seen["port"] == 0 and seen["worker"] is False
+    seen.clear()
+    run(env)
+    assert seen["port"] is None  # bare command: serve with the defaults
+    assert "Usage" in run(env, "--help").output and "serve" not in seen
 
 
 def test_a_bad_setting_is_a_clean_message_naming_it(env):
