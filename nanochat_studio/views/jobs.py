@@ -20,6 +20,8 @@ bp = Blueprint("jobs", __name__)
 FORM_INTS = ("depth", "max_steps", "seq_len", "batch_size", "vocab_size", "checkpoint_every", "seed")
 FORM_FLOATS = ("matrix_lr", "embedding_lr", "unembedding_lr")
 ADVANCED = FORM_INTS[1:] + FORM_FLOATS
+# Where the slider starts: a first run that finishes in minutes on the device at hand.
+START_DEPTH = {"cpu": 2, "mps": 4, "cuda": 12}
 
 
 def _settings():
@@ -77,7 +79,9 @@ def config_from_form(form) -> tuple[dict[str, Any], list[str]]:
 @login_required
 def plan():
     settings = _settings()
-    form: dict[str, Any] = {"depth": request.args.get("depth", "4"), "source": "demo"}
+    dev = planning.device(settings)
+    form: dict[str, Any] = {"depth": request.args.get("depth") or START_DEPTH.get(dev["device"], 4),
+                            "source": "demo"}
     errors: list[str] = []
     if request.method == "POST":
         form = request.form.to_dict()
@@ -91,7 +95,6 @@ def plan():
             else:
                 flash(f"Job #{job.id} is queued.", "success")
                 return redirect(url_for("jobs.show", job_id=job.id))
-    dev = planning.device(settings)
     defaults = sizing.device_defaults(dev["device"])
     status = 400 if errors else 200
     return render_template("jobs/plan.html", form=form, errors=errors, device=dev, defaults=defaults,
