@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable
 
 import peewee as pw
 
+from trainer import sizing
+
 from . import datasets
 from .db import database
 from .errors import BadRequest, TooManyRequests
@@ -132,7 +134,10 @@ _INT_KEYS = {
     "batch_size": (1, 65_536),
     "seed": (0, 2**31 - 1),
     "gpus": (1, 64),
+    "vocab_size": (sizing.MIN_VOCAB_SIZE, 1 << 20),
 }
+# Learning rates: > 0 and below what any run could survive (the trainer also stops a diverging run).
+_FLOAT_KEYS = {"matrix_lr": (0.0, 10.0), "embedding_lr": (0.0, 10.0), "unembedding_lr": (0.0, 10.0)}
 _STR_KEYS = {"name": 120}
 _REQUIRED = ("depth", "dataset")
 
@@ -142,9 +147,9 @@ def validate_config(config: Any, user: User, settings: Any) -> dict[str, Any]:
     dataset's own errors come from datasets.validate_spec: 400, 403 for a server path, 404)."""
     if not isinstance(config, dict):
         raise JobConfigError("the job config must be a JSON object")
-    unknown = sorted(set(config) - set(_INT_KEYS) - set(_STR_KEYS) - {"dataset"})
+    unknown = sorted(set(config) - set(_INT_KEYS) - set(_FLOAT_KEYS) - set(_STR_KEYS) - {"dataset"})
     if unknown:
-        allowed = ", ".join(sorted([*_INT_KEYS, *_STR_KEYS, "dataset"]))
+        allowed = ", ".join(sorted([*_INT_KEYS, *_FLOAT_KEYS, *_STR_KEYS, "dataset"]))
         raise JobConfigError(f"unknown config key(s): {', '.join(unknown)} (allowed: {allowed})")
     for key in _REQUIRED:
         if key not in config:
@@ -159,6 +164,13 @@ def validate_config(config: Any, user: User, settings: Any) -> dict[str, Any]:
                 raise JobConfigError(f"'{key}' must be an integer, got {type(value).__name__}")
             if not lo <= value <= hi:
                 raise JobConfigError(f"'{key}' must be between {lo} and {hi}, got {value}")
+        elif key in _FLOAT_KEYS:
+            lo, hi = _FLOAT_KEYS[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise JobConfigError(f"'{key}' must be a number, got {type(value).__name__}")
+            if not (lo < value <= hi) or value != value:
+                raise JobConfigError(f"'{key}' must be above {lo:g} and at most {hi:g}, got {value}")
+            value = float(value)
         else:
             if not isinstance(value, str):
                 raise JobConfigError(f"'{key}' must be a string, got {type(value).__name__}")

@@ -257,3 +257,17 @@ def test_uploading_a_dataset_then_training_on_it(app, alice):
     assert r.status_code == 201
     assert r.get_json()["config"]["dataset"] == ds["spec"]
     assert client_as(app, alice).get("/api/datasets").get_json()["datasets"][0]["id"] == ds["id"]
+
+
+def test_advanced_settings_reach_the_job_config_and_bad_ones_are_refused(app, alice):
+    c = client_as(app, alice)
+    body = {"depth": 2, "dataset": "demo", "matrix_lr": 0.01, "embedding_lr": 0.1, "unembedding_lr": 0.002,
+            "vocab_size": 1024, "seed": 7, "seq_len": 128, "batch_size": 4}
+    r = post_json(c, "/api/jobs", body)
+    assert r.status_code == 201, r.get_json()
+    assert {k: v for k, v in r.get_json()["config"].items() if k != "dataset"} == {k: v for k, v in body.items()
+                                                                                   if k != "dataset"}
+    for bad, message in [({"matrix_lr": -1}, "must be above 0"), ({"matrix_lr": "fast"}, "must be a number"),
+                         ({"embedding_lr": 50}, "at most 10"), ({"vocab_size": 100}, "between")]:
+        r = post_json(c, "/api/jobs", {"depth": 2, "dataset": "demo", **bad})
+        assert r.status_code == 400 and message in r.get_json()["error"]["message"], (bad, r.get_json())
