@@ -42,6 +42,17 @@ def pytest_report_header(config: Any) -> str:
     return f"nanochat-studio store backend: {TEST_DB} (NCS_TEST_DB)"
 
 
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Under NCS_TEST_DB=postgres, leave out the trainer's own tests: they never open the store, so a
+    second pass would only repeat them (CI runs them on the SQLite pass)."""
+    if TEST_DB != "postgres":
+        return
+    kept = [item for item in items if item.get_closest_marker("trainer") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No NCS_* setting of the developer's shell leaks into a test (NCS_TEST_* knobs stay)."""

@@ -13,6 +13,8 @@ import torch
 
 from trainer import checkpoint, optim
 
+pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
+
 REPO = Path(__file__).resolve().parents[1]
 
 

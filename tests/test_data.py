@@ -20,6 +20,8 @@ from trainer import sources
 from trainer.data import DataError, TokenLoader, bits_per_byte, iter_documents, iter_val_batches, prepare_dataset
 from trainer.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
+
 VOCAB = 320  # small: training takes milliseconds
 
 

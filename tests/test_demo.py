@@ -9,6 +9,8 @@ import pytest
 
 from trainer import demo
 
+pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
+
 
 def test_every_generated_sentence_passes_the_checker():
     for story in demo.generate_stories(seed=11, n=150):

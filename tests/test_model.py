@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from trainer import sizing
 from trainer.model import GPT, GPTConfig, KVCache
 
+pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
+
 VOCAB = 300
 
 

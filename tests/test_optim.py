@@ -2,9 +2,13 @@
 
 import copy
 
+import pytest
+
 import torch
 
 from trainer import optim
+
+pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
 
 
 def test_newton_schulz_output_is_near_orthogonal():

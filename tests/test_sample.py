@@ -11,6 +11,8 @@ from trainer import sample, sizing
 from trainer.model import GPT, GPTConfig
 from trainer.sample import Generation, chat, complete, cut_at_stop_text, generate_tokens
 
+pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
+
 REPO = Path(__file__).resolve().parents[1]
 
 

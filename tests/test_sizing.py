@@ -9,6 +9,8 @@ import pytest
 from trainer import sizing
 from trainer.sizing import ModelShape, shape_for
 
+pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
+
 
 def test_depth_sets_width_in_whole_heads():
     s = shape_for(2, 512, 64)

@@ -10,6 +10,8 @@ import pytest
 from trainer import demo
 from trainer.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, choose_vocab_size
 
+pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
+
 MIXED = [
     "Hello, world! It's 2026 and we're testing 12345 numbers.",
     "Café, naïve, résumé, Ångström, Straße.",

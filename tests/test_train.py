@@ -20,6 +20,8 @@ import pytest
 
 from trainer import progress
 
+pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 TINY = ["--depth", "1", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "512", "--device", "cpu",
