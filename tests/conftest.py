@@ -282,3 +282,22 @@ def bob(app: Any) -> Any:
 @pytest.fixture
 def charlie(app: Any) -> Any:
     return make_user("charlie")
+
+
+# -------------------------------------------------------------------------------------------- browser
+
+# Debian's chromium, never a downloaded one; the network flags keep it from calling home (refused here).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium driven by Playwright, shared by a module's tests."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("no /usr/bin/chromium")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -14,19 +14,6 @@ from chat_fixtures import LiveServer, add_model, make_chat_app, scripted_checkpo
 pytestmark = pytest.mark.browser
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HOSTILE = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> & done'
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists("/usr/bin/chromium"):
-        pytest.skip("no /usr/bin/chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import random
 
 import numpy as np
@@ -19,6 +18,8 @@ from trainer import demo
 from trainer import sources
 from trainer.data import DataError, TokenLoader, bits_per_byte, iter_documents, iter_val_batches, prepare_dataset
 from trainer.tokenizer import Tokenizer
+
+from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
 
@@ -342,26 +343,11 @@ def test_bits_per_byte_of_a_uniform_byte_model_is_eight(tmp_path):
 
 # ---- object storage ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def s3():
+@pytest.fixture
+def s3(s3_server):
+    """fsspec options for the session's loopback S3 server (tests/s3server.py)."""
     pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-    try:
-        yield options
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return s3_server.options
 
 
 def test_an_s3_dataset_prepares_like_a_local_one(s3, corpus, tmp_path):

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -19,8 +18,6 @@ from nanochat_studio import accounts, estimate, jobs, planning  # noqa: E402
 from nanochat_studio.db import database  # noqa: E402
 
 pytestmark = pytest.mark.browser
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 class Server:
@@ -49,17 +46,6 @@ class Server:
                 pass
         self.server.close()
         self.thread.join(timeout=5)
-
-
-@pytest.fixture
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists("/usr/bin/chromium"):
-        pytest.skip("no /usr/bin/chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def wait_for(page, expression, timeout=20.0):
