@@ -243,14 +243,21 @@ class Lines:
 
     def ready(self) -> list[dict]:
         """Messages that have already arrived, without waiting for more."""
+        # Non-blocking for real: on a socket with a timeout CPython polls for up to that timeout before
+        # recv, MSG_DONTWAIT or not, so this would wait for the next message (a token late on every
+        # delta) or, when none is coming (the last delta and "done" arrived together), the whole timeout.
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0.0)
         try:
             while True:
-                chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                chunk = self.sock.recv(65536)
                 self.buf += chunk
                 if len(chunk) < 65536:  # drained (or b"" at end of stream: read() reports that)
                     break
         except OSError:  # BlockingIOError: nothing waiting; anything worse surfaces in read()
             pass
+        finally:
+            self.sock.settimeout(timeout)
         out = []
         while b"\n" in self.buf:
             line, self.buf = self.buf.split(b"\n", 1)

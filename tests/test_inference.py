@@ -319,3 +319,27 @@ def test_the_web_process_does_not_import_torch():
 
     code = "import sys, nanochat_studio.inference; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_draining_arrived_lines_never_waits_for_more():
+    # a socket with a timeout (as the pool's are) must not make ready() wait for the next message:
+    # that held every delta back by one token and, when the last delta and "done" came together,
+    # stalled the end of the stream for the whole timeout
+    import socket
+
+    from nanochat_studio.modelclient import Lines
+
+    a, b = socket.socketpair(socket.AF_UNIX)
+    try:
+        a.settimeout(0.5)
+        lines = Lines(a)
+        b.sendall(b'{"delta": "x"}\n{"done": true}\n')
+        assert lines.read() == {"delta": "x"}
+        t0 = time.monotonic()
+        assert lines.ready() == [{"done": True}]
+        assert lines.ready() == []
+        assert time.monotonic() - t0 < 0.1
+        assert a.gettimeout() == 0.5
+    finally:
+        a.close()
+        b.close()
