@@ -158,7 +158,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depth", type=int, default=4, help="model depth (width 64 x depth)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
-    ap.add_argument("--runs", type=int, default=5, help="measured runs per path (after one warm-up)")
+    ap.add_argument("--runs", type=int, default=15, help="measured runs per path (after one warm-up); fewer swing by +-10%% on a shared CPU")
     ap.add_argument("--concurrent", type=int, default=16, help="simultaneous streams to one model")
     args = ap.parse_args()
 
