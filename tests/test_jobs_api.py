@@ -271,3 +271,17 @@ def test_advanced_settings_reach_the_job_config_and_bad_ones_are_refused(app, al
                          ({"embedding_lr": 50}, "at most 10"), ({"vocab_size": 100}, "between")]:
         r = post_json(c, "/api/jobs", {"depth": 2, "dataset": "demo", **bad})
         assert r.status_code == 400 and message in r.get_json()["error"]["message"], (bad, r.get_json())
+
+
+def test_a_long_job_replays_every_event_even_past_one_page(app, alice, monkeypatch):
+    from nanochat_studio.views import api
+
+    monkeypatch.setattr(api, "EVENT_PAGE", 3)  # pages of 3 events: 7 steps take three reads
+    c = client_as(app, alice)
+    job_id = post_json(c, "/api/jobs", {"depth": 1, "dataset": "demo", "max_steps": 7}).get_json()["id"]
+    for step in range(1, 8):
+        jobs.record_event(job_id, "step", {"step": step, "total_steps": 7, "loss": 1.0})
+    jobs.request_cancel(job_id)
+    events = _sse_events(c.get(f"/api/jobs/{job_id}/events").get_data(as_text=True))
+    assert [e["data"]["step"] for e in events if e["event"] == "step"] == list(range(1, 8))
+    assert events[-1]["event"] == "end"

@@ -23,6 +23,7 @@ from ..storage import Storage
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 LOG_TAIL_BYTES = 64 << 10
+EVENT_PAGE = 1000  # events read per query when replaying a stream
 MAX_LIST = 200
 
 
@@ -201,32 +202,36 @@ def job_events(job_id: int):
     after = sse.last_event_id()
     state = {"after": after, "ended": False}
 
-    def frames_for(events) -> list[str]:
+    def drain() -> list[str]:
+        """Frames for every event after the last one sent (read in pages: a long job has thousands)."""
         out = []
-        for ev in events:
-            data = dict(ev.data or {})
-            data.setdefault("time", ev.created_at.replace(tzinfo=dt.timezone.utc).timestamp())
-            if ev.kind == "state":
-                with database.connection_context():
+        while True:
+            page = jobs.events_since(job_id, state["after"], limit=EVENT_PAGE)
+            for ev in page:
+                data = dict(ev.data or {})
+                data.setdefault("time", ev.created_at.replace(tzinfo=dt.timezone.utc).timestamp())
+                if ev.kind == "state":
                     data["job"] = job_json(jobs.get(job_id), settings)
-            out.append(sse.format_event(data, event=ev.kind, id=ev.seq))
-            state["after"] = ev.seq
-        return out
+                out.append(sse.format_event(data, event=ev.kind, id=ev.seq))
+                state["after"] = ev.seq
+            if len(page) < EVENT_PAGE:
+                return out
 
     def first():
         with database.connection_context():
-            frames = frames_for(jobs.events_since(job_id, after))
-            frames.append(sse.format_event(job_json(jobs.get(job_id), settings), event="job"))
-        return frames
+            return [*drain(), sse.format_event(job_json(jobs.get(job_id), settings), event="job")]
 
     def poll():
         if state["ended"]:
             return None
         with database.connection_context():
-            frames = frames_for(jobs.events_since(job_id, state["after"]))
-            if jobs.get(job_id).status in jobs.FINAL and not jobs.events_since(job_id, state["after"]):
+            # The status first: a job's final state is written with its last state event, so once it
+            # reads final, the events drained next are all there will be.
+            status = jobs.get(job_id).status
+            frames = drain()
+            if status in jobs.FINAL:
                 state["ended"] = True
-                frames.append(sse.format_event({"status": jobs.get(job_id).status}, event="end"))
+                frames.append(sse.format_event({"status": status}, event="end"))
         return frames
 
     del job  # the generator below must not hold request-bound objects
