@@ -113,8 +113,14 @@ def own_job(job_id: int) -> TrainingJob:
     return job
 
 
-def own_model(model_id: int) -> Model:
-    model = Model.get_or_none((Model.id == model_id) & (Model.user == current_user.id))
+def own_model(model_id: Any) -> Model:
+    """The signed-in user's model ``model_id`` (an int or a string from a JSON body or query);
+    anyone else's, a missing one or a malformed id all answer 404 alike."""
+    try:
+        mid = int(model_id)
+    except (TypeError, ValueError):
+        raise NotFound(f"no model {model_id!r}") from None
+    model = Model.get_or_none((Model.id == mid) & (Model.user == current_user.id))
     if model is None:
         raise NotFound(f"no model {model_id}")
     return model

@@ -34,6 +34,7 @@ from ..db import database
 from ..errors import BadRequest, Conflict, NotFound, TooManyRequests
 from ..inference import Final, InferenceError, TooBusy, get_pool
 from ..models import ChatMessage, ChatSession, Model, TrainingJob, utcnow
+from .api import own_job, own_model
 
 bp = Blueprint("chat", __name__)
 log = logging.getLogger(__name__)
@@ -114,17 +115,6 @@ def parse_prompt(raw: Any) -> str:
     if len(raw) > MAX_TOTAL_CHARS:
         raise BadRequest(f"prompt is {len(raw)} characters long (at most {MAX_TOTAL_CHARS})", param="prompt")
     return raw
-
-
-def own_model(model_id: Any) -> Model:
-    try:
-        mid = int(model_id)
-    except (TypeError, ValueError):
-        raise NotFound(f"no model {model_id!r}") from None
-    model = Model.get_or_none((Model.id == mid) & (Model.user == current_user.id))
-    if model is None:
-        raise NotFound(f"no model {model_id}")
-    return model
 
 
 def own_session(session_id: Any) -> ChatSession:
@@ -428,17 +418,10 @@ def snapshot_model(job: TrainingJob, settings: Any) -> Model:
     raise Conflict("this job has no finished checkpoint yet; try again after its first checkpoint")
 
 
-def _own_job(job_id: int) -> TrainingJob:
-    job = TrainingJob.get_or_none((TrainingJob.id == job_id) & (TrainingJob.user == current_user.id))
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    return job
-
-
 @bp.post("/api/jobs/<int:job_id>/snapshot")
 @login_required
 def snapshot(job_id: int):
-    model = snapshot_model(_own_job(job_id), current_app.config["NCS_SETTINGS"])
+    model = snapshot_model(own_job(job_id), current_app.config["NCS_SETTINGS"])
     return {"model_id": model.id, "step": model.step, "chat_url": url_for("chat.page", model_id=model.id)}, 201
 
 
@@ -446,5 +429,5 @@ def snapshot(job_id: int):
 @login_required
 def snapshot_and_chat(job_id: int):
     """For a plain form on the job page (CSRF token included): snapshot, then open the chat."""
-    model = snapshot_model(_own_job(job_id), current_app.config["NCS_SETTINGS"])
+    model = snapshot_model(own_job(job_id), current_app.config["NCS_SETTINGS"])
     return redirect(url_for("chat.page", model_id=model.id), code=303)
