@@ -13,8 +13,9 @@ Choices, and why:
 - Grouped-query attention: ``n_kv_head`` may be a divisor of ``n_head``; SDPA's ``enable_gqa`` shares
   each key/value head between ``n_head / n_kv_head`` query heads without copying them.
 - Q, K and V come out of one fused linear (one GEMM instead of three).
-- Eager CPU training computes head, soft-cap and loss together over chunks of rows
-  (:class:`SoftcappedCrossEntropy`), so the (B*T, vocab) logits are never held in memory.
+- Eager float32 CPU training runs the same math through ``trainer/cpu_ops.py``: oneDNN products,
+  norm/rotary/ReLU^2 with lean hand-written backward passes, and head, soft-cap and loss computed
+  together over chunks of rows, so the (B*T, vocab) logits are never held in memory.
 - Full-sequence attention uses ``is_causal=True`` and never builds a mask. With a KV cache, a chunk
   of several tokens after a cached prefix needs an explicit mask: SDPA's causal flag aligns the
   triangle to the top-left corner, which would hide cached keys from the first queries (the bug of
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer import sizing
+from trainer import cpu_ops, sizing
 
 ROTARY_BASE = 10000.0
 ROTARY_HEADROOM = 8  # rotary tables cover 8x the training length before they need to grow
@@ -109,7 +110,7 @@ class KVCache:
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    return cpu_ops.rms_norm(x)  # F.rms_norm over the last dimension, with a leaner CPU backward
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -119,6 +120,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def _norm_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    fused = cpu_ops.norm_rotary(x, cos, sin)  # the same, in one autograd node, on eager CPU
+    return fused if fused is not None else apply_rotary(norm(x), cos, sin)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -126,15 +132,15 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.splits = (q_dim, kv_dim, kv_dim)
-        self.c_qkv = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=False)
-        self.c_proj = nn.Linear(q_dim, config.n_embd, bias=False)
+        self.c_qkv = cpu_ops.Linear(config.n_embd, q_dim + 2 * kv_dim)
+        self.c_proj = cpu_ops.Linear(q_dim, config.n_embd)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_qkv(x).split(self.splits, dim=-1)
-        q = apply_rotary(norm(q.view(B, T, self.n_head, self.head_dim)), cos, sin)
-        k = apply_rotary(norm(k.view(B, T, self.n_kv_head, self.head_dim)), cos, sin)
+        q = _norm_rotary(q.view(B, T, self.n_head, self.head_dim), cos, sin)
+        k = _norm_rotary(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         # (B, H, T, d) views for SDPA; under autocast rms_norm may run in float32, so match v's dtype
         q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
@@ -159,11 +165,11 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = cpu_ops.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = cpu_ops.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(cpu_ops.linear_relu_squared(x, self.c_fc.weight))
 
 
 class Block(nn.Module):
@@ -177,68 +183,13 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
-def _fused_loss_applies(h: torch.Tensor, reduction: str) -> bool:
-    # Eager float32 on CPU only: under torch.compile (and so on CUDA) the compiler fuses the plain
-    # path itself, and "none" needs per-row weights the fused backward does not keep.
-    return (h.device.type == "cpu" and h.dtype == torch.float32 and reduction in ("mean", "sum")
-            and not torch.compiler.is_compiling())
-
-
-class SoftcappedCrossEntropy(torch.autograd.Function):
-    """lm_head + soft-cap + cross-entropy over row chunks, gradients computed in the forward pass.
-
-    Same numbers as the plain path (tests hold them to float32 rounding), but it never holds the
-    (B*T, vocab) logits: each chunk of rows is a few MB, so the element-wise passes (tanh, softmax,
-    the gradient) run in cache instead of streaming 64 MB arrays through memory six times. On this
-    CPU that takes about 40% off the head's share of a training step. Gradients: with z = cap *
-    tanh(l / cap), dL/dl = (softmax(z) - onehot(target)) * (1 - tanh^2), zero for ignored rows.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, cap, reduction, grad_enabled):
-        n, vocab = h.size(0), weight.size(0)
-        chunk = max(16, min(1024, (1 << 20) // vocab))  # ~4 MB of float32 logits per chunk
-        valid = targets != -1
-        safe = targets.clamp(min=0)
-        # grad mode is always off in here; the caller's (grad_enabled) says whether to pay for grads
-        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight) if want_w else None
-        total = h.new_zeros(())
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            hc, tc, vc = h[s:e], safe[s:e, None], valid[s:e]
-            t = torch.mm(hc, weight.t()).div_(cap).tanh_()
-            z = t * cap
-            lse = torch.logsumexp(z, dim=-1)
-            total += ((lse - z.gather(1, tc).squeeze(1)) * vc).sum()
-            if want_h or want_w:
-                p = z.sub_(lse[:, None]).exp_()  # softmax, in z's memory
-                p.scatter_add_(1, tc, torch.full_like(lse[:, None], -1.0))
-                p.mul_(t.square_().neg_().add_(1.0)).mul_(vc[:, None])
-                if want_h:
-                    torch.mm(p, weight, out=grad_h[s:e])
-                if want_w:
-                    grad_w.addmm_(p.t(), hc)
-        scale = 1.0 / valid.sum() if reduction == "mean" else h.new_ones(())  # all ignored: nan, like F
-        ctx.save_for_backward(grad_h, grad_w, scale)
-        return total * scale
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w, scale = ctx.saved_tensors
-        factor = grad_out * scale
-        return (None if grad_h is None else grad_h * factor, None if grad_w is None else grad_w * factor,
-                None, None, None, None)
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = cpu_ops.Linear(config.n_embd, config.vocab_size)
         cos, sin = self._rotary_tables(ROTARY_HEADROOM * config.sequence_len, device=None)
         # not persistent: derived from the config, so checkpoints hold weights only
         self.register_buffer("cos", cos, persistent=False)
@@ -291,8 +242,8 @@ class GPT(nn.Module):
             kv_cache.pos += T
         cap = self.config.softcap
         h = norm(x[:, -1:] if last_only and targets is None else x)
-        if targets is not None and _fused_loss_applies(h, loss_reduction):
-            return SoftcappedCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight,
+        if targets is not None and cpu_ops.fused_loss_applies(h, loss_reduction, cap):
+            return cpu_ops.SoftcappedCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight,
                                                 targets.reshape(-1), cap, loss_reduction, torch.is_grad_enabled())
         logits = self._head(h).float()
         logits = torch.tanh(logits / cap) * cap

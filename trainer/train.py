@@ -105,6 +105,9 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device(kind)
+    if kind == "cpu":
+        from trainer import cpu_ops
+        cpu_ops.keep_freed_memory()  # ~12% of a CPU step went to page faults on freshly mapped tensors
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
     compile_ = (kind == "cuda") if cfg.compile == "auto" else bool(cfg.compile)
