@@ -163,3 +163,23 @@ def test_newton_schulz_falls_back_to_the_iteration_when_eigh_fails(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
     assert torch.equal(optim.newton_schulz(g), iterated)
+
+
+def test_muon_orthogonalizes_matrices_side_by_side_repeatably(monkeypatch):
+    torch.manual_seed(0)
+    jobs = [(torch.randn(*shape), 5) for shape in [(96, 32), (32, 32), (32, 128), (128, 32)] * 2]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the side-by-side path needs two threads (the suite runs with one)
+    try:
+        first = optim._orthogonalize_all(jobs)
+        again = optim._orthogonalize_all(jobs)
+        assert optim._pool[2].submit(torch.get_num_threads).result() == 1  # each worker on one thread
+        assert torch.get_num_threads() == 2  # and the caller keeps its own
+        monkeypatch.setattr(optim, "PARALLEL", False)
+        one_by_one = optim._orthogonalize_all(jobs)
+    finally:
+        torch.set_num_threads(threads)
+    for (d, _), a, b, c in zip(jobs, first, again, one_by_one):
+        assert a.shape == d.shape
+        assert torch.equal(a, b)  # which worker ran which matrix changes nothing
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)  # only the threads' summation order differs

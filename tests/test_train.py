@@ -33,9 +33,11 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def run_trainer(args, out, cache=None, module=("-m", "trainer.train"), timeout=300, python=sys.executable):
+def run_trainer(args, out, cache=None, module=("-m", "trainer.train"), timeout=300, python=sys.executable,
+                threads=1):
     argv = [python, *module, *TINY, "--out", str(out), *(["--cache-dir", str(cache)] if cache else []), *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+    env = dict(ENV, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     return proc.returncode, events_of(proc.stdout), proc.stderr
 
 
@@ -108,6 +110,22 @@ def test_stopping_and_resuming_gives_the_same_losses_as_a_straight_run(tmp_path,
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
     assert abs(straight[-1]["final_loss"] - second[-1]["final_loss"]) <= 1e-6
     assert straight[-1]["final_val_bpb"] == pytest.approx(second[-1]["final_val_bpb"], abs=1e-6)
+
+
+def test_resuming_is_exact_on_two_threads_too(tmp_path, cache):
+    # Two threads take other code paths: multi-threaded products, and Muon's matrices orthogonalised
+    # side by side on single-threaded workers. Those must be just as repeatable.
+    plan = ["--max-steps", "30", "--checkpoint-every", "1000"]
+    code, straight, err = run_trainer(plan, tmp_path / "straight", cache, threads=2)
+    assert code == 0, err
+    code, first, err = run_trainer([*plan, "--stop-at-step", "15"], tmp_path / "resumed", cache, threads=2)
+    assert code == 0, err
+    code, second, err = run_trainer([*plan, "--resume"], tmp_path / "resumed", cache, threads=2)
+    assert code == 0, err
+    a, b = steps_losses(straight), steps_losses(first) | steps_losses(second)
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
 
 
 def test_sigterm_checkpoints_exits_75_and_resume_finishes_exactly(tmp_path, cache, straight):
