@@ -33,8 +33,13 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _calibration_prefix(device_name: str) -> str:
+    # the trainer's speed revision is part of the key: timings of an older trainer are not reused
+    return f"calib:r{sizing.SPEED_REVISION}:{device_name}:"
+
+
 def calibration_key(device_name: str, shape: sizing.ModelShape, batch_size: int) -> str:
-    return f"calib:{device_name}:d{shape.depth}:v{shape.vocab_size}:t{shape.seq_len}:b{batch_size}"
+    return f"{_calibration_prefix(device_name)}d{shape.depth}:v{shape.vocab_size}:t{shape.seq_len}:b{batch_size}"
 
 
 def cached_calibration(device_name: str, shape: sizing.ModelShape, batch_size: int) -> dict | None:
@@ -51,7 +56,7 @@ def store_calibration(device_name: str, shape: sizing.ModelShape, batch_size: in
 def _nearest_rate(device_name: str, flops_per_step: float) -> float | None:
     """FLOP/s achieved by the calibrated shape on this device closest in FLOPs per step."""
     best: tuple[float, float] | None = None
-    for row in AppState.select().where(AppState.key.startswith(f"calib:{device_name}:")):
+    for row in AppState.select().where(AppState.key.startswith(_calibration_prefix(device_name))):
         v = row.value or {}
         rate = v.get("flops_per_sec")
         if not rate or not v.get("flops_per_step"):

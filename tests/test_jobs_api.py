@@ -54,6 +54,19 @@ def test_estimate_prefers_a_cached_calibration(app, alice):
     assert e["time"]["seconds"] == pytest.approx(10 * 8 * 256 / 1000.0)
 
 
+def test_a_calibration_of_an_older_trainer_is_not_reused(app, alice, monkeypatch):
+    c = client_as(app, alice)
+    shape = sizing.shape_for(2, sizing.choose_vocab_size(sizing.DEMO_CORPUS_BYTES), 256)
+    database.connect(reuse_if_open=True)
+    with monkeypatch.context() as m:  # stored by the trainer before the last speed change
+        m.setattr(sizing, "SPEED_REVISION", sizing.SPEED_REVISION - 1)
+        estimate.store_calibration("test cpu", shape, 8, {"tokens_per_sec": 1000.0, "flops_per_sec": 1e10,
+                                                         "flops_per_step": 1e9})
+    e = c.get("/api/estimate?depth=2&dataset=demo&max_steps=10").get_json()
+    assert e["time"]["source"] != "calibrated"
+    assert e["time"]["seconds"] != pytest.approx(10 * 8 * 256 / 1000.0)
+
+
 def test_estimate_warns_when_the_model_will_not_fit_or_the_data_is_too_small(app, alice, monkeypatch):
     monkeypatch.setattr(planning, "_device", {"device": "cpu", "device_name": "tiny", "memory_bytes": 1 << 30})
     c = client_as(app, alice)

@@ -117,6 +117,12 @@ _LOGIT_COPIES_EAGER = 3.0
 _LOGIT_COPIES_COMPILED = 1.5
 
 
+# Bumped whenever a trainer change moves its speed noticeably (kernels, optimizer work): the web
+# app keys its cached timing runs by it, so an upgrade re-times the plan page's estimates instead of
+# quoting the old trainer's speed. 2: trainer/cpu_ops.py and the eigenbasis Muon (CPU ~1.4x faster).
+SPEED_REVISION = 2
+
+
 def memory_estimate(shape: ModelShape, batch_size: int, device_kind: str = "cpu",
                     compiled: bool = False) -> dict:
     """Approximate training memory in bytes: weights, grads, optimizer, activations, total.
