@@ -14,13 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from nanochat_studio import datasets, db, fetch, models
+from nanochat_studio import datasets, fetch
 from nanochat_studio.datasets import DatasetError, QuotaExceeded, resolve_for_training, save_upload, validate_spec
 from nanochat_studio.fetch import NetPolicy, TooLarge, URLRefused
 from nanochat_studio.models import Dataset, TrainingJob, User
 from nanochat_studio.storage import Storage
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 from tests.test_fetch import BODY, https_server, seam, tls_files  # noqa: F401  (fixtures)
+from tests.test_jobs import alice, bob, store  # noqa: F401  (fixtures: a bare store and its users)
 
 TEXT = b"It was the best of times, it was the worst of times.\n" * 40  # 2,120 bytes
 
@@ -30,24 +31,6 @@ def settings(tmp_path):
     return SimpleNamespace(home=str(tmp_path), runs_dir=str(tmp_path / "runs"), storage_url=f"file://{tmp_path}/storage",
                            storage_options={}, upload_max_bytes=10_000, user_quota_bytes=20_000,
                            url_max_bytes=1 << 20, url_timeout_s=5, allow_private_urls=False, allow_server_paths=False)
-
-
-@pytest.fixture
-def store(tmp_path):
-    database = db.open_database(f"sqlite:///{tmp_path}/studio.db")
-    database.create_tables(models.ALL_MODELS)
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def alice(store):
-    return User.create(email="alice@example.com", name="alice")
-
-
-@pytest.fixture
-def bob(store):
-    return User.create(email="bob@example.com", name="bob")
 
 
 @pytest.fixture
