@@ -102,7 +102,7 @@ def plain():
         _state.update(saved)
 
 
-def _applies(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
+def _onednn_applies(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
     return (rows >= MIN_ROWS and a.device.type == "cpu" and a.dtype == torch.float32
             and b.dtype == torch.float32 and not torch.compiler.is_compiling() and enabled())
 
@@ -114,7 +114,7 @@ def mm_nt(a: torch.Tensor, b: torch.Tensor, activation: str = "none") -> torch.T
     """``activation(a @ b.T)`` for 2-D ``a`` (m, k) and ``b`` (n, k); either may be a strided view.
     On oneDNN the activation ("relu" or "sigmoid") is applied as the product is written, which
     saves a pass over the result."""
-    if _applies(a, b, a.size(0)):
+    if _onednn_applies(a, b, a.size(0)):
         return torch.ops.mkldnn._linear_pointwise(a, b, None, activation, [], "")
     out = torch.mm(a, b.t())
     return out if _ACTIVATIONS[activation] is None else _ACTIVATIONS[activation](out)
@@ -141,7 +141,7 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` without a bias, on oneDNN where that is faster (see the module docstring)."""
-    if x.dim() >= 2 and _applies(x, w, x.numel() // max(x.size(-1), 1)):
+    if x.dim() >= 2 and _onednn_applies(x, w, x.numel() // max(x.size(-1), 1)):
         return _Linear.apply(x, w)
     return F.linear(x, w)
 
