@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from . import fetch
+from . import datafacts, fetch
 from .fetch import BadRequest, TooLarge
 from .models import Dataset, TrainingJob, User
 from .storage import Storage, TooLargeError, dataset_prefix
@@ -146,11 +146,15 @@ def save_upload(user: User, filename: str, stream: IO[bytes], settings: Any, *,
         raise
     Dataset.update(storage_key=key, size_bytes=meta["size"], sha256=meta["sha256"]).where(
         Dataset.id == ds.id).execute()
-    return Dataset.get_by_id(ds.id)
+    ds = Dataset.get_by_id(ds.id)
+    # The estimates need the trainer's own view of the data (vocabulary, tokens): a queued task prepares it.
+    datafacts.request_upload(ds, settings)
+    return ds
 
 
 def _forget(ds: Dataset, storage: Storage) -> None:
     storage.delete(dataset_prefix(ds.user_id, ds.id))
+    datafacts.forget_dataset(ds.id)
     ds.delete_instance()
 
 

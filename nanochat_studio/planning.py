@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from trainer import sizing
 
-from . import datasets, estimate, jobs, runner, tasks
+from . import datafacts, datasets, estimate, jobs, runner, tasks
 from .errors import BadRequest, NotFound
 from .models import AppState, Dataset, TrainingJob, User
 
@@ -86,8 +86,11 @@ def estimate_for(args: Mapping[str, Any], user: User, settings: Any, *, calibrat
             config[key] = value
     spec = str(args.get("dataset") or "demo")
     dev = device(settings)
+    size = data_bytes(spec, user)
+    # What the trainer will find in the data (datafacts.py); asks the queue to prepare it when it can.
+    facts = datafacts.for_plan(spec, user, config.get("vocab_size"), settings, request=calibrate)
     try:
-        plan = estimate.estimate(config, dev, data_bytes=data_bytes(spec, user))
+        plan = estimate.estimate(config, dev, data_bytes=size, facts=facts)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     plan["calibrating"] = False
@@ -104,8 +107,9 @@ def submit(user: User, body: dict[str, Any], settings: Any) -> TrainingJob:
     try:
         spec = datasets.describe_spec(job.config.get("dataset"))
         plan = estimate_for({**job.config, "dataset": spec}, user, settings, calibrate=False)
-        TrainingJob.update(estimate={k: plan[k] for k in ("params", "tokens", "steps", "time", "memory")}).where(
-            TrainingJob.id == job.id).execute()
+        shown = ("params", "tokens", "steps", "time", "memory", "vocab_size", "budget", "exact", "data",
+                 "batch_size", "seq_len", "tokens_per_step")
+        TrainingJob.update(estimate={k: plan[k] for k in shown}).where(TrainingJob.id == job.id).execute()
     except (BadRequest, NotFound, ValueError):
         pass  # the estimate is a courtesy; the job itself was valid
     tasks.enqueue_job(job.id, settings)

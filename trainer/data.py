@@ -31,10 +31,11 @@ import numpy as np
 # DataError and iter_documents are part of this module's interface (the trainer and tests import
 # them from here); the readers themselves live in sources.py.
 from trainer.sources import CHUNK_SIZE, DataError, content_hash, iter_documents  # noqa: F401
+from trainer.sources import _format_of, _open_source
 from trainer.tokenizer import Tokenizer, choose_vocab_size
 
 TOKENIZER_SAMPLE_BYTES = 64 << 20  # train the tokenizer on at most this much text
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries are keyed by content and file formats, not by path
 
 
 def _log_stderr(message: str) -> None:
@@ -57,16 +58,23 @@ class PreparedData:
     source: str
     from_cache: bool = False
     n_val_bytes: int = 0
+    raw_bytes: int = 0  # bytes of the source's files as stored (compressed ones included)
 
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def _source_identity(source: str) -> str:
-    if source == "demo" or "://" in source:
+def _source_identity(source: str, storage_options: dict | None) -> str:
+    """What, besides the content hash, decides the documents a source yields: the reader of each file
+    (by extension). Not the path: the same bytes read the same way share one cache entry wherever
+    they lie, so a dataset prepared once (the web app does it when a dataset is added) is found by
+    every later run, even one that reads a fresh copy of the file from its own run directory."""
+    if source == "demo":
         return source
-    return str(Path(source).resolve())
+    _fs, paths = _open_source(source, storage_options)
+    kinds = sorted({kind + (".gz" if gz else "") for kind, gz in map(_format_of, paths)})
+    return "files:" + ",".join(kinds)
 
 
 def _digest(doc: dict) -> str:
@@ -155,7 +163,7 @@ def prepare_dataset(source: str, cache_dir: str | os.PathLike, *, tokenizer: Tok
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     data_sha256, raw_bytes = content_hash(source, storage_options, chunk_size)
-    identity = _source_identity(source)
+    identity = _source_identity(source, storage_options)
     if tokenizer is None and tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists():
         tokenizer = Tokenizer.load(tokenizer_dir)
     if tokenizer is None:
@@ -222,7 +230,7 @@ def prepare_dataset(source: str, cache_dir: str | os.PathLike, *, tokenizer: Tok
                         tokenizer_dir=tok_dir, n_train_tokens=meta["n_train_tokens"],
                         n_val_tokens=meta["n_val_tokens"], dtype=meta["dtype"],
                         data_sha256=data_sha256, n_bytes=meta["n_bytes"], source=source,
-                        from_cache=from_cache, n_val_bytes=meta["n_val_bytes"])
+                        from_cache=from_cache, n_val_bytes=meta["n_val_bytes"], raw_bytes=raw_bytes)
 
 
 def _train_tokenizer(source, storage_options, chunk_size, vocab_size, sample_bytes, log) -> Tokenizer:

@@ -262,17 +262,12 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
         model.param_groups(), shape.n_embd, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
         unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, device_type=kind)
 
-    if cfg.max_steps:
-        total_steps, budget = cfg.max_steps, "max_steps"
-    else:
-        if cfg.target_tokens:
-            target, budget = cfg.target_tokens, "target_tokens"
-        else:
-            target, budget = sizing.planned_tokens(params, cfg.tokens_per_param, prepared.n_train_tokens,
-                                                   cfg.max_epochs)
-            if budget == "data":
-                log(f"data-limited: {cfg.max_epochs:g} epochs of {prepared.n_train_tokens:,} tokens")
-        total_steps = max(1, math.ceil(target / tokens_per_step))
+    # The length rule lives in sizing.run_length, which the web app's estimates call with the same facts.
+    total_steps, budget = sizing.run_length(params, tokens_per_step, prepared.n_train_tokens,
+                                            max_steps=cfg.max_steps, target_tokens=cfg.target_tokens,
+                                            tokens_per_param=cfg.tokens_per_param, max_epochs=cfg.max_epochs)
+    if budget == "data":
+        log(f"data-limited: {cfg.max_epochs:g} epochs of {prepared.n_train_tokens:,} tokens")
     # storage_options may hold cloud credentials: the start event and config.json (which ships with
     # the model) name the keys only.
     redacted = {k: "<redacted>" for k in cfg.storage_options} if cfg.storage_options else cfg.storage_options
@@ -318,7 +313,8 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
          total_tokens=total_steps * tokens_per_step, device=str(rt.device), world_size=rt.world_size,
          resumed_from_step=start_step if resumed_from is not None else None, shape=shape.to_dict(),
          tokens_per_step=tokens_per_step, vocab_size=tokenizer.vocab_size, peak_flops=peak,
-         grad_accum_steps=accum, budget=budget, data_source=prepared.source, data_sha256=prepared.data_sha256)
+         grad_accum_steps=accum, budget=budget, data_source=prepared.source, data_sha256=prepared.data_sha256,
+         n_train_tokens=prepared.n_train_tokens, n_val_tokens=prepared.n_val_tokens, data_bytes=prepared.n_bytes)
     log(f"depth {cfg.depth}: {params:,} params, {total_steps} steps of {batch}x{seq} tokens on "
         f"{rt.device} x{rt.world_size}{' (compiled)' if rt.compile else ''}")
 

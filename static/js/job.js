@@ -79,6 +79,7 @@
   // -- state ----------------------------------------------------------------------------------------
   function showJob(job) {
     if (!job) return;
+    showRunTime(job);
     const badge = $("#status");
     badge.textContent = job.status;
     badge.className = "badge status-" + job.status;
@@ -136,6 +137,28 @@
     $("#no-samples").hidden = true;
   }
 
+  // -- plan and run: the estimate the job was submitted with beside what the trainer decided ------------
+  const ACTUAL = { vocab_size: "vocab_size", params: "params", train_tokens: "n_train_tokens",
+                   steps: "total_steps", tokens: "total_tokens", budget: "budget" };
+  function showActual(key, value) {
+    const row = root.querySelector(`#plan-vs-run tr[data-key="${key}"]`);
+    if (!row || value === undefined || value === null) return;
+    const est = row.querySelector(".est").dataset.value;
+    const cell = row.querySelector(".act");
+    cell.textContent = typeof value === "number" && key !== "seconds" ? value.toLocaleString("en-US")
+      : key === "seconds" ? `${Math.round(value)} s` : String(value);
+    const same = key === "seconds" ? null : String(est) === String(value);
+    row.classList.toggle("differs", same === false);
+    row.classList.toggle("matches", same === true);
+  }
+  function showPlanFromStart(d) {
+    for (const [key, field] of Object.entries(ACTUAL)) showActual(key, d[field]);
+  }
+  function showRunTime(job) {
+    if (job.status !== "completed" || !job.started_at || !job.finished_at) return;
+    showActual("seconds", (Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000);
+  }
+
   const handlers = {
     state(d) {
       addHistory(`${d.from || "–"} → ${d.to}${d.reason ? ": " + d.reason : ""}`, d.time);
@@ -143,6 +166,7 @@
     },
     start(d) {
       if (d.params) setText("#params", fmtNum(d.params, 1));
+      showPlanFromStart(d);
       addHistory(d.resumed_from_step ? `trainer resumed from step ${d.resumed_from_step}` :
                  `trainer started on ${d.device}`, d.time);
     },
