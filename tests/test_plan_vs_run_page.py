@@ -1,0 +1,69 @@
+"""The job page sets the plan a job was submitted with beside the trainer's own, in real Chromium, as soon
+as the trainer's start event arrives; a figure that differs is marked."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_job_page import Server, wait_for  # noqa: E402
+from test_jobs_api import FAKE_DEVICE  # noqa: E402
+
+from nanochat_studio import accounts, estimate, jobs, planning  # noqa: E402
+from nanochat_studio.db import database  # noqa: E402
+from nanochat_studio.models import TrainingJob  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+
+def cells(page) -> dict[str, tuple[str, str, str]]:
+    """{row key: (estimate text, trainer text, class)} of the plan-and-run table."""
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#plan-vs-run tbody tr')].map(
+        tr => [tr.dataset.key, [tr.querySelector('.est').textContent.trim(),
+                                tr.querySelector('.act').textContent.trim(), tr.className]]))""")
+
+
+def test_the_trainers_plan_appears_beside_the_estimate_when_it_starts(app, browser, monkeypatch):
+    monkeypatch.setattr(planning, "_device", dict(FAKE_DEVICE))
+    monkeypatch.setattr(planning, "_calibrator", estimate.Calibrator(lambda shape, batch: None))
+    database.connect(reuse_if_open=True)
+    owner = accounts.solo_owner()
+    job = planning.submit(owner, {"depth": 2, "dataset": "demo"}, app.config["NCS_SETTINGS"])
+    plan = job.estimate
+    assert plan["exact"] and plan["steps"] > 0
+    database.close()
+
+    server = Server(app)
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(f"http://127.0.0.1:{server.port}/jobs/{job.id}")
+        before = cells(page)
+        assert before["params"][0] == f"{plan['params']:,}" and before["steps"][0] == f"{plan['steps']:,}"
+        assert before["params"][1] == "waiting for the trainer…"
+        assert "Exact" in page.text_content("#plan-note")
+
+        with database.connection_context():  # the trainer starts: same plan, but (say) another vocabulary
+            jobs.record_event(job.id, "start", {
+                "config": {}, "params": plan["params"], "flops_per_token": 1, "total_steps": plan["steps"],
+                "total_tokens": plan["tokens"], "device": "cpu", "vocab_size": plan["vocab_size"] + 1,
+                "n_train_tokens": plan["data"]["train_tokens"], "budget": plan["budget"]})
+        wait_for(page, "document.querySelector('#plan-vs-run tr[data-key=params] .act').textContent.includes(',')")
+        after = cells(page)
+        for key in ("params", "steps", "tokens", "train_tokens", "budget"):
+            assert after[key][1] == after[key][0] and "matches" in after[key][2], (key, after[key])
+        assert after["vocab_size"][1] == f"{plan['vocab_size'] + 1:,}" and "differs" in after["vocab_size"][2]
+
+        with database.connection_context():  # it ends: the wall time appears too
+            started = TrainingJob.get_by_id(job.id).created_at
+            TrainingJob.update(status="running", started_at=started).where(TrainingJob.id == job.id).execute()
+            jobs.transition(job.id, jobs.COMPLETED, expect={jobs.RUNNING}, reason="done")
+        wait_for(page, "document.querySelector('#plan-vs-run tr[data-key=seconds] .act').textContent.endsWith(' s')")
+        assert errors == []
+    finally:
+        page.close()
+        server.stop()
