@@ -96,7 +96,8 @@ def estimate_for(args: Mapping[str, Any], user: User, settings: Any, *, calibrat
     plan["calibrating"] = False
     if calibrate and (dev["device"] != "cpu" or plan["params"] <= CALIBRATION_MAX_PARAMS_CPU):
         shape = sizing.shape_for(depth, plan["vocab_size"], plan["seq_len"])
-        if plan["time"]["source"] != "calibrated":
+        # a shape with a guessed vocabulary is not worth timing: wait until the data's facts are in
+        if plan["time"]["source"] != "calibrated" and facts.get("status") != "estimating":
             plan["calibrating"] = calibrator(settings).request(dev["device_name"], shape, plan["batch_size"])
     return plan
 

@@ -202,11 +202,13 @@ def test_flags_override_the_config_file_and_web_app_keys_are_accepted(tmp_path):
 
 
 def test_without_a_length_a_small_corpus_is_read_at_most_four_times(tmp_path, cache):
-    # Depth 2 on the demo corpus: twenty tokens per parameter would read its ~720K tokens ~15 times.
-    from trainer import data
-    n_train = data.prepare_dataset("demo", cache, vocab_size=512).n_train_tokens
+    # Depth 2 on 2 MB of demo stories: twenty tokens per parameter would read its ~450K tokens ~13 times.
+    from trainer import data, demo
+    small = demo.write_corpus(tmp_path / "stories.txt", 2_000_000)
+    n_train = data.prepare_dataset(str(small), cache, vocab_size=512).n_train_tokens
     tokens_per_step = 4 * 32
-    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1"], tmp_path / "capped", cache)
+    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1", "--data", str(small)],
+                                    tmp_path / "capped", cache)
     assert code == 0, err
     start = events[0]
     assert start["budget"] == "data"
@@ -215,7 +217,7 @@ def test_without_a_length_a_small_corpus_is_read_at_most_four_times(tmp_path, ca
     uncapped = math.ceil(20 * start["params"] / tokens_per_step)
     assert start["total_steps"] < uncapped
 
-    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1", "--max-epochs", "0"],
+    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1", "--max-epochs", "0", "--data", str(small)],
                                     tmp_path / "uncapped", cache)
     assert code == 0, err
     assert events[0]["budget"] == "tokens_per_param" and events[0]["total_steps"] == uncapped

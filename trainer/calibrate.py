@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     # timing
     parser.add_argument("--steps", type=int, default=5, help="timed steps, at least")
-    parser.add_argument("--min-seconds", type=float, default=2.0, help="keep timing steps this long (at most 200)")
+    parser.add_argument("--min-seconds", type=float, default=4.0, help="keep timing steps this long (at most 200)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--compile", default="auto", choices=("auto", "true", "false"))

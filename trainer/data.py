@@ -77,6 +77,29 @@ def _source_identity(source: str, storage_options: dict | None) -> str:
     return "files:" + ",".join(kinds)
 
 
+def _hash_source(source: str, storage_options: dict | None, chunk_size: int, cache_dir: Path) -> tuple[str, int]:
+    """content_hash, remembered in the cache for the demo: the corpus is a function of the generator's
+    code, its size and Python's random module, and hashing means generating all 16 MB of it again
+    (seconds, on every run). Files are always hashed: they can change under the same name."""
+    if source != "demo":
+        return content_hash(source, storage_options, chunk_size)
+    from trainer import demo, sources
+
+    key = _digest({"code": hashlib.sha256(Path(demo.__file__).read_bytes()).hexdigest(),
+                   "bytes": sources.DEMO_BYTES, "python": list(sys.version_info[:2])})
+    memo = cache_dir / f"demo-{key}.json"
+    try:
+        got = json.loads(memo.read_text())
+        return str(got["sha256"]), int(got["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    sha, size = content_hash(source, storage_options, chunk_size)
+    tmp = cache_dir / f".demo-{key}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"sha256": sha, "bytes": size}))
+    os.replace(tmp, memo)
+    return sha, size
+
+
 def _digest(doc: dict) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -162,7 +185,7 @@ def prepare_dataset(source: str, cache_dir: str | os.PathLike, *, tokenizer: Tok
         raise ValueError("val_fraction must be in [0, 1)")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    data_sha256, raw_bytes = content_hash(source, storage_options, chunk_size)
+    data_sha256, raw_bytes = _hash_source(source, storage_options, chunk_size, cache_dir)
     identity = _source_identity(source, storage_options)
     if tokenizer is None and tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists():
         tokenizer = Tokenizer.load(tokenizer_dir)

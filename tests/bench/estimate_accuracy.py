@@ -104,6 +104,27 @@ def peak_rss(run_dir: Path) -> int | None:
     return found
 
 
+def measured_parts(run_dir: Path, t0: float, t1: float) -> dict:
+    """Where the trainer's wall time went, from its event times: before the start event (start-up,
+    data, model), steps, evaluations, samples, checkpoints, and after the done event (exit)."""
+    events = []
+    for path in sorted(run_dir.glob("events-*.jsonl")):
+        events += [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    parts = {"startup_and_data": 0.0, "steps": 0.0, "evals": 0.0, "samples": 0.0, "checkpoints": 0.0, "exit": 0.0}
+    previous = t0
+    for e in events:
+        kind = {"eval": "evals", "sample": "samples", "checkpoint": "checkpoints"}.get(e["event"])
+        if e["event"] == "start":
+            parts["startup_and_data"] += e["time"] - previous
+        elif kind:
+            parts[kind] += e["time"] - previous
+        elif e["event"] in ("step", "done"):
+            parts["steps"] += e["time"] - previous
+        previous = e["time"]
+    parts["exit"] = t1 - previous
+    return {k: round(v, 2) for k, v in parts.items()}
+
+
 def error(estimated, measured) -> float | None:
     if estimated is None or not measured:
         return None
@@ -138,7 +159,7 @@ def run_one(client, settings, depth: int, spec: str, label: str, timeout: float)
         # the whole process's peak where the plan has one; before issue 9 it only had the model's share
         "est_peak_rss": memory.get("peak_rss_bytes", memory.get("needed_bytes")), "peak_rss": peak_rss(run_dir),
         "exact_claimed": est.get("exact"), "time_source": (est.get("time") or {}).get("source"),
-        "est_time_parts": (est.get("time") or {}).get("breakdown"),
+        "est_time_parts": (est.get("time") or {}).get("breakdown"), "time_parts": measured_parts(run_dir, t0, t1),
     }
     for key in ("params", "vocab", "steps", "tokens", "seconds", "peak_rss"):
         row[f"err_{key}"] = error(row[f"est_{key}"], row[key])
