@@ -1,10 +1,14 @@
 """What a training run will cost before it starts: size, tokens, steps, memory and wall time.
 
-The numbers come from the trainer's own formulas (``trainer.sizing``, pure Python) and from a short
-calibration run of the real trainer on this machine's device (``python -m trainer.calibrate``, started
-through runner.py and cached per device and shape in AppState). Until a calibration is cached the
-time is extrapolated from the nearest calibrated shape by FLOPs, or from a conservative FLOP rate, and
-the answer says so (``time.source``).
+The numbers come from the trainer's own rules (``trainer.sizing``, pure Python: shapes, parameter
+counts, the run's length and schedule), from what the trainer finds in the data (datafacts.py: its
+tokenizer's vocabulary and the token counts, learnt by preparing the data with the trainer's code),
+and from a short calibration run of the real trainer on this machine's device (``python -m
+trainer.calibrate``, started through runner.py and cached per device and shape in AppState): the time
+of a step and of what a run does besides (start-up, evaluations, samples, checkpoints) and the
+process's peak memory. Until a calibration is cached the time is extrapolated from the nearest
+calibrated shape by FLOPs, or from a conservative FLOP rate, and the answer says so (``time.source``);
+until the data's facts are known the plan says what it assumed (``data.note``, ``exact`` false).
 """
 
 from __future__ import annotations
