@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from nanochat_studio.settings import SettingsError, load_settings
+
 sys.path.insert(0, str(Path(__file__).parent))
 from deploy_tools import (  # noqa: E402
     DOCKERFILES, PKG, REPO, WEB_PORT, WORKER_METRICS_PORT, cli_problems, env_problems, label_values, load_yaml,
@@ -216,8 +218,13 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
-def test_manifests_are_wired_hardened_and_probed():
-    assert k8s_problems(load_yaml(PKG / "k8s" / "studio.yaml")) == []
+def test_manifests_are_wired_hardened_and_probed(tmp_path):
+    docs = load_yaml(PKG / "k8s" / "studio.yaml")
+    assert k8s_problems(docs) == []
+    # The placeholder secret key is one the app refuses: a copy-pasted manifest cannot start with it.
+    (tmp_path / "key").write_text(k8s_doc(docs, "Secret", "nanochat-studio")["stringData"]["secret_key"])
+    with pytest.raises(SettingsError, match="NCS_SECRET_KEY: too short"):
+        load_settings(environ={"NCS_HOME": str(tmp_path), "NCS_SECRET_KEY_FILE": str(tmp_path / "key")})
 
 
 def k8s_doc(docs: list[dict], kind: str, name: str) -> dict:
