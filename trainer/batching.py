@@ -160,7 +160,8 @@ class TorchSequence(Sequence):
 class TorchBackend:
     """A checkpoint loaded once, decoded in batches by ``trainer.engine.Engine``."""
 
-    def __init__(self, checkpoint: str, device: str, max_active: int = 16, prefill_tokens: int = 256):
+    def __init__(self, checkpoint: str, device: str, max_active: int = 16, prefill_tokens: int = 256,
+                 kv_cache_mb: int = 4096):
         import torch
 
         from trainer import sample
@@ -168,7 +169,7 @@ class TorchBackend:
 
         self.torch, self.sample = torch, sample
         self.model, self.tokenizer, meta = sample.load_for_inference(checkpoint, device)
-        self.engine = Engine(self.model, max_slots=max_active)
+        self.engine = Engine(self.model, max_slots=max_active, max_cache_bytes=kv_cache_mb << 20)
         self.window = self.engine.max_len
         self.prefill_tokens = max(1, int(prefill_tokens))
         self.info = {"backend": "torch", "max_active": self.engine.max_slots,
@@ -264,7 +265,7 @@ class TorchBackend:
                 continue
             if s.score:
                 s.emit_echo(s.prompt_text + s.decoder_tail(), s.prompt_entries)
-                s.prompt_entries = []
+                s.prompt_entries, s.score = [], False  # the prompt is scored; decoding goes on as usual
             self._next_token(s, logits)
 
     def release(self, seq: TorchSequence) -> None:

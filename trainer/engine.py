@@ -63,7 +63,7 @@ class Engine:
     thread (the model server's scheduler) drives it."""
 
     def __init__(self, model: GPT, *, max_slots: int = 16, max_len: int | None = None,
-                 initial_slots: int = 4):
+                 initial_slots: int = 4, max_cache_bytes: int | None = None):
         model = getattr(model, "_orig_mod", model)
         c = model.config
         self.config = c
@@ -75,6 +75,8 @@ class Engine:
         self.q_dim, self.kv_dim = self.H * self.d, self.Hkv * self.d
         self._load_weights(model)
         self._rotary(self.max_len)
+        if max_cache_bytes is not None:  # a big model's cache: fewer sequences at once, never an OOM
+            self.max_slots = max(1, min(self.max_slots, int(max_cache_bytes) // self.cache_bytes_per_slot()))
         n = min(self.max_slots, max(1, initial_slots))
         shape = (c.n_layer, n, self.Hkv, self.max_len, self.d)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -155,7 +157,7 @@ class Engine:
         self._free.extend(range(old, n))
 
     def cache_bytes_per_slot(self) -> int:
-        return 2 * self.config.n_layer * self.kv_dim * self.max_len * self.k.element_size()
+        return 2 * self.config.n_layer * self.kv_dim * self.max_len * (2 if self.dtype == torch.bfloat16 else 4)
 
     # --- the forward pass -----------------------------------------------------------------------
     @torch.inference_mode()

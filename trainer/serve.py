@@ -137,14 +137,16 @@ class ScriptedBackend:
         pass
 
 
-def load_backend(checkpoint: str, device: str, max_active: int = 16, prefill_tokens: int = 256):
+def load_backend(checkpoint: str, device: str, max_active: int = 16, prefill_tokens: int = 256,
+                 kv_cache_mb: int = 4096):
     fake = os.path.join(checkpoint, "fake_model.json")
     if os.path.isfile(fake):
         with open(fake, encoding="utf-8") as f:
             return ScriptedBackend(json.load(f))
     from trainer.batching import TorchBackend
 
-    return TorchBackend(checkpoint, device, max_active=max_active, prefill_tokens=prefill_tokens)
+    return TorchBackend(checkpoint, device, max_active=max_active, prefill_tokens=prefill_tokens,
+                        kv_cache_mb=kv_cache_mb)
 
 
 def resolve_device(device: str) -> str:
@@ -409,10 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those")
     p.add_argument("--prefill-tokens", type=int, default=256,
                    help="prompt tokens fed per step over all newcomers (bounds the others' stall)")
+    p.add_argument("--kv-cache-mb", type=int, default=4096,
+                   help="memory for the KV cache; fewer requests run at once when --max-active would not fit")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as OMP_NUM_THREADS says)")
     args = p.parse_args(argv)
-    if args.max_active < 1 or args.max_queue < 0 or args.prefill_tokens < 1:
-        p.error("--max-active and --prefill-tokens must be >= 1, --max-queue >= 0")
+    if args.max_active < 1 or args.max_queue < 0 or args.prefill_tokens < 1 or args.kv_cache_mb < 1:
+        p.error("--max-active, --prefill-tokens and --kv-cache-mb must be >= 1, --max-queue >= 0")
 
     device = resolve_device(args.device)
     if not os.path.isdir(args.checkpoint):
@@ -424,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        backend = load_backend(args.checkpoint, device, args.max_active, args.prefill_tokens)
+        backend = load_backend(args.checkpoint, device, args.max_active, args.prefill_tokens, args.kv_cache_mb)
     except Exception as e:
         log(f"cannot load checkpoint {args.checkpoint}: {e!r}")
         return EXIT_BAD_CHECKPOINT
