@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer import cpu_ops
 from trainer.model import ROTARY_BASE, GPT
 
 _EPS = torch.finfo(torch.float32).eps  # what the model's RMSNorm uses
@@ -101,18 +102,12 @@ class Engine:
         self.wte = w(model.wte.weight)
         self.layers = []
         for block in model.blocks:
-            self.layers.append((
-                w(block.attn.c_qkv.weight.index_select(0, row_perm)),
-                w(block.attn.c_proj.weight),
-                w(block.mlp.c_fc.weight),
-                w(block.mlp.c_proj.weight),
-            ))
+            self.layers.append(tuple(_Weight(w(t)) for t in (
+                block.attn.c_qkv.weight.index_select(0, row_perm), block.attn.c_proj.weight,
+                block.mlp.c_fc.weight, block.mlp.c_proj.weight)))
         self.softcap = float(self.config.softcap)
-        head = model.lm_head.weight.detach().float() / self.softcap
-        # one token's head product is a matrix-vector product, ~4x faster on CPU with the (n_embd, vocab)
-        # layout (see GPT._head); rows of many tokens keep the (vocab, n_embd) one
-        self.head = w(head)
-        self.head_t = w(head.t())
+        # (the head's weights carry 1/softcap: logits = softcap * tanh(h W^T / softcap), one pass fewer)
+        self.head = _Weight(w(model.lm_head.weight.detach().float() / self.softcap))
 
     def _rotary(self, length: int) -> None:
         # the same angles as GPT._rotary_tables, as unit complex numbers: e^{i angle} rotates a pair
@@ -188,7 +183,7 @@ class Engine:
         n = len(tokens)
         x = _norm(F.embedding(idx, self.wte))
         for layer, (w_qkv, w_o, w_fc, w_down) in enumerate(self.layers):
-            qkv = _mm(_norm(x), w_qkv)
+            qkv = w_qkv.mm(_norm(x))
             qk = _norm(qkv[:, : self.q_dim + self.kv_dim].view(n, self.H + self.Hkv, self.d))
             qk = torch.view_as_real(torch.view_as_complex(qk.float().view(n, -1, self.d // 2, 2)) * freqs)
             qk = qk.view(n, self.H + self.Hkv, self.d).to(self.dtype)
@@ -206,9 +201,9 @@ class Engine:
                 parts.append(self._attend_prefill(q[row:row + t], kc, vc, c))
                 row += t
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
-            x = _addmm(x, y, w_o)
-            h = _mm(_norm(x), w_fc)
-            x = _addmm(x, torch.relu_(h).square_(), w_down)
+            x = w_o.addmm(x, y)
+            h = w_fc.mm(_norm(x))
+            x = w_down.addmm(x, torch.relu_(h).square_())
         return self._logits(x, order, chunks)
 
     def _decode_plan(self, decode: list[Chunk]):
@@ -270,8 +265,7 @@ class Engine:
             return [None] * len(chunks)
         h = x if len(rows) == x.size(0) else x.index_select(0, torch.tensor(rows, device=self.device))
         h = _norm(h)
-        # (the head's weights carry 1/softcap already: logits = softcap * tanh(h W^T / softcap))
-        z = h @ self.head_t if h.size(0) <= 8 else _mm(h, self.head)
+        z = self.head.mm(h)
         logits = torch.tanh_(z.float()).mul_(self.softcap)
         out = []
         for c in chunks:
@@ -289,9 +283,28 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=_EPS)
 
 
-def _mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.mm(a, w.t())
+class _Weight:
+    """A (out, in) matrix kept for both kinds of product. One token's product is a matrix-vector
+    product, which torch's CPU kernels run faster from the (in, out) layout (the head: ~4x, see
+    GPT._head; the block matrices less); rows of many tokens go through ``cpu_ops.mm_nt`` (oneDNN on
+    x86 float32, from the (out, in) layout). Two copies of the weights, unless they are large: then
+    only the (in, out) one, for every product."""
 
+    SMALL_ROWS = 8
+    BOTH_LAYOUTS_MAX_BYTES = 256 << 20
 
-def _addmm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.addmm(x, a, w.t())
+    def __init__(self, w: torch.Tensor):
+        self.t = w.t().contiguous()
+        on_cpu = w.device.type == "cpu"
+        self.w = w if on_cpu and w.numel() * w.element_size() <= self.BOTH_LAYOUTS_MAX_BYTES else None
+
+    def mm(self, a: torch.Tensor) -> torch.Tensor:
+        if self.w is None or a.size(0) <= self.SMALL_ROWS:
+            return torch.mm(a, self.t)
+        return cpu_ops.mm_nt(a, self.w)
+
+    def addmm(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x + a @ W^T (the residual add rides on the product)."""
+        if self.w is None or a.size(0) <= self.SMALL_ROWS:
+            return torch.addmm(x, a, self.t)
+        return self.mm(a).add_(x)
