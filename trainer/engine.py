@@ -221,8 +221,9 @@ class Engine:
         limit = torch.zeros(span, dtype=torch.long)
         for c in decode:
             limit[c.slot] = c.start
-        mask = torch.arange(length)[None, :] <= limit[:, None]
-        mask = mask.to(self.device)[:, None, None, :]
+        hidden = torch.arange(length)[None, :] > limit[:, None]
+        mask = torch.zeros(span, length).masked_fill_(hidden, float("-inf"))
+        mask = mask.to(self.device, self.dtype)[:, None, None, :]  # added to (span, kv_head, group, length)
         if dense and all(c.start == length - 1 for c in decode):
             mask = None  # all at the same position: nothing to hide
         rows = None if dense else torch.tensor([c.slot for c in decode], dtype=torch.long, device=self.device)
@@ -230,12 +231,20 @@ class Engine:
 
     def _attend_decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan) -> torch.Tensor:
         span, length, mask, rows = plan
+        k, v = kc[:span, :, :length], vc[:span, :, :length]
+        if span == 1:  # one sequence, nothing to hide: SDPA's kernel is the quickest here
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=self.Hkv != self.H)
+            return y.reshape(1, self.q_dim)
         if rows is not None:  # holes in the slot range: place each row's query at its slot
-            full = q.new_zeros(span, self.H, self.d)
-            q = full.index_copy_(0, rows, q)
-        y = F.scaled_dot_product_attention(q.unsqueeze(2), kc[:span, :, :length], vc[:span, :, :length],
-                                           attn_mask=mask, enable_gqa=self.Hkv != self.H)
-        y = y.reshape(span, self.q_dim)
+            q = q.new_zeros(span, self.H, self.d).index_copy_(0, rows, q)
+        # Several rows: plain products beat SDPA's CPU kernel for one query per row (~1.5x at 16 rows and
+        # 200 keys, measured here). Query heads sharing a key/value head are grouped, so GQA copies nothing.
+        g = self.H // self.Hkv
+        scores = torch.matmul(q.reshape(span, self.Hkv, g, self.d), k.transpose(-1, -2))
+        scores.mul_(self.d ** -0.5)
+        if mask is not None:
+            scores.add_(mask)
+        y = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(span, self.q_dim)
         return y if rows is None else y.index_select(0, rows)
 
     def _attend_prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, c: Chunk) -> torch.Tensor:

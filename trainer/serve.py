@@ -49,7 +49,8 @@ Scheduling: up to --max-active requests are decoded together, every running one 
 token in each step (one batched forward pass, ``trainer/engine.py``): continuous batching, so a
 request joins at the next step and leaves when done, and nobody waits for anybody's whole answer.
 A newcomer's prompt is fed in chunks, at most --prefill-tokens per step over all newcomers (oldest
-first), so others keep decoding meanwhile. More requests wait in a FIFO bounded by --max-queue (past
+first), so others keep decoding meanwhile. With several requests running, each one's text is sent
+at most every --flush-ms (its first text at once): fewer, larger deltas, the same text. More requests wait in a FIFO bounded by --max-queue (past
 it: an error with "permanent": false). The web client keeps its own, tighter bound and answers 429
 before this one bites.
 
@@ -207,14 +208,17 @@ class Request:
     cancelled: bool = False
     seq: Sequence | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
+    held: list = field(default_factory=list)  # output not sent yet: [text, entries] (see Scheduler._flush)
+    sent_at: float = 0.0  # when output was last sent (0: never)
 
 
 class Scheduler:
     """Owns the backend; its :meth:`run` is the one thread that touches the model."""
 
-    def __init__(self, backend, max_active: int, max_queue: int):
+    def __init__(self, backend, max_active: int, max_queue: int, flush_s: float = 0.02):
         self.backend = backend
         self.max_active, self.max_queue = max_active, max_queue
+        self.flush_s = flush_s
         self.cv = threading.Condition()
         self.queue: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
@@ -279,7 +283,7 @@ class Scheduler:
             self.counters["steps"] += 1
             self.counters["batched"] += len(batch)
             for req in list(self.active):
-                self._flush(req)
+                self._flush(req, final=req.seq.done)
                 if req.seq.done:
                     self._finish(req, req.seq.finish_reason)
 
@@ -292,18 +296,35 @@ class Scheduler:
             return
         with self.cv:
             self.active.append(req)
-        self._flush(req)  # an echo without scores is ready before any step
+        self._flush(req, final=True)  # an echo without scores is ready before any step
         if req.seq.done:
             self._finish(req, req.seq.finish_reason)
 
-    def _flush(self, req: Request) -> None:
+    def _flush(self, req: Request, final: bool = False) -> None:
+        """Send what the request's sequence produced. Alone, every token goes out as it is made; with
+        others running, one message per request every ``flush_s`` at most (the first at once): with 16
+        streams a step takes ~2 ms, and a line per token per stream would cost the client (the web
+        process, on the same CPU) more than the decoding."""
         for text, entries, echo in req.seq.take_output():
-            msg: dict = {"id": req.id, "delta": text}
-            if echo:
-                msg["echo"] = True
+            if echo:  # the echoed prompt is its own message, before any generated text
+                msg = {"id": req.id, "delta": text, "echo": True}
+                if entries is not None:
+                    msg["logprobs"] = entries
+                req.conn.send(msg)
+            elif req.held:
+                req.held[0] += text
+                if entries is not None:
+                    req.held[1] = (req.held[1] or []) + entries
+            else:
+                req.held = [text, entries]
+        now = time.monotonic()
+        if req.held and (final or len(self.active) <= 1 or now - req.sent_at >= self.flush_s):
+            text, entries = req.held
+            msg = {"id": req.id, "delta": text}
             if entries is not None:
                 msg["logprobs"] = entries
             req.conn.send(msg)
+            req.held, req.sent_at = [], now
 
     def _finish(self, req: Request, reason: str | None, error: str | None = None, permanent: bool = True) -> None:
         with self.cv:
@@ -411,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those")
     p.add_argument("--prefill-tokens", type=int, default=256,
                    help="prompt tokens fed per step over all newcomers (bounds the others' stall)")
+    p.add_argument("--flush-ms", type=float, default=20.0,
+                   help="with several requests running, send each one's text at most this often (ms)")
     p.add_argument("--kv-cache-mb", type=int, default=4096,
                    help="memory for the KV cache; fewer requests run at once when --max-active would not fit")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as OMP_NUM_THREADS says)")
@@ -435,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"device": device, "checkpoint": args.checkpoint, **backend.info}
     log(f"loaded {args.checkpoint} on {device} in {time.monotonic() - t0:.2f}s")
 
-    sched = Scheduler(backend, args.max_active, args.max_queue)
+    sched = Scheduler(backend, args.max_active, args.max_queue, max(0.0, args.flush_ms) / 1000)
     threading.Thread(target=sched.run, name="scheduler", daemon=True).start()
 
     if os.path.exists(args.socket):
