@@ -115,9 +115,11 @@ def test_the_cache_refuses_overflow_and_a_full_engine_says_so():
         engine.step([Chunk(slot + 1, 0, [1])])
 
 
-def test_the_engine_follows_weight_changes_through_sample():
-    model = random_model(seed=4)
+@pytest.mark.parametrize("trainable", [True, False])
+def test_the_engine_follows_weight_changes_through_sample(trainable):
+    model = random_model(seed=4).requires_grad_(trainable)  # False: a model loaded for inference keeps its engine
     before = list(generate_tokens(model, [1, 2, 3], max_tokens=8, temperature=0))
+    assert ("_sample_engine" in model.__dict__) is not trainable  # a model in training keeps no copy
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)  # a training step in between: the sampler must see new weights
     after = list(generate_tokens(model, [1, 2, 3], max_tokens=8, temperature=0))

@@ -36,7 +36,7 @@ def load_for_inference(checkpoint_dir: str, device: str = "cpu") -> tuple[GPT, A
     from trainer.checkpoint import load_model
 
     model, tokenizer, meta = load_model(checkpoint_dir, device)
-    model.eval()
+    model.eval().requires_grad_(False)  # for inference only: lets _engine_for keep its engine
     return model, tokenizer, meta
 
 
@@ -156,10 +156,13 @@ def _generate_cached(model, ids, max_tokens, temperature, top_k, top_p, gen, sto
 
 
 def _engine_for(model: GPT):
-    """One Engine per model object, kept on it, rebuilt when its weights change (a training loop that
-    samples between steps): the engine holds its own copies of the weights."""
+    """An Engine for ``model``. A model loaded for inference (no parameter wants gradients) keeps one,
+    rebuilt if its weights change; a model being trained (the trainer's sample events) gets a fresh
+    one each time, freed after the generation, so no copy of its weights outlives the sampling."""
     from trainer.engine import Engine
 
+    if any(p.requires_grad for p in model.parameters()):
+        return Engine(model, max_slots=1, initial_slots=1)
     key = tuple((p.data_ptr(), p._version) for p in model.parameters())
     cached = model.__dict__.get("_sample_engine")
     if cached is None or cached[0] != key or cached[1].free_slots() < 1:
