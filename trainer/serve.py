@@ -54,9 +54,9 @@ at most every --flush-ms (its first text at once): fewer, larger deltas, the sam
 it: an error with "permanent": false). The web client keeps its own, tighter bound and answers 429
 before this one bites.
 
-A scripted stand-in: a checkpoint directory holding ``fake_model.json`` ({"text": ..., "delay_s": ...,
-"tokens_per_delta": 1, "load_delay_s": 0}) is served without torch by replaying that text, one
-delta per step. Tests use it to exercise the plumbing (crashes, queues, hostile output) independently
+A scripted stand-in (``trainer/scripted.py``): a checkpoint directory holding ``fake_model.json``
+({"text": ..., "delay_s": ..., "tokens_per_delta": 1, "load_delay_s": 0}) is served without torch by
+replaying that text, one delta per step. Tests use it to exercise the plumbing (crashes, queues, hostile output) independently
 of the network weights.
 """
 
@@ -77,6 +77,11 @@ from typing import Any
 
 from trainer.batching import Sequence, parse_logprobs
 
+# ---------------------------------------------------------------------------------------------------------
+# Backends: trainer.batching.TorchBackend (a checkpoint) or trainer.scripted.ScriptedBackend (fake_model.json);
+# each opens a request as a Sequence and advances all running ones by a step
+
+
 EXIT_BAD_CHECKPOINT = 3  # missing or unreadable checkpoint: restarting will not help
 
 
@@ -84,64 +89,12 @@ def log(msg: str) -> None:
     print(f"[serve {os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The scripted backend: replays fixed text, one delta per step, honouring max_tokens
-
-
-class ScriptedSequence(Sequence):
-    def __init__(self, text: str, step: int, max_tokens: int, prompt_tokens: int, stops: list[str]):
-        super().__init__(stops, max_tokens, None)
-        self.chars = list(text)  # whole characters by construction
-        self.i, self.step = 0, step
-        self.prompt_tokens = prompt_tokens
-
-
-class ScriptedBackend:
-    def __init__(self, spec: dict):
-        self.text = str(spec.get("text", "Hello from the scripted model."))
-        self.delay_s = float(spec.get("delay_s", 0.0))
-        self.tokens_per_delta = max(1, int(spec.get("tokens_per_delta", 1)))
-        self.info = {"backend": "scripted", "chat": True}
-        time.sleep(float(spec.get("load_delay_s", 0.0)))  # stands in for loading big weights
-
-    def capacity(self) -> int:
-        return 1 << 30
-
-    def open(self, mode: str, payload: Any, sampling: dict, *, echo: bool = False,
-             logprobs: int | None = None) -> ScriptedSequence:
-        text = self.text
-        if isinstance(payload, list) and mode == "complete":
-            payload = " ".join(str(t) for t in payload)
-        if "{prompt}" in text:  # lets a test see what reached the model
-            text = text.replace("{prompt}", payload if mode == "complete" else payload[-1]["content"])
-        prompt = payload if mode == "complete" else " ".join(m["content"] for m in payload)
-        stops = sampling.get("stop") or []
-        return ScriptedSequence(text, self.tokens_per_delta, int(sampling.get("max_tokens") or 256),
-                                len(prompt.split()), [stops] if isinstance(stops, str) else list(stops))
-
-    def step(self, seqs: list[ScriptedSequence]) -> None:
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        for s in seqs:
-            if s.i >= len(s.chars):
-                s.finish("stop")
-            elif s.completion_tokens >= s.max_tokens:
-                s.finish("length")
-            else:
-                s.emit("".join(s.chars[s.i:s.i + s.step]))
-                s.i += s.step
-                s.completion_tokens += 1
-                if s.i >= len(s.chars) and not s.done:
-                    s.finish("stop")
-
-    def release(self, seq: ScriptedSequence) -> None:
-        pass
-
-
 def load_backend(checkpoint: str, device: str, max_active: int = 16, prefill_tokens: int = 256,
                  kv_cache_mb: int = 4096):
     fake = os.path.join(checkpoint, "fake_model.json")
     if os.path.isfile(fake):
+        from trainer.scripted import ScriptedBackend
+
         with open(fake, encoding="utf-8") as f:
             return ScriptedBackend(json.load(f))
     from trainer.batching import TorchBackend
