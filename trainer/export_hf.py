@@ -31,17 +31,20 @@ every block and before the head). What differs, and the bridge:
   HF tokenizer, special-token strings ("<|user_start|>") become the special tokens (that is how the chat
   template is tokenized); our own ``encode`` keeps them as plain text.
 
-GGUF (llama.cpp, Ollama): mainline llama.cpp has no ``nanochat`` architecture in its converter
-(``convert_hf_to_gguf.py``) or its C++ model list, as far as we could determine; only forks add one. What
-it would take: a converter class mapping these tensors onto GGUF names and writing the hyper-parameters
-(head count, KV heads, rotary base, epsilon, soft-cap), and in the C++ side a graph builder for the
-architecture: parameter-free RMSNorm (no norm weights; or write all-ones weights), QK-norm applied per
-head after rotary (as Gemma-3/OLMo-2 graphs do), ReLU^2 activation (not one of llama.cpp's built-in FFN
-types for LLaMA-like graphs), the norm right after the token embedding, the final logit soft-cap
-(Gemma-2 has one), and NEOX-style rotary (pairs i, i + d/2) with the sign convention above. The
-tokenizer would go in as a ``gpt2``-style BPE with our pre-tokenizer pattern, which llama.cpp needs
-registered by hash as a known pre-tokenizer. Without that C++ support a GGUF file would not run, so
-this module does not write one.
+GGUF (llama.cpp, Ollama): mainline llama.cpp has no ``nanochat`` architecture, in its converter
+(``convert_hf_to_gguf.py``) or its C++ model list, as far as the material we could search shows; forks
+add one (an ``LLM_ARCH_NANOCHAT`` graph of ~170 lines plus registrations, with GGUFs published from the
+fork), and their notes say the fork's master is otherwise identical to upstream. So a GGUF written here
+would load nowhere mainline, and this module writes none. What it would take, upstream or in a fork:
+- C++: an architecture entry and tensor names, and a graph builder stringing together pieces llama.cpp
+  already has: ``ggml_rms_norm`` without a weight (after the embedding, before attention and MLP, on
+  queries and keys per head, before the head), NEOX rotary (pairs i, i + d/2; that is our own
+  convention, so converting from our checkpoint needs no sign trick, unlike from the HF export above),
+  a sequential (not gated) MLP with the squared-ReLU activation, and the final logit soft-cap (as for
+  Gemma-2); QK-norm may come before or after rotary (a rotation keeps the RMS).
+- Python: a converter class mapping these tensors to GGUF names and writing head counts, rotary base,
+  epsilon and soft-cap; the tokenizer as a ``gpt2``-style BPE with our split pattern, registered as a
+  new pre-tokenizer (llama.cpp recognises pre-tokenizers by the hash of their output on a test text).
 """
 
 from __future__ import annotations
