@@ -30,9 +30,9 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from .modelclient import EXIT_BAD_CHECKPOINT, Final, InferenceError, ModelServer
+from .modelclient import EXIT_BAD_CHECKPOINT, Delta, Final, InferenceError, ModelServer
 
-__all__ = ["MODES", "Final", "InferenceError", "ModelPool", "TooBusy", "get_pool"]
+__all__ = ["MODES", "Delta", "Final", "InferenceError", "ModelPool", "TooBusy", "get_pool"]
 
 log = logging.getLogger(__name__)
 

@@ -343,3 +343,45 @@ def test_draining_arrived_lines_never_waits_for_more():
     finally:
         a.close()
         b.close()
+
+
+def test_logprobs_and_echo_reach_the_pool_client_as_deltas(make_pool, tmp_path):
+    from nanochat_studio.inference import Delta
+
+    pool = make_pool()
+    m = row(1, cached_tiny_checkpoint(tmp_path / "ck"))
+    items = list(pool.stream(m, "complete", "Once upon", {"max_tokens": 6, "temperature": 0, "logprobs": 2,
+                                                          "echo": True}))
+    deltas = [d for d in items if isinstance(d, str)]
+    assert all(isinstance(d, Delta) for d in deltas)
+    echo = [d for d in deltas if d.echo]
+    assert "".join(echo) == "Once upon" and all(e["logprob"] is not None for d in echo for e in d.logprobs)
+    generated = [e for d in deltas if not d.echo for e in d.logprobs]
+    final = items[-1]
+    assert len(generated) == final.completion_tokens == 6  # entries survive the client's coalescing
+    assert all(len(e["top"]) == 2 and e["top"][0][0] == e["token"] for e in generated)  # greedy: the best
+    # without logprobs or echo the stream is plain text, as before
+    plain = [d for d in pool.stream(m, "complete", "Once upon", {"max_tokens": 6, "temperature": 0})
+             if isinstance(d, str)]
+    assert "".join(plain) == "".join(d for d in deltas if not d.echo)
+    assert not any(isinstance(d, Delta) for d in plain)
+
+
+def test_many_concurrent_streams_of_a_real_model_all_finish_with_their_own_text(make_pool, tmp_path):
+    pool = make_pool(max_active=8, queue_limit=8)
+    m = row(1, cached_tiny_checkpoint(tmp_path / "ck"))
+    prompts = ["Once upon a time", "The fox", "A cat sat", "In the morning", "Tom and", "She ran", "Why", "Hi"]
+    alone = [collect(pool.stream(m, "complete", p, {"max_tokens": 16, "temperature": 0}))[0] for p in prompts]
+    got: dict[int, str] = {}
+
+    def run(i):
+        got[i] = collect(pool.stream(m, "complete", prompts[i], {"max_tokens": 16, "temperature": 0}))[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got.get(i) for i in range(len(prompts))] == alone
+    stats = pool.server_stats(m)
+    assert stats["batched"] > stats["steps"]  # requests shared decoding steps
