@@ -40,6 +40,7 @@ from .accounts import (  # noqa: F401 - create_user and solo_owner are the CLI's
 )
 from .errors import Forbidden, Unauthorized
 from .models import ApiKey, User, utcnow
+from .settings import Settings
 
 API_KEY_PREFIX = "ncs_"
 API_KEY_DISPLAY_CHARS = 12  # "ncs_" + 8 random characters: enough to tell keys apart in a list
@@ -50,7 +51,7 @@ _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 @dataclass
 class _AuthState:
-    settings: Any
+    settings: Settings
     oauth: OAuth
     providers: dict[str, str] = field(default_factory=dict)  # name -> label, only those configured
     solo_owner_id: int | None = None
@@ -62,7 +63,7 @@ def _state() -> _AuthState:
 
 # ---------------------------------------------------------------------------------------------- wiring
 
-def init_app(app: Flask, settings: Any) -> None:
+def init_app(app: Flask, settings: Settings) -> None:
     """Install flask-login and the OAuth clients of the configured providers."""
     if settings.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
@@ -82,7 +83,7 @@ def init_app(app: Flask, settings: Any) -> None:
         app.jinja_env.globals["csrf_token"] = generate_csrf
 
 
-def _register_providers(oauth: OAuth, settings: Any) -> dict[str, str]:
+def _register_providers(oauth: OAuth, settings: Settings) -> dict[str, str]:
     """Register only providers with a client id; the others do not exist (no button, 404)."""
     providers: dict[str, str] = {}
     if settings.github_client_id:

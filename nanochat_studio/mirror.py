@@ -9,31 +9,20 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
 
 from .models import TrainingJob
+from .settings import Settings
+from .storage import Storage, user_prefix
 
 log = logging.getLogger(__name__)
-
-
-def artifact_store(settings: Any) -> Any:
-    """The artifact store when settings describe one (storage.py is the only fsspec user), else None."""
-    if not getattr(settings, "storage_url", None) and not getattr(settings, "home", None):
-        return None
-    from .storage import Storage
-
-    return Storage.from_settings(settings)
-
 
 
 class CheckpointMirror:
     """Copies the checkpoints a trainer writes into storage (newest wins, one upload at a time), so a
     worker on another machine can resume the job; restores the newest into a run directory with none.
-    On by default with remote storage (``mirror_checkpoints`` forces it either way)."""
+    On by default with remote storage (the ``mirror_checkpoints`` setting forces it either way)."""
 
-    def __init__(self, store: Any, user_id: int, job_id: int):
-        from .storage import user_prefix
-
+    def __init__(self, store: Storage, user_id: int, job_id: int):
         self.store = store
         self.prefix = f"{user_prefix(user_id)}/runs/{job_id}/checkpoints"
         self._pending: Path | None = None
@@ -42,12 +31,12 @@ class CheckpointMirror:
         self._closing = False
 
     @classmethod
-    def for_job(cls, settings: Any, job: TrainingJob) -> "CheckpointMirror | None":
-        wanted = getattr(settings, "mirror_checkpoints", None)
+    def for_job(cls, settings: Settings, job: TrainingJob) -> "CheckpointMirror | None":
+        wanted = settings.mirror_checkpoints
         if wanted is False:
             return None
-        store = artifact_store(settings)
-        if store is None or (wanted is None and store.is_local):
+        store = Storage.from_settings(settings)
+        if wanted is None and store.is_local:
             return None
         return cls(store, job.user_id, job.id)
 

@@ -15,6 +15,7 @@ from trainer import sizing
 from . import datasets, estimate, jobs, runner, tasks
 from .errors import BadRequest, NotFound
 from .models import AppState, Dataset, TrainingJob, User
+from .settings import Settings
 
 _device_lock = threading.Lock()
 _device: dict[str, Any] | None = None
@@ -24,7 +25,7 @@ ESTIMATE_KEYS = ("max_steps", "seq_len", "batch_size", "vocab_size")
 CALIBRATION_MAX_PARAMS_CPU = 200_000_000  # beyond this a CPU timing run itself takes minutes
 
 
-def device(settings: Any) -> dict[str, Any]:
+def device(settings: Settings) -> dict[str, Any]:
     """{"device", "device_name", "memory_bytes"} of where this machine's jobs train (cached)."""
     global _device
     with _device_lock:
@@ -39,7 +40,7 @@ def device(settings: Any) -> dict[str, Any]:
         return dict(_device)
 
 
-def calibrator(settings: Any) -> estimate.Calibrator:
+def calibrator(settings: Settings) -> estimate.Calibrator:
     global _calibrator
     with _device_lock:
         if _calibrator is None:
@@ -72,7 +73,7 @@ def data_bytes(spec: str, user: User) -> int | None:
     return None
 
 
-def estimate_for(args: Mapping[str, Any], user: User, settings: Any, *, calibrate: bool = True) -> dict:
+def estimate_for(args: Mapping[str, Any], user: User, settings: Settings, *, calibrate: bool = True) -> dict:
     """The plan for the config in ``args`` (query string or JSON), with a background calibration."""
     depth = _int_arg(args, "depth")
     if depth is None:
@@ -98,7 +99,7 @@ def estimate_for(args: Mapping[str, Any], user: User, settings: Any, *, calibrat
     return plan
 
 
-def submit(user: User, body: dict[str, Any], settings: Any) -> TrainingJob:
+def submit(user: User, body: dict[str, Any], settings: Settings) -> TrainingJob:
     """Validate and queue a job (jobs.submit), remember the estimate it was shown, ring the bell."""
     job = jobs.submit(user, body, settings)
     try:

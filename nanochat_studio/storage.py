@@ -30,6 +30,7 @@ from typing import IO, Any, Iterator, Mapping
 import fsspec
 
 from .archive import GzipTar, archive_dirname, inline_member, model_card
+from .settings import Settings
 
 MARKER = "_COMMITTED.json"
 MARKER_FORMAT = "ncs-dir/1"
@@ -118,8 +119,8 @@ class Storage:
         self.cache_dir = Path(cache_dir) if cache_dir else None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Storage":
-        url = settings.storage_url or f"file://{Path(settings.home) / 'storage'}"
+    def from_settings(cls, settings: Settings) -> "Storage":
+        url = settings.storage_url
         cache = Path(settings.home) / "cache" / "storage" / hashlib.sha256(url.encode()).hexdigest()[:12]
         return cls(url, settings.storage_options or {}, cache_dir=cache)
 

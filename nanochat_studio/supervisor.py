@@ -28,9 +28,11 @@ from trainer import progress
 
 from . import datasets, jobs
 from .db import database
-from .mirror import CheckpointMirror, artifact_store
+from .mirror import CheckpointMirror
 from .models import Model, TrainingJob
 from .runner import Slot, acquire_run_lock, signal_group, spawn, trainer_argv, trainer_env
+from .settings import Settings
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +42,14 @@ EventCallback = Callable[[int, int, str, dict], None]  # job_id, seq, kind, data
 # --- where a run lives -----------------------------------------------------------------------------------
 
 
-def run_dir_for(job: TrainingJob, settings: Any) -> Path:
-    return Path(getattr(settings, "runs_dir")) / f"job-{job.id}"
+def run_dir_for(job: TrainingJob, settings: Settings) -> Path:
+    return Path(settings.runs_dir) / f"job-{job.id}"
 
 
-def data_cache_dir(settings: Any) -> Path:
+def data_cache_dir(settings: Settings) -> Path:
     """Tokenized data shared by all runs on this machine: the trainer's cache is content-addressed and
     published by rename, so jobs on the same data skip tokenizing (the demo corpus: ~20 s on 2 cores)."""
-    home = getattr(settings, "home", None)
-    return Path(home) / "cache" / "data" if home else Path(getattr(settings, "runs_dir")) / "_data_cache"
+    return Path(settings.home) / "cache" / "data"
 
 
 
@@ -56,14 +57,14 @@ def data_cache_dir(settings: Any) -> Path:
 
 
 class _Supervisor:
-    def __init__(self, job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None,
+    def __init__(self, job: TrainingJob, slot: Slot, settings: Settings, on_event: EventCallback | None,
                  stop: threading.Event | None):
         self.job, self.slot, self.settings, self.on_event = job, slot, settings, on_event
         self.stop = stop or threading.Event()
         self.attempt = job.attempt
         self.owner = job.lease_owner or jobs.owner_id(slot.name)
-        self.lease_s = float(getattr(settings, "lease_seconds", 30))
-        self.backoff = float(getattr(settings, "retry_backoff_seconds", jobs.DEFAULT_BACKOFF_S))
+        self.lease_s = settings.lease_seconds
+        self.backoff = settings.retry_backoff_seconds
         self.run_dir = run_dir_for(job, settings)
         self.progress: dict[str, Any] = dict(job.progress or {})
         self.facts: dict[str, Any] = {}  # what the Model row needs: params, samples, sha, checkpoint
@@ -214,7 +215,7 @@ class _Supervisor:
                 log.exception("supervising job %s failed; stopping its trainer", job.id)
                 signal_group(proc, signal.SIGTERM)
                 try:
-                    proc.wait(float(getattr(self.settings, "term_grace_seconds", 120)))
+                    proc.wait(self.settings.term_grace_seconds)
                 except subprocess.TimeoutExpired:
                     signal_group(proc, signal.SIGKILL)
                     proc.wait()
@@ -242,7 +243,7 @@ class _Supervisor:
     def _supervise(self, proc: subprocess.Popen, tail: Any) -> tuple[int, str | None]:
         term_reason: str | None = None
         term_at = 0.0
-        grace = float(getattr(self.settings, "term_grace_seconds", 120))
+        grace = self.settings.term_grace_seconds
         next_poll = 0.0
         db_errors = 0
         while True:
@@ -369,9 +370,7 @@ class _Supervisor:
         )
 
     def _publish(self, model: Model) -> None:
-        store = artifact_store(self.settings)
-        if store is None:
-            return
+        store = Storage.from_settings(self.settings)
         try:
             key = store.publish_checkpoint(model.user_id, model.id, model.checkpoint_key)
         except Exception as exc:  # the model stays usable from the run directory on this machine
@@ -383,7 +382,7 @@ class _Supervisor:
         self.emit("publish", {"ok": True, "key": key})
 
 
-def run_training(job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None = None, *,
+def run_training(job: TrainingJob, slot: Slot, settings: Settings, on_event: EventCallback | None = None, *,
                  stop: threading.Event | None = None) -> str | None:
     """Supervise the claimed ``job`` (status preparing, attempt and lease set by ``jobs.claim_next``)
     on ``slot`` until its trainer exits. Call it from the thread that should own the trainer's life.

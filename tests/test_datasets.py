@@ -8,9 +8,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import dataclasses
 import io
 import threading
-from types import SimpleNamespace
 
 import pytest
 
@@ -21,16 +21,15 @@ from nanochat_studio.models import Dataset, TrainingJob, User
 from nanochat_studio.storage import Storage
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 from tests.test_fetch import BODY, https_server, seam, tls_files  # noqa: F401  (fixtures)
-from tests.test_jobs import alice, bob, store  # noqa: F401  (fixtures: a bare store and its users)
+from tests.test_jobs import alice, bob, make_settings, store  # noqa: F401  (fixtures: a bare store and its users)
 
 TEXT = b"It was the best of times, it was the worst of times.\n" * 40  # 2,120 bytes
 
 
 @pytest.fixture
 def settings(tmp_path):
-    return SimpleNamespace(home=str(tmp_path), runs_dir=str(tmp_path / "runs"), storage_url=f"file://{tmp_path}/storage",
-                           storage_options={}, upload_max_bytes=10_000, user_quota_bytes=20_000,
-                           url_max_bytes=1 << 20, url_timeout_s=5, allow_private_urls=False, allow_server_paths=False)
+    return make_settings(tmp_path, upload_max_bytes=10_000, user_quota_bytes=20_000, url_max_bytes=1 << 20,
+                         url_timeout_s=5.0, allow_private_urls=False, allow_server_paths=False)
 
 
 @pytest.fixture
@@ -104,7 +103,7 @@ def test_only_the_owner_deletes_a_dataset(alice, bob, settings, tmp_path):
 
 
 def test_uploads_round_trip_through_s3_storage(alice, settings, s3_server, tmp_path):
-    settings.storage_url, settings.storage_options = s3_server.url("ds-test"), s3_server.options
+    settings = dataclasses.replace(settings, storage_url=s3_server.url("ds-test"), storage_options=s3_server.options)
     ds = save_upload(alice, "s3.txt", io.BytesIO(TEXT), settings)
     data, options = resolve_for_training(job_for(alice, f"ds:{ds.id}"), settings, tmp_path / "run")
     assert (data, options) == (str(tmp_path / "run" / "data" / "s3.txt"), None)
@@ -161,7 +160,7 @@ def test_server_paths_need_the_setting_or_an_admin(alice, admin, settings, tmp_p
     with pytest.raises(datasets.Forbidden):
         validate_spec(str(path), alice, settings)
     assert validate_spec(str(path), admin, settings) == {"kind": "path", "source": str(path)}
-    settings.allow_server_paths = True
+    settings = dataclasses.replace(settings, allow_server_paths=True)
     assert validate_spec(str(path) + "/../corpus.txt", alice, settings)["source"] == str(path)
     with pytest.raises(DatasetError, match="does not exist"):
         validate_spec(str(tmp_path / "nope.txt"), alice, settings)
@@ -185,8 +184,8 @@ def test_resolve_hands_the_trainer_something_it_can_read(alice, bob, settings, t
     path.write_bytes(TEXT)
     with pytest.raises(datasets.Forbidden):  # re-checked at run time, not only at submit
         resolve_for_training(job_for(alice, str(path)), settings)
-    assert resolve_for_training(job_for(alice, str(path)), SimpleNamespace(**{**vars(settings),
-                                "allow_server_paths": True})) == (str(path), None)
+    assert resolve_for_training(job_for(alice, str(path)), dataclasses.replace(settings, allow_server_paths=True)
+                                ) == (str(path), None)
 
 
 def test_an_https_dataset_is_downloaded_once_into_the_run_dir(alice, settings, https_server, tls_files, tmp_path):

@@ -224,10 +224,9 @@ def test_an_archive_of_a_missing_checkpoint_fails_before_the_first_byte(storage)
 
 
 def test_from_settings_defaults_to_home_storage(tmp_path):
-    class S:
-        home, storage_url, storage_options = str(tmp_path), "", {}
+    from nanochat_studio.settings import load_settings
 
-    st = Storage.from_settings(S())
+    st = Storage.from_settings(load_settings(environ={"NCS_HOME": str(tmp_path)}))
     st.put_bytes(b"x", "users/1/a.txt")
     assert (tmp_path / "storage" / "users/1/a.txt").read_bytes() == b"x"
     assert MARKER.endswith(".json")

@@ -146,9 +146,10 @@ def test_the_queue_can_live_in_redis(alice, settings, consumer, tmp_path):
 
 SERVE_LIKE = """
 import json, os, sys
-from tests.test_jobs import StudioSettings, open_store
+from tests.test_jobs import open_store
 from nanochat_studio import tasks
-settings = StudioSettings(**json.loads(os.environ["NCS_TEST_SETTINGS"]))
+from nanochat_studio.settings import Settings
+settings = Settings(**json.loads(os.environ["NCS_TEST_SETTINGS"]))
 open_store(settings.database_url)
 print("consumer running", flush=True)
 tasks.run_worker(settings)

@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-EXIT_BAD_CHECKPOINT = 3  # missing or unreadable checkpoint: restarting will not help
+from trainer.progress import EXIT_BAD_CHECKPOINT
 
 
 def log(msg: str) -> None:

@@ -18,7 +18,9 @@ from ..auth import login_required
 from ..db import database
 from ..errors import BadRequest, Conflict, NotFound
 from ..models import Model, TrainingJob
+from ..settings import Settings
 from ..storage import Storage
+from . import current_settings
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -33,7 +35,7 @@ def _iso(t) -> str | None:
     return t.isoformat() + "Z" if t else None
 
 
-def job_json(job: TrainingJob, settings: Any = None) -> dict[str, Any]:
+def job_json(job: TrainingJob, settings: Settings) -> dict[str, Any]:
     final = job.status in jobs.FINAL
     model = (Model.select().where((Model.job == job) & (Model.is_snapshot == False))  # noqa: E712
              .order_by(Model.id.desc()).first())
@@ -126,10 +128,6 @@ def own_model(model_id: Any) -> Model:
     return model
 
 
-def _settings():
-    return current_app.config["NCS_SETTINGS"]
-
-
 def _json_body() -> dict:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
@@ -142,7 +140,7 @@ def _json_body() -> dict:
 @bp.get("/estimate")
 @login_required
 def estimate():
-    return jsonify(planning.estimate_for(request.args, current_user, _settings()))
+    return jsonify(planning.estimate_for(request.args, current_user, current_settings()))
 
 
 # --- jobs ------------------------------------------------------------------------------------------------
@@ -150,8 +148,8 @@ def estimate():
 @bp.post("/jobs")
 @login_required
 def create_job():
-    job = planning.submit(current_user, _json_body(), _settings())
-    resp = jsonify(job_json(job, _settings()))
+    job = planning.submit(current_user, _json_body(), current_settings())
+    resp = jsonify(job_json(job, current_settings()))
     resp.status_code = 201
     resp.headers["Location"] = url_for("api.get_job", job_id=job.id)
     return resp
@@ -164,13 +162,13 @@ def list_jobs():
     status = request.args.get("status")
     if status:
         rows = rows.where(TrainingJob.status == status)
-    return jsonify({"jobs": [job_json(j, _settings()) for j in rows]})
+    return jsonify({"jobs": [job_json(j, current_settings()) for j in rows]})
 
 
 @bp.get("/jobs/<int:job_id>")
 @login_required
 def get_job(job_id: int):
-    return jsonify(job_json(own_job(job_id), _settings()))
+    return jsonify(job_json(own_job(job_id), current_settings()))
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
@@ -180,7 +178,7 @@ def cancel_job(job_id: int):
     if job.status in jobs.FINAL:
         raise Conflict(f"job {job_id} already {job.status}")
     jobs.request_cancel(job)
-    return jsonify(job_json(jobs.get(job_id), _settings()))
+    return jsonify(job_json(jobs.get(job_id), current_settings()))
 
 
 @bp.get("/jobs/<int:job_id>/log")
@@ -204,7 +202,7 @@ def job_log(job_id: int):
 def job_events(job_id: int):
     """The job's events as SSE, replayed from Last-Event-ID, then live until the job ends."""
     job = own_job(job_id)
-    settings = _settings()
+    settings = current_settings()
     after = sse.last_event_id()
     state = {"after": after, "ended": False}
 
@@ -263,7 +261,7 @@ def get_model(model_id: int):
 @login_required
 def download_model(model_id: int):
     model = own_model(model_id)
-    storage = Storage.from_settings(_settings())
+    storage = Storage.from_settings(current_settings())
     from ..archive import archive_dirname
 
     name = archive_dirname(model) + ".tar.gz"
@@ -287,7 +285,7 @@ def upload_dataset():
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise BadRequest("send the file as multipart/form-data in a field named 'file'")
-    ds = datasets.save_upload(current_user, upload.filename, upload.stream, _settings(),
+    ds = datasets.save_upload(current_user, upload.filename, upload.stream, current_settings(),
                               size_hint=request.content_length)
     resp = jsonify(dataset_json(ds))
     resp.status_code = 201
@@ -303,7 +301,7 @@ def list_datasets():
 @bp.delete("/datasets/<int:dataset_id>")
 @login_required
 def delete_dataset(dataset_id: int):
-    datasets.delete_dataset(current_user, dataset_id, _settings())
+    datasets.delete_dataset(current_user, dataset_id, current_settings())
     return ("", 204)
 
 

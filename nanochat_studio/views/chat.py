@@ -34,6 +34,8 @@ from ..db import database
 from ..errors import BadRequest, Conflict, NotFound, TooManyRequests
 from ..inference import Final, InferenceError, TooBusy, get_pool
 from ..models import ChatMessage, ChatSession, Model, TrainingJob, utcnow
+from ..settings import Settings
+from . import current_settings
 from .api import own_job, own_model
 
 bp = Blueprint("chat", __name__)
@@ -380,7 +382,7 @@ def newest_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def snapshot_model(job: TrainingJob, settings: Any) -> Model:
+def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
     """A read-only copy of ``job``'s newest valid checkpoint as a new Model (is_snapshot=True).
 
     The copy goes into storage (verified against the trainer's manifest), so the trainer pruning its
@@ -421,7 +423,7 @@ def snapshot_model(job: TrainingJob, settings: Any) -> Model:
 @bp.post("/api/jobs/<int:job_id>/snapshot")
 @login_required
 def snapshot(job_id: int):
-    model = snapshot_model(own_job(job_id), current_app.config["NCS_SETTINGS"])
+    model = snapshot_model(own_job(job_id), current_settings())
     return {"model_id": model.id, "step": model.step, "chat_url": url_for("chat.page", model_id=model.id)}, 201
 
 
@@ -429,5 +431,5 @@ def snapshot(job_id: int):
 @login_required
 def snapshot_and_chat(job_id: int):
     """For a plain form on the job page (CSRF token included): snapshot, then open the chat."""
-    model = snapshot_model(own_job(job_id), current_app.config["NCS_SETTINGS"])
+    model = snapshot_model(own_job(job_id), current_settings())
     return redirect(url_for("chat.page", model_id=model.id), code=303)

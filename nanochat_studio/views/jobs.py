@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
 from trainer import sizing
@@ -13,6 +13,7 @@ from .. import datasets, jobs, planning
 from ..auth import login_required
 from ..errors import AppError
 from ..models import Model, TrainingJob
+from . import current_settings
 from .api import job_json, model_json, own_job, own_model
 
 bp = Blueprint("jobs", __name__)
@@ -24,12 +25,8 @@ ADVANCED = FORM_INTS[1:] + FORM_FLOATS
 START_DEPTH = {"cpu": 2, "mps": 4, "cuda": 12}
 
 
-def _settings():
-    return current_app.config["NCS_SETTINGS"]
-
-
 def _allow_server_paths() -> bool:
-    return bool(getattr(_settings(), "allow_server_paths", False)) or bool(current_user.is_admin)
+    return current_settings().allow_server_paths or current_user.is_admin
 
 
 def config_from_form(form) -> tuple[dict[str, Any], list[str]]:
@@ -78,7 +75,7 @@ def config_from_form(form) -> tuple[dict[str, Any], list[str]]:
 @bp.route("/train", methods=["GET", "POST"])
 @login_required
 def plan():
-    settings = _settings()
+    settings = current_settings()
     dev = planning.device(settings)
     form: dict[str, Any] = {"depth": request.args.get("depth") or START_DEPTH.get(dev["device"], 4),
                             "source": "demo"}
@@ -106,14 +103,14 @@ def plan():
 @login_required
 def index():
     rows = TrainingJob.owned_by(current_user).order_by(TrainingJob.id.desc()).limit(100)
-    return render_template("jobs/index.html", jobs=[job_json(j, _settings()) for j in rows])
+    return render_template("jobs/index.html", jobs=[job_json(j, current_settings()) for j in rows])
 
 
 @bp.get("/jobs/<int:job_id>")
 @login_required
 def show(job_id: int):
     job = own_job(job_id)
-    info = job_json(job, _settings())
+    info = job_json(job, current_settings())
     info["final"] = job.status in jobs.FINAL
     shape = sizing.shape_for(job.config["depth"], job.config.get("vocab_size") or 8192,
                              job.config.get("seq_len") or 256)
