@@ -1,6 +1,7 @@
 """The store's tables. Query helpers live here as model methods; state changes of jobs live in jobs.py.
 
-Every table binds to ``db.database`` (a DatabaseProxy) so the same models serve SQLite and PostgreSQL.
+Every table binds to ``database`` (a DatabaseProxy that db.py opens from a URL) so the same models serve
+SQLite and PostgreSQL; this module imports nothing of the appliance.
 Times are UTC, naive (``utcnow``); JSON columns hold dicts.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import peewee as pw
 
-from .db import database
+database = pw.DatabaseProxy()
 
 
 def utcnow() -> dt.datetime:
