@@ -25,9 +25,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # Blueprints by module, registered in this order when the module exists (later ones are added by the
 # engineers who write them: a missing module is skipped, a broken one fails the start).
 BLUEPRINTS = ["views.pages", "views.account", "views.jobs", "views.api", "views.chat", "views.openai"]
-API_PREFIXES = (errors.API_PREFIX, errors.OPENAI_PREFIX)
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 CONTENT_SECURITY_POLICY = "; ".join([
     "default-src 'self'",
@@ -120,7 +118,7 @@ def nav_url(endpoint: str, fallback: str | None = None) -> str | None:
 # ------------------------------------------------------------------------------------------ guards
 
 def allowed_hosts(settings: Settings) -> set[str]:
-    names = set(LOOPBACK_HOSTS)
+    names = set(auth.LOOPBACK_NAMES)
     names.update(h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip())
     if settings.host not in ("0.0.0.0", "::", ""):
         names.add(settings.host.lower())
@@ -190,7 +188,7 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
                              code="bad_host")
         if request.method not in UNSAFE_METHODS:
             return
-        if request.path.startswith(API_PREFIXES):
+        if request.path.startswith(errors.API_PREFIXES):
             _guard_api_write(settings)
         elif app.config.get("WTF_CSRF_ENABLED", True) and not auth.bearer_token():
             csrf.protect()  # every form carries the token; a key-authenticated script needs none

@@ -28,7 +28,6 @@ from flask import Flask, current_app, g, redirect, request, url_for
 from flask_login import LoginManager, current_user, login_user
 
 from .accounts import (  # noqa: F401 - create_user and solo_owner are the CLI's entry points
-    MODES,
     PROVIDER_LABELS,
     AccountError,
     Identity,
@@ -38,15 +37,15 @@ from .accounts import (  # noqa: F401 - create_user and solo_owner are the CLI's
     may_sign_in,
     solo_owner,
 )
-from .errors import Forbidden, Unauthorized
+from .errors import API_PREFIXES, Forbidden, Unauthorized
 from .models import ApiKey, User, utcnow
 from .settings import Settings
 
 API_KEY_PREFIX = "ncs_"
 API_KEY_DISPLAY_CHARS = 12  # "ncs_" + 8 random characters: enough to tell keys apart in a list
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # one write per key per minute, not per request
-API_PREFIXES = ("/api/", "/v1/")  # answered with JSON errors, never a redirect to a page
-_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+# Host names that mean "this machine" (the solo owner's sign-in, and hosts the app always answers to).
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 @dataclass
@@ -65,8 +64,6 @@ def _state() -> _AuthState:
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Install flask-login and the OAuth clients of the configured providers."""
-    if settings.mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
     manager = LoginManager(app)
     manager.user_loader(_load_session_user)
     manager.request_loader(_load_request_user)
@@ -150,7 +147,7 @@ def _load_request_user(req: Any) -> User | None:
 
 
 def _wants_json() -> bool:
-    return request.path.startswith(API_PREFIXES)
+    return request.path.startswith(API_PREFIXES)  # answered with JSON errors, never a redirect to a page
 
 
 def _unauthorized() -> Any:
@@ -238,7 +235,7 @@ def request_is_local() -> bool:
         return False
     host = (request.host or "").lower()
     hostname = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
-    if hostname not in _LOOPBACK_NAMES and not _is_loopback(hostname):
+    if hostname not in LOOPBACK_NAMES and not _is_loopback(hostname):
         return False
     addresses: list[str] = []
     for value in request.headers.getlist("X-Forwarded-For"):

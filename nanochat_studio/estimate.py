@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from trainer import sizing
+from trainer.sizing import VAL_FRACTION
 
 from .models import AppState
 
@@ -23,7 +24,6 @@ BYTES_PER_TOKEN = 3.6
 TIGHT_FRACTION = 0.8  # above this share of the device's memory a run is "tight"
 FALLBACK_FLOPS = {"cpu": 20e9, "mps": 2e12, "cuda": 100e12}  # sustained FLOP/s when nothing is measured
 DEFAULT_VOCAB = 8192
-VAL_FRACTION = 0.05  # trainer/data.py's default validation split
 
 
 def _human(n: float) -> str:

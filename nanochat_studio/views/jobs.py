@@ -116,7 +116,7 @@ def show(job_id: int):
                              job.config.get("seq_len") or 256)
     info["params_human"] = (job.estimate or {}).get("params") or sizing.param_counts(shape)["total"]
     info["params_human"] = _human(info["params_human"])
-    return render_template("jobs/show.html", job=job, info=info)
+    return render_template("jobs/show.html", job=job, info=info, final_states=sorted(jobs.FINAL))
 
 
 @bp.get("/models")

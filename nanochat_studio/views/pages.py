@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, jsonify, render_template
 from flask_login import current_user
 
-from .. import db
+from .. import db, jobs
 from ..models import Model, TrainingJob
 from . import current_settings
 
@@ -22,10 +22,10 @@ def index() -> Any:
     recent_models: list[Model] = []
     counts = {"jobs": 0, "running": 0, "models": 0}
     if current_user.is_authenticated:
-        jobs = TrainingJob.owned_by(current_user)
-        recent_jobs = list(jobs.order_by(TrainingJob.created_at.desc()).limit(RECENT))
-        counts["jobs"] = jobs.count()
-        counts["running"] = jobs.where(TrainingJob.status.in_(["preparing", "running"])).count()
+        mine = TrainingJob.owned_by(current_user)
+        recent_jobs = list(mine.order_by(TrainingJob.created_at.desc()).limit(RECENT))
+        counts["jobs"] = mine.count()
+        counts["running"] = mine.where(TrainingJob.status.in_(sorted(jobs.ACTIVE))).count()
         models = Model.owned_by(current_user).where(Model.is_snapshot == False)  # noqa: E712
         counts["models"] = models.count()
         recent_models = list(models.order_by(Model.created_at.desc()).limit(RECENT))

@@ -9,7 +9,7 @@
   const jobId = root.dataset.jobId;
   const eventsUrl = root.dataset.eventsUrl;
   const logUrl = root.dataset.logUrl;
-  const FINAL = new Set(["completed", "failed", "cancelled"]);
+  const FINAL = new Set(root.dataset.finalStates.split(" "));  // jobs.FINAL, from the server
   const $ = (sel) => root.querySelector(sel);
   const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
 
