@@ -16,6 +16,7 @@ import pytest
 from nanochat_studio import jobs, runner, supervisor
 from nanochat_studio.models import JobEvent, Model, TrainingJob
 from tests.s3server import s3_server  # noqa: F401  (fixture)
+from tests.test_storage import visible
 from tests.test_jobs import alice, settings, store  # noqa: F401  (fixtures)
 
 CPU = runner.Slot("cpu0", "cpu", (), 1)
@@ -318,4 +319,4 @@ def test_checkpoints_are_mirrored_to_s3_by_default_and_restored_elsewhere(alice,
     job, status = claim_and_run(machine_b)
     assert status == "completed" and fake_log(machine_b, job)[0]["resumed_from"] == step
     model = Model.get(Model.job == job)
-    assert store.exists(f"{model.checkpoint_key}/model.bin") and store.list_committed(prefix) == []
+    assert visible(store, f"{model.checkpoint_key}/model.bin") and store.list_committed(prefix) == []
