@@ -4,27 +4,24 @@ guard, security headers and error handlers. No module-level app; the web process
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, current_app, request, url_for
+from flask import Flask, current_app, request
 from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
-from werkzeug.routing import BuildError
 
 from . import __version__, auth, db, errors
 from .errors import BadRequest, Forbidden
 from .settings import Settings
+from .views import account, api, chat, jobs, openai, pages
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# Blueprints by module, registered in this order when the module exists (later ones are added by the
-# engineers who write them: a missing module is skipped, a broken one fails the start).
-BLUEPRINTS = ["views.pages", "views.account", "views.jobs", "views.api", "views.chat", "views.openai"]
+BLUEPRINTS = (pages.bp, account.bp, jobs.bp, api.bp, chat.bp, openai.bp)
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 CONTENT_SECURITY_POLICY = "; ".join([
@@ -87,32 +84,10 @@ def create_app(settings: Settings) -> Flask:
     errors.init_app(app)
     auth.init_app(app, settings)
     _install_request_hooks(app, settings)
-    for name in BLUEPRINTS:
-        module = _optional_module(name)
-        if module is not None:
-            app.register_blueprint(module.bp)
-    app.jinja_env.globals.update(settings=settings, nav_url=nav_url, app_version=__version__)
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
+    app.jinja_env.globals.update(settings=settings, app_version=__version__)
     return app
-
-
-def _optional_module(name: str) -> Any:
-    full = f"{__package__}.{name}"
-    try:
-        return importlib.import_module(full)
-    except ModuleNotFoundError as exc:
-        if exc.name == full:  # not written yet; an import error inside it still fails loudly
-            return None
-        raise
-
-
-def nav_url(endpoint: str, fallback: str | None = None) -> str | None:
-    """``url_for(endpoint)``, or ``fallback`` while the blueprint that owns it does not exist yet."""
-    if endpoint not in current_app.view_functions:
-        return fallback
-    try:
-        return url_for(endpoint)
-    except BuildError:
-        return fallback
 
 
 # ------------------------------------------------------------------------------------------ guards
@@ -213,19 +188,3 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
         return errors.render_error(BadRequest(
             "This form expired or was not sent from this site. Reload the page and try again.",
             code="csrf_failed"))
-
-
-# ------------------------------------------------------------------------------ the in-process worker
-
-def start_worker(settings: Settings) -> Any:
-    """Start the queue consumer inside this process (``serve``); None while tasks.py does not exist."""
-    tasks = _optional_module("tasks")
-    if tasks is None:
-        log.warning("no queue consumer: nanochat_studio.tasks is not installed")
-        return None
-    return tasks.start_consumer(settings)
-
-
-def stop_worker(handle: Any) -> None:
-    if handle is not None:
-        importlib.import_module(f"{__package__}.tasks").stop_consumer(handle)

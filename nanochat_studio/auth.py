@@ -74,10 +74,6 @@ def init_app(app: Flask, settings: Settings) -> None:
     app.jinja_env.globals.update(
         auth_mode=settings.mode, oauth_providers=state.providers, request_is_local=request_is_local
     )
-    if "csrf_token" not in app.jinja_env.globals:  # the frame's CSRFProtect normally provides it
-        from flask_wtf.csrf import generate_csrf
-
-        app.jinja_env.globals["csrf_token"] = generate_csrf
 
 
 def _register_providers(oauth: OAuth, settings: Settings) -> dict[str, str]:

@@ -101,10 +101,7 @@ def model_json(model: Model) -> dict[str, Any]:
     }
 
 
-def _chat_url(model: Model) -> str | None:
-    """The chat page of ``model``, once the chat blueprint is installed."""
-    if "chat.page" not in current_app.view_functions:
-        return None
+def _chat_url(model: Model) -> str:
     return url_for("chat.page", model_id=model.id)
 
 
