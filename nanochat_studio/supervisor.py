@@ -5,8 +5,8 @@ same run can never start while the first lives), prepares the data and the job's
 trainer through ``runner.spawn`` (runner.py stays the only code that spawns processes), tails the
 trainer's JSON-lines event file into JobEvents and progress, renews the lease, honours cancel and
 shutdown with SIGTERM (the trainer checkpoints and exits 75), maps the exit code to the job's outcome
-with ``trainer.progress.outcome_of_exit``, and creates and publishes the Model a finished run leaves.
-Checkpoints are mirrored to storage by mirror.py.
+with ``trainer.progress.outcome_of_exit``, and has the Model a finished run leaves created and published
+(checkpoints.py owns how a checkpoint becomes a Model, and mirrors checkpoints to storage).
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ import peewee as pw
 from trainer import progress
 
 from . import datasets, jobs
+from .checkpoints import CheckpointMirror, create_run_model, final_checkpoint, publish_model, run_dir_for
 from .db import database
-from .mirror import CheckpointMirror
 from .models import Model, TrainingJob
 from .runner import Slot, acquire_run_lock, signal_group, spawn, trainer_argv, trainer_env
 from .settings import Settings
-from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,6 @@ EventCallback = Callable[[int, int, str, dict], None]  # job_id, seq, kind, data
 
 
 # --- where a run lives -----------------------------------------------------------------------------------
-
-
-def run_dir_for(job: TrainingJob, settings: Settings) -> Path:
-    return Path(settings.runs_dir) / f"job-{job.id}"
 
 
 def data_cache_dir(settings: Settings) -> Path:
@@ -338,47 +333,21 @@ class _Supervisor:
         return status
 
     def _checkpoint_dir(self) -> Path | None:
-        path = self.facts.get("checkpoint")
-        if path:
-            p = Path(path) if os.path.isabs(path) else self.run_dir / path
-            if (p / "manifest.json").exists():
-                return p
-        found = sorted(self.run_dir.glob("checkpoints/step_*/manifest.json"))
-        return found[-1].parent if found else None
+        return final_checkpoint(self.run_dir, self.facts.get("checkpoint"))
 
     def _create_model(self, cancelled: bool) -> Model:
-        # The row first points at the run directory; _publish moves it to storage once uploaded, so
-        # the (possibly slow) upload happens outside the transaction that ends the job.
-        job = TrainingJob.get_by_id(self.job.id)
         ckpt = self._checkpoint_dir()
         assert ckpt is not None
-        done = self.facts.get("done") or {}
-        start = self.facts.get("start") or {}
-        step = done.get("step", self.progress.get("checkpoint_step") or self.progress.get("step") or 0)
-        tok = ckpt / "tokenizer"
-        name = job.name or f"job {job.id}"
-        return Model.create(
-            user=job.user_id, job=job.id, name=name + (f" (cancelled at step {step})" if cancelled else ""),
-            step=step or 0, checkpoint_key=str(ckpt), tokenizer_key=str(tok if tok.exists() else ckpt),
-            params=int(self.facts.get("params") or 0), config=start.get("config") or job.config,
-            metrics={"final_loss": done.get("final_loss", self.progress.get("loss")),
-                     "final_val_bpb": done.get("final_val_bpb", self.progress.get("val_bpb")),
-                     "steps": step, "elapsed_s": done.get("elapsed_s")},
-            samples=self.facts.get("samples") or [], data_source=datasets.describe_spec(job.config.get("dataset")),
-            data_sha256=str(self.facts.get("data_sha256") or start.get("data_sha256") or ""),
-            size_bytes=sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()),
-        )
+        return create_run_model(TrainingJob.get_by_id(self.job.id), ckpt, facts=self.facts, progress=self.progress,
+                                cancelled=cancelled)
 
     def _publish(self, model: Model) -> None:
-        store = Storage.from_settings(self.settings)
         try:
-            key = store.publish_checkpoint(model.user_id, model.id, model.checkpoint_key)
+            key = publish_model(model, self.settings)
         except Exception as exc:  # the model stays usable from the run directory on this machine
             log.exception("publishing the checkpoint of job %s failed", self.job.id)
             self.emit("publish", {"ok": False, "error": str(exc)})
             return
-        tokenizer = f"{key}/tokenizer" if model.tokenizer_key.endswith("/tokenizer") else key
-        Model.update(checkpoint_key=key, tokenizer_key=tokenizer).where(Model.id == model.id).execute()
         self.emit("publish", {"ok": True, "key": key})
 
 

@@ -17,12 +17,9 @@ Bad input answers 400 with the reason before any stream starts; a model with too
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 from flask import Blueprint, current_app, redirect, render_template, request, url_for
@@ -30,11 +27,11 @@ from flask_login import current_user
 
 from .. import sse
 from ..auth import login_required
+from ..checkpoints import snapshot_model
 from ..db import database
 from ..errors import BadRequest, Conflict, NotFound, TooManyRequests
 from ..inference import Final, InferenceError, TooBusy, get_pool
-from ..models import ChatMessage, ChatSession, Model, TrainingJob, utcnow
-from ..settings import Settings
+from ..models import ChatMessage, ChatSession, Model, utcnow
 from . import current_settings
 from .api import own_job, own_model
 
@@ -371,53 +368,6 @@ def delete_session(session_id: int):
 
 
 # --- snapshots of a running job ------------------------------------------------------------------------
-
-
-def newest_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoint directories (manifest.json written, it is written last), newest first."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "manifest.json").is_file()]
-    return sorted(found, key=lambda p: p.name, reverse=True)
-
-
-def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
-    """A read-only copy of ``job``'s newest valid checkpoint as a new Model (is_snapshot=True).
-
-    The copy goes into storage (verified against the trainer's manifest), so the trainer pruning its
-    own checkpoints afterwards does not touch it. Raises Conflict when no checkpoint is ready yet.
-    """
-    from ..storage import Storage, StorageError
-    from ..supervisor import run_dir_for
-
-    run_dir = Path(job.output_path) if job.output_path and os.path.isdir(job.output_path) else run_dir_for(job, settings)
-    store = Storage.from_settings(settings)
-    for ckpt in newest_checkpoints(run_dir):
-        try:
-            manifest = json.loads((ckpt / "manifest.json").read_text())
-            step = int(manifest.get("step") or ckpt.name.split("_", 1)[1])
-        except (OSError, ValueError):
-            continue
-        config = {}
-        try:
-            config = json.loads((ckpt / "config.json").read_text())
-        except (OSError, ValueError):
-            pass
-        model = Model.create(user=job.user_id, job=job.id, name=f"{job.name or f'job {job.id}'} @ step {step}",
-                             step=step, is_snapshot=True, checkpoint_key="", tokenizer_key="",
-                             config=config.get("train") or job.config, metrics={"snapshot_of_step": step})
-        try:
-            key = store.publish_checkpoint(job.user_id, model.id, ckpt)
-        except (StorageError, OSError):
-            # pruned or replaced while we copied: try the next older one
-            model.delete_instance()
-            continue
-        size = sum(info.get("size", 0) for info in manifest.get("files", {}).values())
-        Model.update(checkpoint_key=key, tokenizer_key=f"{key}/tokenizer", size_bytes=size).where(
-            Model.id == model.id).execute()
-        return Model.get_by_id(model.id)
-    raise Conflict("this job has no finished checkpoint yet; try again after its first checkpoint")
 
 
 @bp.post("/api/jobs/<int:job_id>/snapshot")
