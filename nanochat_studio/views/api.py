@@ -16,11 +16,11 @@ from flask_login import current_user
 from .. import datasets, jobs, planning, sse
 from ..auth import login_required
 from ..db import database
-from ..errors import BadRequest, Conflict, NotFound
+from ..errors import BadRequest, Conflict
 from ..models import Model, TrainingJob
 from ..settings import Settings
 from ..storage import Storage
-from . import current_settings
+from . import current_settings, own
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -105,26 +105,6 @@ def _chat_url(model: Model) -> str:
     return url_for("chat.page", model_id=model.id)
 
 
-def own_job(job_id: int) -> TrainingJob:
-    job = TrainingJob.get_or_none((TrainingJob.id == job_id) & (TrainingJob.user == current_user.id))
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    return job
-
-
-def own_model(model_id: Any) -> Model:
-    """The signed-in user's model ``model_id`` (an int or a string from a JSON body or query);
-    anyone else's, a missing one or a malformed id all answer 404 alike."""
-    try:
-        mid = int(model_id)
-    except (TypeError, ValueError):
-        raise NotFound(f"no model {model_id!r}") from None
-    model = Model.get_or_none((Model.id == mid) & (Model.user == current_user.id))
-    if model is None:
-        raise NotFound(f"no model {model_id}")
-    return model
-
-
 def _json_body() -> dict:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
@@ -165,13 +145,13 @@ def list_jobs():
 @bp.get("/jobs/<int:job_id>")
 @login_required
 def get_job(job_id: int):
-    return jsonify(job_json(own_job(job_id), current_settings()))
+    return jsonify(job_json(own(TrainingJob, job_id), current_settings()))
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
 @login_required
 def cancel_job(job_id: int):
-    job = own_job(job_id)
+    job = own(TrainingJob, job_id)
     if job.status in jobs.FINAL:
         raise Conflict(f"job {job_id} already {job.status}")
     jobs.request_cancel(job)
@@ -181,7 +161,7 @@ def cancel_job(job_id: int):
 @bp.get("/jobs/<int:job_id>/log")
 @login_required
 def job_log(job_id: int):
-    job = own_job(job_id)
+    job = own(TrainingJob, job_id)
     text = ""
     if job.log_path and os.path.exists(job.log_path):
         with open(job.log_path, "rb") as fh:
@@ -198,7 +178,7 @@ def job_log(job_id: int):
 @login_required
 def job_events(job_id: int):
     """The job's events as SSE, replayed from Last-Event-ID, then live until the job ends."""
-    job = own_job(job_id)
+    job = own(TrainingJob, job_id)
     settings = current_settings()
     after = sse.last_event_id()
     state = {"after": after, "ended": False}
@@ -251,13 +231,13 @@ def list_models():
 @bp.get("/models/<int:model_id>")
 @login_required
 def get_model(model_id: int):
-    return jsonify(model_json(own_model(model_id)))
+    return jsonify(model_json(own(Model, model_id)))
 
 
 @bp.get("/models/<int:model_id>/download")
 @login_required
 def download_model(model_id: int):
-    model = own_model(model_id)
+    model = own(Model, model_id)
     storage = Storage.from_settings(current_settings())
     from ..archive import archive_dirname
 
@@ -302,4 +282,4 @@ def delete_dataset(dataset_id: int):
     return ("", 204)
 
 
-__all__ = ["bp", "job_json", "model_json", "own_job", "own_model"]
+__all__ = ["bp", "job_json", "model_json"]

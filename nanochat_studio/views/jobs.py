@@ -13,8 +13,8 @@ from .. import datasets, jobs, planning
 from ..auth import login_required
 from ..errors import AppError
 from ..models import Model, TrainingJob
-from . import current_settings
-from .api import job_json, model_json, own_job, own_model
+from . import current_settings, own
+from .api import job_json, model_json
 
 bp = Blueprint("jobs", __name__)
 
@@ -109,7 +109,7 @@ def index():
 @bp.get("/jobs/<int:job_id>")
 @login_required
 def show(job_id: int):
-    job = own_job(job_id)
+    job = own(TrainingJob, job_id)
     info = job_json(job, current_settings())
     info["final"] = job.status in jobs.FINAL
     shape = sizing.shape_for(job.config["depth"], job.config.get("vocab_size") or 8192,
@@ -129,7 +129,7 @@ def models():
 @bp.get("/models/<int:model_id>")
 @login_required
 def model_page(model_id: int):
-    return render_template("models/show.html", model=model_json(own_model(model_id)))
+    return render_template("models/show.html", model=model_json(own(Model, model_id)))
 
 
 def _human(n: float) -> str:
