@@ -127,8 +127,9 @@ def get(job_id: int) -> TrainingJob:
 
 # --- submission --------------------------------------------------------------------------------------
 
-# key -> (type, minimum, maximum); the names are the trainer's config names.
-_INT_KEYS = {
+# key -> (minimum, maximum) of the integer settings of a job config (the trainer's config names); estimates
+# are asked within the same bounds.
+INT_BOUNDS = {
     "depth": (1, 32),
     "max_steps": (1, 10_000_000),
     "checkpoint_every": (1, 10_000_000),
@@ -149,9 +150,9 @@ def validate_config(config: Any, user: User, settings: Settings) -> dict[str, An
     dataset's own errors come from datasets.validate_spec: 400, 403 for a server path, 404)."""
     if not isinstance(config, dict):
         raise JobConfigError("the job config must be a JSON object")
-    unknown = sorted(set(config) - set(_INT_KEYS) - set(_FLOAT_KEYS) - set(_STR_KEYS) - {"dataset"})
+    unknown = sorted(set(config) - set(INT_BOUNDS) - set(_FLOAT_KEYS) - set(_STR_KEYS) - {"dataset"})
     if unknown:
-        allowed = ", ".join(sorted([*_INT_KEYS, *_FLOAT_KEYS, *_STR_KEYS, "dataset"]))
+        allowed = ", ".join(sorted([*INT_BOUNDS, *_FLOAT_KEYS, *_STR_KEYS, "dataset"]))
         raise JobConfigError(f"unknown config key(s): {', '.join(unknown)} (allowed: {allowed})")
     for key in _REQUIRED:
         if key not in config:
@@ -160,8 +161,8 @@ def validate_config(config: Any, user: User, settings: Settings) -> dict[str, An
     for key, value in config.items():
         if key == "dataset":
             continue
-        if key in _INT_KEYS:
-            lo, hi = _INT_KEYS[key]
+        if key in INT_BOUNDS:
+            lo, hi = INT_BOUNDS[key]
             if isinstance(value, bool) or not isinstance(value, int):
                 raise JobConfigError(f"'{key}' must be an integer, got {type(value).__name__}")
             if not lo <= value <= hi:

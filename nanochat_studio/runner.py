@@ -172,12 +172,13 @@ def probe_device(settings: Settings) -> dict:
     return run_helper(settings, "trainer.calibrate", ["--probe"], event="calibration", timeout=120)
 
 
-def calibrate(settings: Settings, shape: ModelShape, batch_size: int, *, timeout: float = 600) -> dict:
-    """Time a few real training steps at ``shape`` (trainer.sizing.ModelShape) on this machine's first
-    slot: the calibration event's fields (tokens_per_sec, step_s, ...). Raises SpawnError."""
+def calibrate(settings: Settings, shape: ModelShape, batch_size: int, *, timeout: float = 600,
+              slot: Slot | None = None) -> dict:
+    """Time a few real training steps at ``shape`` (trainer.sizing.ModelShape) on ``slot`` (default: this
+    machine's first): the calibration event's fields (tokens_per_sec, step_s, ...). Raises SpawnError."""
     args = ["--depth", str(shape.depth), "--vocab-size", str(shape.vocab_size), "--seq-len", str(shape.seq_len),
             "--batch-size", str(batch_size)]
-    return run_helper(settings, "trainer.calibrate", args, event="calibration", timeout=timeout)
+    return run_helper(settings, "trainer.calibrate", args, event="calibration", timeout=timeout, slot=slot)
 
 
 # --- the run directory's lock --------------------------------------------------------------------------

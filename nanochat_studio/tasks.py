@@ -8,7 +8,8 @@ supervises it on a free local slot. A ticker thread per consumer reconciles lost
 message surviving.
 
 ``serve`` calls :func:`start_consumer` / :func:`stop_consumer`; ``worker`` calls :func:`run_worker`.
-The API calls :func:`enqueue_job` after ``jobs.submit``.
+The API calls :func:`enqueue_job` after ``jobs.submit``. Estimates time their shapes with
+:func:`calibrate_on_a_slot`, on a slot taken from the same pool as jobs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import threading
 import peewee as pw
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
+
+from trainer.sizing import ModelShape
 
 from . import jobs, runner, supervisor
 from .db import database
@@ -166,6 +169,25 @@ def run_next_job(job_id: int | None = None) -> str | None:
     if not local.stop.is_set():
         ring_if_ready(settings)  # the slots are free again: start whatever waits
     return status
+
+
+def calibrate_on_a_slot(settings: Settings, shape: ModelShape, batch_size: int) -> dict | None:
+    """Time ``shape`` (runner.calibrate) on a free slot of this process, taken like a job takes one, so a
+    timing run never competes with a training run outside the slot accounting. None, at once, when this
+    process runs no consumer or every slot is busy. Raises runner.SpawnError."""
+    local = _local
+    if local is None:
+        return None
+    with local.lock:
+        if not local.free or local.stop.is_set():
+            return None
+        slot = local.free.pop(0)
+    try:
+        return runner.calibrate(settings, shape, batch_size, slot=slot)
+    finally:
+        local.give(slot)
+        if not local.stop.is_set():
+            ring_if_ready(settings)  # a job that arrived meanwhile waited for this slot
 
 
 def enqueue_job(job_id: int, settings: Settings | None = None) -> bool:

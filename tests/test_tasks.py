@@ -314,6 +314,47 @@ def test_it_resumes_after_the_real_serve_is_killed_with_sigkill(tmp_path):
     assert max(r["t"] for r in log if r["pid"] == begins[0]["pid"]) < begins[1]["t"]  # one trainer at a time
 
 
+# --- timing runs for estimates -----------------------------------------------------------------------------
+
+def test_a_calibration_takes_a_free_worker_slot_and_never_runs_beside_a_job(alice, settings, consumer, monkeypatch):
+    # runner.calibrate is replaced by a stand-in that holds its slot until released: this checks the slot
+    # accounting only (test_runner.py times a real shape).
+    from nanochat_studio import runner
+    from trainer import sizing
+
+    shape = sizing.shape_for(1, 512, 32)
+    assert tasks.calibrate_on_a_slot(settings, shape, 2) is None  # no consumer in this process: no slot
+    timing, release, seen = threading.Event(), threading.Event(), {}
+
+    def fake_calibrate(settings, shape, batch_size, *, slot=None, timeout=600):
+        seen["slot"] = slot
+        timing.set()
+        release.wait(30)
+        return {"tokens_per_sec": 1000.0}
+
+    monkeypatch.setattr(runner, "calibrate", fake_calibrate)
+    consumer()
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=tasks.calibrate_on_a_slot(settings, shape, 2)))
+    thread.start()
+    assert timing.wait(10) and seen["slot"].name == "cpu0"
+    job = submit(alice, settings)  # the one CPU slot is timing a shape: the job waits for it
+    time.sleep(0.5)
+    assert status_of(job) == "queued" and not fake_log(settings, job)
+    release.set()
+    thread.join(10)
+    assert box["result"] == {"tokens_per_sec": 1000.0}
+    wait_for(lambda: status_of(job) == "completed")  # the slot came back and the bell rang
+    hold = threading.Event()
+    monkeypatch.setattr(tasks.supervisor, "run_training", lambda job, slot, settings, stop=None: hold.wait(30))
+    busy = submit(alice, settings)
+    wait_for(lambda: status_of(busy) == "preparing")
+    try:
+        assert tasks.calibrate_on_a_slot(settings, shape, 2) is None  # a job holds the slot: no timing run
+    finally:
+        hold.set()
+
+
 # --- GPU slots -----------------------------------------------------------------------------------------
 
 def test_each_gpu_is_a_slot_with_its_own_cuda_visible_devices(alice, bob, settings, consumer, monkeypatch):

@@ -1,7 +1,7 @@
 """One blueprint per noun (pages, account, jobs, api, chat, openai); ``create_app`` registers them.
 
-A view reads the app's settings with :func:`current_settings` and the signed-in user's rows with
-:func:`own`.
+A view reads the app's settings with :func:`current_settings`, its device and calibrations with
+:func:`current_calibrator`, and the signed-in user's rows with :func:`own`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from flask import current_app
 from flask_login import current_user
 
 from ..errors import NotFound
+from ..estimate import Calibrator
 from ..models import ChatSession, Model, TrainingJob
 from ..settings import Settings
 
@@ -21,6 +22,11 @@ T = TypeVar("T")
 def current_settings() -> Settings:
     """The settings this app was created with."""
     return current_app.config["NCS_SETTINGS"]
+
+
+def current_calibrator() -> Calibrator:
+    """The app's device probe and calibrator (create_app makes it)."""
+    return current_app.extensions["ncs_calibrator"]
 
 
 # What a row is called in a 404 (another user's id answers exactly like a missing one).

@@ -13,14 +13,14 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request, stream_with_context, url_for
 from flask_login import current_user
 
-from .. import datasets, jobs, planning, sse
+from .. import datasets, estimate, jobs, sse, tasks
 from ..auth import login_required
 from ..db import database
 from ..errors import BadRequest, Conflict
 from ..models import Model, TrainingJob
 from ..settings import Settings
 from ..storage import Storage
-from . import current_settings, own
+from . import current_calibrator, current_settings, own
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -114,18 +114,28 @@ def _json_body() -> dict:
 
 # --- estimate ------------------------------------------------------------------------------------------
 
-@bp.get("/estimate")
+@bp.get("/estimate", endpoint="estimate")
 @login_required
-def estimate():
-    return jsonify(planning.estimate_for(request.args, current_user, current_settings()))
+def get_estimate():
+    return jsonify(estimate.estimate_for(request.args, current_user, current_calibrator()))
 
 
 # --- jobs ------------------------------------------------------------------------------------------------
 
+def submit_job(body: Any) -> TrainingJob:
+    """Queue the signed-in user's job (jobs.submit validates it), keep the estimate it was planned with,
+    and ring the queue's bell. Raises what jobs.submit raises."""
+    settings = current_settings()
+    job = jobs.submit(current_user, body, settings)
+    estimate.record_for_job(job, current_calibrator())
+    tasks.enqueue_job(job.id, settings)
+    return jobs.get(job.id)
+
+
 @bp.post("/jobs")
 @login_required
 def create_job():
-    job = planning.submit(current_user, _json_body(), current_settings())
+    job = submit_job(_json_body())
     resp = jsonify(job_json(job, current_settings()))
     resp.status_code = 201
     resp.headers["Location"] = url_for("api.get_job", job_id=job.id)
@@ -282,4 +292,4 @@ def delete_dataset(dataset_id: int):
     return ("", 204)
 
 
-__all__ = ["bp", "job_json", "model_json"]
+__all__ = ["bp", "job_json", "model_json", "submit_job"]

@@ -9,12 +9,12 @@ from flask_login import current_user
 
 from trainer import sizing
 
-from .. import datasets, jobs, planning
+from .. import datasets, jobs
 from ..auth import login_required
 from ..errors import AppError
 from ..models import Model, TrainingJob
-from . import current_settings, own
-from .api import job_json, model_json
+from . import current_calibrator, current_settings, own
+from .api import job_json, model_json, submit_job
 
 bp = Blueprint("jobs", __name__)
 
@@ -75,8 +75,7 @@ def config_from_form(form) -> tuple[dict[str, Any], list[str]]:
 @bp.route("/train", methods=["GET", "POST"])
 @login_required
 def plan():
-    settings = current_settings()
-    dev = planning.device(settings)
+    dev = current_calibrator().device()
     form: dict[str, Any] = {"depth": request.args.get("depth") or START_DEPTH.get(dev["device"], 4),
                             "source": "demo"}
     errors: list[str] = []
@@ -86,7 +85,7 @@ def plan():
         config, errors = config_from_form(request.form)
         if not errors:
             try:
-                job = planning.submit(current_user, config, settings)
+                job = submit_job(config)
             except (AppError, ValueError) as exc:
                 errors.append(str(getattr(exc, "message", None) or exc))
             else:
