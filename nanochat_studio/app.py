@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from flask import Flask, current_app, request
 from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
 
-from . import __version__, auth, db, errors, estimate, runner, tasks
+from . import __version__, auth, db, errors, estimate, formats, runner, tasks
 from .errors import BadRequest, Forbidden
 from .settings import Settings
 from .views import account, api, chat, jobs, openai, pages
@@ -82,6 +82,7 @@ def create_app(settings: Settings) -> Flask:
 
     csrf.init_app(app)
     errors.init_app(app)
+    formats.init_app(app)
     auth.init_app(app, settings)
     # The device this app's jobs train on, and the timing runs behind its estimates (on worker slots).
     app.extensions["ncs_calibrator"] = estimate.Calibrator(

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 from trainer import sizing
 from trainer.sizing import VAL_FRACTION
 
-from . import datasets, jobs
+from . import datasets, formats, jobs
 from .db import database
 from .errors import BadRequest, NotFound
 from .models import AppState, Dataset, TrainingJob, User
@@ -39,11 +39,7 @@ FALLBACK_FLOPS = {"cpu": 20e9, "mps": 2e12, "cuda": 100e12}  # sustained FLOP/s 
 DEFAULT_VOCAB = 8192
 
 
-def _human(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{n:.0f}"
+_human = formats.count  # counts in plans and warnings are written as the pages write them
 
 
 def _calibration_prefix(device_name: str) -> str:

@@ -9,7 +9,7 @@ from flask_login import current_user
 
 from trainer import sizing
 
-from .. import datasets, jobs
+from .. import datasets, formats, jobs
 from ..auth import login_required
 from ..errors import AppError
 from ..models import Model, TrainingJob
@@ -113,8 +113,7 @@ def show(job_id: int):
     info["final"] = job.status in jobs.FINAL
     shape = sizing.shape_for(job.config["depth"], job.config.get("vocab_size") or 8192,
                              job.config.get("seq_len") or 256)
-    info["params_human"] = (job.estimate or {}).get("params") or sizing.param_counts(shape)["total"]
-    info["params_human"] = _human(info["params_human"])
+    info["params_human"] = formats.count((job.estimate or {}).get("params") or sizing.param_counts(shape)["total"])
     return render_template("jobs/show.html", job=job, info=info, final_states=sorted(jobs.FINAL))
 
 
@@ -130,9 +129,3 @@ def models():
 def model_page(model_id: int):
     return render_template("models/show.html", model=model_json(own(Model, model_id)))
 
-
-def _human(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(int(n))
