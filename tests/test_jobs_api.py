@@ -256,6 +256,20 @@ def test_plan_page_form_submits_a_job_and_shows_errors(app, alice):
     assert c.post("/train", data={"depth": "2", "source": "demo"}).status_code == 400  # no CSRF token
 
 
+def test_a_finished_jobs_page_does_not_say_it_is_queued(app, alice):
+    c = client_as(app, alice)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/train").get_data(as_text=True)).group(1)
+    r = c.post("/train", data={"csrf_token": token, "depth": "1", "source": "demo", "max_steps": "5"})
+    job = TrainingJob.get()
+    claimed = jobs.claim_next("test", "cpu0")  # the job runs and finishes before its page is read
+    assert claimed.id == job.id
+    assert jobs.transition(job.id, "running", expect={"preparing"}, attempt=claimed.attempt)
+    assert jobs.finish(job.id, claimed.attempt, "completed") == "completed"
+    show = c.get(r.headers["Location"]).get_data(as_text=True)  # with the submit's message
+    assert f"Submitted job #{job.id}." in show
+    assert "queued" not in show and 'class="badge status-completed">completed<' in show
+
+
 def test_uploading_a_dataset_then_training_on_it(app, alice):
     import io
 

@@ -89,7 +89,9 @@ def plan():
             except (AppError, ValueError) as exc:
                 errors.append(str(getattr(exc, "message", None) or exc))
             else:
-                flash(f"Job #{job.id} is queued.", "success")
+                # No state in the message: the page it lands on shows the job's state, live, and a
+                # job that finishes while that page is open must not still be "queued" there.
+                flash(f"Submitted job #{job.id}.", "success")
                 return redirect(url_for("jobs.show", job_id=job.id))
     defaults = sizing.device_defaults(dev["device"])
     status = 400 if errors else 200
