@@ -25,6 +25,7 @@ from nanochat_studio.settings import load_settings  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HI = [{"role": "user", "content": "hi"}]
+pytestmark = pytest.mark.process  # every test here starts real model-server processes (and many kill them)
 
 
 def pool_settings(**fields):

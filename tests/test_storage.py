@@ -292,6 +292,7 @@ def test_two_model_servers_caching_the_same_checkpoint_at_once_both_get_it(tmp_p
     assert [p.name for p in (tmp_path / "cache" / key).parent.iterdir()] == ["step_0000100"]  # no temp debris
 
 
+@pytest.mark.process
 def test_the_downloaded_archive_loads_with_the_trainers_sample_command(tmp_path, s3_server):
     """A real trainer checkpoint, through S3 storage and the archive, runs as MODEL_CARD.md says."""
     torch = pytest.importorskip("torch")

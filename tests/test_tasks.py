@@ -81,6 +81,7 @@ def test_jobs_wait_for_the_one_cpu_slot_and_run_one_at_a_time(alice, bob, settin
     assert [TrainingJob.get_by_id(j.id).attempt for j in subs] == [1, 1, 1]
 
 
+@pytest.mark.process
 def test_stopping_the_consumer_checkpoints_and_requeues_without_using_an_attempt(alice, settings, consumer,
                                                                                  monkeypatch):
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
@@ -100,6 +101,7 @@ def test_stopping_the_consumer_checkpoints_and_requeues_without_using_an_attempt
     assert begins[1]["resumed_from"] == first[-1]["step"]
 
 
+@pytest.mark.process
 def test_a_killed_trainer_is_retried_after_its_back_off_by_the_consumer(alice, settings, consumer, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
     consumer()
@@ -162,6 +164,7 @@ def start_serve_like(settings, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+@pytest.mark.process
 @pytest.mark.sqlite_only  # the child process opens the SQLite URL itself (conftest redirects only ours)
 def test_it_resumes_after_the_serve_process_is_killed(alice, settings, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
@@ -235,6 +238,7 @@ def restart_postgres(server) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+@pytest.mark.process
 @pytest.mark.postgres
 def test_store_and_queue_in_postgresql_survive_a_database_restart_mid_run(restartable_postgres, postgres_server,
                                                                            settings, consumer, monkeypatch):
@@ -279,6 +283,7 @@ def api(url: str, path: str, body: dict | None = None) -> dict:
         return json.loads(resp.read())
 
 
+@pytest.mark.process
 def test_it_resumes_after_the_real_serve_is_killed_with_sigkill(tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NCS_")}
@@ -406,6 +411,7 @@ def test_a_job_asking_for_two_gpus_waits_for_both_and_gets_one_torchrun_slot(ali
     wait_for(lambda: status_of(double) == "completed")
 
 
+@pytest.mark.process
 @pytest.mark.slow  # two real trainer starts on 2 cores: ~60 s
 def test_the_real_trainer_resumes_exactly_after_the_real_serve_is_killed(tmp_path):
     home = tmp_path / "home"
