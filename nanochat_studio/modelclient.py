@@ -21,8 +21,6 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
-EXIT_BAD_CHECKPOINT = 3  # trainer/serve.py's exit code for a checkpoint that cannot load
-
 
 class InferenceError(Exception):
     """Generation failed. ``permanent``: the same request will fail again; ``status``: HTTP status."""

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from chat_fixtures import cached_tiny_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.trainer
+pytestmark = [pytest.mark.trainer, pytest.mark.process]  # the trainer alone; starts real model-server processes
 
 
 class Client:

@@ -82,7 +82,7 @@ from trainer.batching import Sequence, parse_logprobs
 # each opens a request as a Sequence and advances all running ones by a step
 
 
-EXIT_BAD_CHECKPOINT = 3  # missing or unreadable checkpoint: restarting will not help
+from trainer.progress import EXIT_BAD_CHECKPOINT
 
 
 def log(msg: str) -> None:
