@@ -19,7 +19,6 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from .db import database
 from .models import AppState, User, utcnow
 
-MODES = ("solo", "lab", "hosted")
 PASSWORD_MIN_LENGTH = 10
 PASSWORD_MAX_LENGTH = 256  # hashing cost grows with length; nobody types more
 PASSWORD_HASH_METHOD = "scrypt"  # werkzeug's default, ~0.1 s a hash here; tests lower it for speed

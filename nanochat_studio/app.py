@@ -4,30 +4,25 @@ guard, security headers and error handlers. No module-level app; the web process
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, current_app, request, url_for
+from flask import Flask, current_app, request
 from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
-from werkzeug.routing import BuildError
 
-from . import __version__, auth, db, errors
+from . import __version__, auth, db, errors, estimate, formats, runner, tasks
 from .errors import BadRequest, Forbidden
 from .settings import Settings
+from .views import account, api, chat, jobs, openai, pages
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# Blueprints by module, registered in this order when the module exists (later ones are added by the
-# engineers who write them: a missing module is skipped, a broken one fails the start).
-BLUEPRINTS = ["views.pages", "views.account", "views.jobs", "views.api", "views.chat", "views.openai"]
-API_PREFIXES = (errors.API_PREFIX, errors.OPENAI_PREFIX)
+BLUEPRINTS = (pages.bp, account.bp, jobs.bp, api.bp, chat.bp, openai.bp)
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 CONTENT_SECURITY_POLICY = "; ".join([
     "default-src 'self'",
@@ -87,40 +82,24 @@ def create_app(settings: Settings) -> Flask:
 
     csrf.init_app(app)
     errors.init_app(app)
+    formats.init_app(app)
     auth.init_app(app, settings)
+    # The device this app's jobs train on, and the timing runs behind its estimates (on worker slots).
+    app.extensions["ncs_calibrator"] = estimate.Calibrator(
+        probe=lambda: runner.probe_device(settings),
+        run=lambda shape, batch_size: tasks.calibrate_on_a_slot(settings, shape, batch_size),
+        prepare=lambda key: tasks.enqueue_facts(key, settings))
     _install_request_hooks(app, settings)
-    for name in BLUEPRINTS:
-        module = _optional_module(name)
-        if module is not None:
-            app.register_blueprint(module.bp)
-    app.jinja_env.globals.update(settings=settings, nav_url=nav_url, app_version=__version__)
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
+    app.jinja_env.globals.update(settings=settings, app_version=__version__)
     return app
-
-
-def _optional_module(name: str) -> Any:
-    full = f"{__package__}.{name}"
-    try:
-        return importlib.import_module(full)
-    except ModuleNotFoundError as exc:
-        if exc.name == full:  # not written yet; an import error inside it still fails loudly
-            return None
-        raise
-
-
-def nav_url(endpoint: str, fallback: str | None = None) -> str | None:
-    """``url_for(endpoint)``, or ``fallback`` while the blueprint that owns it does not exist yet."""
-    if endpoint not in current_app.view_functions:
-        return fallback
-    try:
-        return url_for(endpoint)
-    except BuildError:
-        return fallback
 
 
 # ------------------------------------------------------------------------------------------ guards
 
 def allowed_hosts(settings: Settings) -> set[str]:
-    names = set(LOOPBACK_HOSTS)
+    names = set(auth.LOOPBACK_NAMES)
     names.update(h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip())
     if settings.host not in ("0.0.0.0", "::", ""):
         names.add(settings.host.lower())
@@ -190,7 +169,7 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
                              code="bad_host")
         if request.method not in UNSAFE_METHODS:
             return
-        if request.path.startswith(API_PREFIXES):
+        if request.path.startswith(errors.API_PREFIXES):
             _guard_api_write(settings)
         elif app.config.get("WTF_CSRF_ENABLED", True) and not auth.bearer_token():
             csrf.protect()  # every form carries the token; a key-authenticated script needs none
@@ -215,19 +194,3 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
         return errors.render_error(BadRequest(
             "This form expired or was not sent from this site. Reload the page and try again.",
             code="csrf_failed"))
-
-
-# ------------------------------------------------------------------------------ the in-process worker
-
-def start_worker(settings: Settings) -> Any:
-    """Start the queue consumer inside this process (``serve``); None while tasks.py does not exist."""
-    tasks = _optional_module("tasks")
-    if tasks is None:
-        log.warning("no queue consumer: nanochat_studio.tasks is not installed")
-        return None
-    return tasks.start_consumer(settings)
-
-
-def stop_worker(handle: Any) -> None:
-    if handle is not None:
-        importlib.import_module(f"{__package__}.tasks").stop_consumer(handle)

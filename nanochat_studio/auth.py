@@ -28,7 +28,6 @@ from flask import Flask, current_app, g, redirect, request, url_for
 from flask_login import LoginManager, current_user, login_user
 
 from .accounts import (  # noqa: F401 - create_user and solo_owner are the CLI's entry points
-    MODES,
     PROVIDER_LABELS,
     AccountError,
     Identity,
@@ -38,19 +37,20 @@ from .accounts import (  # noqa: F401 - create_user and solo_owner are the CLI's
     may_sign_in,
     solo_owner,
 )
-from .errors import Forbidden, Unauthorized
+from .errors import API_PREFIXES, Forbidden, Unauthorized
 from .models import ApiKey, User, utcnow
+from .settings import Settings
 
 API_KEY_PREFIX = "ncs_"
 API_KEY_DISPLAY_CHARS = 12  # "ncs_" + 8 random characters: enough to tell keys apart in a list
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # one write per key per minute, not per request
-API_PREFIXES = ("/api/", "/v1/")  # answered with JSON errors, never a redirect to a page
-_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+# Host names that mean "this machine" (the solo owner's sign-in, and hosts the app always answers to).
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 @dataclass
 class _AuthState:
-    settings: Any
+    settings: Settings
     oauth: OAuth
     providers: dict[str, str] = field(default_factory=dict)  # name -> label, only those configured
     solo_owner_id: int | None = None
@@ -62,10 +62,8 @@ def _state() -> _AuthState:
 
 # ---------------------------------------------------------------------------------------------- wiring
 
-def init_app(app: Flask, settings: Any) -> None:
+def init_app(app: Flask, settings: Settings) -> None:
     """Install flask-login and the OAuth clients of the configured providers."""
-    if settings.mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
     manager = LoginManager(app)
     manager.user_loader(_load_session_user)
     manager.request_loader(_load_request_user)
@@ -76,13 +74,9 @@ def init_app(app: Flask, settings: Any) -> None:
     app.jinja_env.globals.update(
         auth_mode=settings.mode, oauth_providers=state.providers, request_is_local=request_is_local
     )
-    if "csrf_token" not in app.jinja_env.globals:  # the frame's CSRFProtect normally provides it
-        from flask_wtf.csrf import generate_csrf
-
-        app.jinja_env.globals["csrf_token"] = generate_csrf
 
 
-def _register_providers(oauth: OAuth, settings: Any) -> dict[str, str]:
+def _register_providers(oauth: OAuth, settings: Settings) -> dict[str, str]:
     """Register only providers with a client id; the others do not exist (no button, 404)."""
     providers: dict[str, str] = {}
     if settings.github_client_id:
@@ -149,7 +143,7 @@ def _load_request_user(req: Any) -> User | None:
 
 
 def _wants_json() -> bool:
-    return request.path.startswith(API_PREFIXES)
+    return request.path.startswith(API_PREFIXES)  # answered with JSON errors, never a redirect to a page
 
 
 def _unauthorized() -> Any:
@@ -237,7 +231,7 @@ def request_is_local() -> bool:
         return False
     host = (request.host or "").lower()
     hostname = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
-    if hostname not in _LOOPBACK_NAMES and not _is_loopback(hostname):
+    if hostname not in LOOPBACK_NAMES and not _is_loopback(hostname):
         return False
     addresses: list[str] = []
     for value in request.headers.getlist("X-Forwarded-For"):

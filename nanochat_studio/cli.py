@@ -130,7 +130,8 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
     settings = obj.settings(host=host, port=port, mode=mode, worker=worker)
     from waitress import create_server
 
-    from .app import create_app, start_worker, stop_worker
+    from . import tasks
+    from .app import create_app
 
     app = create_app(settings)
     try:
@@ -141,7 +142,7 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
                                    "Pick another with --port (0 = any free port).") from None
     port_bound = server.effective_port  # the real one when --port 0
     url = f"http://{_browse_host(settings.host)}:{port_bound}/"
-    handle = start_worker(settings) if settings.worker else None
+    handle = tasks.start_consumer(settings) if settings.worker else None
 
     def stop(*_: Any) -> None:
         # Unwinds waitress's loop in the main thread; waitress then lets running requests finish
@@ -158,7 +159,8 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
         server.run()  # returns after Ctrl-C or SIGTERM, once request threads are done
     finally:
         click.echo("Stopping…")
-        stop_worker(handle)
+        if handle is not None:
+            tasks.stop_consumer(handle)
         server.close()
 
 

@@ -21,12 +21,14 @@ import hashlib
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from trainer import sizing
 
+from . import formats
 from .db import database
 from .models import AppState, Dataset, JobEvent, TrainingJob
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +65,15 @@ def _write(key: str, value: dict) -> None:
 
 # --- what an estimate gets --------------------------------------------------------------------------------
 
-def for_plan(source: str, user: Any, vocab_size: int | None, settings: Any = None, *,
-             request: bool = True) -> dict:
+def for_plan(source: str, user: Any, vocab_size: int | None,
+             enqueue: Callable[[str], bool] | None = None) -> dict:
     """The facts a plan for ``source`` can use now: {"status", "origin", and the fact fields when known}.
 
     status "known" (fields present), "estimating" (a preparation is queued or running), "unknown" (no
     run has read this source yet) or "error" (``message`` says why the data cannot be used).
     ``origin`` says where known facts come from: "prepared" (trainer.facts on this installation),
-    "precomputed" (the demo's shipped facts) or "run" (``job_id``'s start event). With ``request``
-    and ``settings``, a missing preparation of the demo or an upload is queued.
+    "precomputed" (the demo's shipped facts) or "run" (``job_id``'s start event). With ``enqueue``
+    (tasks.enqueue_facts for this app's queue), a missing preparation of the demo or an upload is queued.
     """
     user_id = getattr(user, "id", user)
     key = key_for(source, user_id, vocab_size)
@@ -79,8 +81,8 @@ def for_plan(source: str, user: Any, vocab_size: int | None, settings: Any = Non
     if stored and stored.get("status") == "ready":
         return {"status": "known", "origin": "prepared", **stored["facts"]}
     preparable = source == "demo" or (source.startswith("ds:") and source[3:].isdigit())
-    if preparable and request and settings is not None and _should_request(stored):
-        stored = queue(key, source, user_id, vocab_size, settings)
+    if preparable and enqueue is not None and _should_request(stored):
+        stored = queue(key, source, user_id, vocab_size, enqueue)
     ran = from_runs(source, user_id, vocab_size)
     if ran is not None:
         return ran
@@ -128,21 +130,23 @@ def from_runs(source: str, user_id: int | None, vocab_size: int | None) -> dict 
 
 # --- preparing: queued here, run by a consumer ------------------------------------------------------------
 
-def queue(key: str, source: str, user_id: int | None, vocab_size: int | None, settings: Any) -> dict:
+def queue(key: str, source: str, user_id: int | None, vocab_size: int | None,
+          enqueue: Callable[[str], bool]) -> dict:
     """Mark ``key`` pending and ring the queue's ``facts`` task for it; returns the stored record."""
-    from . import tasks
-
     record = {"status": "pending", "at": time.time(),
               "request": {"source": source, "user_id": user_id, "vocab_size": vocab_size}}
     _write(key, record)
-    tasks.enqueue_facts(key, settings)
+    enqueue(key)
     return record
 
 
-def request_upload(dataset: Dataset, settings: Any) -> None:
+def request_upload(dataset: Dataset, settings: Settings) -> None:
     """Queue the preparation of a just-uploaded dataset with the trainer's default vocabulary."""
+    from . import tasks
+
     source = f"ds:{dataset.id}"
-    queue(key_for(source, dataset.user_id, None), source, dataset.user_id, None, settings)
+    queue(key_for(source, dataset.user_id, None), source, dataset.user_id, None,
+          lambda key: tasks.enqueue_facts(key, settings))
 
 
 def forget_dataset(dataset_id: int) -> None:
@@ -150,7 +154,7 @@ def forget_dataset(dataset_id: int) -> None:
     AppState.delete().where(AppState.key.startswith(f"{PREFIX}ds{int(dataset_id)}:")).execute()
 
 
-def compute(key: str, settings: Any) -> str:
+def compute(key: str, settings: Settings) -> str:
     """Run ``python -m trainer.facts`` for the request stored under ``key`` and store its answer;
     returns the new status. Called by the queue's ``facts`` task, in a consumer thread (the helper
     dies with it). Never raises for the data's or the helper's failures: they become status "error"."""
@@ -204,3 +208,38 @@ def compute(key: str, settings: Any) -> str:
         if _read(key) is not None:  # not forgotten (deleted) while it ran
             _write(key, record)
     return record["status"]
+
+
+# --- what a plan says about its data ------------------------------------------------------------------------
+
+def summary(facts: dict, exact: bool, data_bytes: int | None, est_tokens: int | None, train_tokens: int | None,
+            val_tokens: int | None, vocab: int, tokens: int, *, assumed: dict) -> dict[str, Any]:
+    """A plan's ``data``: sizes, passes, where the numbers come from and a sentence saying so. ``assumed``
+    holds the estimate's guesses ({"bytes_per_token", "val_fraction"}) for data whose facts are unknown."""
+    status = facts.get("status") or "unknown"
+    data: dict[str, Any] = {"bytes": data_bytes, "est_tokens": est_tokens, "train_tokens": train_tokens,
+                            "val_tokens": val_tokens, "status": status, "origin": facts.get("origin"),
+                            "exact": exact}
+    if train_tokens is not None:
+        data["epochs"] = round(tokens / train_tokens, 2) if train_tokens else None
+    counts = f"a {vocab:,}-entry vocabulary and {train_tokens:,} training tokens" if train_tokens is not None else ""
+    if exact:
+        data["note"] = {
+            "prepared": f"Exact: {counts}, from preparing this data the way the trainer will.",
+            "precomputed": f"Exact: {counts}; the demo corpus is fixed, so this is what the trainer makes of it.",
+            "run": f"Exact if the data has not changed since job #{facts.get('job_id')} read it: {counts}.",
+        }.get(str(facts.get("origin")), f"Exact: {counts}.")
+        return data
+    data["assumed"] = {"vocab_size": vocab, **assumed}
+    assumption = (f"a {vocab:,}-entry vocabulary and {assumed['bytes_per_token']} bytes per token"
+                  + (f" (about {formats.count(est_tokens)} tokens)" if est_tokens is not None else ""))
+    if status == "estimating":
+        data["note"] = ("Estimating: the data is being prepared the way the trainer reads it. "
+                        f"Until then this assumes {assumption}.")
+    elif status == "error":
+        data["note"] = (f"The data could not be prepared ({facts.get('message') or 'unknown error'}); "
+                        f"this assumes {assumption}.")
+    else:
+        data["note"] = (f"Assumed: {assumption}, since no run has read this data yet. The job page sets the "
+                        f"trainer's own plan beside this one as soon as it starts.")
+    return data

@@ -27,18 +27,10 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from . import datafacts, fetch
-from .fetch import BadRequest, TooLarge
+from .errors import BadRequest, Forbidden, NotFound, TooLarge
 from .models import Dataset, TrainingJob, User
+from .settings import Settings
 from .storage import Storage, TooLargeError, dataset_prefix
-
-try:
-    from .errors import Forbidden, NotFound
-except ImportError:  # errors.py is written in parallel
-    class NotFound(Exception):  # type: ignore[no-redef]
-        status = 404
-
-    class Forbidden(Exception):  # type: ignore[no-redef]
-        status = 403
 
 ALLOWED_EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")
 GZIP_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
@@ -101,13 +93,13 @@ def used_bytes(user: User, exclude_id: int | None = None) -> int:
     return sum(d.size_bytes for d in query)
 
 
-def _quota_message(settings: Any, used: int, adding: str) -> str:
+def _quota_message(settings: Settings, used: int, adding: str) -> str:
     quota = settings.user_quota_bytes
     return (f"this upload ({adding}) would exceed your dataset quota: {used:,} of {quota:,} bytes used, "
             f"{max(0, quota - used):,} bytes free; delete a dataset to make room")
 
 
-def save_upload(user: User, filename: str, stream: IO[bytes], settings: Any, *,
+def save_upload(user: User, filename: str, stream: IO[bytes], settings: Settings, *,
                 size_hint: int | None = None, storage: Storage | None = None) -> Dataset:
     """Stream ``stream`` into storage as a new Dataset of ``user``.
 
@@ -172,7 +164,7 @@ def get_dataset(user: User, dataset_id: int) -> Dataset:
     return ds
 
 
-def delete_dataset(user: User, dataset_id: int, settings: Any, *, storage: Storage | None = None) -> None:
+def delete_dataset(user: User, dataset_id: int, settings: Settings, *, storage: Storage | None = None) -> None:
     """Delete the user's dataset and its bytes. NotFound for anyone else's."""
     ds = get_dataset(user, dataset_id)
     _forget(ds, storage or Storage.from_settings(settings))
@@ -193,8 +185,8 @@ def _split(spec: Any) -> tuple[str, dict | None]:
     return spec.strip(), None
 
 
-def _server_path(source: str, user: User, settings: Any) -> str:
-    if not (getattr(settings, "allow_server_paths", False) or user.is_admin):
+def _server_path(source: str, user: User, settings: Settings) -> str:
+    if not (settings.allow_server_paths or user.is_admin):
         raise Forbidden("server paths as datasets are allowed only in solo mode or for admins")
     path = os.path.normpath(source)
     if not os.path.exists(path):
@@ -204,7 +196,7 @@ def _server_path(source: str, user: User, settings: Any) -> str:
     return path
 
 
-def validate_spec(spec: Any, user: User, settings: Any, *, policy: fetch.NetPolicy | None = None) -> dict:
+def validate_spec(spec: Any, user: User, settings: Settings, *, policy: fetch.NetPolicy | None = None) -> dict:
     """Check a job's dataset spec for ``user`` now; return it normalised:
     ``{"kind": "demo"|"upload"|"url"|"s3"|"path", "source": str, ...}`` (``credentials`` for s3 only if
     given: store it, never show it; :func:`describe_spec` is the safe display). ``policy``: tests only.
@@ -241,7 +233,7 @@ def describe_spec(spec: Any) -> str:
     return str(spec)
 
 
-def resolve_for_training(job: TrainingJob, settings: Any, run_dir: str | os.PathLike | None = None, *,
+def resolve_for_training(job: TrainingJob, settings: Settings, run_dir: str | os.PathLike | None = None, *,
                          policy: fetch.NetPolicy | None = None) -> tuple[str, dict | None]:
     """``(data, storage_options)`` for the trainer's ``--data`` for ``job``, re-checked for its owner now.
 

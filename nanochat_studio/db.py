@@ -1,4 +1,5 @@
-"""The database: one DatabaseProxy every model binds to, opened from a URL, with numbered migrations.
+"""The database: the DatabaseProxy every model binds to (``database``, declared beside the tables in
+models.py so that module needs nothing from this one), opened from a URL, with numbered migrations.
 
 ``sqlite:///path/to/file.db`` (the default lives in NCS_HOME) or ``postgresql://user@host:port/db``.
 ``migrate()`` applies the numbered steps in ``MIGRATIONS`` that the ``schema_migrations`` table does not
@@ -17,9 +18,9 @@ from urllib.parse import urlsplit
 import peewee as pw
 from playhouse.db_url import connect as _connect_url
 
-log = logging.getLogger(__name__)
+from .models import ALL_MODELS, database  # noqa: F401 - ``db.database`` is how callers reach the proxy
 
-database = pw.DatabaseProxy()
+log = logging.getLogger(__name__)
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",  # readers never block the writer (the web process and the trainer supervisor)
@@ -55,8 +56,6 @@ def is_postgres(db: pw.Database | None = None) -> bool:
 
 def _m0001_initial(db: pw.Database) -> None:
     """Every table of models.py as first shipped."""
-    from .models import ALL_MODELS
-
     db.create_tables(ALL_MODELS, safe=True)
 
 

@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 API_PREFIX = "/api/"
 OPENAI_PREFIX = "/v1/"
+API_PREFIXES = (API_PREFIX, OPENAI_PREFIX)  # scripts' paths: JSON errors, no redirects, no form CSRF
 
 
 class AppError(Exception):

@@ -9,17 +9,31 @@ of a step and of what a run does besides (start-up, evaluations, samples, checkp
 process's peak memory. Until a calibration is cached the time is extrapolated from the nearest
 calibrated shape by FLOPs, or from a conservative FLOP rate, and the answer says so (``time.source``);
 until the data's facts are known the plan says what it assumed (``data.note``, ``exact`` false).
+
+:func:`estimate_for` answers an estimate request (``GET /api/estimate``, the plan page): it checks the
+arguments (:func:`parse_args`, the job config's bounds), asks the app's :class:`Calibrator` for the
+device, and starts a calibration of the shape when worth it. :func:`data_bytes` is what is known of a
+dataset spec's size before a job runs. :func:`record_for_job` keeps the estimate a job was planned with.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
-from typing import Any
+import time
+from typing import Any, Callable, Mapping
 
 from trainer import sizing
+from trainer.sizing import VAL_FRACTION
 
-from .models import AppState
+from . import datafacts, datasets, formats, jobs
+from .db import database
+from .errors import BadRequest, NotFound
+from .models import AppState, Dataset, TrainingJob, User
+from .runner import SpawnError
+
+log = logging.getLogger(__name__)
 
 # A model needs roughly this many bytes of text per token with a small BPE vocabulary; used only to
 # warn about too little data before the tokenizer has seen it.
@@ -27,14 +41,9 @@ BYTES_PER_TOKEN = 3.6
 TIGHT_FRACTION = 0.8  # above this share of the device's memory a run is "tight"
 FALLBACK_FLOPS = {"cpu": 20e9, "mps": 2e12, "cuda": 100e12}  # sustained FLOP/s when nothing is measured
 DEFAULT_VOCAB = 8192
-VAL_FRACTION = 0.05  # trainer/data.py's default validation split
 
 
-def _human(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{n:.0f}"
+_human = formats.count  # counts in plans and warnings are written as the pages write them
 
 
 def _calibration_prefix(device_name: str) -> str:
@@ -139,7 +148,8 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
                                             else "tight" if need <= have else "wont_fit")
 
     warnings: list[str] = []
-    data = _data_summary(facts, exact, data_bytes, est_tokens, train_tokens, val_tokens, vocab, tokens)
+    data = datafacts.summary(facts, exact, data_bytes, est_tokens, train_tokens, val_tokens, vocab, tokens,
+                             assumed={"bytes_per_token": BYTES_PER_TOKEN, "val_fraction": VAL_FRACTION})
     about = "" if exact else "about "
     if facts.get("status") == "error":
         warnings.append(f"This data cannot be used: {facts.get('message') or 'preparing it failed'}.")
@@ -217,64 +227,181 @@ def _time_breakdown(config: dict, steps: int, step_s: float, calib: dict | None,
     }
 
 
-def _data_summary(facts: dict, exact: bool, data_bytes: int | None, est_tokens: int | None,
-                  train_tokens: int | None, val_tokens: int | None, vocab: int, tokens: int) -> dict[str, Any]:
-    """The plan's ``data``: sizes, passes, where the numbers come from and a sentence saying so."""
-    status = facts.get("status") or "unknown"
-    data: dict[str, Any] = {"bytes": data_bytes, "est_tokens": est_tokens, "train_tokens": train_tokens,
-                            "val_tokens": val_tokens, "status": status, "origin": facts.get("origin"),
-                            "exact": exact}
-    if train_tokens is not None:
-        data["epochs"] = round(tokens / train_tokens, 2) if train_tokens else None
-    counts = f"a {vocab:,}-entry vocabulary and {train_tokens:,} training tokens" if train_tokens is not None else ""
-    if exact:
-        data["note"] = {
-            "prepared": f"Exact: {counts}, from preparing this data the way the trainer will.",
-            "precomputed": f"Exact: {counts}; the demo corpus is fixed, so this is what the trainer makes of it.",
-            "run": f"Exact if the data has not changed since job #{facts.get('job_id')} read it: {counts}.",
-        }.get(str(facts.get("origin")), f"Exact: {counts}.")
-        return data
-    data["assumed"] = {"vocab_size": vocab, "bytes_per_token": BYTES_PER_TOKEN, "val_fraction": VAL_FRACTION}
-    assumption = (f"a {vocab:,}-entry vocabulary and {BYTES_PER_TOKEN} bytes per token"
-                  + (f" (about {_human(est_tokens)} tokens)" if est_tokens is not None else ""))
-    if status == "estimating":
-        data["note"] = f"Estimating: the data is being prepared the way the trainer reads it. Until then this assumes {assumption}."
-    elif status == "error":
-        data["note"] = f"The data could not be prepared ({facts.get('message') or 'unknown error'}); this assumes {assumption}."
-    else:
-        data["note"] = (f"Assumed: {assumption}, since no run has read this data yet. The job page sets the "
-                        f"trainer's own plan beside this one as soon as it starts.")
-    return data
+# --- requests for an estimate --------------------------------------------------------------------------------
+
+ESTIMATE_KEYS = ("max_steps", "seq_len", "batch_size", "vocab_size")  # besides depth, what an estimate reads
+CALIBRATION_MAX_PARAMS_CPU = 200_000_000  # beyond this a CPU timing run itself takes minutes
+
+
+def _int_arg(args: Mapping[str, Any], key: str) -> int | None:
+    raw = args.get(key)
+    if raw in (None, ""):
+        return None
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise BadRequest(f"'{key}' must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise BadRequest(f"'{key}' must be positive, got {value}")
+    return value
+
+
+def parse_args(args: Mapping[str, Any]) -> tuple[dict[str, int], str]:
+    """The config an estimate request describes (``depth``, required, and any of ESTIMATE_KEYS, within
+    the job config's bounds) and its dataset spec ("demo" when none). BadRequest names the argument."""
+    config: dict[str, int] = {}
+    for key in ("depth", *ESTIMATE_KEYS):
+        value = _int_arg(args, key)
+        if value is None:
+            if key == "depth":
+                raise BadRequest("'depth' is required")
+            continue
+        lo, hi = jobs.INT_BOUNDS[key]
+        if not lo <= value <= hi:
+            raise BadRequest(f"'{key}' must be between {lo} and {hi}, got {value}")
+        config[key] = value
+    return config, str(args.get("dataset") or "demo")
+
+
+def data_bytes(spec: str, user: User) -> int | None:
+    """What is known of the size of dataset ``spec``'s raw text before a job runs (None: nothing yet,
+    e.g. a URL not fetched). NotFound for an upload that is not ``user``'s."""
+    if spec == "demo":
+        return sizing.DEMO_CORPUS_BYTES
+    if spec.startswith("ds:") and spec[3:].isdigit():
+        ds = Dataset.get_or_none((Dataset.id == int(spec[3:])) & (Dataset.user == user))
+        if ds is None:
+            raise NotFound(f"no dataset {spec}")
+        return ds.size_bytes
+    return None
+
+
+def estimate_for(args: Mapping[str, Any], user: User, calibrator: "Calibrator", *, calibrate: bool = True) -> dict:
+    """The plan for the config in ``args`` (a query string or a job config) on the app's device, with
+    ``calibrating`` saying whether a timing run of its shape is under way. Raises BadRequest, NotFound."""
+    config, spec = parse_args(args)
+    dev = calibrator.device()
+    size = data_bytes(spec, user)  # first: NotFound for another user's upload
+    # What the trainer will find in the data; a missing preparation is queued when it can be.
+    facts = datafacts.for_plan(spec, user, config.get("vocab_size"), calibrator.prepare if calibrate else None)
+    try:
+        plan = estimate(config, dev, data_bytes=size, facts=facts)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    plan["calibrating"] = False
+    # (a shape whose vocabulary is still a guess is not worth timing: the data's facts come first)
+    if calibrate and plan["time"]["source"] != "calibrated" and _worth_calibrating(plan, dev) \
+            and facts.get("status") != "estimating":
+        shape = sizing.shape_for(config["depth"], plan["vocab_size"], plan["seq_len"])
+        plan["calibrating"] = calibrator.request(dev["device_name"], shape, plan["batch_size"])
+    return plan
+
+
+def _worth_calibrating(plan: dict, device: dict) -> bool:
+    # Only a shape that comfortably fits is timed (a timing run must not push the machine into swap or
+    # out of GPU memory), and on a CPU only one whose timing run itself takes seconds, not minutes.
+    if plan["memory"]["verdict"] != "fits":
+        return False
+    return device["device"] != "cpu" or plan["params"] <= CALIBRATION_MAX_PARAMS_CPU
+
+
+def record_for_job(job: TrainingJob, calibrator: "Calibrator") -> None:
+    """Keep on ``job`` the estimate its config gets now (what the plan page showed). A courtesy: a job
+    whose config cannot be estimated keeps none."""
+    spec = datasets.describe_spec(job.config.get("dataset"))
+    try:
+        plan = estimate_for({**job.config, "dataset": spec}, job.user, calibrator, calibrate=False)
+    except (BadRequest, NotFound):
+        return
+    summary = {k: plan[k] for k in ("params", "tokens", "steps", "time", "memory", "vocab_size", "budget", "exact",
+                                    "data", "batch_size", "seq_len", "tokens_per_step")}
+    TrainingJob.update(estimate=summary).where(TrainingJob.id == job.id).execute()
+
+
+# --- the device and its calibrations ---------------------------------------------------------------------------
+
+DEVICE_PROBE_KEY = "device_probe"  # AppState: the last answer of the probe, used when it fails
+UNKNOWN_DEVICE = {"device": "cpu", "device_name": "cpu", "memory_bytes": 0}
+
+Shape = sizing.ModelShape
 
 
 class Calibrator:
-    """Runs calibrations in the background, one at a time, and remembers which are in flight."""
+    """What the app knows of the device its jobs train on, and the timing runs that calibrate its
+    estimates there. One per app (``app.extensions["ncs_calibrator"]``, made by create_app).
 
-    def __init__(self, run_calibration) -> None:
-        self._run = run_calibration  # (shape, batch_size) -> result dict; spawns through runner.py
-        self._lock = threading.Lock()
-        self._pending: set[str] = set()
+    ``probe()`` answers {"device", "device_name", "memory_bytes"} (runner.probe_device asks the trainer)
+    and may raise SpawnError; ``run(shape, batch_size)`` times a shape on a free worker slot and answers
+    the calibration event's fields, or None when no slot was free (tasks.calibrate_on_a_slot);
+    ``prepare(key)``, when given, queues the preparation of a dataset's facts (datafacts.py).
+    Calibrations run one at a time on one thread, the newest request first; at most MAX_PENDING wait
+    (older requests are dropped: the person planning has moved on), and a shape whose run gave no
+    answer is not asked for again before RETRY_AFTER_S.
+    """
 
-    def request(self, device_name: str, shape: sizing.ModelShape, batch_size: int) -> bool:
-        """Start a calibration unless cached or running; True when one is (now) in flight."""
+    MAX_PENDING = 4
+    RETRY_AFTER_S = 60.0
+
+    def __init__(self, probe: Callable[[], dict], run: Callable[[Shape, int], dict | None],
+                 prepare: Callable[[str], bool] | None = None) -> None:
+        self._probe, self._run = probe, run
+        # queues the preparation of a dataset's facts by their datafacts key (tasks.enqueue_facts)
+        self.prepare = prepare
+        self._device: dict[str, Any] | None = None
+        self._probe_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards everything below
+        self._queue: list[tuple[str, str, Shape, int]] = []  # oldest first
+        self._running: str | None = None
+        self._not_before: dict[str, float] = {}
+        self._thread: threading.Thread | None = None
+
+    def device(self) -> dict[str, Any]:
+        """{"device", "device_name", "memory_bytes"}: probed once, remembered in AppState for the day the
+        probe fails."""
+        with self._probe_lock:
+            if self._device is None:
+                cached = AppState.get_or_none(AppState.key == DEVICE_PROBE_KEY)
+                try:
+                    self._device = self._probe()
+                    AppState.insert(key=DEVICE_PROBE_KEY, value=self._device).on_conflict(
+                        conflict_target=[AppState.key], update={AppState.value: self._device}).execute()
+                except SpawnError:
+                    log.warning("the device probe failed; planning with the last known device", exc_info=True)
+                    self._device = cached.value if cached else dict(UNKNOWN_DEVICE)
+            return dict(self._device)
+
+    def request(self, device_name: str, shape: Shape, batch_size: int) -> bool:
+        """Ask for a calibration of ``shape`` unless it is cached; True while one is waiting or running."""
         key = calibration_key(device_name, shape, batch_size)
         with self._lock:
-            if key in self._pending:
+            if key == self._running or any(k == key for k, *_ in self._queue):
                 return True
-            if cached_calibration(device_name, shape, batch_size):
+            if time.monotonic() < self._not_before.get(key, 0.0) or cached_calibration(device_name, shape,
+                                                                                        batch_size):
                 return False
-            self._pending.add(key)
-        threading.Thread(target=self._work, args=(key, device_name, shape, batch_size), daemon=True).start()
+            self._queue.append((key, device_name, shape, batch_size))
+            del self._queue[:-self.MAX_PENDING]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="calibrator", daemon=True)
+                self._thread.start()
         return True
 
-    def _work(self, key: str, device_name: str, shape: sizing.ModelShape, batch_size: int) -> None:
-        from .db import database
-
-        try:
-            result = self._run(shape, batch_size)
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = self._thread = None
+                    return
+                key, device_name, shape, batch_size = self._queue.pop()
+                self._running = key
+            try:
+                result = self._run(shape, batch_size)
+            except Exception:  # SpawnError (a failed or slow timing run), or the database
+                log.warning("calibrating %s failed", key, exc_info=True)
+                result = None
             if result and result.get("tokens_per_sec"):
                 with database.connection_context():
                     store_calibration(device_name, shape, batch_size, result)
-        finally:
-            with self._lock:
-                self._pending.discard(key)
+            else:
+                with self._lock:
+                    self._not_before[key] = time.monotonic() + self.RETRY_AFTER_S

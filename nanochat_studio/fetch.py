@@ -38,14 +38,8 @@ from urllib.parse import urljoin, urlsplit
 import certifi
 import urllib3
 
-try:
-    from .errors import BadRequest, TooLarge
-except ImportError:  # errors.py is written in parallel; these keep the HTTP status on the class meanwhile
-    class BadRequest(Exception):  # type: ignore[no-redef]
-        status = 400
-
-    class TooLarge(Exception):  # type: ignore[no-redef]
-        status = 413
+from .errors import BadRequest, TooLarge
+from .settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -143,10 +137,10 @@ class Target:
         return name if self.port == default else f"{name}:{self.port}"
 
 
-def check_url(url: str, settings: Any, *, policy: NetPolicy | None = None) -> Target:
+def check_url(url: str, settings: Settings, *, policy: NetPolicy | None = None) -> Target:
     """Validate ``url`` for fetching now: scheme, host, and every resolved address. Raise URLRefused."""
     policy = policy or DEFAULT_POLICY
-    lab = bool(getattr(settings, "allow_private_urls", False))
+    lab = settings.allow_private_urls
     if not isinstance(url, str) or len(url) > 2048 or any(c in url for c in "\r\n\t\x00 "):
         raise URLRefused("the URL must be a single line of at most 2048 characters without spaces")
     try:
@@ -209,13 +203,13 @@ class Fetched:
     content_type: str
 
 
-def download(url: str, dest: str | os.PathLike, settings: Any, *, policy: NetPolicy | None = None) -> Fetched:
+def download(url: str, dest: str | os.PathLike, settings: Settings, *, policy: NetPolicy | None = None) -> Fetched:
     """Fetch ``url`` into the file ``dest`` under the guard, the size cap and the time cap.
 
     Raises URLRefused, FetchFailed or SourceTooLarge; on any failure nothing is left at ``dest``.
     """
-    max_bytes = int(getattr(settings, "url_max_bytes"))
-    deadline = time.monotonic() + float(getattr(settings, "url_timeout_s"))
+    max_bytes = settings.url_max_bytes
+    deadline = time.monotonic() + settings.url_timeout_s
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -315,7 +309,7 @@ def check_s3_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def s3_options(credentials: Mapping[str, Any] | None, settings: Any, *,
+def s3_options(credentials: Mapping[str, Any] | None, settings: Settings, *,
                policy: NetPolicy | None = None) -> dict:
     """s3fs storage_options for reading a user's ``s3://`` source.
 

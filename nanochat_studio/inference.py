@@ -30,9 +30,12 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from .modelclient import EXIT_BAD_CHECKPOINT, Final, InferenceError, ModelServer
+from trainer.progress import EXIT_BAD_CHECKPOINT
 
-__all__ = ["MODES", "Final", "InferenceError", "ModelPool", "TooBusy", "get_pool"]
+from .modelclient import Delta, Final, InferenceError, ModelServer
+from .settings import Settings
+
+__all__ = ["MODES", "Delta", "Final", "InferenceError", "ModelPool", "TooBusy", "get_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +84,20 @@ class _Stream:
 class ModelPool:
     """Model servers kept warm. Thread-safe; one per web process (see :func:`get_pool`)."""
 
-    def __init__(self, settings: Any = None, *, checkpoint_dir_of: Callable[[Any], str] | None = None,
+    def __init__(self, settings: Settings, *, checkpoint_dir_of: Callable[[Any], str] | None = None,
                  max_loaded: int | None = None, idle_seconds: float | None = None,
                  queue_limit: int | None = None, device: str | None = None, max_active: int = 16,
                  load_timeout: float = 120.0, read_timeout: float = 120.0, heartbeat_s: float = 15.0,
-                 poll_s: float = 0.25, start_server: Callable[..., Any] | None = None,
-                 max_streams: int | None = None):
+                 poll_s: float = 0.25, start_server: Callable[..., Any] | None = None):
+        # The keyword overrides are for tests that need a bound the settings' validation refuses (0).
         self.settings = settings
-        self.max_loaded = int(max_loaded if max_loaded is not None else getattr(settings, "max_loaded_models", 2))
-        self.idle_seconds = float(idle_seconds if idle_seconds is not None
-                                  else getattr(settings, "model_idle_seconds", 600))
-        self.queue_limit = int(queue_limit if queue_limit is not None else getattr(settings, "chat_queue_limit", 16))
-        self.device = device or getattr(settings, "inference_device", "auto") or "auto"
+        self.max_loaded = max_loaded if max_loaded is not None else settings.max_loaded_models
+        self.idle_seconds = idle_seconds if idle_seconds is not None else settings.model_idle_seconds
+        self.queue_limit = queue_limit if queue_limit is not None else settings.chat_queue_limit
+        self.device = device or settings.inference_device
         self.max_active = max_active  # decoded round-robin at once by one server; more wait
         # Every open stream holds one waitress thread: keep a few threads free for pages and the API.
-        threads = int(getattr(settings, "threads", 0) or 0)
-        self.max_streams = max_streams if max_streams is not None else (max(1, threads - 4) if threads else 10**9)
+        self.max_streams = max(1, settings.threads - 4)
         self.load_timeout, self.read_timeout = load_timeout, read_timeout
         self.heartbeat_s, self.poll_s = heartbeat_s, poll_s
         self._checkpoint_dir_of = checkpoint_dir_of or self._storage_path
@@ -314,7 +315,7 @@ def get_pool(app: Any) -> ModelPool:
             if pool is None:
                 import atexit
 
-                pool = ModelPool(app.config.get("NCS_SETTINGS"))
+                pool = ModelPool(app.config["NCS_SETTINGS"])
                 atexit.register(pool.close)
                 app.extensions["model_pool"] = pool
     return pool

@@ -19,10 +19,11 @@ import peewee as pw
 
 from trainer import sizing
 
-from . import datasets
+from . import datasets, runner
 from .db import database
 from .errors import BadRequest, TooManyRequests
 from .models import JobEvent, TrainingJob, User, utcnow
+from .settings import Settings
 
 QUEUED, PREPARING, RUNNING = "queued", "preparing", "running"
 COMPLETED, FAILED, CANCELLED, INTERRUPTED = "completed", "failed", "cancelled", "interrupted"
@@ -40,7 +41,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     CANCELLED: frozenset(),
 }
 
-DEFAULT_BACKOFF_S = 10.0  # first retry waits this long, then doubles
+# A retry waits the retry_backoff_seconds setting, then doubles, up to this.
+DEFAULT_BACKOFF_S: float = Settings.retry_backoff_seconds  # the setting's default, for callers without settings
 MAX_BACKOFF_S = 600.0
 
 
@@ -125,8 +127,9 @@ def get(job_id: int) -> TrainingJob:
 
 # --- submission --------------------------------------------------------------------------------------
 
-# key -> (type, minimum, maximum); the names are the trainer's config names.
-_INT_KEYS = {
+# key -> (minimum, maximum) of the integer settings of a job config (the trainer's config names); estimates
+# are asked within the same bounds.
+INT_BOUNDS = {
     "depth": (1, 32),
     "max_steps": (1, 10_000_000),
     "checkpoint_every": (1, 10_000_000),
@@ -142,14 +145,14 @@ _STR_KEYS = {"name": 120}
 _REQUIRED = ("depth", "dataset")
 
 
-def validate_config(config: Any, user: User, settings: Any) -> dict[str, Any]:
+def validate_config(config: Any, user: User, settings: Settings) -> dict[str, Any]:
     """The config as the trainer will get it, or :class:`JobConfigError` saying what is wrong (the
     dataset's own errors come from datasets.validate_spec: 400, 403 for a server path, 404)."""
     if not isinstance(config, dict):
         raise JobConfigError("the job config must be a JSON object")
-    unknown = sorted(set(config) - set(_INT_KEYS) - set(_FLOAT_KEYS) - set(_STR_KEYS) - {"dataset"})
+    unknown = sorted(set(config) - set(INT_BOUNDS) - set(_FLOAT_KEYS) - set(_STR_KEYS) - {"dataset"})
     if unknown:
-        allowed = ", ".join(sorted([*_INT_KEYS, *_FLOAT_KEYS, *_STR_KEYS, "dataset"]))
+        allowed = ", ".join(sorted([*INT_BOUNDS, *_FLOAT_KEYS, *_STR_KEYS, "dataset"]))
         raise JobConfigError(f"unknown config key(s): {', '.join(unknown)} (allowed: {allowed})")
     for key in _REQUIRED:
         if key not in config:
@@ -158,8 +161,8 @@ def validate_config(config: Any, user: User, settings: Any) -> dict[str, Any]:
     for key, value in config.items():
         if key == "dataset":
             continue
-        if key in _INT_KEYS:
-            lo, hi = _INT_KEYS[key]
+        if key in INT_BOUNDS:
+            lo, hi = INT_BOUNDS[key]
             if isinstance(value, bool) or not isinstance(value, int):
                 raise JobConfigError(f"'{key}' must be an integer, got {type(value).__name__}")
             if not lo <= value <= hi:
@@ -185,7 +188,7 @@ def validate_config(config: Any, user: User, settings: Any) -> dict[str, Any]:
     return clean
 
 
-def submit(user: User, config: dict[str, Any], settings: Any) -> TrainingJob:
+def submit(user: User, config: dict[str, Any], settings: Settings) -> TrainingJob:
     """Validate ``config`` and queue a job for ``user``.
 
     Raises JobConfigError (400), datasets' errors for the dataset (DatasetError 400, Forbidden 403,
@@ -193,7 +196,7 @@ def submit(user: User, config: dict[str, Any], settings: Any) -> TrainingJob:
     the bell (``tasks.enqueue_job(job.id)``) after this returns.
     """
     clean = validate_config(config, user, settings)
-    max_queued = int(getattr(settings, "max_queued_jobs", 10))
+    max_queued = settings.max_queued_jobs
     with database.atomic():
         # Write-lock the user's row first (PostgreSQL row lock, SQLite's write lock) so two concurrent
         # submits cannot both pass the count below.
@@ -204,7 +207,7 @@ def submit(user: User, config: dict[str, Any], settings: Any) -> TrainingJob:
             raise JobLimitError(f"you already have {waiting} jobs waiting to run (the limit is {max_queued}); "
                                 "wait for one to start or cancel one")
         job = TrainingJob.create(user=user, name=clean.pop("name", "") or "", config=clean,
-                                 max_attempts=int(getattr(settings, "max_attempts", 3)))
+                                 max_attempts=settings.max_attempts)
         _append_event(job.id, "state", {"to": QUEUED, "from": [], "reason": "submitted"}, 0)
     return TrainingJob.get_by_id(job.id)
 
@@ -439,7 +442,7 @@ def queue_position(job: TrainingJob) -> int:
             .count())
 
 
-def why_waiting(job: TrainingJob, settings: Any = None) -> str:
+def why_waiting(job: TrainingJob, settings: Settings) -> str:
     """One sentence for the job page: why this job is not running yet (or "" when it is not waiting)."""
     now = utcnow()
     if job.status == QUEUED:
@@ -447,9 +450,9 @@ def why_waiting(job: TrainingJob, settings: Any = None) -> str:
             wait = max(1, round((job.not_before - now).total_seconds()))
             after = job.status_reason.split(" after ", 1)[-1] if " after " in job.status_reason else "a failure"
             return f"retrying in {wait} s after {after} (attempt {job.attempt + 1} of {job.max_attempts})"
-        limit = getattr(settings, "max_running_jobs", None)
+        limit = settings.max_running_jobs
         mine = running_counts().get(job.user_id, 0)
-        if limit is not None and mine >= int(limit):
+        if mine >= limit:
             return f"waiting: you already have {mine} job{'s' if mine != 1 else ''} running (the limit is {limit})"
         ahead = queue_position(job)
         slot = _slot_words(settings)
@@ -464,10 +467,5 @@ def why_waiting(job: TrainingJob, settings: Any = None) -> str:
     return ""
 
 
-def _slot_words(settings: Any) -> str:
-    gpus = str(getattr(settings, "gpus", "none") or "none").strip().lower()
-    return "CPU slot" if gpus in ("none", "", "auto") and not _has_gpu_hint() else "GPU"
-
-
-def _has_gpu_hint() -> bool:
-    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
+def _slot_words(settings: Settings) -> str:
+    return "GPU" if runner.local_slots(settings)[0].kind == "gpu" else "CPU slot"

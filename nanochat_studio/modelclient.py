@@ -21,8 +21,6 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
-EXIT_BAD_CHECKPOINT = 3  # trainer/serve.py's exit code for a checkpoint that cannot load
-
 
 class InferenceError(Exception):
     """Generation failed. ``permanent``: the same request will fail again; ``status``: HTTP status."""
@@ -64,6 +62,20 @@ class Final:
             "elapsed_ms": round(self.elapsed_s * 1000, 1),
             "tokens_per_sec": None if tps is None else round(tps, 1),
         }
+
+
+class Delta(str):
+    """Text of a stream (it is a str) carrying what the server sent with it: ``logprobs`` (the entries
+    of the tokens behind this text, when the request asked for them) and ``echo`` (this is the echoed
+    prompt, not generated text). See trainer/serve.py for the entries' shape."""
+
+    logprobs: list | None
+    echo: bool
+
+    def __new__(cls, text: str, logprobs: list | None = None, echo: bool = False) -> "Delta":
+        obj = super().__new__(cls, text)
+        obj.logprobs, obj.echo = logprobs, echo
+        return obj
 
 
 # --- one server --------------------------------------------------------------------------------------
@@ -145,7 +157,9 @@ class ModelServer:
     def generate(self, sock: socket.socket, rid: str, mode: str, payload: Any, sampling: dict, *,
                  read_timeout: float, heartbeat_s: float) -> Iterator[Any]:
         """Send generation request ``rid`` on ``sock`` (from :meth:`connect`, closed by the caller) and
-        yield str deltas, None after ``heartbeat_s`` of silence, then a Final. Closed early (or failing),
+        yield str deltas (a :class:`Delta` when they carry log-probabilities or echo the prompt), None
+        after ``heartbeat_s`` of silence, then a Final. Keys of ``sampling`` other than the sampling
+        settings (``echo``, ``logprobs``) reach the server as they are. Closed early (or failing),
         it asks the server to cancel the request. Raises InferenceError; OSError when the socket fails."""
         done = False
         try:
@@ -175,19 +189,23 @@ class ModelServer:
                 if msg.get("id") != rid:
                     continue
                 if "delta" in msg:
-                    if ttft is None:
+                    echo = bool(msg.get("echo"))
+                    if ttft is None and not echo:
                         ttft = now - t0
-                    text = msg["delta"]
+                    text, entries = msg["delta"], msg.get("logprobs")
                     if not pending:
                         # A reader slower than the model (a busy machine, a slow client) gets what has
                         # piled up as one delta instead of paying per-event costs for each token.
                         for more in lines.ready():
-                            if not pending and more.get("id") == rid and "delta" in more:
+                            if not pending and more.get("id") == rid and "delta" in more \
+                                    and bool(more.get("echo")) == echo:
                                 text += more["delta"]
+                                if more.get("logprobs") is not None:
+                                    entries = (entries or []) + more["logprobs"]
                             else:
                                 pending.append(more)
                     last_yield = now
-                    yield text
+                    yield Delta(text, entries, echo) if entries is not None or echo else text
                 elif msg.get("done"):
                     done = True
                     yield Final(msg.get("finish_reason") or "stop", int(msg.get("prompt_tokens") or 0),

@@ -1,6 +1,7 @@
 """The store's tables. Query helpers live here as model methods; state changes of jobs live in jobs.py.
 
-Every table binds to ``db.database`` (a DatabaseProxy) so the same models serve SQLite and PostgreSQL.
+Every table binds to ``database`` (a DatabaseProxy that db.py opens from a URL) so the same models serve
+SQLite and PostgreSQL; this module imports nothing of the appliance.
 Times are UTC, naive (``utcnow``); JSON columns hold dicts.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import peewee as pw
 
-from .db import database
+database = pw.DatabaseProxy()
 
 
 def utcnow() -> dt.datetime:
@@ -34,6 +35,22 @@ class BaseModel(pw.Model):
     class Meta:
         database = database
         legacy_table_names = False
+
+    # Tables whose rows belong to a user (a ``user`` column) are read through these two.
+    @classmethod
+    def owned_by(cls, user: Any) -> pw.ModelSelect:
+        """The rows of ``user`` (a User or its id)."""
+        return cls.select().where(cls.user == user)
+
+    @classmethod
+    def get_owned(cls, ident: Any, user: Any) -> Any:
+        """``user``'s row ``ident`` (an int, or a string from a URL or a JSON body), or None for anyone
+        else's, a missing one and a malformed id alike: the caller answers 404 for all three."""
+        try:
+            pk = int(ident)
+        except (TypeError, ValueError):
+            return None
+        return cls.owned_by(user).where(cls.id == pk).first()
 
 
 class User(BaseModel):
@@ -120,10 +137,6 @@ class TrainingJob(BaseModel):
     finished_at = pw.DateTimeField(null=True)
     updated_at = pw.DateTimeField(default=utcnow)
 
-    @classmethod
-    def owned_by(cls, user: User) -> pw.ModelSelect:
-        return cls.select().where(cls.user == user)
-
 
 class JobEvent(BaseModel):
     """One line of the trainer's progress contract or a lifecycle change; ``seq`` is the SSE event id."""
@@ -158,16 +171,12 @@ class Model(BaseModel):
     size_bytes = pw.BigIntegerField(default=0)
     created_at = pw.DateTimeField(default=utcnow)
 
-    @classmethod
-    def owned_by(cls, user: User) -> pw.ModelSelect:
-        return cls.select().where(cls.user == user)
-
 
 class ChatSession(BaseModel):
     user = pw.ForeignKeyField(User, backref="chats", on_delete="CASCADE")
     model = pw.ForeignKeyField(Model, backref="chats", on_delete="CASCADE")
     title = pw.CharField(max_length=200, default="New chat")
-    mode = pw.CharField(max_length=16, default="chat")  # "chat" | "complete"
+    mode = pw.CharField(max_length=16, default="chat")  # one of inference.MODES
     settings = JSONField(default=dict)  # temperature, top_k, top_p, max_tokens
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)

@@ -16,6 +16,7 @@ import ctypes.util
 import dataclasses
 import errno
 import fcntl
+import functools
 import importlib.util
 import logging
 import os
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from trainer import progress
+from trainer.sizing import ModelShape
+
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +61,39 @@ class Slot:
         return "cuda" if self.kind == "gpu" else "cpu"
 
 
-def local_slots(settings: Any) -> list[Slot]:
+def local_slots(settings: Settings) -> list[Slot]:
     """This process's slots: one per GPU (``gpus`` = auto / none / "0,1"), else ``cpu_slots`` CPU shares."""
-    gpus = str(getattr(settings, "gpus", "auto") or "auto").strip().lower()
     ids: list[str] = []
-    if gpus == "auto":
+    if settings.gpus == "auto":
         ids = detect_gpus()
-    elif gpus != "none":
-        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    elif settings.gpus != "none":
+        ids = [g for g in settings.gpus.split(",") if g]
     if ids:
         return [Slot(f"gpu{i}", "gpu", (i,)) for i in ids]
-    n = max(1, int(getattr(settings, "cpu_slots", 1)))
+    n = settings.cpu_slots
     threads = max(1, (os.cpu_count() or 1) // n)
     return [Slot(f"cpu{k}", "cpu", (), threads) for k in range(n)]
 
 
 def detect_gpus() -> list[str]:
-    """GPU ids visible here, without importing torch (the web process never does)."""
+    """GPU ids visible here, without importing torch (the web process never does). The one GPU
+    heuristic of the appliance: CUDA_VISIBLE_DEVICES when set, else what ``nvidia-smi -L`` lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    return list(_nvidia_smi_gpus())
+
+
+@functools.lru_cache(maxsize=1)
+def _nvidia_smi_gpus() -> tuple[str, ...]:
+    # Asked once per process: the job pages ask which slots there are for every waiting job.
     if not shutil.which("nvidia-smi"):
-        return []
+        return ()
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.split(":", 1)[0].split()[1] for line in out.splitlines() if line.startswith("GPU ")]
+        return ()
+    return tuple(line.split(":", 1)[0].split()[1] for line in out.splitlines() if line.startswith("GPU "))
 
 
 # --- the spawn primitive -----------------------------------------------------------------------------
@@ -126,13 +136,13 @@ class SpawnError(RuntimeError):
     """A helper program could not start, failed, timed out or gave no answer."""
 
 
-def run_helper(settings: Any, module: str, args: Sequence[str], *, event: str, timeout: float,
+def run_helper(settings: Settings, module: str, args: Sequence[str], *, event: str, timeout: float,
                slot: Slot | None = None) -> dict:
     """Run ``python -m module args`` on ``slot`` (default: this process's first slot) and return the
     fields of the first ``event`` line it prints. Call it from the thread that waits for the answer
     (the child dies with it). Raises SpawnError."""
     slot = slot or local_slots(settings)[0]
-    python = getattr(settings, "trainer_python", None) or sys.executable
+    python = settings.trainer_python
     try:
         proc = spawn([python, "-m", module, *args], env=trainer_env(slot), stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE)
@@ -156,18 +166,19 @@ def run_helper(settings: Any, module: str, args: Sequence[str], *, event: str, t
     raise SpawnError(f"{module} exited {proc.returncode} without a {event} event: {tail[0][:300]}")
 
 
-def probe_device(settings: Any) -> dict:
+def probe_device(settings: Settings) -> dict:
     """{"device", "device_name", "memory_bytes"} of where this process's jobs train, asked of the
     trainer itself (the web process never imports torch). Raises SpawnError."""
     return run_helper(settings, "trainer.calibrate", ["--probe"], event="calibration", timeout=120)
 
 
-def calibrate(settings: Any, shape: Any, batch_size: int, *, timeout: float = 600) -> dict:
-    """Time a few real training steps at ``shape`` (trainer.sizing.ModelShape) on this machine's first
-    slot: the calibration event's fields (tokens_per_sec, step_s, ...). Raises SpawnError."""
+def calibrate(settings: Settings, shape: ModelShape, batch_size: int, *, timeout: float = 600,
+              slot: Slot | None = None) -> dict:
+    """Time a few real training steps at ``shape`` (trainer.sizing.ModelShape) on ``slot`` (default: this
+    machine's first): the calibration event's fields (tokens_per_sec, step_s, ...). Raises SpawnError."""
     args = ["--depth", str(shape.depth), "--vocab-size", str(shape.vocab_size), "--seq-len", str(shape.seq_len),
             "--batch-size", str(batch_size)]
-    return run_helper(settings, "trainer.calibrate", args, event="calibration", timeout=timeout)
+    return run_helper(settings, "trainer.calibrate", args, event="calibration", timeout=timeout, slot=slot)
 
 
 # --- the run directory's lock --------------------------------------------------------------------------
@@ -195,9 +206,8 @@ def acquire_run_lock(run_dir: Path, wait_s: float = 0.0) -> int | None:
 # --- the trainer's command line and environment ----------------------------------------------------------
 
 
-def trainer_argv(settings: Any, slot: Slot, config_path: Path, run_dir: Path) -> list[str]:
-    python = getattr(settings, "trainer_python", None) or sys.executable
-    module = getattr(settings, "trainer_module", None) or "trainer.train"
+def trainer_argv(settings: Settings, slot: Slot, config_path: Path, run_dir: Path) -> list[str]:
+    python, module = settings.trainer_python, settings.trainer_module
     args = ["--config", str(config_path), "--out", str(run_dir), "--resume"]
     if slot.kind == "gpu" and len(slot.gpu_ids) > 1:
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(slot.gpu_ids)}",
@@ -205,9 +215,11 @@ def trainer_argv(settings: Any, slot: Slot, config_path: Path, run_dir: Path) ->
     return [python, "-m", module, *args]
 
 
-def trainer_env(slot: Slot) -> dict[str, str]:
+def trainer_env(slot: Slot | None = None) -> dict[str, str]:
+    """This process's environment for a trainer-package child, on ``slot`` when given."""
     env = dict(os.environ)
-    env.update(slot.env())
+    if slot is not None:
+        env.update(slot.env())
     env["PYTHONUNBUFFERED"] = "1"
     # Make `trainer` importable whether it is installed or this is a checkout, without touching cwd.
     spec = importlib.util.find_spec("trainer")
@@ -220,20 +232,14 @@ def trainer_env(slot: Slot) -> dict[str, str]:
 # --- model servers (owned by the chat engineer; inference.py is their only client) ----------------------
 
 
-def start_model_server(checkpoint_dir: str, socket_path: str, device: str, settings: Any, *,
+def start_model_server(checkpoint_dir: str, socket_path: str, device: str, settings: Settings, *,
                        stderr: Any = None, max_active: int = 16) -> subprocess.Popen:
     """Start ``python -m trainer.serve`` for one checkpoint, listening on ``socket_path``; returns the Popen
     (inference.ModelPool waits for the socket, stops and restarts it). Raises OSError."""
-    python = getattr(settings, "trainer_python", None) or sys.executable
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
+    env = trainer_env()
     # tiny models decode fastest on few threads; an explicit OMP_NUM_THREADS is left alone
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
-    spec = importlib.util.find_spec("trainer")
-    if spec and spec.submodule_search_locations:
-        root = str(Path(list(spec.submodule_search_locations)[0]).parent)
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    argv = [python, "-m", "trainer.serve", "--socket", socket_path, "--checkpoint", checkpoint_dir,
+    argv = [settings.trainer_python, "-m", "trainer.serve", "--socket", socket_path, "--checkpoint", checkpoint_dir,
             "--device", device or "auto", "--max-active", str(max_active)]
     # Not die_with_parent: that follows the spawning THREAD, and a request thread may end before the
     # server should; trainer.serve watches its parent process instead and exits when it is gone.

@@ -84,6 +84,9 @@ class Settings:
                                   minimum=0.05)
     term_grace_seconds: float = _f(120.0, "How long a stopped trainer may take to checkpoint before it is "
                                    "killed.", minimum=0)
+    mirror_checkpoints: bool | None = _f(None, "Copy a running job's checkpoints into storage so a worker on "
+                                         "another machine can resume it: `true`, `false` or `auto`.",
+                                         default_doc="auto: on when storage_url is remote")
     max_running_jobs: int = _f(2, "Running jobs per user.", minimum=1)
     max_queued_jobs: int = _f(10, "Waiting jobs per user before submissions get 429.", minimum=1)
     # --- data ---

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from typing import IO, Any, Iterator, Mapping
 import fsspec
 
 from .archive import GzipTar, archive_dirname, inline_member, model_card
+from .settings import Settings
 
 MARKER = "_COMMITTED.json"
 MARKER_FORMAT = "ncs-dir/1"
@@ -83,14 +83,6 @@ def dataset_prefix(user_id: int, dataset_token: str | int) -> str:
     return check_key(f"{user_prefix(user_id)}/datasets/{dataset_token}")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _copy_hashing(src: IO[bytes], dst: IO[bytes], limit: int | None = None) -> tuple[int, str]:
     """Copy in bounded chunks; return (bytes, sha256). Raise TooLargeError past ``limit``."""
     h = hashlib.sha256()
@@ -118,8 +110,8 @@ class Storage:
         self.cache_dir = Path(cache_dir) if cache_dir else None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Storage":
-        url = settings.storage_url or f"file://{Path(settings.home) / 'storage'}"
+    def from_settings(cls, settings: Settings) -> "Storage":
+        url = settings.storage_url
         cache = Path(settings.home) / "cache" / "storage" / hashlib.sha256(url.encode()).hexdigest()[:12]
         return cls(url, settings.storage_options or {}, cache_dir=cache)
 
@@ -145,13 +137,6 @@ class Storage:
         return m
 
     # -- single objects ----------------------------------------------------------------------------------
-    def put_file(self, local_path: str | os.PathLike, key: str) -> dict:
-        with open(local_path, "rb") as src:
-            return self.put_stream(src, key)
-
-    def put_bytes(self, data: bytes, key: str) -> dict:
-        return self.put_stream(io.BytesIO(data), key)
-
     def put_stream(self, stream: IO[bytes], key: str, max_bytes: int | None = None) -> dict:
         """Write ``stream`` to ``key`` in bounded chunks; return {"size", "sha256"}.
 
@@ -190,12 +175,6 @@ class Storage:
         except FileNotFoundError as e:
             raise KeyNotFound(key) from e
 
-    def exists(self, key: str) -> bool:
-        """A file, or a directory whose marker was written. A half-uploaded directory is absent."""
-        if self._read_marker(key) is not None:
-            return True
-        return bool(self.fs.isfile(self._path(key)))
-
     def size(self, key: str) -> int:
         """Bytes of a file or a committed directory. KeyNotFound if absent."""
         m = self._read_marker(key)
@@ -205,15 +184,6 @@ class Storage:
         if not self.fs.isfile(path):  # a prefix of files without a marker is absent too
             raise KeyNotFound(key)
         return int(self.fs.size(path))
-
-    def usage(self, prefix: str) -> int:
-        """Bytes stored under ``prefix``, committed or not (for quotas and cleanup)."""
-        path = self._path(prefix)
-        try:
-            found = self.fs.find(path, detail=True)
-        except FileNotFoundError:
-            return 0
-        return sum(int(info.get("size") or 0) for info in found.values())
 
     def delete(self, key: str) -> None:
         """Remove a file or everything under a prefix; the marker goes first so readers stop at once."""
@@ -378,13 +348,6 @@ class Storage:
             _unlink(str(tmp))
             raise
         return str(dest)
-
-    # -- user-supplied dataset sources (fetch.py decides the options; only this module touches fsspec) --
-    def source_files(self, url: str, options: Mapping[str, Any]) -> list[tuple[str, int]]:
-        """(path, size) of the files under a user's ``s3://`` dataset URL, read with *their* options."""
-        fs, path = fsspec.core.url_to_fs(url, **dict(options))
-        found = fs.find(path, detail=True)
-        return sorted((p, int(i.get("size") or 0)) for p, i in found.items() if i.get("type") != "directory")
 
     # -- downloads ---------------------------------------------------------------------------------------
     def stream_model_archive(self, model: Any, extra_files: Mapping[str, bytes | str] | None = None) -> Iterator[bytes]:

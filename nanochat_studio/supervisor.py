@@ -5,8 +5,8 @@ same run can never start while the first lives), prepares the data and the job's
 trainer through ``runner.spawn`` (runner.py stays the only code that spawns processes), tails the
 trainer's JSON-lines event file into JobEvents and progress, renews the lease, honours cancel and
 shutdown with SIGTERM (the trainer checkpoints and exits 75), maps the exit code to the job's outcome
-with ``trainer.progress.outcome_of_exit``, and creates and publishes the Model a finished run leaves.
-Checkpoints are mirrored to storage by mirror.py.
+with ``trainer.progress.outcome_of_exit``, and has the Model a finished run leaves created and published
+(checkpoints.py owns how a checkpoint becomes a Model, and mirrors checkpoints to storage).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import peewee as pw
 from trainer import progress
 
 from . import datasets, jobs
+from .checkpoints import CheckpointMirror, create_run_model, final_checkpoint, publish_model, run_dir_for
 from .db import database
-from .mirror import CheckpointMirror, artifact_store
 from .models import Model, TrainingJob
 from .runner import Slot, acquire_run_lock, signal_group, spawn, trainer_argv, trainer_env
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,10 @@ EventCallback = Callable[[int, int, str, dict], None]  # job_id, seq, kind, data
 # --- where a run lives -----------------------------------------------------------------------------------
 
 
-def run_dir_for(job: TrainingJob, settings: Any) -> Path:
-    return Path(getattr(settings, "runs_dir")) / f"job-{job.id}"
-
-
-def data_cache_dir(settings: Any) -> Path:
+def data_cache_dir(settings: Settings) -> Path:
     """Tokenized data shared by all runs on this machine: the trainer's cache is content-addressed and
     published by rename, so jobs on the same data skip tokenizing (the demo corpus: ~20 s on 2 cores)."""
-    home = getattr(settings, "home", None)
-    return Path(home) / "cache" / "data" if home else Path(getattr(settings, "runs_dir")) / "_data_cache"
+    return Path(settings.home) / "cache" / "data"
 
 
 
@@ -56,14 +52,14 @@ def data_cache_dir(settings: Any) -> Path:
 
 
 class _Supervisor:
-    def __init__(self, job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None,
+    def __init__(self, job: TrainingJob, slot: Slot, settings: Settings, on_event: EventCallback | None,
                  stop: threading.Event | None):
         self.job, self.slot, self.settings, self.on_event = job, slot, settings, on_event
         self.stop = stop or threading.Event()
         self.attempt = job.attempt
         self.owner = job.lease_owner or jobs.owner_id(slot.name)
-        self.lease_s = float(getattr(settings, "lease_seconds", 30))
-        self.backoff = float(getattr(settings, "retry_backoff_seconds", jobs.DEFAULT_BACKOFF_S))
+        self.lease_s = settings.lease_seconds
+        self.backoff = settings.retry_backoff_seconds
         self.run_dir = run_dir_for(job, settings)
         self.progress: dict[str, Any] = dict(job.progress or {})
         self.facts: dict[str, Any] = {}  # what the Model row needs: params, samples, sha, checkpoint
@@ -214,7 +210,7 @@ class _Supervisor:
                 log.exception("supervising job %s failed; stopping its trainer", job.id)
                 signal_group(proc, signal.SIGTERM)
                 try:
-                    proc.wait(float(getattr(self.settings, "term_grace_seconds", 120)))
+                    proc.wait(self.settings.term_grace_seconds)
                 except subprocess.TimeoutExpired:
                     signal_group(proc, signal.SIGKILL)
                     proc.wait()
@@ -242,7 +238,7 @@ class _Supervisor:
     def _supervise(self, proc: subprocess.Popen, tail: Any) -> tuple[int, str | None]:
         term_reason: str | None = None
         term_at = 0.0
-        grace = float(getattr(self.settings, "term_grace_seconds", 120))
+        grace = self.settings.term_grace_seconds
         next_poll = 0.0
         db_errors = 0
         while True:
@@ -337,53 +333,25 @@ class _Supervisor:
         return status
 
     def _checkpoint_dir(self) -> Path | None:
-        path = self.facts.get("checkpoint")
-        if path:
-            p = Path(path) if os.path.isabs(path) else self.run_dir / path
-            if (p / "manifest.json").exists():
-                return p
-        found = sorted(self.run_dir.glob("checkpoints/step_*/manifest.json"))
-        return found[-1].parent if found else None
+        return final_checkpoint(self.run_dir, self.facts.get("checkpoint"))
 
     def _create_model(self, cancelled: bool) -> Model:
-        # The row first points at the run directory; _publish moves it to storage once uploaded, so
-        # the (possibly slow) upload happens outside the transaction that ends the job.
-        job = TrainingJob.get_by_id(self.job.id)
         ckpt = self._checkpoint_dir()
         assert ckpt is not None
-        done = self.facts.get("done") or {}
-        start = self.facts.get("start") or {}
-        step = done.get("step", self.progress.get("checkpoint_step") or self.progress.get("step") or 0)
-        tok = ckpt / "tokenizer"
-        name = job.name or f"job {job.id}"
-        return Model.create(
-            user=job.user_id, job=job.id, name=name + (f" (cancelled at step {step})" if cancelled else ""),
-            step=step or 0, checkpoint_key=str(ckpt), tokenizer_key=str(tok if tok.exists() else ckpt),
-            params=int(self.facts.get("params") or 0), config=start.get("config") or job.config,
-            metrics={"final_loss": done.get("final_loss", self.progress.get("loss")),
-                     "final_val_bpb": done.get("final_val_bpb", self.progress.get("val_bpb")),
-                     "steps": step, "elapsed_s": done.get("elapsed_s")},
-            samples=self.facts.get("samples") or [], data_source=datasets.describe_spec(job.config.get("dataset")),
-            data_sha256=str(self.facts.get("data_sha256") or start.get("data_sha256") or ""),
-            size_bytes=sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()),
-        )
+        return create_run_model(TrainingJob.get_by_id(self.job.id), ckpt, facts=self.facts, progress=self.progress,
+                                cancelled=cancelled)
 
     def _publish(self, model: Model) -> None:
-        store = artifact_store(self.settings)
-        if store is None:
-            return
         try:
-            key = store.publish_checkpoint(model.user_id, model.id, model.checkpoint_key)
+            key = publish_model(model, self.settings)
         except Exception as exc:  # the model stays usable from the run directory on this machine
             log.exception("publishing the checkpoint of job %s failed", self.job.id)
             self.emit("publish", {"ok": False, "error": str(exc)})
             return
-        tokenizer = f"{key}/tokenizer" if model.tokenizer_key.endswith("/tokenizer") else key
-        Model.update(checkpoint_key=key, tokenizer_key=tokenizer).where(Model.id == model.id).execute()
         self.emit("publish", {"ok": True, "key": key})
 
 
-def run_training(job: TrainingJob, slot: Slot, settings: Any, on_event: EventCallback | None = None, *,
+def run_training(job: TrainingJob, slot: Slot, settings: Settings, on_event: EventCallback | None = None, *,
                  stop: threading.Event | None = None) -> str | None:
     """Supervise the claimed ``job`` (status preparing, attempt and lease set by ``jobs.claim_next``)
     on ``slot`` until its trainer exits. Call it from the thread that should own the trainer's life.

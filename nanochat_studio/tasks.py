@@ -4,11 +4,12 @@ supervisor.py (one training attempt).
 huey is at-most-once (a task running when its consumer dies is lost), so it only rings a bell: "a job
 may be ready". Whoever hears it claims the oldest fair job from the jobs table (compare-and-set) and
 supervises it on a free local slot. A ticker thread per consumer reconciles lost leases every
-``RECONCILE_EVERY_S`` and rings again when a backed-off job becomes ready, so nothing depends on a
+``reconcile_seconds`` (a setting) and rings again when a backed-off job becomes ready, so nothing depends on a
 message surviving.
 
 ``serve`` calls :func:`start_consumer` / :func:`stop_consumer`; ``worker`` calls :func:`run_worker`.
-The API calls :func:`enqueue_job` after ``jobs.submit``.
+The API calls :func:`enqueue_job` after ``jobs.submit``. Estimates time their shapes with
+:func:`calibrate_on_a_slot`, on a slot taken from the same pool as jobs.
 """
 
 from __future__ import annotations
@@ -17,27 +18,28 @@ import dataclasses
 import logging
 import signal
 import threading
-from typing import Any
 
 import peewee as pw
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
+from trainer.sizing import ModelShape
+
 from . import jobs, runner, supervisor
 from .db import database
 from .models import TrainingJob, utcnow
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-RECONCILE_EVERY_S = 12.0
 POLL_MAX_DELAY_S = 0.2  # an idle SQL-backed queue notices a new task within this
 
 
-def make_huey(settings: Any) -> Huey:
+def make_huey(settings: Settings) -> Huey:
     """The huey instance for ``settings.queue_url`` (sqlite:///path, redis://..., postgresql://...),
     with this module's tasks registered on it; one per URL per process. Raises ValueError for another
     scheme."""
-    url = str(getattr(settings, "queue_url"))
+    url = settings.queue_url
     with _hueys_lock:
         if url not in _hueys:
             _hueys[url] = _new_huey(url)
@@ -112,7 +114,7 @@ _hueys_lock = threading.Lock()
 class _Local:
     """This process's worker side: its slots and the flag that tells trainers to checkpoint and stop."""
 
-    settings: Any
+    settings: Settings
     free: list[runner.Slot]
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -152,8 +154,8 @@ def run_next_job(job_id: int | None = None) -> str | None:
             return gpus_wanted(job) <= len(free) if on_gpus else gpus_wanted(job) == 1
 
         job = jobs.claim_next(jobs.owner_id(free[0].name), free[0].name,
-                              lease_seconds=float(getattr(settings, "lease_seconds", 30)),
-                              max_running_jobs=getattr(settings, "max_running_jobs", None), fits=fits)
+                              lease_seconds=settings.lease_seconds,
+                              max_running_jobs=settings.max_running_jobs, fits=fits)
         if job is None:
             return None
         taken = free[:gpus_wanted(job)]
@@ -178,10 +180,29 @@ def run_next_job(job_id: int | None = None) -> str | None:
     return status
 
 
-def enqueue_job(job_id: int, settings: Any = None) -> bool:
+def calibrate_on_a_slot(settings: Settings, shape: ModelShape, batch_size: int) -> dict | None:
+    """Time ``shape`` (runner.calibrate) on a free slot of this process, taken like a job takes one, so a
+    timing run never competes with a training run outside the slot accounting. None, at once, when this
+    process runs no consumer or every slot is busy. Raises runner.SpawnError."""
+    local = _local
+    if local is None:
+        return None
+    with local.lock:
+        if not local.free or local.stop.is_set():
+            return None
+        slot = local.free.pop(0)
+    try:
+        return runner.calibrate(settings, shape, batch_size, slot=slot)
+    finally:
+        local.give(slot)
+        if not local.stop.is_set():
+            ring_if_ready(settings)  # a job that arrived meanwhile waited for this slot
+
+
+def enqueue_job(job_id: int, settings: Settings | None = None) -> bool:
     """Ring the bell for a submitted job (called by the API after ``jobs.submit``). ``settings`` may be
     left out in a process that runs the consumer. Never raises for a queue outage: the job is already
-    in the table and a reconciler rings again within ``RECONCILE_EVERY_S``; returns whether it rang."""
+    in the table and a reconciler rings again within ``reconcile_seconds``; returns whether it rang."""
     if settings is None:
         if _local is None:
             raise RuntimeError("enqueue_job needs settings in a process without a consumer")
@@ -197,7 +218,7 @@ def enqueue_job(job_id: int, settings: Any = None) -> bool:
     return False
 
 
-def enqueue_facts(key: str, settings: Any) -> bool:
+def enqueue_facts(key: str, settings: Settings) -> bool:
     """Queue the preparation of a dataset's facts (datafacts.compute) for whichever consumer is free;
     never raises for a queue outage (the next estimate asks again once the request is stale)."""
     try:
@@ -208,7 +229,7 @@ def enqueue_facts(key: str, settings: Any) -> bool:
         return False
 
 
-def ring_if_ready(settings: Any = None) -> bool:
+def ring_if_ready(settings: Settings | None = None) -> bool:
     """Ring once if a queued job is ready now. Returns whether it rang."""
     settings = settings if settings is not None else (_local.settings if _local else None)
     ready_at = jobs.next_ready_at()
@@ -218,9 +239,8 @@ def ring_if_ready(settings: Any = None) -> bool:
     return True
 
 
-def reconcile_and_ring(settings: Any) -> list[int]:
-    backoff = float(getattr(settings, "retry_backoff_seconds", jobs.DEFAULT_BACKOFF_S))
-    moved = jobs.reconcile(backoff_base=backoff)
+def reconcile_and_ring(settings: Settings) -> list[int]:
+    moved = jobs.reconcile(backoff_base=settings.retry_backoff_seconds)
     if moved:
         log.info("reconciled jobs %s", moved)
     ring_if_ready(settings)
@@ -243,7 +263,7 @@ class ConsumerHandle:
     ticker_stop: threading.Event
 
 
-def start_consumer(settings: Any) -> ConsumerHandle:
+def start_consumer(settings: Settings) -> ConsumerHandle:
     """Run the queue consumer in background threads of this process: reconcile first, then serve
     rings on this process's slots (``gpus`` / ``cpu_slots``)."""
     global _local
@@ -251,7 +271,7 @@ def start_consumer(settings: Any) -> ConsumerHandle:
     slots = runner.local_slots(settings)
     local = _Local(settings=settings, free=list(slots))
     _local = local
-    workers = max(int(getattr(settings, "worker_threads", 4)), len(slots) + 1)
+    workers = max(settings.worker_threads, len(slots) + 1)
     consumer = _ThreadConsumer(huey, workers=workers, periodic=False, initial_delay=0.05, backoff=1.5,
                                max_delay=POLL_MAX_DELAY_S, worker_type="thread", check_worker_health=True)
     try:
@@ -261,7 +281,7 @@ def start_consumer(settings: Any) -> ConsumerHandle:
     thread = threading.Thread(target=consumer.run, name="huey-consumer", daemon=True)
     thread.start()
     ticker_stop = threading.Event()
-    every = float(getattr(settings, "reconcile_seconds", RECONCILE_EVERY_S))
+    every = settings.reconcile_seconds
 
     def tick() -> None:
         while not ticker_stop.is_set():
@@ -296,7 +316,7 @@ def stop_consumer(handle: ConsumerHandle, timeout: float = 150.0) -> None:
         _local = None
 
 
-def run_worker(settings: Any) -> None:
+def run_worker(settings: Settings) -> None:
     """The ``worker`` command: a consumer alone in this process until SIGINT/SIGTERM."""
     handle = start_consumer(settings)
     done = threading.Event()

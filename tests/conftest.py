@@ -61,6 +61,15 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _cheap_password_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passwords are hashed with a cheap pbkdf2 in tests (the suite hashes hundreds, and scrypt costs
+    ~0.1 s a hash here); test_auth.py checks that production stores scrypt hashes."""
+    from nanochat_studio import accounts
+
+    monkeypatch.setattr(accounts, "PASSWORD_HASH_METHOD", "pbkdf2:sha256:1000")
+
+
 # ------------------------------------------------------------------------------------------ PostgreSQL
 
 def _free_port() -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import peewee as pw
 
-from nanochat_studio import auth
+from nanochat_studio import auth, estimate
 from nanochat_studio.db import database
 from nanochat_studio.models import ALL_MODELS, ApiKey, User
 from test_auth import REMOTE, csrf_token_of, register
@@ -202,3 +202,28 @@ def test_a_key_writes_to_the_api_without_a_csrf_token_but_a_cookie_cannot(accoun
     script = app.test_client()
     response = script.post("/api/probe/echo", data={"x": "1"}, headers=bearer(key), environ_base=REMOTE)
     assert response.status_code == 200 and response.json["form"] == {"x": "1"}
+
+
+def test_a_script_uploads_a_dataset_with_a_key_even_in_solo_mode_at_the_machine(account_app):
+    """The README's curl lines: a multipart upload is what a cross-site form could send to a studio on
+    localhost, so even the solo owner's script, on the machine itself, sends a key."""
+    import io
+
+    app = account_app("solo", csrf=True)
+    app.extensions["ncs_calibrator"] = estimate.Calibrator(  # no trainer process asked about the device
+        probe=lambda: {"device": "cpu", "device_name": "test cpu", "memory_bytes": 8 << 30}, run=lambda s, b: None)
+    script = app.test_client()  # from loopback: the solo owner, as far as sign-in goes
+    corpus = b"Once upon a time there was a tiny model.\n" * 50
+    refused = script.post("/api/datasets", data={"file": (io.BytesIO(corpus), "corpus.txt")},
+                          content_type="multipart/form-data")
+    assert refused.status_code == 403 and "API key" in refused.json["error"]["message"]
+
+    database.connect(reuse_if_open=True)
+    _, key = auth.create_api_key(auth.solo_owner(), name="uploads")  # `nanochat-studio keys create`
+    uploaded = script.post("/api/datasets", data={"file": (io.BytesIO(corpus), "corpus.txt")},
+                           content_type="multipart/form-data", headers=bearer(key))
+    assert uploaded.status_code == 201, uploaded.json
+    assert uploaded.json["spec"] == f"ds:{uploaded.json['id']}" and uploaded.json["size_bytes"] == len(corpus)
+    job = script.post("/api/jobs", json={"depth": 1, "dataset": uploaded.json["spec"], "max_steps": 5},
+                      headers=bearer(key))
+    assert job.status_code == 201 and job.json["config"]["dataset"] == uploaded.json["spec"]

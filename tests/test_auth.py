@@ -51,14 +51,11 @@ def probe_admin():
 
 
 @pytest.fixture(name="account_app")
-def account_app_fixture(make_app, monkeypatch):
+def account_app_fixture(make_app):
     """``account_app(mode, csrf=False, **settings)``: conftest's app (store per NCS_TEST_DB) plus the probe
     routes. CSRF is off so tests post bare forms; the CSRF tests turn it on, as production has it.
-
-    Passwords are hashed with a cheap pbkdf2 here (the suite hashes hundreds); the production scrypt
-    has its own test below.
+    (conftest hashes passwords with a cheap pbkdf2; the production scrypt has its own test below.)
     """
-    monkeypatch.setattr(accounts, "PASSWORD_HASH_METHOD", "pbkdf2:sha256:1000")
 
     def make(mode: str = "solo", csrf: bool = False, **overrides):
         app = make_app(mode=mode, **overrides)

@@ -57,6 +57,7 @@ def post_chat(session, url, **body):
     return r, None
 
 
+@pytest.mark.process
 def test_it_streams_deltas_then_one_final_event_with_token_counts(world):
     r, events = post_chat(world["alice"], world["url"], model_id=world["tiny"].id, mode="complete",
                           prompt="Once upon a time", max_tokens=20, temperature=0, seed=1)
@@ -74,6 +75,7 @@ def test_it_streams_deltas_then_one_final_event_with_token_counts(world):
     assert session["mode"] == "complete" and session["title"] == "Once upon a time"
 
 
+@pytest.mark.process
 def test_chat_mode_with_a_real_model(world):
     r, events = post_chat(world["alice"], world["url"], model_id=world["tiny"].id, messages=HI, max_tokens=10,
                           save=False)
@@ -131,6 +133,7 @@ def test_another_users_model_and_sessions_answer_404_everywhere(world):
     assert alice.get(f"{url}/api/chat/sessions/{sid}").status_code == 200  # untouched
 
 
+@pytest.mark.process
 def test_a_failure_is_an_error_event_then_the_final_event(world, tmp_path):
     (tmp_path / "broken").mkdir()
     broken = add_model(world["alice_user"], tmp_path / "broken", name="broken")
@@ -141,6 +144,7 @@ def test_a_failure_is_an_error_event_then_the_final_event(world, tmp_path):
     assert events[2][1]["finish_reason"] == "error"
 
 
+@pytest.mark.process
 def test_a_crash_mid_answer_is_reported_and_the_next_chat_works(world, tmp_path):
     slow = add_model(world["alice_user"], scripted_checkpoint(tmp_path / "slow", "s" * 300, delay_s=0.01), name="slow")
     pool = world["app"].extensions["model_pool"]
@@ -226,6 +230,7 @@ def test_sessions_regenerate_edit_rename_delete(world):
     assert alice.get(f"{url}/api/chat/sessions/{sid}").status_code == 404
 
 
+@pytest.mark.process
 def test_a_running_jobs_newest_checkpoint_can_be_snapshotted_and_chatted_with(world, tmp_path):
     from nanochat_studio.models import Model, TrainingJob
 
@@ -271,6 +276,7 @@ def test_the_chat_pages_render(world):
     assert alice.get(f"{url}/chat/compare?a={world['words'].id}&b={world['tiny'].id}").status_code == 200
 
 
+@pytest.mark.process
 def test_a_slow_model_load_sends_heartbeats_before_the_first_token(live, tmp_path):
     app, server = live(heartbeat_s=0.2)
     add_user("alice@example.com")

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from chat_fixtures import LiveServer, add_model, make_chat_app, scripted_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.process]  # real Chromium and real model servers
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HOSTILE = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> & done'
 

@@ -36,6 +36,7 @@ def subprocess_env(env):
     return {**os.environ, **env, "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.process
 def test_serve_with_port_0_prints_the_real_url_and_answers_healthz(env, home):
     # No subcommand: serve is the default, and takes its options directly.
     proc = subprocess.Popen([sys.executable, "-m", "nanochat_studio", "--port", "0"],

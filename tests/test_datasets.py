@@ -8,10 +8,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import dataclasses
 import io
 import threading
-from types import SimpleNamespace
 
+import fsspec
 import pytest
 
 from nanochat_studio import datasets, fetch
@@ -20,22 +21,29 @@ from nanochat_studio.fetch import NetPolicy, TooLarge, URLRefused
 from nanochat_studio.models import Dataset, TrainingJob, User
 from nanochat_studio.storage import Storage
 from tests.s3server import s3_server  # noqa: F401  (fixture)
+from tests.test_storage import stored_files, visible
 from tests.test_fetch import BODY, https_server, seam, tls_files  # noqa: F401  (fixtures)
-from tests.test_jobs import alice, bob, store  # noqa: F401  (fixtures: a bare store and its users)
+from tests.test_jobs import alice, bob, make_settings, store  # noqa: F401  (fixtures: a bare store and its users)
 
 TEXT = b"It was the best of times, it was the worst of times.\n" * 40  # 2,120 bytes
 
 
 @pytest.fixture
 def settings(tmp_path):
-    return SimpleNamespace(home=str(tmp_path), runs_dir=str(tmp_path / "runs"), storage_url=f"file://{tmp_path}/storage",
-                           storage_options={}, upload_max_bytes=10_000, user_quota_bytes=20_000,
-                           url_max_bytes=1 << 20, url_timeout_s=5, allow_private_urls=False, allow_server_paths=False)
+    return make_settings(tmp_path, upload_max_bytes=10_000, user_quota_bytes=20_000, url_max_bytes=1 << 20,
+                         url_timeout_s=5.0, allow_private_urls=False, allow_server_paths=False)
 
 
 @pytest.fixture
 def admin(store):
     return User.create(email="root@example.com", name="admin", is_admin=True)
+
+
+def list_s3(options, url):
+    """(path, size) of the files under ``url``, listed with ``options`` as the trainer reads a user's
+    s3:// source (s3fs through fsspec)."""
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return sorted((p, int(i.get("size") or 0)) for p, i in fs.find(path, detail=True).items())
 
 
 def job_for(user, dataset):
@@ -76,7 +84,7 @@ def test_an_upload_over_the_size_cap_is_413_and_leaves_nothing(alice, settings, 
     with pytest.raises(TooLarge):  # a declared size fails before reading
         save_upload(alice, "big.txt", io.BytesIO(b""), settings, size_hint=50_000)
     assert Dataset.select().count() == 0
-    assert Storage.from_settings(settings).usage(f"users/{alice.id}") == 0
+    assert stored_files(Storage.from_settings(settings), f"users/{alice.id}") == []
 
 
 def test_the_quota_counts_every_upload_and_names_the_numbers(alice, bob, settings):
@@ -104,7 +112,7 @@ def test_only_the_owner_deletes_a_dataset(alice, bob, settings, tmp_path):
 
 
 def test_uploads_round_trip_through_s3_storage(alice, settings, s3_server, tmp_path):
-    settings.storage_url, settings.storage_options = s3_server.url("ds-test"), s3_server.options
+    settings = dataclasses.replace(settings, storage_url=s3_server.url("ds-test"), storage_options=s3_server.options)
     ds = save_upload(alice, "s3.txt", io.BytesIO(TEXT), settings)
     data, options = resolve_for_training(job_for(alice, f"ds:{ds.id}"), settings, tmp_path / "run")
     assert (data, options) == (str(tmp_path / "run" / "data" / "s3.txt"), None)
@@ -112,7 +120,7 @@ def test_uploads_round_trip_through_s3_storage(alice, settings, s3_server, tmp_p
     assert datasets.recorded_source(tmp_path / "run") == {"source": f"ds:{ds.id}", "sha256": ds.sha256,
                                                           "size": len(TEXT)}
     datasets.delete_dataset(alice, ds.id, settings)
-    assert not Storage.from_settings(settings).exists(ds.storage_key)
+    assert not visible(Storage.from_settings(settings), ds.storage_key)
 
 
 # -- specs ----------------------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ def test_server_paths_need_the_setting_or_an_admin(alice, admin, settings, tmp_p
     with pytest.raises(datasets.Forbidden):
         validate_spec(str(path), alice, settings)
     assert validate_spec(str(path), admin, settings) == {"kind": "path", "source": str(path)}
-    settings.allow_server_paths = True
+    settings = dataclasses.replace(settings, allow_server_paths=True)
     assert validate_spec(str(path) + "/../corpus.txt", alice, settings)["source"] == str(path)
     with pytest.raises(DatasetError, match="does not exist"):
         validate_spec(str(tmp_path / "nope.txt"), alice, settings)
@@ -185,8 +193,8 @@ def test_resolve_hands_the_trainer_something_it_can_read(alice, bob, settings, t
     path.write_bytes(TEXT)
     with pytest.raises(datasets.Forbidden):  # re-checked at run time, not only at submit
         resolve_for_training(job_for(alice, str(path)), settings)
-    assert resolve_for_training(job_for(alice, str(path)), SimpleNamespace(**{**vars(settings),
-                                "allow_server_paths": True})) == (str(path), None)
+    assert resolve_for_training(job_for(alice, str(path)), dataclasses.replace(settings, allow_server_paths=True)
+                                ) == (str(path), None)
 
 
 def test_an_https_dataset_is_downloaded_once_into_the_run_dir(alice, settings, https_server, tls_files, tmp_path):
@@ -247,11 +255,10 @@ def s3_recorder(monkeypatch):
 def test_s3_sources_are_read_unsigned_or_with_the_users_key_never_the_servers(alice, settings, s3_recorder, tmp_path):
     endpoint = f"http://127.0.0.1:{s3_recorder.server_address[1]}"
     loopback_ok = NetPolicy(allow_http=True, is_public=lambda ip: str(ip) == "127.0.0.1")
-    storage = Storage(f"file://{tmp_path}/st")
     for creds, expect in ((None, None), ({"key": "ALICEKEY", "secret": "ALICESECRET"}, "ALICEKEY")):
         s3_recorder.auth.clear()
         options = fetch.s3_options({**(creds or {}), "endpoint_url": endpoint}, settings, policy=loopback_ok)
-        storage.source_files("s3://bucket/p", options)
+        list_s3(options, "s3://bucket/p")
         assert s3_recorder.auth, "the client made no request"
         for header in s3_recorder.auth:
             assert "SERVERKEY" not in (header or "")
@@ -264,5 +271,4 @@ def test_a_public_bucket_is_listed_anonymously(settings, s3_server):
     bucket = s3_server.new_bucket(public_read=True)
     s3_server.put(bucket, "corpus/a.txt", TEXT)
     options = {"anon": True, "client_kwargs": {"endpoint_url": s3_server.endpoint}}
-    files = Storage(f"file://{settings.home}/st").source_files(f"s3://{bucket}/corpus", options)
-    assert files == [(f"{bucket}/corpus/a.txt", len(TEXT))]
+    assert list_s3(options, f"s3://{bucket}/corpus") == [(f"{bucket}/corpus/a.txt", len(TEXT))]

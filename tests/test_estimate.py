@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import client_as
 
-from nanochat_studio import datafacts, datasets, estimate, jobs, planning, tasks
+from nanochat_studio import datafacts, datasets, estimate, jobs, tasks
 from nanochat_studio.db import database
 from nanochat_studio.models import AppState, JobEvent, TrainingJob
 from nanochat_studio.views import jobs as job_views
@@ -22,10 +22,13 @@ FAKE_DEVICE = {"device": "cpu", "device_name": "test cpu", "memory_bytes": 8 << 
 
 
 @pytest.fixture(autouse=True)
-def _no_background_calibration(monkeypatch):
-    """No torch timing runs here: the calibration is stored by hand where a test needs one."""
-    monkeypatch.setattr(planning, "_device", dict(FAKE_DEVICE))
-    monkeypatch.setattr(planning, "_calibrator", estimate.Calibrator(lambda shape, batch: None))
+def _no_background_calibration(app):
+    """No torch timing runs here (the calibration is stored by hand where a test needs one); the data's
+    preparation is queued on the app's queue as in the app."""
+    settings = app.config["NCS_SETTINGS"]
+    app.extensions["ncs_calibrator"] = estimate.Calibrator(
+        probe=lambda: dict(FAKE_DEVICE), run=lambda shape, batch: None,
+        prepare=lambda key: tasks.enqueue_facts(key, settings))
 
 
 def corpus(n_bytes: int, seed: int = 3) -> bytes:

@@ -9,6 +9,7 @@ original name for SNI, Host and certificate checks (``public.test`` exists in no
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import http.server
@@ -16,20 +17,21 @@ import ipaddress
 import ssl
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from nanochat_studio import fetch
 from nanochat_studio.fetch import FetchFailed, NetPolicy, SourceTooLarge, URLRefused, check_url, download
+from nanochat_studio.settings import load_settings
 
 BODY = bytes(range(256)) * 400  # 100 KiB
 
 
 def settings(**kw):
-    base = dict(url_max_bytes=1 << 20, url_timeout_s=5, allow_private_urls=False)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    """Real settings with these tests' fetch limits. The secret key is given, so nothing is written."""
+    base = load_settings(environ={"NCS_HOME": "/nonexistent/ncs-fetch-tests", "NCS_SECRET_KEY": "k" * 32})
+    return dataclasses.replace(base, **{"url_max_bytes": 1 << 20, "url_timeout_s": 5.0, "allow_private_urls": False,
+                                        **kw})
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ fake_model.json) make crashes, queues and timing deterministic; they run the sam
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -20,9 +21,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from chat_fixtures import cached_tiny_checkpoint, scripted_checkpoint  # noqa: E402
 
 from nanochat_studio.inference import Final, InferenceError, ModelPool, TooBusy  # noqa: E402
+from nanochat_studio.settings import load_settings  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HI = [{"role": "user", "content": "hi"}]
+pytestmark = pytest.mark.process  # every test here starts real model-server processes (and many kill them)
+
+
+def pool_settings(**fields):
+    """Real settings for a pool whose checkpoints are given directly (nothing is written: the key is set)."""
+    base = load_settings(environ={"NCS_HOME": "/nonexistent/ncs-pool-tests", "NCS_SECRET_KEY": "k" * 32})
+    return dataclasses.replace(base, **fields)
 
 
 def row(id_: int, path) -> SimpleNamespace:
@@ -38,7 +47,7 @@ def make_pool():
         kw.setdefault("idle_seconds", 600)
         kw.setdefault("queue_limit", 4)
         kw.setdefault("load_timeout", 60)
-        p = ModelPool(None, checkpoint_dir_of=lambda m: m.path, device="cpu", **kw)
+        p = ModelPool(pool_settings(), checkpoint_dir_of=lambda m: m.path, device="cpu", **kw)
         pools.append(p)
         return p
 
@@ -207,8 +216,8 @@ def test_past_the_queue_limit_requests_get_toobusy(make_pool, tmp_path):
 
 
 def test_streams_over_all_models_are_bounded_below_the_web_threads(make_pool, tmp_path):
-    pool = ModelPool(SimpleNamespace(threads=6, max_loaded_models=2, model_idle_seconds=600, chat_queue_limit=8,
-                                     inference_device="cpu"), checkpoint_dir_of=lambda m: m.path)
+    pool = ModelPool(pool_settings(threads=6, max_loaded_models=2, model_idle_seconds=600, chat_queue_limit=8,
+                                   inference_device="cpu"), checkpoint_dir_of=lambda m: m.path)
     try:
         assert pool.max_streams == 2  # 6 threads, 4 kept for pages
         a = row(1, scripted_checkpoint(tmp_path / "a", "a" * 100, delay_s=0.01))
@@ -289,7 +298,9 @@ def test_a_model_server_exits_when_the_web_process_dies(tmp_path):
     code = (
         "import sys, types, time\n"
         "from nanochat_studio.inference import ModelPool\n"
-        f"p = ModelPool(None, checkpoint_dir_of=lambda m: {str(ck)!r}, device='cpu')\n"
+        "from nanochat_studio.settings import load_settings\n"
+        "s = load_settings(environ={'NCS_HOME': '/nonexistent/ncs-pool-tests', 'NCS_SECRET_KEY': 'k' * 32})\n"
+        f"p = ModelPool(s, checkpoint_dir_of=lambda m: {str(ck)!r}, device='cpu')\n"
         "m = types.SimpleNamespace(id=1)\n"
         "list(p.stream(m, 'chat', [{'role': 'user', 'content': 'x'}], {}))\n"
         "print(p.server_pid(m), flush=True)\n"
@@ -343,3 +354,45 @@ def test_draining_arrived_lines_never_waits_for_more():
     finally:
         a.close()
         b.close()
+
+
+def test_logprobs_and_echo_reach_the_pool_client_as_deltas(make_pool, tmp_path):
+    from nanochat_studio.inference import Delta
+
+    pool = make_pool()
+    m = row(1, cached_tiny_checkpoint(tmp_path / "ck"))
+    items = list(pool.stream(m, "complete", "Once upon", {"max_tokens": 6, "temperature": 0, "logprobs": 2,
+                                                          "echo": True}))
+    deltas = [d for d in items if isinstance(d, str)]
+    assert all(isinstance(d, Delta) for d in deltas)
+    echo = [d for d in deltas if d.echo]
+    assert "".join(echo) == "Once upon" and all(e["logprob"] is not None for d in echo for e in d.logprobs)
+    generated = [e for d in deltas if not d.echo for e in d.logprobs]
+    final = items[-1]
+    assert len(generated) == final.completion_tokens == 6  # entries survive the client's coalescing
+    assert all(len(e["top"]) == 2 and e["top"][0][0] == e["token"] for e in generated)  # greedy: the best
+    # without logprobs or echo the stream is plain text, as before
+    plain = [d for d in pool.stream(m, "complete", "Once upon", {"max_tokens": 6, "temperature": 0})
+             if isinstance(d, str)]
+    assert "".join(plain) == "".join(d for d in deltas if not d.echo)
+    assert not any(isinstance(d, Delta) for d in plain)
+
+
+def test_many_concurrent_streams_of_a_real_model_all_finish_with_their_own_text(make_pool, tmp_path):
+    pool = make_pool(max_active=8, queue_limit=8)
+    m = row(1, cached_tiny_checkpoint(tmp_path / "ck"))
+    prompts = ["Once upon a time", "The fox", "A cat sat", "In the morning", "Tom and", "She ran", "Why", "Hi"]
+    alone = [collect(pool.stream(m, "complete", p, {"max_tokens": 16, "temperature": 0}))[0] for p in prompts]
+    got: dict[int, str] = {}
+
+    def run(i):
+        got[i] = collect(pool.stream(m, "complete", prompts[i], {"max_tokens": 16, "temperature": 0}))[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got.get(i) for i in range(len(prompts))] == alone
+    stats = pool.server_stats(m)
+    assert stats["batched"] > stats["steps"]  # requests shared decoding steps

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_jobs_api import FAKE_DEVICE  # noqa: E402
 
-from nanochat_studio import accounts, estimate, jobs, planning  # noqa: E402
+from nanochat_studio import accounts, estimate, jobs  # noqa: E402
 from nanochat_studio.db import database  # noqa: E402
 
 pytestmark = pytest.mark.browser
@@ -58,8 +58,8 @@ def wait_for(page, expression, timeout=20.0):
 
 
 def test_live_charts_survive_a_reconnect_without_losing_or_repeating_points(app, browser, monkeypatch):
-    monkeypatch.setattr(planning, "_device", dict(FAKE_DEVICE))
-    monkeypatch.setattr(planning, "_calibrator", estimate.Calibrator(lambda shape, batch: None))
+    app.extensions["ncs_calibrator"] = estimate.Calibrator(probe=lambda: dict(FAKE_DEVICE),
+                                                           run=lambda shape, batch: None)
     database.connect(reuse_if_open=True)
     owner = accounts.solo_owner()  # solo mode: this machine needs no sign-in
     job = jobs.submit(owner, {"depth": 1, "dataset": "demo", "max_steps": 6, "name": "<i>blip</i>"}, app.config["NCS_SETTINGS"])

@@ -11,50 +11,36 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_studio import db, jobs, models
+from nanochat_studio import db, jobs
 from nanochat_studio.models import Dataset, TrainingJob, User, utcnow
+from nanochat_studio.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@dataclasses.dataclass(frozen=True)
-class StudioSettings:
-    """The settings fields jobs/runner/tasks read (names from the settings contract)."""
-
-    home: str
-    runs_dir: str
-    queue_url: str
-    database_url: str
-    storage_url: str
-    storage_options: dict = dataclasses.field(default_factory=dict)
-    allow_private_urls: bool = False
-    url_max_bytes: int = 10 << 20
-    url_timeout_s: float = 30
-    lease_seconds: float = 30
-    max_attempts: int = 3
-    cpu_slots: int = 1
-    gpus: str = "none"
-    trainer_python: str = sys.executable
-    trainer_module: str = "tests.fake_trainer"
-    worker_threads: int = 2
-    max_running_jobs: int = 2
-    max_queued_jobs: int = 10
-    allow_server_paths: bool = True
-    retry_backoff_seconds: float = 0.2
-    reconcile_seconds: float = 0.5
-    term_grace_seconds: float = 20
-    mirror_checkpoints: bool | None = None
+# Where the settings' defaults would make a test wait (back-off, reconcile, grace) or leave this machine.
+TEST_SETTINGS = {
+    "url_max_bytes": 10 << 20,
+    "url_timeout_s": 30.0,
+    "gpus": "none",
+    "trainer_module": "tests.fake_trainer",
+    "worker_threads": 2,
+    "allow_server_paths": True,
+    "retry_backoff_seconds": 0.2,
+    "reconcile_seconds": 0.5,
+    "term_grace_seconds": 20.0,
+}
 
 
-def make_settings(tmp_path: Path, **overrides) -> StudioSettings:
-    return StudioSettings(home=str(tmp_path), runs_dir=str(tmp_path / "runs"),
-                          queue_url=f"sqlite:///{tmp_path}/queue.db", database_url=f"sqlite:///{tmp_path}/studio.db",
-                          storage_url=f"file://{tmp_path}/storage", **overrides)
+def make_settings(tmp_path: Path, **overrides) -> Settings:
+    """Real settings with their home (store, queue, storage, runs) in ``tmp_path``."""
+    return dataclasses.replace(load_settings(environ={"NCS_HOME": str(tmp_path)}), **{**TEST_SETTINGS, **overrides})
 
 
 def open_store(url: str):
+    """The store at ``url``, built by the migrations as the app builds it."""
     database = db.open_database(url)
-    database.create_tables(models.ALL_MODELS)
+    db.migrate(database)
     return database
 
 

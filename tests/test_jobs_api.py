@@ -10,7 +10,7 @@ import threading
 import pytest
 from conftest import REMOTE, client_as
 
-from nanochat_studio import estimate, jobs, planning
+from nanochat_studio import estimate, jobs
 from nanochat_studio.db import database
 from nanochat_studio.models import JobEvent, Model, TrainingJob
 from trainer import sizing
@@ -18,11 +18,15 @@ from trainer import sizing
 FAKE_DEVICE = {"device": "cpu", "device_name": "test cpu", "memory_bytes": 8 << 30}
 
 
+def fake_calibrator(app, device=FAKE_DEVICE):
+    """The app's device is ``device``, and its calibrations time nothing (no torch process starts)."""
+    app.extensions["ncs_calibrator"] = estimate.Calibrator(probe=lambda: dict(device), run=lambda shape, batch: None)
+
+
 @pytest.fixture(autouse=True)
-def _no_background_calibration(monkeypatch):
-    """Estimates here must not start torch processes; test_calibration.py runs the real one."""
-    monkeypatch.setattr(planning, "_device", dict(FAKE_DEVICE))
-    monkeypatch.setattr(planning, "_calibrator", estimate.Calibrator(lambda shape, batch: None))
+def _no_background_calibration(app):
+    """Estimates here must not start torch processes; test_runner.py runs a real calibration."""
+    fake_calibrator(app)
 
 
 def post_json(client, url, body):
@@ -69,7 +73,7 @@ def test_a_calibration_of_an_older_trainer_is_not_reused(app, alice, monkeypatch
 
 
 def test_estimate_warns_when_the_model_will_not_fit_or_the_data_is_too_small(app, alice, monkeypatch):
-    monkeypatch.setattr(planning, "_device", {"device": "cpu", "device_name": "tiny", "memory_bytes": 1 << 30})
+    fake_calibrator(app, {"device": "cpu", "device_name": "tiny", "memory_bytes": 1 << 30})
     c = client_as(app, alice)
     e = c.get("/api/estimate?depth=24&dataset=demo").get_json()
     assert e["memory"]["verdict"] == "wont_fit"
@@ -251,6 +255,20 @@ def test_plan_page_form_submits_a_job_and_shows_errors(app, alice):
     show = c.get(f"/jobs/{job.id}").get_data(as_text=True)
     assert "&lt;b&gt;mine&lt;/b&gt;" in show and "<b>mine</b>" not in show
     assert c.post("/train", data={"depth": "2", "source": "demo"}).status_code == 400  # no CSRF token
+
+
+def test_a_finished_jobs_page_does_not_say_it_is_queued(app, alice):
+    c = client_as(app, alice)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/train").get_data(as_text=True)).group(1)
+    r = c.post("/train", data={"csrf_token": token, "depth": "1", "source": "demo", "max_steps": "5"})
+    job = TrainingJob.get()
+    claimed = jobs.claim_next("test", "cpu0")  # the job runs and finishes before its page is read
+    assert claimed.id == job.id
+    assert jobs.transition(job.id, "running", expect={"preparing"}, attempt=claimed.attempt)
+    assert jobs.finish(job.id, claimed.attempt, "completed") == "completed"
+    show = c.get(r.headers["Location"]).get_data(as_text=True)  # with the submit's message
+    assert f"Submitted job #{job.id}." in show
+    assert "queued" not in show and 'class="badge status-completed">completed<' in show
 
 
 def test_uploading_a_dataset_then_training_on_it(app, alice):

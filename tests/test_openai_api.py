@@ -51,6 +51,7 @@ def test_models_are_listed_for_their_owner_only(v1):
     assert list(bob.models.list()) == []
 
 
+@pytest.mark.process
 def test_non_streaming_completion_with_usage(v1):
     r = v1["client"].chat.completions.create(model=str(v1["tiny"].id), messages=HI, max_tokens=7, temperature=0,
                                              seed=3)
@@ -127,6 +128,7 @@ def test_an_unknown_or_foreign_model_is_404(v1):
         bob.models.retrieve(str(v1["words"].id))
 
 
+@pytest.mark.process
 def test_a_model_error_mid_stream_reaches_the_client_as_an_error(v1, tmp_path):
     (tmp_path / "broken").mkdir()
     from nanochat_studio.models import User

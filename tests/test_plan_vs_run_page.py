@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_job_page import Server, wait_for  # noqa: E402
-from test_jobs_api import FAKE_DEVICE  # noqa: E402
+from test_jobs_api import fake_calibrator  # noqa: E402
 
-from nanochat_studio import accounts, estimate, jobs, planning  # noqa: E402
+from nanochat_studio import accounts, estimate, jobs  # noqa: E402
 from nanochat_studio.db import database  # noqa: E402
 from nanochat_studio.models import TrainingJob  # noqa: E402
 
@@ -26,13 +26,13 @@ def cells(page) -> dict[str, tuple[str, str, str]]:
                                 tr.querySelector('.act').textContent.trim(), tr.className]]))""")
 
 
-def test_the_trainers_plan_appears_beside_the_estimate_when_it_starts(app, browser, monkeypatch):
-    monkeypatch.setattr(planning, "_device", dict(FAKE_DEVICE))
-    monkeypatch.setattr(planning, "_calibrator", estimate.Calibrator(lambda shape, batch: None))
+def test_the_trainers_plan_appears_beside_the_estimate_when_it_starts(app, browser):
+    fake_calibrator(app)
     database.connect(reuse_if_open=True)
     owner = accounts.solo_owner()
-    job = planning.submit(owner, {"depth": 2, "dataset": "demo"}, app.config["NCS_SETTINGS"])
-    plan = job.estimate
+    job = jobs.submit(owner, {"depth": 2, "dataset": "demo"}, app.config["NCS_SETTINGS"])
+    estimate.record_for_job(job, app.extensions["ncs_calibrator"])  # as POST /api/jobs keeps it
+    plan = jobs.get(job.id).estimate
     assert plan["exact"] and plan["steps"] > 0
     database.close()
 
@@ -62,7 +62,8 @@ def test_the_trainers_plan_appears_beside_the_estimate_when_it_starts(app, brows
             started = TrainingJob.get_by_id(job.id).created_at
             TrainingJob.update(status="running", started_at=started).where(TrainingJob.id == job.id).execute()
             jobs.transition(job.id, jobs.COMPLETED, expect={jobs.RUNNING}, reason="done")
-        wait_for(page, "document.querySelector('#plan-vs-run tr[data-key=seconds] .act').textContent.endsWith(' s')")
+        wait_for(page, "/^\\d+s$/.test(document.querySelector('#plan-vs-run tr[data-key=seconds] .act').textContent)")
+        assert cells(page)["seconds"][0].endswith("s")  # the estimate, in the same format
         assert errors == []
     finally:
         page.close()

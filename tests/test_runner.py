@@ -16,6 +16,7 @@ import pytest
 from nanochat_studio import jobs, runner, supervisor
 from nanochat_studio.models import JobEvent, Model, TrainingJob
 from tests.s3server import s3_server  # noqa: F401  (fixture)
+from tests.test_storage import visible
 from tests.test_jobs import alice, settings, store  # noqa: F401  (fixtures)
 
 CPU = runner.Slot("cpu0", "cpu", (), 1)
@@ -98,6 +99,7 @@ def test_cancel_mid_run_ends_cancelled_with_a_usable_checkpoint(alice, settings,
     assert (Path(settings.home) / "storage" / model.checkpoint_key / "manifest.json").exists()
 
 
+@pytest.mark.process
 def test_a_trainer_killed_by_sigkill_is_retried_from_its_checkpoint(alice, settings, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
     job = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 12, "checkpoint_every": 4}, settings)
@@ -144,6 +146,7 @@ def test_attempts_exhausted_fail_as_infrastructure(alice, settings, monkeypatch)
     assert "the trainer exited with code 1: fake exit 1 at step 2" in job.status_reason
 
 
+@pytest.mark.process
 def test_a_second_supervisor_cannot_start_a_trainer_while_the_first_lives(alice, settings, monkeypatch):
     # The first trainer ignores SIGTERM so it outlives its fencing for a while, like a slow checkpoint.
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
@@ -173,6 +176,7 @@ def test_a_second_supervisor_cannot_start_a_trainer_while_the_first_lives(alice,
     assert begins[1]["resumed_from"] is not None and ends[-1]["rc"] == 0
 
 
+@pytest.mark.process
 def test_the_run_lock_is_held_by_the_trainer_itself(settings, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -242,6 +246,7 @@ def test_the_real_trainer_completes_a_tiny_job_into_a_published_model(alice, set
     assert (stored / "model.safetensors").exists() and model.tokenizer_key == model.checkpoint_key + "/tokenizer"
 
 
+@pytest.mark.process
 def test_the_real_trainer_fails_an_empty_dataset_as_a_user_error(alice, settings, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -272,6 +277,7 @@ def test_a_slow_data_preparation_keeps_its_lease(alice, settings, monkeypatch):
     assert box["result"][1] == "completed" and TrainingJob.get_by_id(job.id).attempt == 1
 
 
+@pytest.mark.process
 def test_another_machine_resumes_from_the_checkpoint_mirrored_in_storage(alice, settings, tmp_path, monkeypatch):
     # Two workers share the store and the storage but not their run directories (two machines).
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
@@ -297,6 +303,7 @@ def test_another_machine_resumes_from_the_checkpoint_mirrored_in_storage(alice, 
     assert not any(p for p in mirrored.glob("step_*"))  # forgotten once the model was published
 
 
+@pytest.mark.process
 def test_checkpoints_are_mirrored_to_s3_by_default_and_restored_elsewhere(alice, settings, tmp_path, monkeypatch,
                                                                            s3_server):
     from nanochat_studio.storage import Storage
@@ -318,4 +325,4 @@ def test_checkpoints_are_mirrored_to_s3_by_default_and_restored_elsewhere(alice,
     job, status = claim_and_run(machine_b)
     assert status == "completed" and fake_log(machine_b, job)[0]["resumed_from"] == step
     model = Model.get(Model.job == job)
-    assert store.exists(f"{model.checkpoint_key}/model.bin") and store.list_committed(prefix) == []
+    assert visible(store, f"{model.checkpoint_key}/model.bin") and store.list_committed(prefix) == []

@@ -81,6 +81,7 @@ def test_jobs_wait_for_the_one_cpu_slot_and_run_one_at_a_time(alice, bob, settin
     assert [TrainingJob.get_by_id(j.id).attempt for j in subs] == [1, 1, 1]
 
 
+@pytest.mark.process
 def test_stopping_the_consumer_checkpoints_and_requeues_without_using_an_attempt(alice, settings, consumer,
                                                                                  monkeypatch):
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
@@ -100,6 +101,7 @@ def test_stopping_the_consumer_checkpoints_and_requeues_without_using_an_attempt
     assert begins[1]["resumed_from"] == first[-1]["step"]
 
 
+@pytest.mark.process
 def test_a_killed_trainer_is_retried_after_its_back_off_by_the_consumer(alice, settings, consumer, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
     consumer()
@@ -146,9 +148,10 @@ def test_the_queue_can_live_in_redis(alice, settings, consumer, tmp_path):
 
 SERVE_LIKE = """
 import json, os, sys
-from tests.test_jobs import StudioSettings, open_store
+from tests.test_jobs import open_store
 from nanochat_studio import tasks
-settings = StudioSettings(**json.loads(os.environ["NCS_TEST_SETTINGS"]))
+from nanochat_studio.settings import Settings
+settings = Settings(**json.loads(os.environ["NCS_TEST_SETTINGS"]))
 open_store(settings.database_url)
 print("consumer running", flush=True)
 tasks.run_worker(settings)
@@ -161,6 +164,7 @@ def start_serve_like(settings, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+@pytest.mark.process
 @pytest.mark.sqlite_only  # the child process opens the SQLite URL itself (conftest redirects only ours)
 def test_it_resumes_after_the_serve_process_is_killed(alice, settings, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_STEP_S", "0.1")
@@ -234,6 +238,7 @@ def restart_postgres(server) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+@pytest.mark.process
 @pytest.mark.postgres
 def test_store_and_queue_in_postgresql_survive_a_database_restart_mid_run(restartable_postgres, postgres_server,
                                                                            settings, consumer, monkeypatch):
@@ -278,6 +283,7 @@ def api(url: str, path: str, body: dict | None = None) -> dict:
         return json.loads(resp.read())
 
 
+@pytest.mark.process
 def test_it_resumes_after_the_real_serve_is_killed_with_sigkill(tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NCS_")}
@@ -311,6 +317,47 @@ def test_it_resumes_after_the_real_serve_is_killed_with_sigkill(tmp_path):
     new_steps = [r["step"] for r in log if r["kind"] == "step" and r["pid"] == begins[1]["pid"]]
     assert new_steps == list(range(ckpt + 1, 41))  # nothing after the checkpoint was trained twice
     assert max(r["t"] for r in log if r["pid"] == begins[0]["pid"]) < begins[1]["t"]  # one trainer at a time
+
+
+# --- timing runs for estimates -----------------------------------------------------------------------------
+
+def test_a_calibration_takes_a_free_worker_slot_and_never_runs_beside_a_job(alice, settings, consumer, monkeypatch):
+    # runner.calibrate is replaced by a stand-in that holds its slot until released: this checks the slot
+    # accounting only (test_runner.py times a real shape).
+    from nanochat_studio import runner
+    from trainer import sizing
+
+    shape = sizing.shape_for(1, 512, 32)
+    assert tasks.calibrate_on_a_slot(settings, shape, 2) is None  # no consumer in this process: no slot
+    timing, release, seen = threading.Event(), threading.Event(), {}
+
+    def fake_calibrate(settings, shape, batch_size, *, slot=None, timeout=600):
+        seen["slot"] = slot
+        timing.set()
+        release.wait(30)
+        return {"tokens_per_sec": 1000.0}
+
+    monkeypatch.setattr(runner, "calibrate", fake_calibrate)
+    consumer()
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=tasks.calibrate_on_a_slot(settings, shape, 2)))
+    thread.start()
+    assert timing.wait(10) and seen["slot"].name == "cpu0"
+    job = submit(alice, settings)  # the one CPU slot is timing a shape: the job waits for it
+    time.sleep(0.5)
+    assert status_of(job) == "queued" and not fake_log(settings, job)
+    release.set()
+    thread.join(10)
+    assert box["result"] == {"tokens_per_sec": 1000.0}
+    wait_for(lambda: status_of(job) == "completed")  # the slot came back and the bell rang
+    hold = threading.Event()
+    monkeypatch.setattr(tasks.supervisor, "run_training", lambda job, slot, settings, stop=None: hold.wait(30))
+    busy = submit(alice, settings)
+    wait_for(lambda: status_of(busy) == "preparing")
+    try:
+        assert tasks.calibrate_on_a_slot(settings, shape, 2) is None  # a job holds the slot: no timing run
+    finally:
+        hold.set()
 
 
 # --- GPU slots -----------------------------------------------------------------------------------------
@@ -364,6 +411,7 @@ def test_a_job_asking_for_two_gpus_waits_for_both_and_gets_one_torchrun_slot(ali
     wait_for(lambda: status_of(double) == "completed")
 
 
+@pytest.mark.process
 @pytest.mark.slow  # two real trainer starts on 2 cores: ~60 s
 def test_the_real_trainer_resumes_exactly_after_the_real_serve_is_killed(tmp_path):
     home = tmp_path / "home"

@@ -78,7 +78,7 @@ def test_pages_have_no_inline_script_and_carry_the_csrf_meta(client):
 
 def test_static_files_are_served(client):
     assert client.get("/static/css/app.css").status_code == 200
-    assert client.get("/static/js/app.js").status_code == 200
+    assert client.get("/static/js/util.js").status_code == 200
 
 
 # ------------------------------------------------------------------------------------------------ CSRF

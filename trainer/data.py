@@ -28,6 +28,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from trainer.sizing import VAL_FRACTION
+
 # DataError and iter_documents are part of this module's interface (the trainer and tests import
 # them from here); the readers themselves live in sources.py.
 from trainer.sources import CHUNK_SIZE, DataError, content_hash, iter_documents  # noqa: F401
@@ -169,7 +171,7 @@ def _tokenize_into(docs: Iterator[str], tok: Tokenizer, out: Path, dtype: str, v
 
 def prepare_dataset(source: str, cache_dir: str | os.PathLike, *, tokenizer: Tokenizer | None = None,
                     tokenizer_dir: str | os.PathLike | None = None, vocab_size: int | None = None,
-                    val_fraction: float = 0.05, min_tokens: int = 0, min_tokens_reason: str = "",
+                    val_fraction: float = VAL_FRACTION, min_tokens: int = 0, min_tokens_reason: str = "",
                     storage_options: dict | None = None, chunk_size: int = CHUNK_SIZE,
                     tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
                     log: Callable[[str], None] = _log_stderr) -> PreparedData:

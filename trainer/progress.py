@@ -73,6 +73,10 @@ EXIT_PREEMPTED = 75  # SIGTERM: checkpointed and stopped on request; resumable (
 
 USER_ERROR_EXITS = frozenset({EXIT_USAGE, EXIT_DATA, EXIT_DIVERGED})
 
+# ``python -m trainer.serve`` (a model server, not a training run) exits with this when its checkpoint is
+# missing or cannot load: starting it again will not help.
+EXIT_BAD_CHECKPOINT = 3
+
 
 def outcome_of_exit(code: int) -> str:
     """Map a trainer exit code to 'completed', 'user_error', 'preempted' or 'infrastructure'."""

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from trainer.model import GPT, KVCache
+from trainer.model import GPT
 
 
 def load_for_inference(checkpoint_dir: str, device: str = "cpu") -> tuple[GPT, Any, dict]:
@@ -36,7 +36,7 @@ def load_for_inference(checkpoint_dir: str, device: str = "cpu") -> tuple[GPT, A
     from trainer.checkpoint import load_model
 
     model, tokenizer, meta = load_model(checkpoint_dir, device)
-    model.eval()
+    model.eval().requires_grad_(False)  # for inference only: lets _engine_for keep its engine
     return model, tokenizer, meta
 
 
@@ -105,14 +105,16 @@ def _generate(model, ids, max_tokens, temperature, top_k, top_p, seed, stop, use
     else:
         gen.manual_seed(seed)
     ids = ids[-window:]
-    cache = KVCache.for_model(model, 1, window, dtype=torch.bfloat16 if on_cuda else None) if use_cache else None
+    if use_cache:
+        yield from _generate_cached(model, ids, max_tokens, temperature, top_k, top_p, gen, stop)
+        return
 
     def run(tokens: list[int]) -> torch.Tensor:
         # grad mode is set per call, never held across a yield (it is thread state the caller shares)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             x = torch.tensor([tokens], dtype=torch.long, device=device)
-            return model(x, kv_cache=cache, last_only=True)[0, -1].float()
+            return model(x, last_only=True)[0, -1].float()
 
     logits = run(ids)
     for _ in range(max_tokens):
@@ -122,13 +124,51 @@ def _generate(model, ids, max_tokens, temperature, top_k, top_p, seed, stop, use
         if token in stop:
             return
         ids.append(token)
-        if cache is None:
-            logits = run(ids[-window:])
-        elif cache.pos >= window:
-            cache.reset()
-            logits = run(ids[-max(1, window // 2):])
-        else:
-            logits = run([token])
+        logits = run(ids[-window:])
+
+
+def _generate_cached(model, ids, max_tokens, temperature, top_k, top_p, gen, stop) -> Iterator[int]:
+    """The KV-cached path: trainer.engine with one slot (the model server runs many at once). When the
+    cache is full it is rebuilt from the last half window (one prefill per half window)."""
+    from trainer.engine import Chunk, Engine
+
+    engine = _engine_for(model)
+    window = engine.max_len
+    slot = engine.alloc()
+    try:
+        logits = engine.step([Chunk(slot, 0, ids)])[0]
+        pos = len(ids)
+        for _ in range(max_tokens):
+            with torch.inference_mode():
+                token = _pick(logits, temperature, top_k, top_p, gen)
+            yield token
+            if token in stop:
+                return
+            ids.append(token)
+            if pos >= window:
+                pos, feed = 0, ids[-max(1, window // 2):]
+            else:
+                feed = [token]
+            logits = engine.step([Chunk(slot, pos, feed)])[0]
+            pos += len(feed)
+    finally:
+        engine.release(slot)
+
+
+def _engine_for(model: GPT):
+    """An Engine for ``model``. A model loaded for inference (no parameter wants gradients) keeps one,
+    rebuilt if its weights change; a model being trained (the trainer's sample events) gets a fresh
+    one each time, freed after the generation, so no copy of its weights outlives the sampling."""
+    from trainer.engine import Engine
+
+    if any(p.requires_grad for p in model.parameters()):
+        return Engine(model, max_slots=1, initial_slots=1)
+    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    cached = model.__dict__.get("_sample_engine")
+    if cached is None or cached[0] != key or cached[1].free_slots() < 1:
+        cached = (key, Engine(model, max_slots=1, initial_slots=1))
+        model.__dict__["_sample_engine"] = cached
+    return cached[1]
 
 
 class Generation:

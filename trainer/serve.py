@@ -1,4 +1,4 @@
-"""The model server: one checkpoint behind a Unix socket, speaking JSON lines.
+"""The model server: one checkpoint behind a Unix socket, speaking JSON lines, decoding in batches.
 
     python -m trainer.serve --socket /tmp/ncs-m1.sock --checkpoint runs/r1/checkpoints/step_000200 --device cpu
 
@@ -8,28 +8,56 @@ The web app never imports torch: ``nanochat_studio/inference.py`` starts one of 
 (through ``runner.py``) and talks to it over the socket. This module never imports nanochat_studio.
 
 Protocol: one JSON object per line, both ways. A client may open any number of connections and send
-several requests on one; replies carry the request ``id``.
+several requests on one, concurrently; replies carry the request ``id``.
 
   -> {"id": "r1", "mode": "chat", "messages": [{"role": "user", "content": "hi"}], "sampling": {...}}
   -> {"id": "r2", "mode": "complete", "prompt": "Once upon a time", "sampling": {...}}
+  -> {"id": "r3", "mode": "complete", "prompt": [1021, 72, 105], "echo": true, "logprobs": 5,
+      "sampling": {"max_tokens": 0}}
   <- {"id": "r1", "delta": "Hel"}                      whole UTF-8 characters, in order
+  <- {"id": "r3", "delta": "Hi", "echo": true, "logprobs": [ENTRY, ...]}   the prompt, first
+  <- {"id": "r1", "delta": "lo", "logprobs": [ENTRY, ...]}                 with "logprobs" only
   <- {"id": "r1", "done": true, "finish_reason": "stop" | "length" | "cancelled",
       "prompt_tokens": 9, "completion_tokens": 12}    always the last line for an id
   <- {"id": "r1", "error": "what went wrong", "permanent": true}   instead of "done"
-  -> {"cancel": "r1"}                                  stops generating at the next token
-  -> {"op": "ping"}   <- {"op": "pong", "device": "cpu", "checkpoint": "...", ...}
+  -> {"cancel": "r1"}                                  stops generating at the next step
+  -> {"op": "ping"}   <- {"op": "pong", "device": "cpu", "checkpoint": "...", "context": 512, ...}
   -> {"op": "stats"}  <- {"op": "stats", "active": 1, "queued": 0, "served": 7, "cancelled": 1, ...}
 
-Closing a connection cancels every request it sent. ``sampling`` holds temperature, top_k, top_p,
-max_tokens, seed and stop (a list of strings; the text before the first match is kept).
+Requests:
+- ``prompt`` (complete): text, or a list of token ids. Text gets <|bos|> in front as every training
+  document has; token ids are used as given, with <|bos|> put in front unless they start with it.
+  A prompt longer than the model's context is cut to its last ``context`` tokens (unless it must
+  be scored, see ``echo``, which is then an error).
+- ``sampling``: temperature (0 = greedy; default 1), top_k, top_p, max_tokens (default 256; 0 with
+  ``echo`` scores the prompt only), seed (the same seed and request give the same text), stop (a
+  string or a list; the text before the first match is kept).
+- ``echo`` (complete only): send the prompt's text back first, as a delta marked ``"echo": true``
+  (prompt tokens that were put in front, such as <|bos|>, are not echoed).
+- ``logprobs``: null (off) or N in 0..20: every generated token (and every echoed prompt token)
+  comes with an ENTRY, on the delta that carries its text:
+  ``{"token": id, "text": "...", "bytes": [..], "logprob": -1.2, "top": [[id, text, logprob], ...N],
+  "offset": characters of this request's text before this token}``. Log-probabilities are of the
+  model's own distribution (temperature 1), not of the sampling settings. The first token of a
+  prompt has no prediction: its logprob and top are null. Tokens past a stop string are dropped
+  with their text; stop tokens (<|bos|>, <|assistant_end|>) are counted but have no entry.
+  ``echo`` and ``logprobs`` may also be given inside ``sampling``.
 
-Fairness: up to --max-active requests are decoded round-robin, one text delta each per turn, so a long
-answer never holds the others back; more wait in a FIFO bounded by --max-queue (past it: an error with
-"permanent": false). The web client keeps its own, tighter bound and answers 429 before this one bites.
+Closing a connection cancels every request it sent.
 
-A scripted stand-in: a checkpoint directory holding ``fake_model.json`` ({"text": ..., "delay_s": ...,
-"tokens_per_delta": 1, "load_delay_s": 0}) is served without torch by replaying that text. Tests use it to exercise the
-plumbing (crashes, queues, hostile output) independently of the network weights.
+Scheduling: up to --max-active requests are decoded together, every running one advancing by one
+token in each step (one batched forward pass, ``trainer/engine.py``): continuous batching, so a
+request joins at the next step and leaves when done, and nobody waits for anybody's whole answer.
+A newcomer's prompt is fed in chunks, at most --prefill-tokens per step over all newcomers (oldest
+first), so others keep decoding meanwhile. With several requests running, each one's text is sent
+at most every --flush-ms (its first text at once): fewer, larger deltas, the same text. More requests wait in a FIFO bounded by --max-queue (past
+it: an error with "permanent": false). The web client keeps its own, tighter bound and answers 429
+before this one bites.
+
+A scripted stand-in (``trainer/scripted.py``): a checkpoint directory holding ``fake_model.json``
+({"text": ..., "delay_s": ..., "tokens_per_delta": 1, "load_delay_s": 0}) is served without torch by
+replaying that text, one delta per step. Tests use it to exercise the plumbing (crashes, queues, hostile output) independently
+of the network weights.
 """
 
 from __future__ import annotations
@@ -45,95 +73,34 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-EXIT_BAD_CHECKPOINT = 3  # missing or unreadable checkpoint: restarting will not help
+from trainer.batching import Sequence, parse_logprobs
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends: trainer.batching.TorchBackend (a checkpoint) or trainer.scripted.ScriptedBackend (fake_model.json);
+# each opens a request as a Sequence and advances all running ones by a step
+
+
+from trainer.progress import EXIT_BAD_CHECKPOINT
 
 
 def log(msg: str) -> None:
     print(f"[serve {os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Backends: something that turns a request into an iterator of text deltas with token counts
-
-
-class ScriptedGeneration:
-    """Replays fixed text as deltas, honouring max_tokens; the stand-in for a network in plumbing tests."""
-
-    def __init__(self, text: str, delay_s: float, tokens_per_delta: int, max_tokens: int, prompt_tokens: int):
-        self.text, self.delay_s, self.step = text, delay_s, max(1, tokens_per_delta)
-        self.max_tokens = max_tokens
-        self.prompt_tokens, self.completion_tokens, self.finish_reason = prompt_tokens, 0, None
-
-    def __iter__(self) -> Iterator[str]:
-        chars = list(self.text)  # whole characters by construction
-        i = 0
-        while i < len(chars):
-            if self.completion_tokens >= self.max_tokens:
-                self.finish_reason = "length"
-                return
-            if self.delay_s:
-                time.sleep(self.delay_s)
-            piece = "".join(chars[i : i + self.step])
-            i += self.step
-            self.completion_tokens += 1
-            yield piece
-        self.finish_reason = "stop"
-
-
-class ScriptedBackend:
-    def __init__(self, spec: dict):
-        self.text = str(spec.get("text", "Hello from the scripted model."))
-        self.delay_s = float(spec.get("delay_s", 0.0))
-        self.tokens_per_delta = int(spec.get("tokens_per_delta", 1))
-        self.info = {"backend": "scripted", "chat": True}
-        time.sleep(float(spec.get("load_delay_s", 0.0)))  # stands in for loading big weights
-
-    def start(self, mode: str, payload: Any, sampling: dict) -> ScriptedGeneration:
-        text = self.text
-        if "{prompt}" in text:  # lets a test see what reached the model
-            text = text.replace("{prompt}", payload if mode == "complete" else payload[-1]["content"])
-        prompt = payload if mode == "complete" else " ".join(m["content"] for m in payload)
-        return ScriptedGeneration(text, self.delay_s, self.tokens_per_delta,
-                                  int(sampling.get("max_tokens") or 256), len(prompt.split()))
-
-
-class TorchBackend:
-    """The real thing: trainer.sample's generator over a checkpoint loaded once."""
-
-    SAMPLING_KEYS = ("temperature", "top_k", "top_p", "max_tokens", "seed")
-
-    def __init__(self, checkpoint: str, device: str):
-        import torch  # noqa: F401  (imported here so the scripted backend needs no torch)
-
-        from trainer import sample
-
-        self.sample = sample
-        self.model, self.tokenizer, meta = sample.load_for_inference(checkpoint, device)
-        self.info = {"backend": "torch", **({k: v for k, v in (meta or {}).items() if _jsonable(v)})}
-
-    def start(self, mode: str, payload: Any, sampling: dict):
-        kwargs = {k: sampling[k] for k in self.SAMPLING_KEYS if sampling.get(k) is not None}
-        if mode == "chat":
-            return self.sample.chat(self.model, self.tokenizer, payload, **kwargs)
-        return self.sample.complete(self.model, self.tokenizer, payload, **kwargs)
-
-
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def load_backend(checkpoint: str, device: str):
+def load_backend(checkpoint: str, device: str, max_active: int = 16, prefill_tokens: int = 256,
+                 kv_cache_mb: int = 4096):
     fake = os.path.join(checkpoint, "fake_model.json")
     if os.path.isfile(fake):
+        from trainer.scripted import ScriptedBackend
+
         with open(fake, encoding="utf-8") as f:
             return ScriptedBackend(json.load(f))
-    return TorchBackend(checkpoint, device)
+    from trainer.batching import TorchBackend
+
+    return TorchBackend(checkpoint, device, max_active=max_active, prefill_tokens=prefill_tokens,
+                        kv_cache_mb=kv_cache_mb)
 
 
 def resolve_device(device: str) -> str:
@@ -152,42 +119,7 @@ def resolve_device(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stop strings: hold back text that may be the start of a stop string until it is known not to be
-
-
-class StopFilter:
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.hit = False
-
-    def feed(self, delta: str) -> str:
-        if not self.stops:
-            return delta
-        self.pending += delta
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit = True
-            out, self.pending = self.pending[:cut], ""
-            return out
-        # keep the longest tail that is a proper prefix of some stop string
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Connections and the round-robin scheduler
+# Connections and the batching scheduler
 
 
 class Conn:
@@ -224,18 +156,22 @@ class Request:
     mode: str
     payload: Any
     sampling: dict
+    echo: bool = False
+    logprobs: int | None = None
     cancelled: bool = False
-    gen: Any = None
-    it: Iterator[str] | None = None
-    stop: StopFilter | None = None
-    sent_chars: int = 0
+    seq: Sequence | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
+    held: list = field(default_factory=list)  # output not sent yet: [text, entries] (see Scheduler._flush)
+    sent_at: float = 0.0  # when output was last sent (0: never)
 
 
 class Scheduler:
-    def __init__(self, backend, max_active: int, max_queue: int):
+    """Owns the backend; its :meth:`run` is the one thread that touches the model."""
+
+    def __init__(self, backend, max_active: int, max_queue: int, flush_s: float = 0.02):
         self.backend = backend
         self.max_active, self.max_queue = max_active, max_queue
+        self.flush_s = flush_s
         self.cv = threading.Condition()
         self.queue: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
@@ -269,27 +205,88 @@ class Scheduler:
         with self.cv:
             return {"active": len(self.active), "queued": len(self.queue), **self.counters}
 
-    # the one thread that touches the model ---------------------------------------------------------------
+    # the scheduler thread ------------------------------------------------------------------------------
     def run(self) -> None:
         while True:
             with self.cv:
                 while not self.queue and not self.active:
                     self.cv.wait()
-                while self.queue and len(self.active) < self.max_active:
-                    self.active.append(self.queue.popleft())
                 # queued requests cancelled before they started end here, without touching the model
-                for req in [r for r in self.queue if r.cancelled]:
+                for req in [r for r in self.queue if r.cancelled or not r.conn.alive]:
                     self.queue.remove(req)
                     self._finish(req, "cancelled")
-                turn = list(self.active)
-            for req in turn:
-                self._step(req)
+                admitted = []
+                while self.queue and len(self.active) + len(admitted) < self.max_active \
+                        and len(admitted) < self.backend.capacity():
+                    admitted.append(self.queue.popleft())
+            for req in admitted:
+                self._open(req)
+            for req in [r for r in self.active if r.cancelled or not r.conn.alive]:
+                self._finish(req, "cancelled")
+            if not self.active:
+                continue
+            batch = [r.seq for r in self.active]
+            try:
+                self.backend.step(batch)
+            except Exception as e:  # a failure in one step fails its requests, never the server
+                log(f"decoding step failed: {e!r}")
+                for req in list(self.active):
+                    self._finish(req, None, error=f"generation failed: {e}", permanent=False)
+                continue
+            self.counters["steps"] += 1
+            self.counters["batched"] += len(batch)
+            for req in list(self.active):
+                self._flush(req, final=req.seq.done)
+                if req.seq.done:
+                    self._finish(req, req.seq.finish_reason)
+
+    def _open(self, req: Request) -> None:
+        try:
+            req.seq = self.backend.open(req.mode, req.payload, req.sampling, echo=req.echo, logprobs=req.logprobs)
+        except Exception as e:  # a bad request (too long a prompt, bad values...) must not take the server down
+            log(f"request {req.id} rejected: {e!r}")
+            self._finish(req, None, error=f"generation failed: {e}", permanent=True)
+            return
+        with self.cv:
+            self.active.append(req)
+        self._flush(req, final=True)  # an echo without scores is ready before any step
+        if req.seq.done:
+            self._finish(req, req.seq.finish_reason)
+
+    def _flush(self, req: Request, final: bool = False) -> None:
+        """Send what the request's sequence produced. Alone, every token goes out as it is made; with
+        others running, one message per request every ``flush_s`` at most (the first at once): with 16
+        streams a step takes ~2 ms, and a line per token per stream would cost the client (the web
+        process, on the same CPU) more than the decoding."""
+        for text, entries, echo in req.seq.take_output():
+            if echo:  # the echoed prompt is its own message, before any generated text
+                msg = {"id": req.id, "delta": text, "echo": True}
+                if entries is not None:
+                    msg["logprobs"] = entries
+                req.conn.send(msg)
+            elif req.held:
+                req.held[0] += text
+                if entries is not None:
+                    req.held[1] = (req.held[1] or []) + entries
+            else:
+                req.held = [text, entries]
+        now = time.monotonic()
+        if req.held and (final or len(self.active) <= 1 or now - req.sent_at >= self.flush_s):
+            text, entries = req.held
+            msg = {"id": req.id, "delta": text}
+            if entries is not None:
+                msg["logprobs"] = entries
+            req.conn.send(msg)
+            req.held, req.sent_at = [], now
 
     def _finish(self, req: Request, reason: str | None, error: str | None = None, permanent: bool = True) -> None:
         with self.cv:
             self.by_key.pop((id(req.conn), req.id), None)
             if req in self.active:
                 self.active.remove(req)
+        seq = req.seq
+        if seq is not None:
+            self.backend.release(seq)
         if error is not None:
             self.counters["errors"] += 1
             req.conn.send({"id": req.id, "error": error, "permanent": permanent})
@@ -298,42 +295,15 @@ class Scheduler:
             self.counters["cancelled"] += 1
         else:
             self.counters["served"] += 1
-        gen = req.gen
         done = {
             "id": req.id,
             "done": True,
             "finish_reason": reason,
-            "prompt_tokens": int(getattr(gen, "prompt_tokens", 0) or 0),
-            "completion_tokens": int(getattr(gen, "completion_tokens", 0) or 0),
+            "prompt_tokens": int(getattr(seq, "prompt_tokens", 0) or 0),
+            "completion_tokens": int(getattr(seq, "completion_tokens", 0) or 0),
         }
         self.counters["completion_tokens"] += done["completion_tokens"]
         req.conn.send(done)
-
-    def _step(self, req: Request) -> None:
-        if req.cancelled or not req.conn.alive:
-            self._finish(req, "cancelled")
-            return
-        try:
-            if req.it is None:
-                req.gen = self.backend.start(req.mode, req.payload, req.sampling)
-                req.it = iter(req.gen)
-                req.stop = StopFilter(list(req.sampling.get("stop") or []))
-            delta = next(req.it)
-        except StopIteration:
-            tail = req.stop.flush() if req.stop else ""
-            if tail:
-                req.conn.send({"id": req.id, "delta": tail})
-            self._finish(req, getattr(req.gen, "finish_reason", None) or "stop")
-            return
-        except Exception as e:  # a bad request (too long a prompt...) must not take the server down
-            log(f"request {req.id} failed: {e!r}")
-            self._finish(req, None, error=f"generation failed: {e}", permanent=True)
-            return
-        out = req.stop.feed(delta)
-        if out:
-            req.conn.send({"id": req.id, "delta": out})
-        if req.stop.hit:
-            self._finish(req, "stop")
 
 
 def handle_conn(conn: Conn, sched: Scheduler, info: dict) -> None:
@@ -367,6 +337,7 @@ def handle_conn(conn: Conn, sched: Scheduler, info: dict) -> None:
 
 
 def parse_request(msg: dict, conn: Conn) -> Request | str:
+    """A Request, or the error message for a malformed one."""
     rid = msg.get("id")
     if not isinstance(rid, str) or not rid:
         return "request needs a string id"
@@ -374,6 +345,13 @@ def parse_request(msg: dict, conn: Conn) -> Request | str:
     sampling = msg.get("sampling") or {}
     if not isinstance(sampling, dict):
         return "sampling must be an object"
+    echo = msg.get("echo", sampling.get("echo", False))
+    if not isinstance(echo, bool):
+        return "echo must be true or false"
+    try:
+        logprobs = parse_logprobs(msg.get("logprobs", sampling.get("logprobs")))
+    except ValueError as e:
+        return str(e)
     if mode == "chat":
         messages = msg.get("messages")
         if not isinstance(messages, list) or not messages or not all(
@@ -381,12 +359,15 @@ def parse_request(msg: dict, conn: Conn) -> Request | str:
             for m in messages
         ):
             return "chat needs messages: a non-empty list of {role, content}"
-        return Request(rid, conn, mode, messages, sampling)
+        if echo:
+            return "echo applies to completions, not chat"
+        return Request(rid, conn, mode, messages, sampling, False, logprobs)
     if mode == "complete":
         prompt = msg.get("prompt")
-        if not isinstance(prompt, str):
-            return "complete needs a prompt string"
-        return Request(rid, conn, mode, prompt, sampling)
+        ids_ok = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        if not isinstance(prompt, str) and not ids_ok:
+            return "complete needs a prompt: a string or a non-empty list of token ids"
+        return Request(rid, conn, mode, prompt, sampling, echo, logprobs)
     return "mode must be 'chat' or 'complete'"
 
 
@@ -400,10 +381,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (trainer.checkpoint layout)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
     # how much at once
-    p.add_argument("--max-active", type=int, default=16, help="requests decoded round-robin at once")
+    p.add_argument("--max-active", type=int, default=16, help="requests decoded together in one batch")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those")
+    p.add_argument("--prefill-tokens", type=int, default=256,
+                   help="prompt tokens fed per step over all newcomers (bounds the others' stall)")
+    p.add_argument("--flush-ms", type=float, default=20.0,
+                   help="with several requests running, send each one's text at most this often (ms)")
+    p.add_argument("--kv-cache-mb", type=int, default=4096,
+                   help="memory for the KV cache; fewer requests run at once when --max-active would not fit")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as OMP_NUM_THREADS says)")
     args = p.parse_args(argv)
+    if args.max_active < 1 or args.max_queue < 0 or args.prefill_tokens < 1 or args.kv_cache_mb < 1:
+        p.error("--max-active, --prefill-tokens and --kv-cache-mb must be >= 1, --max-queue >= 0")
 
     device = resolve_device(args.device)
     if not os.path.isdir(args.checkpoint):
@@ -415,14 +404,14 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        backend = load_backend(args.checkpoint, device)
+        backend = load_backend(args.checkpoint, device, args.max_active, args.prefill_tokens, args.kv_cache_mb)
     except Exception as e:
         log(f"cannot load checkpoint {args.checkpoint}: {e!r}")
         return EXIT_BAD_CHECKPOINT
     info = {"device": device, "checkpoint": args.checkpoint, **backend.info}
     log(f"loaded {args.checkpoint} on {device} in {time.monotonic() - t0:.2f}s")
 
-    sched = Scheduler(backend, max(1, args.max_active), max(0, args.max_queue))
+    sched = Scheduler(backend, args.max_active, args.max_queue, max(0.0, args.flush_ms) / 1000)
     threading.Thread(target=sched.run, name="scheduler", daemon=True).start()
 
     if os.path.exists(args.socket):

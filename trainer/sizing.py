@@ -165,6 +165,7 @@ def default_training_tokens(params: int, tokens_per_param: int = 20) -> int:
 
 
 DEFAULT_MAX_EPOCHS = 4.0
+VAL_FRACTION = 0.05  # share of the tokenized data data.py holds out for validation
 
 
 def planned_tokens(params: int, tokens_per_param: int = 20, data_tokens: int | None = None,

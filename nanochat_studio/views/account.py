@@ -20,6 +20,7 @@ from ..accounts import AccountError
 from ..auth import admin_required, login_required
 from ..errors import BadRequest, NotFound
 from ..models import ApiKey, User
+from . import current_settings
 
 bp = Blueprint("account", __name__, url_prefix="/account")
 
@@ -65,7 +66,7 @@ class ActionForm(FlaskForm):
 
 
 def _mode() -> str:
-    return current_app.extensions["ncs_auth"].settings.mode
+    return current_settings().mode
 
 
 def _require_form(form: FlaskForm) -> None:
@@ -79,7 +80,7 @@ def _home() -> str:
 
 def _external(endpoint: str, **values: Any) -> str:
     """An absolute URL: from ``base_url`` when set (behind a proxy), else from the request."""
-    base = current_app.extensions["ncs_auth"].settings.base_url
+    base = current_settings().base_url
     if base:
         return base.rstrip("/") + url_for(endpoint, **values)
     return url_for(endpoint, _external=True, **values)

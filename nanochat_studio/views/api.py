@@ -13,12 +13,14 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request, stream_with_context, url_for
 from flask_login import current_user
 
-from .. import datasets, jobs, planning, sse
+from .. import datasets, estimate, jobs, sse, tasks
 from ..auth import login_required
 from ..db import database
-from ..errors import BadRequest, Conflict, NotFound
+from ..errors import BadRequest, Conflict
 from ..models import Model, TrainingJob
+from ..settings import Settings
 from ..storage import Storage
+from . import current_calibrator, current_settings, own
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -33,7 +35,7 @@ def _iso(t) -> str | None:
     return t.isoformat() + "Z" if t else None
 
 
-def job_json(job: TrainingJob, settings: Any = None) -> dict[str, Any]:
+def job_json(job: TrainingJob, settings: Settings) -> dict[str, Any]:
     final = job.status in jobs.FINAL
     model = (Model.select().where((Model.job == job) & (Model.is_snapshot == False))  # noqa: E712
              .order_by(Model.id.desc()).first())
@@ -99,35 +101,8 @@ def model_json(model: Model) -> dict[str, Any]:
     }
 
 
-def _chat_url(model: Model) -> str | None:
-    """The chat page of ``model``, once the chat blueprint is installed."""
-    if "chat.page" not in current_app.view_functions:
-        return None
+def _chat_url(model: Model) -> str:
     return url_for("chat.page", model_id=model.id)
-
-
-def own_job(job_id: int) -> TrainingJob:
-    job = TrainingJob.get_or_none((TrainingJob.id == job_id) & (TrainingJob.user == current_user.id))
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    return job
-
-
-def own_model(model_id: Any) -> Model:
-    """The signed-in user's model ``model_id`` (an int or a string from a JSON body or query);
-    anyone else's, a missing one or a malformed id all answer 404 alike."""
-    try:
-        mid = int(model_id)
-    except (TypeError, ValueError):
-        raise NotFound(f"no model {model_id!r}") from None
-    model = Model.get_or_none((Model.id == mid) & (Model.user == current_user.id))
-    if model is None:
-        raise NotFound(f"no model {model_id}")
-    return model
-
-
-def _settings():
-    return current_app.config["NCS_SETTINGS"]
 
 
 def _json_body() -> dict:
@@ -139,19 +114,29 @@ def _json_body() -> dict:
 
 # --- estimate ------------------------------------------------------------------------------------------
 
-@bp.get("/estimate")
+@bp.get("/estimate", endpoint="estimate")
 @login_required
-def estimate():
-    return jsonify(planning.estimate_for(request.args, current_user, _settings()))
+def get_estimate():
+    return jsonify(estimate.estimate_for(request.args, current_user, current_calibrator()))
 
 
 # --- jobs ------------------------------------------------------------------------------------------------
 
+def submit_job(body: Any) -> TrainingJob:
+    """Queue the signed-in user's job (jobs.submit validates it), keep the estimate it was planned with,
+    and ring the queue's bell. Raises what jobs.submit raises."""
+    settings = current_settings()
+    job = jobs.submit(current_user, body, settings)
+    estimate.record_for_job(job, current_calibrator())
+    tasks.enqueue_job(job.id, settings)
+    return jobs.get(job.id)
+
+
 @bp.post("/jobs")
 @login_required
 def create_job():
-    job = planning.submit(current_user, _json_body(), _settings())
-    resp = jsonify(job_json(job, _settings()))
+    job = submit_job(_json_body())
+    resp = jsonify(job_json(job, current_settings()))
     resp.status_code = 201
     resp.headers["Location"] = url_for("api.get_job", job_id=job.id)
     return resp
@@ -164,29 +149,29 @@ def list_jobs():
     status = request.args.get("status")
     if status:
         rows = rows.where(TrainingJob.status == status)
-    return jsonify({"jobs": [job_json(j, _settings()) for j in rows]})
+    return jsonify({"jobs": [job_json(j, current_settings()) for j in rows]})
 
 
 @bp.get("/jobs/<int:job_id>")
 @login_required
 def get_job(job_id: int):
-    return jsonify(job_json(own_job(job_id), _settings()))
+    return jsonify(job_json(own(TrainingJob, job_id), current_settings()))
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
 @login_required
 def cancel_job(job_id: int):
-    job = own_job(job_id)
+    job = own(TrainingJob, job_id)
     if job.status in jobs.FINAL:
         raise Conflict(f"job {job_id} already {job.status}")
     jobs.request_cancel(job)
-    return jsonify(job_json(jobs.get(job_id), _settings()))
+    return jsonify(job_json(jobs.get(job_id), current_settings()))
 
 
 @bp.get("/jobs/<int:job_id>/log")
 @login_required
 def job_log(job_id: int):
-    job = own_job(job_id)
+    job = own(TrainingJob, job_id)
     text = ""
     if job.log_path and os.path.exists(job.log_path):
         with open(job.log_path, "rb") as fh:
@@ -203,8 +188,8 @@ def job_log(job_id: int):
 @login_required
 def job_events(job_id: int):
     """The job's events as SSE, replayed from Last-Event-ID, then live until the job ends."""
-    job = own_job(job_id)
-    settings = _settings()
+    job = own(TrainingJob, job_id)
+    settings = current_settings()
     after = sse.last_event_id()
     state = {"after": after, "ended": False}
 
@@ -256,14 +241,14 @@ def list_models():
 @bp.get("/models/<int:model_id>")
 @login_required
 def get_model(model_id: int):
-    return jsonify(model_json(own_model(model_id)))
+    return jsonify(model_json(own(Model, model_id)))
 
 
 @bp.get("/models/<int:model_id>/download")
 @login_required
 def download_model(model_id: int):
-    model = own_model(model_id)
-    storage = Storage.from_settings(_settings())
+    model = own(Model, model_id)
+    storage = Storage.from_settings(current_settings())
     from ..archive import archive_dirname
 
     name = archive_dirname(model) + ".tar.gz"
@@ -287,7 +272,7 @@ def upload_dataset():
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise BadRequest("send the file as multipart/form-data in a field named 'file'")
-    ds = datasets.save_upload(current_user, upload.filename, upload.stream, _settings(),
+    ds = datasets.save_upload(current_user, upload.filename, upload.stream, current_settings(),
                               size_hint=request.content_length)
     resp = jsonify(dataset_json(ds))
     resp.status_code = 201
@@ -303,8 +288,8 @@ def list_datasets():
 @bp.delete("/datasets/<int:dataset_id>")
 @login_required
 def delete_dataset(dataset_id: int):
-    datasets.delete_dataset(current_user, dataset_id, _settings())
+    datasets.delete_dataset(current_user, dataset_id, current_settings())
     return ("", 204)
 
 
-__all__ = ["bp", "job_json", "model_json", "own_job", "own_model"]
+__all__ = ["bp", "job_json", "model_json", "submit_job"]

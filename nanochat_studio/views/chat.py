@@ -17,133 +17,21 @@ Bad input answers 400 with the reason before any stream starts; a model with too
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import os
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 from flask import Blueprint, current_app, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from .. import sse
+from .. import chat, sse
 from ..auth import login_required
-from ..db import database
-from ..errors import BadRequest, Conflict, NotFound, TooManyRequests
-from ..inference import Final, InferenceError, TooBusy, get_pool
+from ..checkpoints import snapshot_model
+from ..errors import BadRequest, Conflict, NotFound
+from ..inference import Final, InferenceError, get_pool
 from ..models import ChatMessage, ChatSession, Model, TrainingJob, utcnow
-from .api import own_job, own_model
+from . import current_settings, own
 
 bp = Blueprint("chat", __name__)
-log = logging.getLogger(__name__)
-
-# Limits: generous for real use, small enough that one request cannot occupy a model for long.
-MAX_MESSAGES = 200
-MAX_MESSAGE_CHARS = 32_000
-MAX_TOTAL_CHARS = 200_000
-MAX_TOKENS_LIMIT = 4096
-DEFAULTS = {"temperature": 0.8, "top_k": 50, "top_p": 1.0, "max_tokens": 256, "seed": None}
-ROLES = ("system", "user", "assistant")
-
-
-# --- validation shared with the OpenAI view ---------------------------------------------------------
-
-
-def _number(body: dict, name: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False,
-            nullable: bool = True, param: str | None = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        if nullable:
-            return None
-        raise BadRequest(f"{name} is required", param=param or name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        raise BadRequest(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}", param=param or name)
-    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
-        low = f"above {lo:g}" if lo_open else f"at least {lo:g}"
-        raise BadRequest(f"{name} must be {low} and at most {hi:g}, got {value!r}", param=param or name)
-    return int(value) if integer else float(value)
-
-
-def parse_sampling(body: dict, max_tokens_key: str = "max_tokens") -> dict:
-    """temperature, top_k, top_p, max_tokens, seed from a request body; BadRequest names the field."""
-    s = {
-        "temperature": _number(body, "temperature", 0, 2),
-        "top_k": _number(body, "top_k", 1, 100_000, integer=True),
-        "top_p": _number(body, "top_p", 0, 1, lo_open=True),
-        "max_tokens": _number(body, max_tokens_key, 1, MAX_TOKENS_LIMIT, integer=True),
-        "seed": _number(body, "seed", -(2**63), 2**63 - 1, integer=True),
-    }
-    out = {k: (DEFAULTS[k] if v is None else v) for k, v in s.items()}
-    if out["top_p"] is not None and out["top_p"] >= 1:
-        out["top_p"] = None  # 1 means no nucleus cut
-    return out
-
-
-def parse_messages(raw: Any, *, need_last_user: bool = True) -> list[dict]:
-    if not isinstance(raw, list) or not raw:
-        raise BadRequest("messages must be a non-empty list of {role, content}", param="messages")
-    if len(raw) > MAX_MESSAGES:
-        raise BadRequest(f"too many messages: {len(raw)} (at most {MAX_MESSAGES})", param="messages")
-    out, total = [], 0
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}] must be an object with role and content", param="messages")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", param="messages")
-        if role == "system" and i != 0:
-            raise BadRequest(f"messages[{i}]: a system message can only come first", param="messages")
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string", param="messages")
-        if len(content) > MAX_MESSAGE_CHARS:
-            raise BadRequest(f"messages[{i}] is {len(content)} characters long (at most {MAX_MESSAGE_CHARS})",
-                             param="messages")
-        total += len(content)
-        out.append({"role": role, "content": content})
-    if total > MAX_TOTAL_CHARS:
-        raise BadRequest(f"the conversation is {total} characters long (at most {MAX_TOTAL_CHARS})", param="messages")
-    if need_last_user and out[-1]["role"] != "user":
-        raise BadRequest("the last message must be the user's", param="messages")
-    return out
-
-
-def parse_prompt(raw: Any) -> str:
-    if not isinstance(raw, str):
-        raise BadRequest("prompt must be a string", param="prompt")
-    if len(raw) > MAX_TOTAL_CHARS:
-        raise BadRequest(f"prompt is {len(raw)} characters long (at most {MAX_TOTAL_CHARS})", param="prompt")
-    return raw
-
-
-def own_session(session_id: Any) -> ChatSession:
-    try:
-        sid = int(session_id)
-    except (TypeError, ValueError):
-        raise NotFound(f"no chat session {session_id!r}") from None
-    session = ChatSession.get_or_none((ChatSession.id == sid) & (ChatSession.user == current_user.id))
-    if session is None:
-        raise NotFound(f"no chat session {session_id}")
-    return session
-
-
-def is_chat_tuned(model: Model) -> bool:
-    """Whether the model learned the chat format. Pretraining alone does not teach it."""
-    cfg, metrics = model.config or {}, model.metrics or {}
-    return bool(cfg.get("chat_tuned") or cfg.get("sft") or metrics.get("chat_tuned"))
-
-
-def open_stream(model: Model, mode: str, payload: Any, sampling: dict) -> Iterator[Any]:
-    """The pool's stream, with admission failures as the app's errors (429, 400, 503)."""
-    try:
-        return get_pool(current_app).stream(model, mode, payload, sampling)
-    except TooBusy as e:
-        raise TooManyRequests(e.message, headers={"Retry-After": "2"}) from None
-    except InferenceError as e:
-        if e.status == 400:
-            raise BadRequest(e.message) from None
-        raise
 
 
 # --- pages -----------------------------------------------------------------------------------------
@@ -161,18 +49,18 @@ def index():
 @bp.get("/chat/<int:model_id>")
 @login_required
 def page(model_id: int):
-    model = own_model(model_id)
+    model = own(Model, model_id)
     session = None
     if request.args.get("session"):
-        session = own_session(request.args["session"])
+        session = own(ChatSession, request.args["session"])
         if session.model_id != model.id:
             raise NotFound(f"no chat session {session.id} for this model")
-    sessions = list(ChatSession.select().where((ChatSession.user == current_user.id) & (ChatSession.model == model.id))
+    sessions = list(ChatSession.owned_by(current_user.id).where(ChatSession.model == model.id)
                     .order_by(ChatSession.updated_at.desc()).limit(100))
-    tuned = is_chat_tuned(model)
-    mode = session.mode if session else ("chat" if tuned else "complete")
+    tuned = chat.is_chat_tuned(model)
+    mode = session.mode if session else chat.default_mode(model)
     boot = {
-        "model_id": model.id, "chat_tuned": tuned, "mode": mode, "defaults": DEFAULTS,
+        "model_id": model.id, "chat_tuned": tuned, "mode": mode, "defaults": chat.DEFAULTS,
         "session": session_json(session) if session else None,
         "page_url": url_for("chat.page", model_id=model.id),
     }
@@ -184,10 +72,10 @@ def page(model_id: int):
 @login_required
 def compare():
     models = list(Model.owned_by(current_user).order_by(Model.created_at.desc()))
-    a = own_model(request.args["a"]) if request.args.get("a") else None
-    b = own_model(request.args["b"]) if request.args.get("b") else None
-    boot = {"a": a.id if a else None, "b": b.id if b else None, "defaults": DEFAULTS,
-            "tuned": {str(m.id): is_chat_tuned(m) for m in (a, b) if m}}
+    a = own(Model, request.args["a"]) if request.args.get("a") else None
+    b = own(Model, request.args["b"]) if request.args.get("b") else None
+    boot = {"a": a.id if a else None, "b": b.id if b else None, "defaults": chat.DEFAULTS,
+            "tuned": {str(m.id): chat.is_chat_tuned(m) for m in (a, b) if m}}
     return render_template("chat/compare.html", models=models, a=a, b=b, boot=boot)
 
 
@@ -200,52 +88,23 @@ def api_chat():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise BadRequest("send a JSON object")
-    model = own_model(body.get("model_id"))
-    mode = body.get("mode") or "chat"
-    if mode not in ("chat", "complete"):
-        raise BadRequest("mode must be 'chat' or 'complete'", param="mode")
-    if mode == "chat":
-        history = parse_messages(body.get("messages"))
-        payload: Any = history
-    else:
-        payload = parse_prompt(body.get("prompt"))
-        history = [{"role": "user", "content": payload}]
-    sampling = parse_sampling(body)
-    save = body.get("save", True) is not False
+    model = own(Model, body.get("model_id"))
+    req = chat.parse_chat_request(body)
     session = None
-    if body.get("session_id") is not None:
-        session = own_session(body["session_id"])
+    if req.session_id is not None:
+        session = own(ChatSession, req.session_id)
         if session.model_id != model.id:
             raise Conflict("that chat session belongs to another model")
-    stream = open_stream(model, mode, payload, sampling)  # 429 here, before any byte of the stream
-    if save:
+    # 429 here, before any byte of the stream
+    stream = chat.open_stream(get_pool(current_app), model, req.mode, req.payload, req.sampling)
+    if req.save:
         try:
-            session = _save_history(session, model, mode, sampling, history)
+            session = chat.save_history(session, current_user.id, model, req.mode, req.sampling, req.history)
         except Exception:
             stream.close()
             raise
-    session_id = session.id if session is not None and save else None
-    return sse.response(_chat_events(stream, session_id, len(history)))
-
-
-def _save_history(session: ChatSession | None, model: Model, mode: str, sampling: dict,
-                  history: list[dict]) -> ChatSession:
-    with database.atomic():
-        if session is None:
-            first = next((m["content"] for m in history if m["role"] == "user"), "") or "New chat"
-            title = " ".join(first.split())[:80] or "New chat"
-            session = ChatSession.create(user=current_user.id, model=model.id, title=title, mode=mode,
-                                         settings=sampling)
-        else:
-            session.mode, session.settings, session.updated_at = mode, sampling, utcnow()
-            session.save()
-        ChatMessage.delete().where(ChatMessage.session == session.id).execute()
-        if history:
-            ChatMessage.insert_many([
-                {"session": session.id, "position": i, "role": m["role"], "content": m["content"]}
-                for i, m in enumerate(history)
-            ]).execute()
-    return session
+    session_id = session.id if session is not None and req.save else None
+    return sse.response(_chat_events(stream, session_id, len(req.history)))
 
 
 def _chat_events(stream: Iterator[Any], session_id: int | None, position: int) -> Iterator[str]:
@@ -276,32 +135,15 @@ def _chat_events(stream: Iterator[Any], session_id: int | None, position: int) -
         done = final.as_dict() if final else {
             "finish_reason": "error", "prompt_tokens": 0, "completion_tokens": len(parts), "ttft_ms": None,
             "tokens_per_sec": None, "elapsed_ms": round((time.monotonic() - t0) * 1000, 1)}
-        done["message_id"] = _save_answer(session_id, position, parts, done, error) if session_id else None
+        done["message_id"] = chat.save_answer(session_id, position, parts, done, error) if session_id else None
         seq += 1
         yield sse.format_event(done, event="done", id=seq)
     finally:
         stream.close()  # the client went away mid-stream: this cancels generation in the model server
         if final is None and error is None and session_id is not None and parts:
             # stopped by the user (or a dropped connection): keep what was said, marked as such
-            _save_answer(session_id, position, parts, {"finish_reason": "cancelled",
-                                                      "completion_tokens": len(parts)}, None)
-
-
-def _save_answer(session_id: int, position: int, parts: list[str], stats: dict, error: InferenceError | None) -> int | None:
-    if not parts and error is not None:
-        return None
-    stats = dict(stats)
-    if error is not None:
-        stats["error"] = error.message
-    try:
-        with database.connection_context():
-            msg = ChatMessage.create(session=session_id, position=position, role="assistant",
-                                     content="".join(parts), stats=stats)
-            ChatSession.update(updated_at=utcnow()).where(ChatSession.id == session_id).execute()
-            return msg.id
-    except Exception:  # the session was deleted meanwhile, or the position is taken by a newer request
-        log.warning("could not save the answer to chat session %s", session_id, exc_info=True)
-        return None
+            chat.save_answer(session_id, position, parts, {"finish_reason": "cancelled",
+                                                          "completion_tokens": len(parts)}, None)
 
 
 # --- sessions ------------------------------------------------------------------------------------------
@@ -320,9 +162,9 @@ def session_json(s: ChatSession, with_messages: bool = True) -> dict:
 @bp.get("/api/chat/sessions")
 @login_required
 def list_sessions():
-    q = ChatSession.select().where(ChatSession.user == current_user.id)
+    q = ChatSession.owned_by(current_user.id)
     if request.args.get("model_id"):
-        q = q.where(ChatSession.model == own_model(request.args["model_id"]).id)
+        q = q.where(ChatSession.model == own(Model, request.args["model_id"]).id)
     return {"sessions": [session_json(s, False) for s in q.order_by(ChatSession.updated_at.desc()).limit(500)]}
 
 
@@ -330,13 +172,11 @@ def list_sessions():
 @login_required
 def create_session():
     body = request.get_json(silent=True) or {}
-    model = own_model(body.get("model_id"))
+    model = own(Model, body.get("model_id"))
     title = body.get("title") or "New chat"
     if not isinstance(title, str) or len(title) > 200:
         raise BadRequest("title must be a string of at most 200 characters", param="title")
-    mode = body.get("mode") or ("chat" if is_chat_tuned(model) else "complete")
-    if mode not in ("chat", "complete"):
-        raise BadRequest("mode must be 'chat' or 'complete'", param="mode")
+    mode = chat.parse_mode(body.get("mode"), chat.default_mode(model))
     s = ChatSession.create(user=current_user.id, model=model.id, title=title, mode=mode, settings={})
     return session_json(s), 201
 
@@ -344,13 +184,13 @@ def create_session():
 @bp.get("/api/chat/sessions/<int:session_id>")
 @login_required
 def get_session(session_id: int):
-    return session_json(own_session(session_id))
+    return session_json(own(ChatSession, session_id))
 
 
 @bp.patch("/api/chat/sessions/<int:session_id>")
 @login_required
 def rename_session(session_id: int):
-    s = own_session(session_id)
+    s = own(ChatSession, session_id)
     body = request.get_json(silent=True) or {}
     title = body.get("title")
     if not isinstance(title, str) or not title.strip() or len(title) > 200:
@@ -363,7 +203,7 @@ def rename_session(session_id: int):
 @bp.delete("/api/chat/sessions/<int:session_id>")
 @login_required
 def delete_session(session_id: int):
-    s = own_session(session_id)
+    s = own(ChatSession, session_id)
     s.delete_instance(recursive=True)
     return "", 204
 
@@ -371,57 +211,10 @@ def delete_session(session_id: int):
 # --- snapshots of a running job ------------------------------------------------------------------------
 
 
-def newest_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoint directories (manifest.json written, it is written last), newest first."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "manifest.json").is_file()]
-    return sorted(found, key=lambda p: p.name, reverse=True)
-
-
-def snapshot_model(job: TrainingJob, settings: Any) -> Model:
-    """A read-only copy of ``job``'s newest valid checkpoint as a new Model (is_snapshot=True).
-
-    The copy goes into storage (verified against the trainer's manifest), so the trainer pruning its
-    own checkpoints afterwards does not touch it. Raises Conflict when no checkpoint is ready yet.
-    """
-    from ..storage import Storage, StorageError
-    from ..supervisor import run_dir_for
-
-    run_dir = Path(job.output_path) if job.output_path and os.path.isdir(job.output_path) else run_dir_for(job, settings)
-    store = Storage.from_settings(settings)
-    for ckpt in newest_checkpoints(run_dir):
-        try:
-            manifest = json.loads((ckpt / "manifest.json").read_text())
-            step = int(manifest.get("step") or ckpt.name.split("_", 1)[1])
-        except (OSError, ValueError):
-            continue
-        config = {}
-        try:
-            config = json.loads((ckpt / "config.json").read_text())
-        except (OSError, ValueError):
-            pass
-        model = Model.create(user=job.user_id, job=job.id, name=f"{job.name or f'job {job.id}'} @ step {step}",
-                             step=step, is_snapshot=True, checkpoint_key="", tokenizer_key="",
-                             config=config.get("train") or job.config, metrics={"snapshot_of_step": step})
-        try:
-            key = store.publish_checkpoint(job.user_id, model.id, ckpt)
-        except (StorageError, OSError):
-            # pruned or replaced while we copied: try the next older one
-            model.delete_instance()
-            continue
-        size = sum(info.get("size", 0) for info in manifest.get("files", {}).values())
-        Model.update(checkpoint_key=key, tokenizer_key=f"{key}/tokenizer", size_bytes=size).where(
-            Model.id == model.id).execute()
-        return Model.get_by_id(model.id)
-    raise Conflict("this job has no finished checkpoint yet; try again after its first checkpoint")
-
-
 @bp.post("/api/jobs/<int:job_id>/snapshot")
 @login_required
 def snapshot(job_id: int):
-    model = snapshot_model(own_job(job_id), current_app.config["NCS_SETTINGS"])
+    model = snapshot_model(own(TrainingJob, job_id), current_settings())
     return {"model_id": model.id, "step": model.step, "chat_url": url_for("chat.page", model_id=model.id)}, 201
 
 
@@ -429,5 +222,5 @@ def snapshot(job_id: int):
 @login_required
 def snapshot_and_chat(job_id: int):
     """For a plain form on the job page (CSRF token included): snapshot, then open the chat."""
-    model = snapshot_model(own_job(job_id), current_app.config["NCS_SETTINGS"])
+    model = snapshot_model(own(TrainingJob, job_id), current_settings())
     return redirect(url_for("chat.page", model_id=model.id), code=303)

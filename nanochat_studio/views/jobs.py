@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
 from trainer import sizing
 
-from .. import datasets, jobs, planning
+from .. import datasets, formats, jobs
 from ..auth import login_required
 from ..errors import AppError
 from ..models import Model, TrainingJob
-from .api import job_json, model_json, own_job, own_model
+from . import current_calibrator, current_settings, own
+from .api import job_json, model_json, submit_job
 
 bp = Blueprint("jobs", __name__)
 
@@ -24,12 +25,8 @@ ADVANCED = FORM_INTS[1:] + FORM_FLOATS
 START_DEPTH = {"cpu": 2, "mps": 4, "cuda": 12}
 
 
-def _settings():
-    return current_app.config["NCS_SETTINGS"]
-
-
 def _allow_server_paths() -> bool:
-    return bool(getattr(_settings(), "allow_server_paths", False)) or bool(current_user.is_admin)
+    return current_settings().allow_server_paths or current_user.is_admin
 
 
 def config_from_form(form) -> tuple[dict[str, Any], list[str]]:
@@ -78,8 +75,7 @@ def config_from_form(form) -> tuple[dict[str, Any], list[str]]:
 @bp.route("/train", methods=["GET", "POST"])
 @login_required
 def plan():
-    settings = _settings()
-    dev = planning.device(settings)
+    dev = current_calibrator().device()
     form: dict[str, Any] = {"depth": request.args.get("depth") or START_DEPTH.get(dev["device"], 4),
                             "source": "demo"}
     errors: list[str] = []
@@ -89,11 +85,13 @@ def plan():
         config, errors = config_from_form(request.form)
         if not errors:
             try:
-                job = planning.submit(current_user, config, settings)
+                job = submit_job(config)
             except (AppError, ValueError) as exc:
                 errors.append(str(getattr(exc, "message", None) or exc))
             else:
-                flash(f"Job #{job.id} is queued.", "success")
+                # No state in the message: the page it lands on shows the job's state, live, and a
+                # job that finishes while that page is open must not still be "queued" there.
+                flash(f"Submitted job #{job.id}.", "success")
                 return redirect(url_for("jobs.show", job_id=job.id))
     defaults = sizing.device_defaults(dev["device"])
     status = 400 if errors else 200
@@ -106,20 +104,19 @@ def plan():
 @login_required
 def index():
     rows = TrainingJob.owned_by(current_user).order_by(TrainingJob.id.desc()).limit(100)
-    return render_template("jobs/index.html", jobs=[job_json(j, _settings()) for j in rows])
+    return render_template("jobs/index.html", jobs=[job_json(j, current_settings()) for j in rows])
 
 
 @bp.get("/jobs/<int:job_id>")
 @login_required
 def show(job_id: int):
-    job = own_job(job_id)
-    info = job_json(job, _settings())
+    job = own(TrainingJob, job_id)
+    info = job_json(job, current_settings())
     info["final"] = job.status in jobs.FINAL
     shape = sizing.shape_for(job.config["depth"], job.config.get("vocab_size") or 8192,
                              job.config.get("seq_len") or 256)
-    info["params_human"] = (job.estimate or {}).get("params") or sizing.param_counts(shape)["total"]
-    info["params_human"] = _human(info["params_human"])
-    return render_template("jobs/show.html", job=job, info=info)
+    info["params_human"] = formats.count((job.estimate or {}).get("params") or sizing.param_counts(shape)["total"])
+    return render_template("jobs/show.html", job=job, info=info, final_states=sorted(jobs.FINAL))
 
 
 @bp.get("/models")
@@ -132,11 +129,5 @@ def models():
 @bp.get("/models/<int:model_id>")
 @login_required
 def model_page(model_id: int):
-    return render_template("models/show.html", model=model_json(own_model(model_id)))
+    return render_template("models/show.html", model=model_json(own(Model, model_id)))
 
-
-def _human(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(int(n))

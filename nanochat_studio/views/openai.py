@@ -15,15 +15,15 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from flask_login import current_user
 
 from .. import sse
 from ..auth import api_key_required
+from ..chat import open_stream, parse_messages, parse_sampling
 from ..errors import AppError, BadRequest, NotFound
-from ..inference import Final, InferenceError
+from ..inference import Final, InferenceError, get_pool
 from ..models import Model
-from .chat import open_stream, parse_messages, parse_sampling
 
 bp = Blueprint("openai", __name__)
 
@@ -34,11 +34,7 @@ UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs",
 def _model_for(name: Any) -> Model:
     if not isinstance(name, str) or not name:
         raise BadRequest("model is required", param="model", code="invalid_value")
-    try:
-        mid = int(name.removeprefix("model-"))
-    except ValueError:
-        mid = None
-    model = Model.get_or_none((Model.id == mid) & (Model.user == current_user.id)) if mid is not None else None
+    model = Model.get_owned(name.removeprefix("model-"), current_user.id)
     if model is None:
         raise NotFound(f"The model '{name}' does not exist or you do not have access to it.", param="model",
                        code="model_not_found")
@@ -113,7 +109,7 @@ def chat_completions():
         raise BadRequest("stream_options must be an object", param="stream_options")
     include_usage = bool(opts.get("include_usage"))
 
-    stream = open_stream(model, "chat", messages, sampling)  # 429 here, before anything is sent
+    stream = open_stream(get_pool(current_app), model, "chat", messages, sampling)  # 429 here, before anything is sent
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if stream_flag:

@@ -11,16 +11,12 @@
     if (text !== undefined && text !== null) e.textContent = text;
     return e;
   }
-  function csrf() {
-    var m = document.querySelector('meta[name="csrf-token"]');
-    return m ? m.getAttribute("content") : "";
-  }
-
-  /* POST body to the chat API and call on(event, data) for each SSE event; resolves at stream end. */
+  /* POST body to the chat API and call on(event, data) for each SSE event; resolves at stream end.
+     (util.js's fetch adds the CSRF header and NCS.readEvents reads the stream.) */
   function streamChat(url, body, signal, on) {
     return fetch(url, {
       method: "POST", signal: signal, credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "Accept": "text/event-stream", "X-CSRFToken": csrf() },
+      headers: { "Content-Type": "application/json", "Accept": "text/event-stream" },
       body: JSON.stringify(body)
     }).then(function (resp) {
       var type = resp.headers.get("Content-Type") || "";
@@ -31,33 +27,7 @@
           on("done", { finish_reason: "error" });
         });
       }
-      var reader = resp.body.getReader();
-      var decoder = new TextDecoder("utf-8");
-      var buf = "";
-      function dispatch(frame) {
-        var event = "message", data = [];
-        frame.split("\n").forEach(function (line) {
-          if (line.indexOf("event:") === 0) event = line.slice(6).trim();
-          else if (line.indexOf("data:") === 0) data.push(line.slice(line.charAt(5) === " " ? 6 : 5));
-        });
-        if (!data.length) return;  // comments (heartbeats) and retry lines
-        var parsed;
-        try { parsed = JSON.parse(data.join("\n")); } catch (e) { parsed = data.join("\n"); }
-        on(event, parsed);
-      }
-      function pump() {
-        return reader.read().then(function (r) {
-          if (r.done) { if (buf.trim()) dispatch(buf); return; }
-          buf += decoder.decode(r.value, { stream: true });  // keeps a split UTF-8 sequence for the next chunk
-          var cut;
-          while ((cut = buf.indexOf("\n\n")) >= 0) {
-            dispatch(buf.slice(0, cut));
-            buf = buf.slice(cut + 2);
-          }
-          return pump();
-        });
-      }
-      return pump();
+      return NCS.readEvents(resp, on);
     });
   }
 
@@ -65,9 +35,9 @@
     if (!s) return "";
     var parts = [];
     var ttft = clientTtft != null ? clientTtft : s.ttft_ms;
-    if (ttft != null) parts.push("first token " + Math.round(ttft) + " ms");
+    if (ttft != null) parts.push("first token " + NCS.decimal(ttft, 0) + " ms");
     var tps = s.tokens_per_sec != null ? s.tokens_per_sec : clientTps;
-    if (tps != null) parts.push(tps.toFixed(1) + " tokens/s");
+    if (tps != null) parts.push(NCS.decimal(tps, 1) + " tokens/s");
     if (s.completion_tokens != null) parts.push(s.completion_tokens + " tokens");
     if (s.finish_reason) parts.push(s.finish_reason === "length" ? "hit max tokens" : s.finish_reason);
     return parts.join(" · ");
@@ -231,7 +201,7 @@
       var li = btn.closest("li"), id = li.getAttribute("data-session-id");
       if (!confirm("Delete this conversation?")) return;
       fetch(root.getAttribute("data-sessions-api") + "/" + id, {
-        method: "DELETE", credentials: "same-origin", headers: { "X-CSRFToken": csrf() }
+        method: "DELETE", credentials: "same-origin"
       }).then(function (r) {
         if (r.ok || r.status === 404) { li.remove(); if (String(state.sessionId) === id) newChat(); }
       });

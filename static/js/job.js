@@ -9,25 +9,9 @@
   const jobId = root.dataset.jobId;
   const eventsUrl = root.dataset.eventsUrl;
   const logUrl = root.dataset.logUrl;
-  const FINAL = new Set(["completed", "failed", "cancelled"]);
+  const FINAL = new Set(root.dataset.finalStates.split(" "));  // jobs.FINAL, from the server
   const $ = (sel) => root.querySelector(sel);
-  const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
-
-  // -- formatting ---------------------------------------------------------------------------------
-  function fmtDuration(s) {
-    if (s === null || s === undefined || !isFinite(s)) return "–";
-    s = Math.max(0, Math.round(s));
-    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
-    if (h) return `${h}h ${m}m`;
-    if (m) return `${m}m ${sec}s`;
-    return `${sec}s`;
-  }
-  function fmtNum(x, digits) {
-    if (x === null || x === undefined || !isFinite(x)) return "–";
-    if (Math.abs(x) >= 1e6) return (x / 1e6).toFixed(1) + "M";
-    if (Math.abs(x) >= 1e4) return (x / 1e3).toFixed(1) + "K";
-    return Number(x).toFixed(digits === undefined ? 0 : digits);
-  }
+  const { count, decimal, duration } = NCS;  // util.js: the server's formats
   function setText(sel, text) {
     const el = $(sel);
     if (el) el.textContent = text;
@@ -105,12 +89,12 @@
       setText("#step", `${p.step} / ${p.total_steps}`);
       $("#bar").style.width = Math.min(100, (100 * p.step) / p.total_steps).toFixed(1) + "%";
     }
-    if (p.loss !== undefined) setText("#loss", fmtNum(p.loss, 3));
-    if (p.val_bpb !== undefined && p.val_bpb !== null) setText("#bpb", fmtNum(p.val_bpb, 3));
-    if (p.tokens_per_sec !== undefined) setText("#tps", fmtNum(p.tokens_per_sec));
-    if (p.mfu !== undefined) setText("#mfu", p.mfu === null ? "–" : (100 * p.mfu).toFixed(1) + "%");
-    if (p.elapsed_s !== undefined) setText("#elapsed", fmtDuration(p.elapsed_s));
-    if (p.eta_s !== undefined) setText("#eta", fmtDuration(p.eta_s));
+    if (p.loss !== undefined) setText("#loss", decimal(p.loss, 3));
+    if (p.val_bpb !== undefined && p.val_bpb !== null) setText("#bpb", decimal(p.val_bpb, 3));
+    if (p.tokens_per_sec !== undefined) setText("#tps", count(p.tokens_per_sec));
+    if (p.mfu !== undefined) setText("#mfu", p.mfu === null ? "–" : decimal(100 * p.mfu, 1) + "%");
+    if (p.elapsed_s !== undefined) setText("#elapsed", duration(p.elapsed_s));
+    if (p.eta_s !== undefined) setText("#eta", duration(p.eta_s));
   }
   function addHistory(text, when) {
     const li = document.createElement("li");
@@ -145,8 +129,9 @@
     if (!row || value === undefined || value === null) return;
     const est = row.querySelector(".est").dataset.value;
     const cell = row.querySelector(".act");
-    cell.textContent = typeof value === "number" && key !== "seconds" ? value.toLocaleString("en-US")
-      : key === "seconds" ? `${Math.round(value)} s` : String(value);
+    // exact figures in full (the point is that they match); the time as the server writes durations
+    cell.textContent = key === "seconds" ? duration(value)
+      : typeof value === "number" ? value.toLocaleString("en-US") : String(value);
     const same = key === "seconds" ? null : String(est) === String(value);
     row.classList.toggle("differs", same === false);
     row.classList.toggle("matches", same === true);
@@ -165,7 +150,7 @@
       showJob(d.job);
     },
     start(d) {
-      if (d.params) setText("#params", fmtNum(d.params, 1));
+      if (d.params) setText("#params", count(d.params));
       showPlanFromStart(d);
       addHistory(d.resumed_from_step ? `trainer resumed from step ${d.resumed_from_step}` :
                  `trainer started on ${d.device}`, d.time);
@@ -176,14 +161,14 @@
     },
     eval(d) {
       loss.valStep.push(d.step); loss.val.push(d.val_loss); loss.bpb.push(d.val_bpb); dirty = true;
-      if (d.val_bpb !== null) setText("#bpb", fmtNum(d.val_bpb, 3));
+      if (d.val_bpb !== null) setText("#bpb", decimal(d.val_bpb, 3));
     },
     sample: addSamples,
     checkpoint(d) {
       addHistory(`checkpoint at step ${d.step}`, d.time);
       $("#snapshot").hidden = $("#snapshot-download").hidden = FINAL.has($("#status").textContent);
     },
-    done(d) { addHistory(`finished at step ${d.step}, loss ${fmtNum(d.final_loss, 3)}`, d.time); },
+    done(d) { addHistory(`finished at step ${d.step}, loss ${decimal(d.final_loss, 3)}`, d.time); },
     error(d) { addHistory(`${d.kind} error: ${d.message}`, d.time); },
     job(d) { showJob(d); },
   };
@@ -227,7 +212,7 @@
   async function post(url) {
     const r = await fetch(url, {
       method: "POST",
-      headers: { "Content-Type": "application/json", "X-CSRFToken": csrf(), Accept: "application/json" },
+      headers: { "Content-Type": "application/json", Accept: "application/json" },  // util.js adds the CSRF token
       body: "{}",
     });
     const body = await r.json().catch(() => ({}));

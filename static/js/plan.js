@@ -5,29 +5,9 @@
   const form = document.getElementById("plan-form");
   if (!form) return;
   const $ = (id) => document.getElementById(id);
-  const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+  const { count, size, duration } = NCS;  // util.js: the server's formats
   const depth = $("depth");
   let timer = null, seq = 0, calibrationTimer = null;
-
-  function human(n) {
-    if (n === null || n === undefined) return "–";
-    for (const [u, d] of [["T", 1e12], ["B", 1e9], ["M", 1e6], ["K", 1e3]]) if (Math.abs(n) >= d) return (n / d).toFixed(1) + u;
-    return String(Math.round(n));
-  }
-  function bytes(n) {
-    if (!n) return "–";
-    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let i = 0;
-    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-    return n.toFixed(n < 10 ? 1 : 0) + " " + units[i];
-  }
-  function duration(s) {
-    if (s === null || s === undefined || !isFinite(s)) return "–";
-    if (s < 90) return Math.round(s) + " s";
-    if (s < 5400) return Math.round(s / 60) + " min";
-    if (s < 172800) return (s / 3600).toFixed(1) + " h";
-    return (s / 86400).toFixed(1) + " days";
-  }
 
   function source() { return (form.querySelector('input[name="source"]:checked') || {}).value || "demo"; }
   function showSourceDetails() {
@@ -68,15 +48,15 @@
     $("e-steps").textContent = e.steps.toLocaleString() + ` × ${e.batch_size}×${e.seq_len}`;
     const m = e.memory;
     const verdict = { fits: "fits", tight: "tight", wont_fit: "will not fit", unknown: "" }[m.verdict] || "";
-    $("e-memory").textContent = bytes(m.needed_bytes) + (verdict ? " · " + verdict : "");
+    $("e-memory").textContent = size(m.needed_bytes) + (verdict ? " · " + verdict : "");
     $("e-memory").className = "verdict-" + m.verdict;
     const share = m.device_bytes ? Math.min(1, m.needed_bytes / m.device_bytes) : 0;
     $("e-meter").style.width = (100 * share).toFixed(1) + "%";
     $("e-meter").className = "meter-bar verdict-" + m.verdict;
-    $("e-memory-note").textContent = m.device_bytes ? `of ${bytes(m.device_bytes)} on ${e.device.device_name || e.device.device}` : "";
+    $("e-memory-note").textContent = m.device_bytes ? `of ${size(m.device_bytes)} on ${e.device.device_name || e.device.device}` : "";
     $("e-time").textContent = duration(e.time.seconds);
     const src = {
-      calibrated: `measured here: ${human(e.time.tokens_per_sec)} tokens/s at this shape`,
+      calibrated: `measured here: ${count(e.time.tokens_per_sec)} tokens/s at this shape`,
       extrapolated: "scaled from a timing run at a nearby size; refining…",
       rough: "a rough guess until the timing run finishes…",
     }[e.time.source] || "";
@@ -111,7 +91,7 @@
       try { body = JSON.parse(xhr.responseText); } catch (e) { /* shown below */ }
       if (xhr.status >= 200 && xhr.status < 300) {
         const opt = document.createElement("option");
-        opt.value = body.id; opt.textContent = `${body.name} (${bytes(body.size_bytes)})`;
+        opt.value = body.id; opt.textContent = `${body.name} (${size(body.size_bytes)})`;
         $("dataset-id").appendChild(opt);
         $("dataset-id").value = body.id;
         status.textContent = `Uploaded ${body.name}.`;
@@ -122,7 +102,7 @@
     };
     xhr.onerror = () => { bar.hidden = true; status.textContent = "Upload failed: the connection broke."; };
     xhr.open("POST", form.dataset.uploadUrl);
-    xhr.setRequestHeader("X-CSRFToken", csrf());
+    xhr.setRequestHeader("X-CSRFToken", NCS.csrfToken());  // an XHR (for its progress) is not fetch
     xhr.setRequestHeader("Accept", "application/json");
     xhr.send(data);
   });

@@ -1,14 +1,20 @@
-"""Chat latency through the whole HTTP path vs the trainer's generator called in-process.
+"""Chat latency and throughput through the whole HTTP path, from one stream to 32 at once.
 
-    OMP_NUM_THREADS=1 python tests/bench/chat_latency.py [--depth 4] [--tokens 64] [--runs 5] [--concurrent 16]
+    OMP_NUM_THREADS=1 python tests/bench/chat_latency.py [--depth 4] [--tokens 64] [--runs 15]
+        [--levels 1,4,16,32] [--rounds 3] [--baseline /work/main]
 
-One run, one model, one prompt: (1) direct: trainer.sample.complete / chat in this process; (2) SSE:
-POST /api/chat on a live waitress server (the model in its model-server subprocess); (3) OpenAI:
-POST /v1/chat/completions with stream=true. Time to first token is measured from sending the request to
-the first text arriving (direct: from the call to the first delta); tokens/s over the tokens after the
-first. Then --concurrent streams at once to the same model: all must finish, none may starve, p95 TTFT.
+One run, one model, one prompt. (1) One stream, three ways: direct (trainer.sample in this process), the
+model server through ModelPool (no HTTP), and HTTP: POST /api/chat (SSE) and POST /v1/chat/completions
+with stream=true. Time to first token from sending the request to the first text; tokens/s over the
+tokens after the first. (2) The sweep: N streams of /api/chat at once (N in --levels), each level
+--rounds times, medians reported: aggregate tokens/s (all tokens / wall time), TTFT p50/p95/max, and
+whether any stream starved (got its first token only after another had finished). (3) With
+--baseline PATH (a checkout of this project, e.g. main): the same sweep against that checkout's model
+server (its trainer/serve.py started from PATH behind a second app), measured in this same run.
 Greedy decoding (temperature 0) with a fixed max_tokens so every path generates the same tokens.
 Targets (issue 5): first-token overhead under 50 ms once warm; HTTP tokens/s at least 0.9x direct.
+Targets (issue 14): 16 streams reach >= 6x the aggregate tokens/s of one; TTFT p95 with 16 streams
+< 4x the single-stream TTFT; one stream alone >= 0.95x the baseline's.
 Human lines first, then one JSON line last.
 """
 
@@ -79,7 +85,7 @@ class Direct:
             last = time.perf_counter()
             first = first or last
         n = gen.completion_tokens
-        return first - t0, (n - 1) / (last - first) if n > 1 else 0.0, n
+        return first - t0, (n - 1) / (last - first) if n > 1 and last > first else 0.0, n
 
 
 def stream_http(port: int, path: str, body: dict, headers: dict) -> tuple[float, float, int, str]:
@@ -131,7 +137,8 @@ def stream_http(port: int, path: str, body: dict, headers: dict) -> tuple[float,
                 last = time.perf_counter()
                 first = first or last
     conn.close()
-    return first - t0, (n - 1) / (last - first) if n > 1 else 0.0, n, finish
+    # a reader that fell behind gets the rest as one delta: no rate after the first token then
+    return first - t0, (n - 1) / (last - first) if n > 1 and last > first else 0.0, n, finish
 
 
 def via_pool(pool, model, mode: str, n_tokens: int) -> tuple[float, float, int]:
@@ -146,7 +153,106 @@ def via_pool(pool, model, mode: str, n_tokens: int) -> tuple[float, float, int]:
             first = first or last
         elif item is not None:
             n = item.completion_tokens
-    return first - t0, (n - 1) / (last - first) if n > 1 else 0.0, n
+    return first - t0, (n - 1) / (last - first) if n > 1 and last > first else 0.0, n
+
+
+def starter(checkout: str, baseline_ckpt: str):
+    """A ModelPool start_server: the checkpoint copy ``baseline_ckpt`` is served by ``trainer.serve`` of
+    another checkout (its trainer package first on PYTHONPATH; its default --max-active, 16), every
+    other checkpoint by ours, as runner.start_model_server starts it."""
+    import subprocess
+
+    from nanochat_studio.runner import start_model_server
+
+    def start(checkpoint_dir, socket_path, device, settings, *, stderr=None, max_active=16):
+        if os.path.abspath(checkpoint_dir) != os.path.abspath(baseline_ckpt):
+            return start_model_server(checkpoint_dir, socket_path, device, settings, stderr=stderr,
+                                      max_active=max_active)
+        max_active = 16
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.path.abspath(checkout))
+        argv = [sys.executable, "-m", "trainer.serve", "--socket", socket_path, "--checkpoint", checkpoint_dir,
+                "--device", device or "auto", "--max-active", str(max_active)]
+        return subprocess.Popen(argv, env=env, cwd=os.path.abspath(checkout), stdout=subprocess.DEVNULL,
+                                stderr=stderr, start_new_session=True)
+
+    return start
+
+
+def concurrent(port: int, body: dict, n: int) -> dict:
+    """n /api/chat streams started together; their TTFTs, tokens and the wall time."""
+    out: list = [None] * n
+    errors: list = []
+    barrier = threading.Barrier(n)
+
+    def one(i):
+        try:
+            barrier.wait()
+            started = time.perf_counter()
+            ttft, tps, tokens, finish = stream_http(port, "/api/chat", body, {})
+            out[i] = (ttft, tps, tokens, finish, time.perf_counter() - started)
+        except Exception as e:  # reported, not raised: the summary says how many failed
+            errors.append(repr(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    wall = time.perf_counter() - t0
+    done = [o for o in out if o]
+    ttfts = [o[0] * 1000 for o in done]
+    return {
+        "finished": len(done), "errors": errors[:3], "tokens": sum(o[2] for o in done),
+        "ttft_p50_ms": pct(ttfts, 50) if done else None, "ttft_p95_ms": pct(ttfts, 95) if done else None,
+        "ttft_max_ms": max(ttfts) if done else None, "first_finish_s": min(o[4] for o in done) if done else None,
+        "wall_s": wall, "aggregate_tps": sum(o[2] for o in done) / wall,
+        "per_stream_tps_min": min(o[1] for o in done) if done else None,
+    }
+
+
+def sweep(port: int, body: dict, levels: list[int], rounds: int, label: str) -> dict:
+    """Each level ``rounds`` times, levels interleaved (a busy moment hits them all); medians."""
+    runs: dict[int, list[dict]] = {n: [] for n in levels}
+    for _ in range(rounds):
+        for n in levels:
+            runs[n].append(concurrent(port, body, n))
+    out = {}
+    for n, rs in runs.items():
+        med = lambda key: round(statistics.median(r[key] for r in rs), 1)  # noqa: E731
+        row = {"streams": n, "finished": min(r["finished"] for r in rs), "errors": sum((r["errors"] for r in rs), [])[:3],
+               "aggregate_tps": med("aggregate_tps"), "ttft_p50_ms": med("ttft_p50_ms"), "ttft_p95_ms": med("ttft_p95_ms"),
+               "ttft_max_ms": med("ttft_max_ms"), "wall_s": round(statistics.median(r["wall_s"] for r in rs), 3),
+               "per_stream_tps_min": med("per_stream_tps_min"),
+               # starving = a stream got its first token only after another had already finished
+               "none_starved": all(r["finished"] == n and r["ttft_max_ms"] / 1000 < r["first_finish_s"] for r in rs)}
+        out[str(n)] = row
+        print(f"{label:8s} {n:3d} streams: {row['finished']}/{n} finished, {row['aggregate_tps']:7.0f} tokens/s together, "
+              f"TTFT p50 {row['ttft_p50_ms']} ms, p95 {row['ttft_p95_ms']} ms, max {row['ttft_max_ms']} ms, "
+              f"slowest stream {row['per_stream_tps_min']} tokens/s -> {'none starved' if row['none_starved'] else 'SOME STARVED'}")
+    return out
+
+
+def summarise(results: dict, levels: list[int]) -> None:
+    """The issue's ratios, from the sweeps of this run."""
+    ours = results["sweep"]
+    if "1" not in ours:
+        return
+    one = ours["1"]
+    ratios = {f"aggregate_{n}_vs_1": round(ours[str(n)]["aggregate_tps"] / one["aggregate_tps"], 2)
+              for n in levels if n != 1}
+    ratios.update({f"ttft_p95_{n}_vs_1": round(ours[str(n)]["ttft_p95_ms"] / one["ttft_p50_ms"], 2)
+                   for n in levels if n != 1})
+    base = results.get("baseline_sweep")
+    if base and "1" in base:
+        ratios["one_stream_vs_baseline"] = round(one["aggregate_tps"] / base["1"]["aggregate_tps"], 3)
+        ratios.update({f"aggregate_{n}_vs_baseline": round(ours[str(n)]["aggregate_tps"] / base[str(n)]["aggregate_tps"], 2)
+                       for n in levels if str(n) in base})
+    if "16" in ours:
+        ratios["meets_targets"] = (ratios.get("aggregate_16_vs_1", 0) >= 6 and ratios.get("ttft_p95_16_vs_1", 99) < 4
+                                   and ratios.get("one_stream_vs_baseline", 1.0) >= 0.95)
+    results["ratios"] = ratios
+    print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -159,8 +265,12 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=4, help="model depth (width 64 x depth)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--runs", type=int, default=15, help="measured runs per path (after one warm-up); fewer swing by +-10%% on a shared CPU")
-    ap.add_argument("--concurrent", type=int, default=16, help="simultaneous streams to one model")
+    ap.add_argument("--levels", default="1,4,16,32", help="numbers of simultaneous streams to one model")
+    ap.add_argument("--rounds", type=int, default=3, help="repeats of each level (medians reported)")
+    ap.add_argument("--max-active", type=int, default=32, help="requests one model server decodes together")
+    ap.add_argument("--baseline", metavar="PATH", help="a checkout whose model server to sweep side by side")
     args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
 
     from chat_fixtures import LiveServer, add_model, make_chat_app
 
@@ -168,14 +278,24 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="ncs-bench-chat-"))
     ckpt = build_checkpoint(work / "run", args.depth)
-    app = make_chat_app(work / "home", mode="solo")
-    server = LiveServer(app, threads=args.concurrent + 8)
+    pool_kw = {"max_active": args.max_active, "max_streams": 4 * max(levels), "queue_limit": max(levels),
+               "max_loaded": 2}
+    if args.baseline:  # a copy of the checkpoint whose server is the baseline checkout's (one app, one store)
+        import shutil
+
+        base_ckpt = shutil.copytree(ckpt, work / "baseline-ckpt")
+        pool_kw["start_server"] = starter(args.baseline, str(base_ckpt))
+    app = make_chat_app(work / "home", mode="solo", **pool_kw)
+    server = LiveServer(app, threads=max(levels) + 8)
     owner = accounts.solo_owner()
     model = add_model(owner, ckpt, name=f"bench depth {args.depth}")
     _, key = auth.create_api_key(owner, "bench")
     pool = app.extensions["model_pool"]
-    results: dict = {"depth": args.depth, "tokens": args.tokens, "runs": args.runs,
-                     "threads": int(os.environ["OMP_NUM_THREADS"])}
+    results: dict = {"depth": args.depth, "tokens": args.tokens, "runs": args.runs, "rounds": args.rounds,
+                     "max_active": args.max_active, "threads": int(os.environ["OMP_NUM_THREADS"])}
+    base = None
+    if args.baseline:
+        base = {"server": server, "body": None, "model": add_model(owner, base_ckpt, name="baseline")}
     try:
         sse_body = {"model_id": model.id, "mode": "complete", "prompt": PROMPT, "max_tokens": args.tokens,
                     "temperature": 0, "save": False}
@@ -186,6 +306,9 @@ def main() -> int:
         stream_http(server.port, "/api/chat", sse_body, {})  # loads the model server: cold start
         results["cold_start_s"] = round(time.perf_counter() - t0, 3)
         stream_http(server.port, "/v1/chat/completions", v1_body, bearer)
+        if base is not None:
+            base["body"] = dict(sse_body, model_id=base["model"].id)
+            stream_http(base["server"].port, "/api/chat", base["body"], {})  # its cold start
 
         rows = {}
         engine = Direct(ckpt)
@@ -218,56 +341,17 @@ def main() -> int:
                   f"{row['pool_ttft_ms']:.1f} ms, {row['pool_tps']:.0f} tokens/s")
         results.update(rows)
 
-        # --- N streams at once ---
-        n = args.concurrent
-        out: list = [None] * n
-        errors: list = []
-        barrier = threading.Barrier(n)
-
-        def one(i):
-            try:
-                barrier.wait()
-                started = time.perf_counter()
-                ttft, tps, deltas, finish = stream_http(server.port, "/api/chat", sse_body, {})
-                out[i] = (ttft, tps, deltas, finish, time.perf_counter() - started)
-            except Exception as e:  # reported, not raised: the summary says how many failed
-                errors.append(repr(e))
-
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)
-        wall = time.perf_counter() - t0
-        done = [o for o in out if o]
-        ttfts = [o[0] * 1000 for o in done]
-        totals = [o[4] for o in done]
-        all_tokens = sum(o[2] for o in done)
-        conc = {
-            "streams": n, "finished": len(done), "errors": errors[:3],
-            "all_full_length": all(o[2] == rows["sse"]["http_tokens"] for o in done),
-            "ttft_p50_ms": round(pct(ttfts, 50), 1) if done else None,
-            "ttft_p95_ms": round(pct(ttfts, 95), 1) if done else None,
-            "ttft_max_ms": round(max(ttfts), 1) if done else None,
-            "first_finish_s": round(min(totals), 3) if done else None,
-            "wall_s": round(wall, 3), "aggregate_tps": round(all_tokens / wall, 1),
-            "per_stream_tps_min": round(min(o[1] for o in done), 1) if done else None,
-            "per_stream_tps_max": round(max(o[1] for o in done), 1) if done else None,
-        }
-        # starving = a stream got its first token only after another had already finished
-        conc["none_starved"] = bool(done) and conc["ttft_max_ms"] / 1000 < conc["first_finish_s"]
-        results["concurrent"] = conc
-        print(f"{n} concurrent /api/chat streams: {len(done)}/{n} finished in {wall:.2f} s "
-              f"({conc['aggregate_tps']:.0f} tokens/s together, {conc['per_stream_tps_min']}-"
-              f"{conc['per_stream_tps_max']} each); TTFT p50 {conc['ttft_p50_ms']} ms, p95 {conc['ttft_p95_ms']} ms, "
-              f"max {conc['ttft_max_ms']} ms; first stream done at {conc['first_finish_s']} s -> "
-              f"{'none starved' if conc['none_starved'] else 'SOME STARVED'}")
+        # --- N streams at once: ours, then the baseline's ---
+        results["sweep"] = sweep(server.port, sse_body, levels, args.rounds, "ours")
+        if base is not None:
+            results["baseline_sweep"] = sweep(base["server"].port, base["body"], levels, args.rounds, "baseline")
+        summarise(results, levels)
         results["server_stats"] = pool.server_stats(model)
         print(f"cold start (spawn + load + first answer): {results['cold_start_s']} s")
     finally:
         server.close()
         pool.close()
+
     print(json.dumps(results, separators=(",", ":")))
     return 0
 

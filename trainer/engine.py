@@ -1,0 +1,319 @@
+"""Batched decoding: many sequences of different lengths advanced together through one forward pass.
+
+    engine = Engine(model)                    # a trained GPT (trainer/model.py), any device
+    slot = engine.alloc()                     # a place in the static KV cache
+    logits = engine.step([Chunk(slot, 0, prompt_ids)])  # prefill: float32 logits of the last token
+    logits = engine.step([Chunk(slot, len(prompt_ids), [next_id]), Chunk(other, 17, [tok])])
+
+The model server (``trainer/serve.py``, through ``trainer/batching.py``) and ``trainer/sample.py``
+decode with this. It computes exactly what ``GPT.forward`` computes (tests hold every sequence's
+logits to the single-sequence forward within 1e-4 in float32) but is built for inference:
+
+- No autograd at all: plain tensor ops under ``torch.inference_mode``, on weights copied out of the
+  model once (the model's own modules and ``trainer/cpu_ops.py``'s autograd functions never run).
+- Tokens, not sequences, are the rows of every product: one step takes any mix of one-token decode
+  chunks and multi-token prefill chunks, flattens their tokens into one (N, width) matrix for all the
+  linear layers, and splits them only for attention. So a newcomer's prompt is prefilled in the same
+  pass that advances everybody else by one token (continuous batching, chunked prefill).
+- A static KV cache, ``(layer, slot, kv_head, max_len, head_dim)``, allocated once (grown by doubling
+  the slots when more sequences run at once), with a position per sequence: each chunk says which slot
+  and position it continues. The one-token chunks of all decoding sequences share one attention call
+  over the slots ``0..S-1`` (slots are handed out lowest first, so that range is dense) with a mask
+  that hides each sequence's keys past its own position.
+- Fewer, fused ops per token: residual adds ride on the output products (``addmm``); the 1/softcap
+  factor is folded into the head's weights; queries and keys are normalised together and rotated
+  with one complex multiply, which needs the channel pairs (i, i + d/2) of the model's rotary
+  convention to sit side by side: the query and key rows of the fused QKV weight are permuted once
+  (a permutation applied to both queries and keys changes neither RMSNorm nor their dot products).
+
+On CUDA the weights and the cache are bfloat16 (as the trainer's autocast runs them) and the logits
+float32; on CPU everything is float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer import cpu_ops
+from trainer.model import ROTARY_BASE, GPT
+
+_EPS = torch.finfo(torch.float32).eps  # what the model's RMSNorm uses
+
+
+@dataclass
+class Chunk:
+    """Tokens of one sequence to run: ``tokens`` continue ``slot``'s cache at position ``start``.
+    ``logits``: "last" (the next-token logits after the chunk), "all" (after every token of it, for
+    scoring a prompt), or "none" (a prefill chunk that is not the prompt's last)."""
+
+    slot: int
+    start: int
+    tokens: list[int]
+    logits: str = "last"
+
+
+class CacheFull(Exception):
+    """No free slot in the KV cache (its size is bounded by ``max_slots``)."""
+
+
+class Engine:
+    """Inference for one GPT: its weights, a static KV cache and :meth:`step`. Not thread-safe: one
+    thread (the model server's scheduler) drives it."""
+
+    def __init__(self, model: GPT, *, max_slots: int = 16, max_len: int | None = None,
+                 initial_slots: int = 4, max_cache_bytes: int | None = None):
+        model = getattr(model, "_orig_mod", model)
+        c = model.config
+        self.config = c
+        self.device = model.lm_head.weight.device
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.max_len = int(max_len or c.sequence_len)
+        self.max_slots = max(1, int(max_slots))
+        self.H, self.Hkv, self.d = c.n_head, c.n_kv_head, c.head_dim
+        self.q_dim, self.kv_dim = self.H * self.d, self.Hkv * self.d
+        self._load_weights(model)
+        self._rotary(self.max_len)
+        if max_cache_bytes is not None:  # a big model's cache: fewer sequences at once, never an OOM
+            self.max_slots = max(1, min(self.max_slots, int(max_cache_bytes) // self.cache_bytes_per_slot()))
+        n = min(self.max_slots, max(1, initial_slots))
+        shape = (c.n_layer, n, self.Hkv, self.max_len, self.d)
+        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self._free = list(range(n))
+        self._used: set[int] = set()
+
+    # --- weights --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _load_weights(self, model: GPT) -> None:
+        d = self.d
+        # within each head, channel j of the new order is channel perm[j] of the model's: pairs (i, i + d/2)
+        # become adjacent (2i, 2i + 1), the layout a complex view rotates in one multiply
+        perm = torch.stack((torch.arange(d // 2), torch.arange(d // 2) + d // 2), dim=1).reshape(-1)
+        qk_heads = self.H + self.Hkv
+        row_perm = (torch.arange(qk_heads)[:, None] * d + perm[None, :]).reshape(-1)
+        row_perm = torch.cat((row_perm, torch.arange(qk_heads * d, qk_heads * d + self.kv_dim))).to(self.device)
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(self.dtype).contiguous()
+
+        self.wte = w(model.wte.weight)
+        self.layers = []
+        for block in model.blocks:
+            self.layers.append(tuple(_Weight(w(t)) for t in (
+                block.attn.c_qkv.weight.index_select(0, row_perm), block.attn.c_proj.weight,
+                block.mlp.c_fc.weight, block.mlp.c_proj.weight)))
+        self.softcap = float(self.config.softcap)
+        # (the head's weights carry 1/softcap: logits = softcap * tanh(h W^T / softcap), one pass fewer)
+        self.head = _Weight(w(model.lm_head.weight.detach().float() / self.softcap))
+
+    def _rotary(self, length: int) -> None:
+        # the same angles as GPT._rotary_tables, as unit complex numbers: e^{i angle} rotates a pair
+        inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, self.d, 2, dtype=torch.float32) / self.d))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        # the model computes cos and sin in float32 and rounds them to its activations' dtype
+        cos, sin = angles.cos().to(self.dtype).float(), angles.sin().to(self.dtype).float()
+        self.freqs = torch.complex(cos, sin).to(self.device)  # (length, d/2)
+
+    # --- slots ----------------------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        """Slots allocated now (grows by doubling up to ``max_slots``)."""
+        return self.k.size(1)
+
+    def free_slots(self) -> int:
+        return self.max_slots - len(self._used)
+
+    def alloc(self) -> int:
+        """A free slot, lowest first (keeps the decode range dense). Raises CacheFull."""
+        if not self._free:
+            if self.slots >= self.max_slots:
+                raise CacheFull(f"all {self.max_slots} KV cache slots are in use")
+            self._grow(min(self.max_slots, 2 * self.slots))
+        slot = min(self._free)
+        self._free.remove(slot)
+        self._used.add(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._used:
+            self._used.remove(slot)
+            self._free.append(slot)
+
+    def _grow(self, n: int) -> None:
+        old = self.slots
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            new = torch.zeros((t.size(0), n, *t.shape[2:]), device=self.device, dtype=self.dtype)
+            new[:, :old] = t
+            setattr(self, name, new)
+        self._free.extend(range(old, n))
+
+    def cache_bytes_per_slot(self) -> int:
+        return 2 * self.config.n_layer * self.kv_dim * self.max_len * (2 if self.dtype == torch.bfloat16 else 4)
+
+    # --- the forward pass -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
+        """Run ``chunks`` (at most one per slot) and return, per chunk, its float32 logits: (V,) for
+        "last", (len(tokens), V) for "all", None for "none". Raises ValueError for a chunk that does
+        not fit its slot's cache."""
+        if not chunks:
+            return []
+        decode = sorted((c for c in chunks if len(c.tokens) == 1), key=lambda c: c.slot)
+        prefill = [c for c in chunks if len(c.tokens) > 1]
+        order = decode + prefill  # the flat row order: decode rows by slot, then each prefill chunk
+        tokens, slots, pos = [], [], []
+        for c in order:
+            if c.slot not in self._used:
+                raise ValueError(f"slot {c.slot} is not allocated")
+            if c.start < 0 or c.start + len(c.tokens) > self.max_len:
+                raise ValueError(f"chunk of {len(c.tokens)} tokens at {c.start} overflows the cache ({self.max_len})")
+            tokens.extend(c.tokens)
+            slots.extend([c.slot] * len(c.tokens))
+            pos.extend(range(c.start, c.start + len(c.tokens)))
+        dev = self.device
+        idx = torch.tensor(tokens, dtype=torch.long, device=dev)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        freqs = self.freqs.index_select(0, pos_t).unsqueeze(1)  # (N, 1, d/2)
+        dec_attn = self._decode_plan(decode)
+        n = len(tokens)
+        x = _norm(F.embedding(idx, self.wte))
+        for layer, (w_qkv, w_o, w_fc, w_down) in enumerate(self.layers):
+            qkv = w_qkv.mm(_norm(x))
+            qk = _norm(qkv[:, : self.q_dim + self.kv_dim].view(n, self.H + self.Hkv, self.d))
+            qk = torch.view_as_real(torch.view_as_complex(qk.float().view(n, -1, self.d // 2, 2)) * freqs)
+            qk = qk.view(n, self.H + self.Hkv, self.d).to(self.dtype)
+            q, k = qk[:, : self.H], qk[:, self.H:]
+            v = qkv[:, self.q_dim + self.kv_dim:].view(n, self.Hkv, self.d)
+            kc, vc = self.k[layer], self.v[layer]
+            kc[slot_t, :, pos_t] = k
+            vc[slot_t, :, pos_t] = v
+            parts = []
+            if decode:
+                parts.append(self._attend_decode(q[: len(decode)], kc, vc, dec_attn))
+            row = len(decode)
+            for c in prefill:
+                t = len(c.tokens)
+                parts.append(self._attend_prefill(q[row:row + t], kc, vc, c))
+                row += t
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
+            x = w_o.addmm(x, y)
+            h = w_fc.mm(_norm(x))
+            x = w_down.addmm(x, torch.relu_(h).square_())
+        return self._logits(x, order, chunks)
+
+    def _decode_plan(self, decode: list[Chunk]):
+        """What the decode rows' shared attention needs, computed once per step for every layer:
+        (number of slots S in the range, key length L, mask or None, row slots if not 0..S-1)."""
+        if not decode:
+            return None
+        span = decode[-1].slot + 1
+        length = max(c.start for c in decode) + 1
+        dense = span == len(decode)
+        if span == 1:
+            return span, length, None, None
+        # each slot's row sees its keys 0..start; slots in the range without a decode row see key 0 only
+        # (their output is discarded; a fully masked row would be NaN)
+        limit = torch.zeros(span, dtype=torch.long)
+        for c in decode:
+            limit[c.slot] = c.start
+        hidden = torch.arange(length)[None, :] > limit[:, None]
+        mask = torch.zeros(span, length).masked_fill_(hidden, float("-inf"))
+        mask = mask.to(self.device, self.dtype)[:, None, None, :]  # added to (span, kv_head, group, length)
+        if dense and all(c.start == length - 1 for c in decode):
+            mask = None  # all at the same position: nothing to hide
+        rows = None if dense else torch.tensor([c.slot for c in decode], dtype=torch.long, device=self.device)
+        return span, length, mask, rows
+
+    def _attend_decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan) -> torch.Tensor:
+        span, length, mask, rows = plan
+        k, v = kc[:span, :, :length], vc[:span, :, :length]
+        if span == 1:  # one sequence, nothing to hide: SDPA's kernel is the quickest here
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=self.Hkv != self.H)
+            return y.reshape(1, self.q_dim)
+        if rows is not None:  # holes in the slot range: place each row's query at its slot
+            q = q.new_zeros(span, self.H, self.d).index_copy_(0, rows, q)
+        # Several rows: plain products beat SDPA's CPU kernel for one query per row (~1.5x at 16 rows and
+        # 200 keys, measured here). Query heads sharing a key/value head are grouped, so GQA copies nothing.
+        g = self.H // self.Hkv
+        scores = torch.matmul(q.reshape(span, self.Hkv, g, self.d), k.transpose(-1, -2))
+        scores.mul_(self.d ** -0.5)
+        if mask is not None:
+            scores.add_(mask)
+        y = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(span, self.q_dim)
+        return y if rows is None else y.index_select(0, rows)
+
+    def _attend_prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, c: Chunk) -> torch.Tensor:
+        t, end = len(c.tokens), c.start + len(c.tokens)
+        q = q.transpose(0, 1).unsqueeze(0)  # (1, H, t, d)
+        k, v = kc[c.slot:c.slot + 1, :, :end], vc[c.slot:c.slot + 1, :, :end]
+        gqa = self.Hkv != self.H
+        if c.start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # query i (position start + i) sees keys 0 .. start + i (the cached prefix and itself)
+            mask = torch.ones(t, end, dtype=torch.bool, device=self.device).tril(diagonal=c.start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return y[0].transpose(0, 1).reshape(t, self.q_dim)
+
+    def _logits(self, x: torch.Tensor, order: list[Chunk], chunks: list[Chunk]) -> list[torch.Tensor | None]:
+        rows, spans, row = [], {}, 0
+        for c in order:
+            t = len(c.tokens)
+            if c.logits == "all":
+                spans[id(c)] = (len(rows), t)
+                rows.extend(range(row, row + t))
+            elif c.logits == "last":
+                spans[id(c)] = (len(rows), 1)
+                rows.append(row + t - 1)
+            row += t
+        if not rows:
+            return [None] * len(chunks)
+        h = x if len(rows) == x.size(0) else x.index_select(0, torch.tensor(rows, device=self.device))
+        h = _norm(h)
+        z = self.head.mm(h)
+        logits = torch.tanh_(z.float()).mul_(self.softcap)
+        out = []
+        for c in chunks:
+            span = spans.get(id(c))
+            if span is None:
+                out.append(None)
+            elif c.logits == "last":
+                out.append(logits[span[0]])
+            else:
+                out.append(logits[span[0]:span[0] + span[1]])
+        return out
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),), eps=_EPS)
+
+
+class _Weight:
+    """A (out, in) matrix kept for both kinds of product. One token's product is a matrix-vector
+    product, which torch's CPU kernels run faster from the (in, out) layout (the head: ~4x, see
+    GPT._head; the block matrices less); rows of many tokens go through ``cpu_ops.mm_nt`` (oneDNN on
+    x86 float32, from the (out, in) layout). Two copies of the weights, unless they are large: then
+    only the (in, out) one, for every product."""
+
+    SMALL_ROWS = 8
+    BOTH_LAYOUTS_MAX_BYTES = 256 << 20
+
+    def __init__(self, w: torch.Tensor):
+        self.t = w.t().contiguous()
+        on_cpu = w.device.type == "cpu"
+        self.w = w if on_cpu and w.numel() * w.element_size() <= self.BOTH_LAYOUTS_MAX_BYTES else None
+
+    def mm(self, a: torch.Tensor) -> torch.Tensor:
+        if self.w is None or a.size(0) <= self.SMALL_ROWS:
+            return torch.mm(a, self.t)
+        return cpu_ops.mm_nt(a, self.w)
+
+    def addmm(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x + a @ W^T (the residual add rides on the product)."""
+        if self.w is None or a.size(0) <= self.SMALL_ROWS:
+            return torch.addmm(x, a, self.t)
+        return self.mm(a).add_(x)
