@@ -200,6 +200,7 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
 ROUGH_STARTUP_S = 5.0  # interpreter, torch and the trainer's imports, device set-up
 ROUGH_BASE_RSS = 400 << 20  # a process with torch loaded, before the model
 ROUGH_SAMPLE_S = 0.3  # one generation of sizing.SAMPLE_TOKENS tokens with a tiny model
+ROUGH_EXIT_S = 0.5  # a torch process's teardown after its last event
 COLD_PREPARE_BYTES_PER_S = 1.2e6  # training the tokenizer and tokenizing, data new to the cache
 WARM_PREPARE_BYTES_PER_S = 6e6  # hashing the data and finding its tokens in the cache
 
@@ -224,6 +225,7 @@ def _time_breakdown(config: dict, steps: int, step_s: float, calib: dict | None,
         "samples": events["samples"] * float(c.get("sample_s", ROUGH_SAMPLE_S)),
         # weights and optimizer state, about 16 bytes a parameter, at a slow disk's 200 MB/s
         "checkpoints": events["checkpoints"] * float(c.get("checkpoint_s", 0.05 + 16 * params / 200e6)),
+        "exit": float(device.get("exit_s", ROUGH_EXIT_S)),
     }
 
 
@@ -362,7 +364,13 @@ class Calibrator:
             if self._device is None:
                 cached = AppState.get_or_none(AppState.key == DEVICE_PROBE_KEY)
                 try:
+                    started = time.monotonic()
                     self._device = self._probe()
+                    if self._device.get("startup_s") is not None:
+                        # The probe is a trainer-like process: what its life took beyond getting ready is
+                        # the exit (torch's teardown) that every run also pays.
+                        lived = time.monotonic() - started
+                        self._device["exit_s"] = round(max(0.0, lived - float(self._device["startup_s"])), 3)
                     AppState.insert(key=DEVICE_PROBE_KEY, value=self._device).on_conflict(
                         conflict_target=[AppState.key], update={AppState.value: self._device}).execute()
                 except SpawnError:

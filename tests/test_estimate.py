@@ -175,6 +175,9 @@ def test_time_adds_a_runs_fixed_costs_to_its_steps(app):
     assert parts["samples"] == pytest.approx(2 * 2 * 0.2)
     assert parts["checkpoints"] == pytest.approx(2 * 0.1)
     assert parts["startup"] == pytest.approx(2.8) and parts["data"] == 2.0
+    assert parts["exit"] == estimate.ROUGH_EXIT_S  # no probe said how long this machine's exit takes
+    assert estimate.estimate({"depth": 2, "max_steps": 1000}, {**FAKE_DEVICE, "exit_s": 0.7},
+                             facts=facts)["time"]["breakdown"]["exit"] == 0.7
     assert e["time"]["seconds"] == pytest.approx(sum(parts.values()), rel=1e-3)
     # checkpoint_every from the job's config changes how many are written
     assert estimate.estimate({"depth": 2, "max_steps": 1000, "checkpoint_every": 100}, FAKE_DEVICE,
@@ -252,3 +255,12 @@ def wait(predicate, timeout: float):
             return got
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s")
+
+
+def test_the_device_probe_also_times_a_processs_exit(app):
+    def probe():  # a process that was ready after 0.1 s and had exited 0.3 s after it started
+        time.sleep(0.3)
+        return {**FAKE_DEVICE, "startup_s": 0.1}
+    database.connect(reuse_if_open=True)
+    device = estimate.Calibrator(probe=probe, run=lambda shape, batch: None).device()
+    assert 0.15 <= device["exit_s"] <= 1.0
