@@ -68,3 +68,35 @@ def test_the_trainers_plan_appears_beside_the_estimate_when_it_starts(app, brows
     finally:
         page.close()
         server.stop()
+
+
+def test_the_plan_page_says_estimating_until_the_upload_is_prepared(app, browser):
+    import io
+
+    from nanochat_studio import datafacts, datasets
+    from tests.test_estimate import corpus
+
+    fake_calibrator(app)
+    settings = app.config["NCS_SETTINGS"]
+    database.connect(reuse_if_open=True)
+    owner = accounts.solo_owner()
+    ds = datasets.save_upload(owner, "prose.txt", io.BytesIO(corpus(30_000)), settings)
+    database.close()
+
+    server = Server(app)
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(f"http://127.0.0.1:{server.port}/train")
+        page.check("input[name=source][value=upload]")
+        page.select_option("#dataset-id", str(ds.id))
+        wait_for(page, "document.getElementById('e-data-note').textContent.startsWith('Estimating')")
+        with database.connection_context():  # the queue's task runs (here, in the test's thread)
+            assert datafacts.compute(datafacts.key_for(f"ds:{ds.id}", owner.id, None), settings) == "ready"
+        # the page keeps asking while it is estimating, and then shows the trainer's own numbers
+        wait_for(page, "document.getElementById('e-data-note').textContent.startsWith('Exact')")
+        assert errors == []
+    finally:
+        page.close()
+        server.stop()
