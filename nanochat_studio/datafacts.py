@@ -72,7 +72,8 @@ def for_plan(source: str, user: Any, vocab_size: int | None,
     status "known" (fields present), "estimating" (a preparation is queued or running), "unknown" (no
     run has read this source yet) or "error" (``message`` says why the data cannot be used).
     ``origin`` says where known facts come from: "prepared" (trainer.facts on this installation),
-    "precomputed" (the demo's shipped facts) or "run" (``job_id``'s start event). With ``enqueue``
+    "precomputed" (the demo's shipped facts) or "run" (``job_id``'s start event); ``preparing`` that
+    a preparation of the data is under way all the same. With ``enqueue``
     (tasks.enqueue_facts for this app's queue), a missing preparation of the demo or an upload is queued.
     """
     user_id = getattr(user, "id", user)
@@ -83,11 +84,13 @@ def for_plan(source: str, user: Any, vocab_size: int | None,
     preparable = source == "demo" or (source.startswith("ds:") and source[3:].isdigit())
     if preparable and enqueue is not None and _should_request(stored):
         stored = queue(key, source, user_id, vocab_size, enqueue)
+    # A preparation under way competes for the cores: a timing run now would measure it too.
+    preparing = bool(stored and stored.get("status") == "pending")
     ran = from_runs(source, user_id, vocab_size)
     if ran is not None:
-        return ran
+        return {**ran, "preparing": preparing}
     if source == "demo" and not vocab_size:
-        return {"status": "known", "origin": "precomputed", **sizing.DEMO_FACTS}
+        return {"status": "known", "origin": "precomputed", **sizing.DEMO_FACTS, "preparing": preparing}
     if stored and stored.get("status") == "error":
         return {"status": "error", "message": stored.get("message", "")}
     if stored and stored.get("status") == "pending":

@@ -291,11 +291,14 @@ def estimate_for(args: Mapping[str, Any], user: User, calibrator: "Calibrator", 
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     plan["calibrating"] = False
-    # (a shape whose vocabulary is still a guess is not worth timing: the data's facts come first)
-    if calibrate and plan["time"]["source"] != "calibrated" and _worth_calibrating(plan, dev) \
-            and facts.get("status") != "estimating":
-        shape = sizing.shape_for(config["depth"], plan["vocab_size"], plan["seq_len"])
-        plan["calibrating"] = calibrator.request(dev["device_name"], shape, plan["batch_size"])
+    if calibrate and plan["time"]["source"] != "calibrated" and _worth_calibrating(plan, dev):
+        if facts.get("status") == "estimating" or facts.get("preparing"):
+            # The data's preparation first: a guessed vocabulary is not worth timing, and a timing run
+            # beside a preparation would measure both. Still "calibrating": the page asks again.
+            plan["calibrating"] = True
+        else:
+            shape = sizing.shape_for(config["depth"], plan["vocab_size"], plan["seq_len"])
+            plan["calibrating"] = calibrator.request(dev["device_name"], shape, plan["batch_size"])
     return plan
 
 

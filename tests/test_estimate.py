@@ -264,3 +264,20 @@ def test_the_device_probe_also_times_a_processs_exit(app):
     database.connect(reuse_if_open=True)
     device = estimate.Calibrator(probe=probe, run=lambda shape, batch: None).device()
     assert 0.15 <= device["exit_s"] <= 1.0
+
+
+def test_no_timing_run_starts_while_the_data_is_being_prepared(app, alice):
+    timed = []
+    app.extensions["ncs_calibrator"] = estimate.Calibrator(
+        probe=lambda: dict(FAKE_DEVICE), run=lambda shape, batch: timed.append(shape.vocab_size) or None,
+        prepare=lambda key: True)  # queued, never run: the preparation stays under way
+    c = client_as(app, alice)
+    e = get_estimate(c, "depth=2&dataset=demo")
+    assert e["exact"] and e["calibrating"]  # the shipped facts, and a timing run to come
+    time.sleep(0.3)
+    assert timed == []  # it would have measured the preparation's work too
+    database.connect(reuse_if_open=True)
+    datafacts._write(datafacts.key_for("demo", alice.id, None),
+                     {"status": "ready", "at": time.time(), "facts": {**sizing.DEMO_FACTS, "warm_prepare_s": 0.1}})
+    assert get_estimate(c, "depth=2&dataset=demo")["calibrating"]
+    wait(lambda: timed == [sizing.DEMO_FACTS["vocab_size"]], 10)
