@@ -65,6 +65,12 @@ def check_password_rules(password: str) -> None:
         raise AccountError(f"Use a password of at most {PASSWORD_MAX_LENGTH} characters.")
 
 
+def email_verified(user: User) -> bool:
+    """Whether the person proved they own the account's email (hosted mode asks it before buying or
+    training). The interface shared with the security branch (issue 10), which builds the verification."""
+    return user.email_verified_at is not None
+
+
 def may_sign_in(user: User) -> bool:
     return bool(user.is_active and user.is_approved)
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import peewee as pw
+from playhouse import migrate as pw_migrate
 from playhouse.db_url import connect as _connect_url
 
-from .models import ALL_MODELS, database  # noqa: F401 - ``db.database`` is how callers reach the proxy
+from .models import ALL_MODELS, User, database  # noqa: F401 - ``db.database`` is how callers reach the proxy
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,18 @@ def _m0001_initial(db: pw.Database) -> None:
     db.create_tables(ALL_MODELS, safe=True)
 
 
+def _m0002_email_verified_at(db: pw.Database) -> None:
+    """user.email_verified_at: when an account proved it owns its email. The same column as the security
+    branch's (issue 10); a fresh store already has it from step 1, an older one gets it here."""
+    table = User._meta.table_name
+    if "email_verified_at" not in {c.name for c in db.get_columns(table)}:
+        migrator = pw_migrate.SchemaMigrator.from_database(db)
+        pw_migrate.migrate(migrator.add_column(table, "email_verified_at", pw.DateTimeField(null=True)))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[pw.Database], None]]] = [
     (1, "initial tables", _m0001_initial),
+    (2, "user.email_verified_at", _m0002_email_verified_at),
 ]
 
 

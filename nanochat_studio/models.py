@@ -66,6 +66,8 @@ class User(BaseModel):
     credit_balance = pw.BigIntegerField(default=0)
     created_at = pw.DateTimeField(default=utcnow)
     last_login_at = pw.DateTimeField(null=True)
+    # When the person proved they own ``email`` (None: not yet). Shared with the security branch (issue 10).
+    email_verified_at = pw.DateTimeField(null=True)
 
     class Meta:
         indexes = ((("oauth_provider", "oauth_id"), True),)
