@@ -13,15 +13,18 @@ from urllib.parse import urlsplit
 from flask import Flask, current_app, request
 from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
 
-from . import __version__, auth, db, errors, estimate, formats, runner, tasks
+from . import __version__, auth, billing, db, errors, estimate, formats, runner, tasks
 from .errors import BadRequest, Forbidden
 from .settings import Settings
-from .views import account, api, chat, jobs, openai, pages
+from .views import account, api, billing_admin, chat, jobs, openai, pages
+from .views import billing as billing_views
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-BLUEPRINTS = (pages.bp, account.bp, jobs.bp, api.bp, chat.bp, openai.bp)
+BLUEPRINTS = (pages.bp, account.bp, jobs.bp, api.bp, chat.bp, openai.bp, billing_views.bp, billing_admin.bp)
+# Endpoints that take no CSRF token: Stripe signs its webhook instead. Nothing else belongs here.
+CSRF_EXEMPT_ENDPOINTS = frozenset({"billing.stripe_webhook"})
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 CONTENT_SECURITY_POLICY = "; ".join([
@@ -88,6 +91,7 @@ def create_app(settings: Settings) -> Flask:
     app.extensions["ncs_calibrator"] = estimate.Calibrator(
         probe=lambda: runner.probe_device(settings),
         run=lambda shape, batch_size: tasks.calibrate_on_a_slot(settings, shape, batch_size))
+    app.extensions["ncs_billing"] = billing.for_settings(settings)
     _install_request_hooks(app, settings)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
@@ -166,7 +170,7 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
         if not host_is_allowed(request.host, hosts):
             raise BadRequest(f"Unknown host {request.host!r}. Add it to NCS_ALLOWED_HOSTS to serve it.",
                              code="bad_host")
-        if request.method not in UNSAFE_METHODS:
+        if request.method not in UNSAFE_METHODS or request.endpoint in CSRF_EXEMPT_ENDPOINTS:
             return
         if request.path.startswith(errors.API_PREFIXES):
             _guard_api_write(settings)

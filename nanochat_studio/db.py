@@ -19,7 +19,7 @@ import peewee as pw
 from playhouse import migrate as pw_migrate
 from playhouse.db_url import connect as _connect_url
 
-from .models import ALL_MODELS, User, database  # noqa: F401 - ``db.database`` is how callers reach the proxy
+from .models import ALL_MODELS, BILLING_MODELS, User, database  # noqa: F401 - ``db.database`` is how callers reach the proxy
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,76 @@ def _m0002_email_verified_at(db: pw.Database) -> None:
         pw_migrate.migrate(migrator.add_column(table, "email_verified_at", pw.DateTimeField(null=True)))
 
 
+# The ledger is append-only below the ORM too: these triggers refuse UPDATE and DELETE of ledger rows (and
+# TRUNCATE on PostgreSQL), and any change of an account's identity. Only an account's cached balance may
+# change (billing/ledger.py does it in the transaction that inserts the postings). `billing audit`
+# checks that every trigger named here still exists.
+APPEND_ONLY_TABLES = ("ledger_transaction", "ledger_posting")
+LEDGER_TRIGGERS = (
+    *(f"{t}_no_{op}" for t in APPEND_ONLY_TABLES for op in ("update", "delete")),
+    "ledger_account_no_delete", "ledger_account_no_rename",
+)
+
+
+def _ledger_triggers_sqlite() -> list[str]:
+    out = []
+    for table in APPEND_ONLY_TABLES:
+        for op in ("update", "delete"):
+            out.append(f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op} BEFORE {op.upper()} ON {table} "
+                       f"BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: {op} of {table} refused'); END")
+    out.append("CREATE TRIGGER IF NOT EXISTS ledger_account_no_delete BEFORE DELETE ON ledger_account "
+               "BEGIN SELECT RAISE(ABORT, 'ledger accounts are never deleted'); END")
+    out.append("CREATE TRIGGER IF NOT EXISTS ledger_account_no_rename BEFORE UPDATE OF name, user_id, kind "
+               "ON ledger_account BEGIN SELECT RAISE(ABORT, 'a ledger account keeps its name, user and kind'); END")
+    return out
+
+
+def _ledger_triggers_postgres() -> list[str]:
+    out = ["CREATE OR REPLACE FUNCTION ncs_ledger_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+           # %% : the driver formats the statement, and plpgsql's placeholder is a single %
+           "RAISE EXCEPTION 'the ledger is append-only: %% of %% refused', TG_OP, TG_TABLE_NAME "
+           "USING ERRCODE = 'restrict_violation'; END $$"]
+    for table in APPEND_ONLY_TABLES:
+        for op in ("update", "delete"):
+            name = f"{table}_no_{op}"
+            out.append(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+            out.append(f"CREATE TRIGGER {name} BEFORE {op.upper()} ON {table} "
+                       "FOR EACH ROW EXECUTE FUNCTION ncs_ledger_refuse()")
+        out.append(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
+        out.append(f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+                   "FOR EACH STATEMENT EXECUTE FUNCTION ncs_ledger_refuse()")
+    out += ["DROP TRIGGER IF EXISTS ledger_account_no_delete ON ledger_account",
+            "CREATE TRIGGER ledger_account_no_delete BEFORE DELETE ON ledger_account "
+            "FOR EACH ROW EXECUTE FUNCTION ncs_ledger_refuse()",
+            "DROP TRIGGER IF EXISTS ledger_account_no_rename ON ledger_account",
+            "CREATE TRIGGER ledger_account_no_rename BEFORE UPDATE OF name, user_id, kind ON ledger_account "
+            "FOR EACH ROW EXECUTE FUNCTION ncs_ledger_refuse()"]
+    return out
+
+
+def _m0003_billing_ledger(db: pw.Database) -> None:
+    """The double-entry ledger, job billing terms, lab allowances and handled Stripe events, with the
+    append-only triggers. Replaces ledger_entry, a single-entry table nothing ever wrote."""
+    db.execute_sql("DROP TABLE IF EXISTS ledger_entry")
+    db.create_tables(BILLING_MODELS, safe=True)
+    for sql in (_ledger_triggers_postgres() if is_postgres(db) else _ledger_triggers_sqlite()):
+        db.execute_sql(sql)
+
+
+def ledger_triggers_present(db: pw.Database | None = None) -> set[str]:
+    """The names of LEDGER_TRIGGERS that exist in the store (the audit wants all of them)."""
+    db = db or database.obj
+    if is_postgres(db):
+        rows = db.execute_sql("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal").fetchall()
+    else:
+        rows = db.execute_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    return {r[0] for r in rows} & set(LEDGER_TRIGGERS)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[pw.Database], None]]] = [
     (1, "initial tables", _m0001_initial),
     (2, "user.email_verified_at", _m0002_email_verified_at),
+    (3, "billing: double-entry ledger, append-only", _m0003_billing_ledger),
 ]
 
 

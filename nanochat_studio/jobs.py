@@ -27,15 +27,17 @@ from .settings import Settings
 
 QUEUED, PREPARING, RUNNING = "queued", "preparing", "running"
 COMPLETED, FAILED, CANCELLED, INTERRUPTED = "completed", "failed", "cancelled", "interrupted"
-STATES = (QUEUED, PREPARING, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED)
+PAUSED = "paused"  # stopped at a checkpoint until its owner resumes it (billing: out of credits)
+STATES = (QUEUED, PREPARING, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED, PAUSED)
 ACTIVE = frozenset({PREPARING, RUNNING})  # a supervisor holds a lease
 FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({PREPARING, CANCELLED, FAILED}),
     PREPARING: frozenset({RUNNING, FAILED, CANCELLED, INTERRUPTED}),
-    RUNNING: frozenset({COMPLETED, FAILED, CANCELLED, INTERRUPTED}),
+    RUNNING: frozenset({COMPLETED, FAILED, CANCELLED, INTERRUPTED, PAUSED}),
     INTERRUPTED: frozenset({QUEUED, FAILED, CANCELLED}),
+    PAUSED: frozenset({QUEUED, CANCELLED}),
     COMPLETED: frozenset(),
     FAILED: frozenset(),
     CANCELLED: frozenset(),
@@ -188,12 +190,14 @@ def validate_config(config: Any, user: User, settings: Settings) -> dict[str, An
     return clean
 
 
-def submit(user: User, config: dict[str, Any], settings: Settings) -> TrainingJob:
+def submit(user: User, config: dict[str, Any], settings: Settings,
+           on_create: Callable[[TrainingJob], None] | None = None) -> TrainingJob:
     """Validate ``config`` and queue a job for ``user``.
 
-    Raises JobConfigError (400), datasets' errors for the dataset (DatasetError 400, Forbidden 403,
-    NotFound 404, fetch.URLRefused 400) or JobLimitError (429: too many queued jobs). The caller enqueues
-    the bell (``tasks.enqueue_job(job.id)``) after this returns.
+    ``on_create(job)`` runs inside the transaction that creates the job (billing places its hold there):
+    whatever it raises undoes the job. Raises JobConfigError (400), datasets' errors for the dataset
+    (DatasetError 400, Forbidden 403, NotFound 404, fetch.URLRefused 400) or JobLimitError (429: too many
+    queued jobs). The caller enqueues the bell (``tasks.enqueue_job(job.id)``) after this returns.
     """
     clean = validate_config(config, user, settings)
     max_queued = settings.max_queued_jobs
@@ -209,6 +213,8 @@ def submit(user: User, config: dict[str, Any], settings: Settings) -> TrainingJo
         job = TrainingJob.create(user=user, name=clean.pop("name", "") or "", config=clean,
                                  max_attempts=settings.max_attempts)
         _append_event(job.id, "state", {"to": QUEUED, "from": [], "reason": "submitted"}, 0)
+        if on_create is not None:
+            on_create(job)
     return TrainingJob.get_by_id(job.id)
 
 
@@ -324,7 +330,7 @@ def request_cancel(job: TrainingJob | int) -> str:
     Returns the job's status afterwards ("cancelled", or "cancelling" while a trainer checkpoints).
     """
     job_id = _id(job)
-    if transition(job_id, CANCELLED, expect={QUEUED, INTERRUPTED}, reason="cancelled before it ran"):
+    if transition(job_id, CANCELLED, expect={QUEUED, INTERRUPTED, PAUSED}, reason="cancelled while not running"):
         return CANCELLED
     with database.atomic():
         n = (TrainingJob.update(cancel_requested=True, updated_at=utcnow())
@@ -353,8 +359,14 @@ def finish(job_id: int, attempt: int, outcome: str, *, reason: str = "", charged
     back-off, or failed (infrastructure) when the job's attempts are used up. ``charged=False`` (a
     graceful shutdown) requeues at once without using up an attempt.
 
+    ``out_of_credits`` pauses the job (resumable with :func:`resume`).
+
     Returns the job's new status, or None when this attempt was fenced out.
     """
+    if outcome == "out_of_credits":
+        ok = transition(job_id, PAUSED, expect={RUNNING}, attempt=attempt, reason=reason or "out of credits",
+                        event={"outcome": outcome}, lease_owner=None, lease_expires_at=None, **fields)
+        return PAUSED if ok else None
     if outcome == "completed":
         ok = transition(job_id, COMPLETED, expect={RUNNING}, attempt=attempt, reason=reason or "completed",
                         error_kind=None, **fields)
@@ -393,6 +405,13 @@ def _requeue(job_id: int, attempt: int, charged: bool, backoff_base: float) -> s
                     not_before=now + dt.timedelta(seconds=delay) if delay else None, queued_at=now,
                     error_kind=None)
     return QUEUED if ok else None
+
+
+def resume(job_id: int, reason: str = "resumed by its owner") -> bool:
+    """Queue a paused job again (it continues from its last checkpoint); False if it is not paused."""
+    now = utcnow()
+    return transition(job_id, QUEUED, expect={PAUSED}, reason=reason, not_before=None, queued_at=now,
+                      error_kind=None, cancel_requested=False)
 
 
 def reconcile(now: dt.datetime | None = None, *, backoff_base: float = DEFAULT_BACKOFF_S) -> list[int]:
@@ -462,6 +481,8 @@ def why_waiting(job: TrainingJob, settings: Settings) -> str:
         return f"waiting for a free {slot}: {ahead} job{'s' if ahead != 1 else ''} ahead"
     if job.status == INTERRUPTED:
         return f"interrupted ({job.status_reason}); about to be requeued"
+    if job.status == PAUSED:
+        return f"paused: {job.status_reason}"
     if job.status == PREPARING:
         return "preparing: fetching, tokenizing and checking the data"
     return ""

@@ -196,16 +196,72 @@ class ChatMessage(BaseModel):
         indexes = ((("session", "position"), True),)
 
 
-class LedgerEntry(BaseModel):
-    """Append-only money movements in micro-credits. Never updated or deleted."""
+class LedgerAccount(BaseModel):
+    """A place credits sit: a user's ``available`` and ``held`` accounts, or a system account (``stripe``,
+    ``revenue``, ``grants``, ``allowances``). ``balance`` caches the sum of its postings (micro-credits);
+    billing/ledger.py changes it only in the transaction that inserts those postings. Never deleted.
+    ``user_id`` is a plain id, not a foreign key: the ledger outlives the rows it mentions."""
 
-    user = pw.ForeignKeyField(User, backref="ledger", on_delete="CASCADE")
-    amount = pw.BigIntegerField()  # positive: credit bought/granted; negative: usage
-    kind = pw.CharField(max_length=32)  # "purchase" | "usage" | "grant" | "refund" | "adjustment"
-    job = pw.ForeignKeyField(TrainingJob, null=True, backref="ledger", on_delete="SET NULL")
-    stripe_event_id = pw.CharField(max_length=255, unique=True, null=True)
-    description = pw.CharField(max_length=255, default="")
+    name = pw.CharField(max_length=64, unique=True)  # "user:7:available", "system:revenue"
+    user_id = pw.IntegerField(null=True, index=True)
+    kind = pw.CharField(max_length=16)  # "available" | "held" | "system"
+    balance = pw.BigIntegerField(default=0)
     created_at = pw.DateTimeField(default=utcnow)
+
+
+class LedgerTransaction(BaseModel):
+    """One money movement: postings that sum to zero, under a unique idempotency ``key`` (a replayed
+    webhook or a re-run settlement finds its key taken and does nothing). Append-only: triggers refuse
+    UPDATE and DELETE on SQLite and PostgreSQL."""
+
+    key = pw.CharField(max_length=255, unique=True)
+    kind = pw.CharField(max_length=32, index=True)  # purchase, grant, hold, usage, credit_back, settle, ...
+    user_id = pw.IntegerField(null=True, index=True)
+    job_id = pw.IntegerField(null=True, index=True)
+    description = pw.TextField(default="")  # the line the person reads: what and why
+    meta = JSONField(default=dict)
+    created_at = pw.DateTimeField(default=utcnow, index=True)
+
+
+class LedgerPosting(BaseModel):
+    """One leg of a transaction: ``amount`` micro-credits into (positive) or out of ``account``."""
+
+    txn = pw.ForeignKeyField(LedgerTransaction, backref="postings", on_delete="RESTRICT")
+    account = pw.ForeignKeyField(LedgerAccount, backref="postings", on_delete="RESTRICT")
+    amount = pw.BigIntegerField()
+
+
+class JobBilling(BaseModel):
+    """The terms a billed job was accepted on: the price per device-second quoted at submission and the
+    estimate behind its hold. A job without a row is not billed (solo mode, or a lab user without an
+    allowance). ``settled_at`` marks the settlement (its ledger line is the truth)."""
+
+    job_id = pw.IntegerField(primary_key=True)
+    user_id = pw.IntegerField(index=True)
+    rate = pw.FloatField()  # micro-credits per device-second
+    device = pw.CharField(max_length=64)  # the price-table key that priced it
+    gpus = pw.IntegerField(default=1)
+    estimate_s = pw.FloatField(null=True)  # wall seconds the plan expected
+    created_at = pw.DateTimeField(default=utcnow)
+    settled_at = pw.DateTimeField(null=True, index=True)
+
+
+class DeviceAllowance(BaseModel):
+    """Lab mode: a user's monthly device-hour allowance, set by an admin (no row: no quota)."""
+
+    user_id = pw.IntegerField(primary_key=True)
+    hours = pw.FloatField()
+    set_by = pw.IntegerField(null=True)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+
+class StripeEvent(BaseModel):
+    """Stripe events already handled (by event id): a redelivery answers at once. The ledger's keys
+    (session, refund and dispute ids) are what make fulfilment idempotent; this is the fast path."""
+
+    id = pw.CharField(max_length=255, primary_key=True)
+    type = pw.CharField(max_length=64)
+    received_at = pw.DateTimeField(default=utcnow)
 
 
 class AppState(BaseModel):
@@ -215,7 +271,9 @@ class AppState(BaseModel):
     value = JSONField(null=True)
 
 
-ALL_MODELS = [User, ApiKey, Dataset, TrainingJob, JobEvent, Model, ChatSession, ChatMessage, LedgerEntry, AppState]
+ALL_MODELS = [User, ApiKey, Dataset, TrainingJob, JobEvent, Model, ChatSession, ChatMessage, AppState]
+# billing/ledger.py's migration creates these (with the triggers that keep the ledger append-only).
+BILLING_MODELS = [LedgerAccount, LedgerTransaction, LedgerPosting, JobBilling, DeviceAllowance, StripeEvent]
 
 
 def new_token(nbytes: int = 24) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import secrets
 import sys
@@ -39,6 +40,8 @@ def _f(default: Any, doc: str, *, env: str | None = None, secret: bool = False, 
             "minimum": minimum, "maximum": maximum}
     if isinstance(default, dict):
         return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -113,6 +116,20 @@ class Settings:
     google_client_secret: str = _f("", "Google OAuth client secret.", secret=True)
     google_discovery_url: str = _f("https://accounts.google.com/.well-known/openid-configuration",
                                    "Google's OpenID Connect discovery document.")
+    # --- billing (hosted mode: prepaid credits; lab mode: device-hour allowances) ---
+    prices: dict = _f({"cpu": 0.0001, "cuda": 0.001}, "JSON object of credits per device-second by device kind: "
+                      '`"cpu"`, `"cuda"` (any GPU) or a GPU model name such as `"H100"` (matched in the GPU\'s '
+                      "name; wins over `cuda`). Hosted mode charges these.")
+    credit_packs: list = _f([], 'JSON list of the credit packs sold: `{"id", "credits", "amount", "currency"}`, '
+                            "amount in the currency's minor units, optional `\"price\"` (a Stripe Price id). "
+                            "Empty: nothing for sale.")
+    signup_credits: float = _f(0.0, "Credits granted once to a hosted account when its email is verified.",
+                               minimum=0, maximum=1e9)
+    stripe_secret_key: str = _f("", "Stripe secret API key (hosted mode); empty: buying credits is off.",
+                                secret=True)
+    stripe_webhook_secret: str = _f("", "Stripe webhook signing secret(s), comma-separated while rotating; "
+                                    "`POST /stripe/webhook` accepts an event signed with any of them.", secret=True)
+    stripe_api_base: str = _f("https://api.stripe.com", "Stripe's API URL (tests point it at a local fake).")
 
     @property
     def home_path(self) -> Path:
@@ -184,6 +201,16 @@ def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
             raise bad(expected) from None
         if (lo is not None and value < lo) or (hi is not None and value > hi) or value != value:
             raise bad(expected)
+        return value
+    if kind == "list":
+        if isinstance(raw, (list, tuple)):
+            return list(raw)
+        try:
+            value = json.loads(raw)
+        except (TypeError, ValueError):
+            raise bad("a JSON list") from None
+        if not isinstance(value, list):
+            raise bad("a JSON list")
         return value
     if kind == "dict":
         if isinstance(raw, Mapping):
@@ -291,6 +318,7 @@ def load_settings(environ: Mapping[str, str] | None = None, toml_path: str | os.
     if values.get("allow_server_paths") is None:
         values["allow_server_paths"] = mode == "solo"
     _check_urls(values)
+    _check_billing(values)
     if not values.get("secret_key"):
         values["secret_key"] = _generated_secret(home)
     elif len(values["secret_key"]) < 16:
@@ -322,6 +350,56 @@ def _check_urls(values: dict[str, Any]) -> None:
     values["gpus"] = gpus
 
 
+_CURRENCY_LETTERS = set("abcdefghijklmnopqrstuvwxyz")
+
+
+def _check_billing(values: dict[str, Any]) -> None:
+    """Prices and packs are money: a malformed one stops the start, naming the setting and the entry."""
+    prices = values.get("prices", Settings.__dataclass_fields__["prices"].default_factory())  # type: ignore[misc]
+    for key, price in prices.items():
+        if (not isinstance(key, str) or not key.strip() or isinstance(price, bool)
+                or not isinstance(price, (int, float)) or not math.isfinite(price) or price < 0):
+            raise SettingsError(f"NCS_PRICES: expected credits per device-second (a number >= 0) for each device "
+                                f"kind, got {key!r}: {price!r}")
+    values["prices"] = {k.strip(): float(v) for k, v in prices.items()}
+    packs = values.get("credit_packs", [])
+    seen: set[str] = set()
+    clean = []
+    for i, pack in enumerate(packs):
+        where = f"NCS_CREDIT_PACKS: pack {i + 1}"
+        if not isinstance(pack, dict):
+            raise SettingsError(f"{where}: expected an object with id, credits, amount and currency")
+        unknown = sorted(set(pack) - {"id", "credits", "amount", "currency", "price"})
+        if unknown:
+            raise SettingsError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        pid, credits, amount, currency = (pack.get(k) for k in ("id", "credits", "amount", "currency"))
+        if not isinstance(pid, str) or not pid.strip() or len(pid) > 64:
+            raise SettingsError(f"{where}: 'id' must be a short non-empty string")
+        if pid in seen:
+            raise SettingsError(f"{where}: the id {pid!r} is used twice")
+        seen.add(pid)
+        if isinstance(credits, bool) or not isinstance(credits, (int, float)) or not math.isfinite(credits) \
+                or credits <= 0:
+            raise SettingsError(f"{where} ({pid}): 'credits' must be a number above 0")
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            raise SettingsError(f"{where} ({pid}): 'amount' must be a whole number of the currency's minor "
+                                "units above 0 (e.g. 500 for $5.00)")
+        if not isinstance(currency, str) or len(currency) != 3 or not set(currency.lower()) <= _CURRENCY_LETTERS:
+            raise SettingsError(f"{where} ({pid}): 'currency' must be a three-letter ISO code like usd")
+        price = pack.get("price")
+        if price is not None and (not isinstance(price, str) or not price.startswith("price_")):
+            raise SettingsError(f"{where} ({pid}): 'price' must be a Stripe Price id (price_...)")
+        clean.append({"id": pid, "credits": credits, "amount": amount, "currency": currency.lower(),
+                      **({"price": price} if price else {})})
+    values["credit_packs"] = clean
+    base = values.get("stripe_api_base", "")
+    if base:
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f"NCS_STRIPE_API_BASE: expected http(s)://host[:port], got {base!r}")
+        values["stripe_api_base"] = base.rstrip("/")
+
+
 # ------------------------------------------------------------------------------------- documentation
 
 def default_text(f: dataclasses.Field) -> str:
@@ -330,7 +408,7 @@ def default_text(f: dataclasses.Field) -> str:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     if isinstance(default, bool):
         return str(default).lower()
-    if isinstance(default, dict):
+    if isinstance(default, (dict, list)):
         return json.dumps(default)
     if isinstance(default, int) and default >= GiB and default % GiB == 0:
         return f"{default} ({default // GiB} GiB)"

@@ -26,7 +26,7 @@ import peewee as pw
 
 from trainer import progress
 
-from . import datasets, jobs
+from . import billing, datasets, jobs
 from .checkpoints import CheckpointMirror, create_run_model, final_checkpoint, publish_model, run_dir_for
 from .db import database
 from .models import Model, TrainingJob
@@ -67,6 +67,7 @@ class _Supervisor:
         self.fenced = False
         self.last_beat = time.monotonic()
         self.mirror = CheckpointMirror.for_job(settings, job)
+        self.meter = billing.meter_for(job.id)  # a billed run pauses before it outspends its hold
 
     # -- the job row --
     def beat(self, force: bool = False) -> bool:
@@ -91,6 +92,7 @@ class _Supervisor:
         self.emit(kind, data)
         p = self.progress
         if kind == "start":
+            self.meter.started(data.get("time"))
             self.facts.update(params=data.get("params"), start=data)
             p.update(total_steps=data.get("total_steps"), device=data.get("device"),
                      resumed_from_step=data.get("resumed_from_step"))
@@ -275,6 +277,8 @@ class _Supervisor:
                 term_reason = "fenced"
             elif self.stop.is_set():
                 term_reason = "shutdown"
+            elif self.meter.should_pause():
+                term_reason = "out_of_credits"
             elif now >= next_poll:
                 next_poll = now + 0.5
                 if self.cancel_requested():
@@ -304,6 +308,8 @@ class _Supervisor:
             if model is not None:
                 self._publish(model)
             return status
+        if term_reason == "out_of_credits" and outcome == "preempted":  # it checkpointed and stopped
+            return jobs.finish(job_id, attempt, "out_of_credits", reason=self.meter.pause_reason(), **fields)
         message = (self.error or {}).get("message", "")
         if outcome == "user_error":
             return jobs.finish(job_id, attempt, "user_error", reason=message or f"the trainer exited with {rc}",
@@ -359,4 +365,9 @@ def run_training(job: TrainingJob, slot: Slot, settings: Settings, on_event: Eve
     Returns the job's new status, or None when this attempt was fenced out. ``stop`` set means the
     worker is shutting down: the trainer gets SIGTERM, checkpoints, and the job is requeued.
     """
-    return _Supervisor(job, slot, settings, on_event, stop).run()
+    status = _Supervisor(job, slot, settings, on_event, stop).run()
+    try:
+        billing.settle_job(job.id)  # meter the attempt that just ended; settle a final job
+    except Exception:  # the reconciler settles it on its next tick
+        log.exception("billing job %s after its attempt failed", job.id)
+    return status

@@ -25,7 +25,7 @@ from huey.consumer import Consumer
 
 from trainer.sizing import ModelShape
 
-from . import jobs, runner, supervisor
+from . import billing, jobs, runner, supervisor
 from .db import database
 from .models import TrainingJob, utcnow
 from .settings import Settings
@@ -223,6 +223,10 @@ def reconcile_and_ring(settings: Settings) -> list[int]:
     moved = jobs.reconcile(backoff_base=settings.retry_backoff_seconds)
     if moved:
         log.info("reconciled jobs %s", moved)
+    try:
+        billing.periodic()  # settle jobs whose attempts ended without it; audit the ledger now and then
+    except Exception:
+        log.exception("billing's periodic work failed")
     ring_if_ready(settings)
     return moved
 

@@ -13,14 +13,14 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request, stream_with_context, url_for
 from flask_login import current_user
 
-from .. import datasets, estimate, jobs, sse, tasks
+from .. import billing, datasets, estimate, jobs, sse, tasks
 from ..auth import login_required
 from ..db import database
 from ..errors import BadRequest, Conflict
 from ..models import Model, TrainingJob
 from ..settings import Settings
 from ..storage import Storage
-from . import current_calibrator, current_settings, own
+from . import current_billing, current_calibrator, current_settings, own
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -59,6 +59,7 @@ def job_json(job: TrainingJob, settings: Settings) -> dict[str, Any]:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "model": model_json(model) if model else None,
+        "billing": billing.job_summary(job),  # its hold and, once settled, its charge (None: not billed)
         "urls": {
             "self": url_for("api.get_job", job_id=job.id),
             "page": url_for("jobs.show", job_id=job.id),
@@ -117,7 +118,9 @@ def _json_body() -> dict:
 @bp.get("/estimate", endpoint="estimate")
 @login_required
 def get_estimate():
-    return jsonify(estimate.estimate_for(request.args, current_user, current_calibrator()))
+    plan = estimate.estimate_for(request.args, current_user, current_calibrator())
+    plan["cost"] = current_billing().quote(plan, current_user._get_current_object())  # None: not charged
+    return jsonify(plan)
 
 
 # --- jobs ------------------------------------------------------------------------------------------------
@@ -126,7 +129,9 @@ def submit_job(body: Any) -> TrainingJob:
     """Queue the signed-in user's job (jobs.submit validates it), keep the estimate it was planned with,
     and ring the queue's bell. Raises what jobs.submit raises."""
     settings = current_settings()
-    job = jobs.submit(current_user, body, settings)
+    # Billing's hold runs inside the transaction that creates the job: 402 leaves no job behind.
+    hold = current_billing().submit_hook(current_user._get_current_object(), current_calibrator())
+    job = jobs.submit(current_user, body, settings, on_create=hold)
     estimate.record_for_job(job, current_calibrator())
     tasks.enqueue_job(job.id, settings)
     return jobs.get(job.id)
@@ -164,7 +169,8 @@ def cancel_job(job_id: int):
     job = own(TrainingJob, job_id)
     if job.status in jobs.FINAL:
         raise Conflict(f"job {job_id} already {job.status}")
-    jobs.request_cancel(job)
+    if jobs.request_cancel(job) == jobs.CANCELLED:
+        billing.settle_job(job_id)  # it never ran (or was paused): its hold returns now
     return jsonify(job_json(jobs.get(job_id), current_settings()))
 
 
