@@ -377,3 +377,40 @@ def test_the_reconciler_meters_an_attempt_whose_worker_died(hosted):
     assert got[f"usage:{job_id}:1"] == -cost(6.0) and got[f"lost:{job_id}:1"] == cost(2.0)
     assert f"settle:{job_id}" not in got  # still queued for its next attempt
     assert metering.attempts(job_id)[0].ended == jobs.INTERRUPTED
+
+
+def test_observers_hear_holds_settlements_refusals_and_audit_failures(hosted, caplog):
+    app = hosted()
+    alice = verified("alice", credits=1.3)
+    calibrate(100.0)
+    heard: list[tuple[str, dict]] = []
+    fn = billing.subscribe(lambda event, **fields: heard.append((event, fields)))
+    try:
+        c = client_as(app, alice)
+        job_id = submit(c).json["id"]
+        assert submit(c).status_code == 402
+        c.post(f"/api/jobs/{job_id}/cancel", json={})
+        database.execute_sql("UPDATE ledger_account SET balance = balance + 1 WHERE kind = 'available'")
+        assert billing.run_audit() != []
+        database.execute_sql("UPDATE ledger_account SET balance = balance - 1 WHERE kind = 'available'")
+    finally:
+        billing.unsubscribe(fn)
+    events = [e for e, _ in heard]
+    assert events == ["hold", "refused", "settlement", "audit_failure"], events
+    assert heard[0][1] == {"job_id": job_id, "user_id": alice.id, "amount": 1_250_000}
+    assert heard[1][1]["reason"] == "insufficient" and heard[2][1]["returned"] == 1_250_000
+    assert "billing audit found 2 problem(s)" in caplog.text
+
+
+def test_the_workers_tick_settles_what_a_crash_left_behind(hosted):
+    from nanochat_studio import tasks
+
+    app = hosted()
+    alice = verified("alice", credits=5)
+    calibrate(100.0)
+    job_id = submit(client_as(app, alice)).json["id"]
+    # The job ended but whoever ended it died before billing heard of it.
+    assert jobs.transition(job_id, jobs.CANCELLED, expect={jobs.QUEUED}, reason="cancelled")
+    assert not JobBilling.get_by_id(job_id).settled_at
+    tasks.reconcile_and_ring(app.config["NCS_SETTINGS"])
+    assert JobBilling.get_by_id(job_id).settled_at and available(alice) == 5_000_000

@@ -120,7 +120,7 @@ def lock_user(user_id: int) -> tuple[LedgerAccount, LedgerAccount]:
         rows = {a.id: a for a in LedgerAccount.select().where(LedgerAccount.id.in_(ids))
                 .order_by(LedgerAccount.id).for_update()}
         return rows[available.id], rows[held.id]
-    return (LedgerAccount.get_by_id(available.id), LedgerAccount.get_by_id(held.id))
+    return available, held  # read inside this transaction, which holds SQLite's write lock: current
 
 
 def exists(key: str) -> bool:
@@ -151,18 +151,19 @@ def post(key: str, kind: str, legs: Iterable[tuple[LedgerAccount, int]], *, user
             return None
         LedgerPosting.insert_many([{"txn": txn.id, "account": acct.id, "amount": amount}
                                    for acct, amount in legs]).execute()
-        by_account: dict[int, tuple[LedgerAccount, int]] = {}
+        by_account: dict[int, int] = {}
+        by_user: dict[int, int] = {}
         for acct, amount in legs:
-            prev = by_account.get(acct.id, (acct, 0))[1]
-            by_account[acct.id] = (acct, prev + amount)
-        for account_id in sorted(by_account):  # id order: no lock cycles between writers
-            acct, amount = by_account[account_id]
-            if amount == 0:
-                continue
-            LedgerAccount.update(balance=LedgerAccount.balance + amount).where(
-                LedgerAccount.id == account_id).execute()
+            by_account[acct.id] = by_account.get(acct.id, 0) + amount
             if acct.user_id is not None:
-                User.update(credit_balance=User.credit_balance + amount).where(User.id == acct.user_id).execute()
+                by_user[acct.user_id] = by_user.get(acct.user_id, 0) + amount
+        for account_id in sorted(by_account):  # id order: no lock cycles between writers
+            if by_account[account_id]:
+                LedgerAccount.update(balance=LedgerAccount.balance + by_account[account_id]).where(
+                    LedgerAccount.id == account_id).execute()
+        for user_id in sorted(by_user):  # a hold moves credits within one user: no change to their total
+            if by_user[user_id]:
+                User.update(credit_balance=User.credit_balance + by_user[user_id]).where(User.id == user_id).execute()
     return txn
 
 
