@@ -330,7 +330,9 @@ def request_cancel(job: TrainingJob | int) -> str:
     Returns the job's status afterwards ("cancelled", or "cancelling" while a trainer checkpoints).
     """
     job_id = _id(job)
-    if transition(job_id, CANCELLED, expect={QUEUED, INTERRUPTED, PAUSED}, reason="cancelled while not running"):
+    if transition(job_id, CANCELLED, expect={QUEUED, INTERRUPTED}, reason="cancelled before it ran"):
+        return CANCELLED
+    if transition(job_id, CANCELLED, expect={PAUSED}, reason="cancelled while paused"):
         return CANCELLED
     with database.atomic():
         n = (TrainingJob.update(cancel_requested=True, updated_at=utcnow())

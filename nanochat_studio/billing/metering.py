@@ -30,7 +30,7 @@ from typing import Any, Callable
 from .. import jobs
 from ..models import JobBilling, JobEvent, TrainingJob, utcnow
 from . import ledger
-from .ledger import CREDIT_BACK, HELD, REVENUE, SETTLE, USAGE
+from .ledger import CREDIT_BACK, MICRO, REVENUE, SETTLE, USAGE
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,7 @@ def meter_attempt(jb: JobBilling, a: Attempt, notify: Notify) -> None:
     usage_key = f"usage:{jb.job_id}:{a.number}"
 
     def describe(amount: int, capped: bool) -> str:
-        text = (f"{label}: {_seconds(device_s)} device-seconds on {jb.device} {why}, at "
-                f"{ledger.credits_text(round(jb.rate))} micro-credits per device-second")
+        text = f"{label}: {_seconds(device_s)} device-seconds on {jb.device} {why}, at {jb.rate / MICRO:g} per second"
         return text + ("; capped at what the job still held" if capped else "")
 
     _post_capped(jb, usage_key, USAGE, ledger.cost_micro(device_s, jb.rate), describe,
@@ -307,4 +306,4 @@ def meter_for(job_id: int, notify: Notify) -> Meter:
     return Meter(job_id, jb.rate, jb.gpus, max(0, ledger.job_held(job_id)))
 
 
-__all__ = ["Attempt", "Meter", "NullMeter", "attempts", "meter_attempt", "meter_for", "settle_job", "HELD"]
+__all__ = ["Attempt", "Meter", "NullMeter", "attempts", "meter_attempt", "meter_for", "settle_job"]

@@ -115,8 +115,7 @@ class _Charging(Billing):
                 "enough": available >= t["hold"], "money": self.money(t["cost"]), "top_up": "/account"}
 
     def before_hold_outside(self, user: User) -> None:
-        with ledger.write_transaction():
-            self.before_hold(user)
+        """What before_hold does, for a read (a quote, the account page), in its own transaction."""
 
     def money(self, micro: int) -> dict[str, Any] | None:
         return None
@@ -268,6 +267,8 @@ class LabBilling(_Charging):
         from .grants import refill_allowance
 
         refill_allowance(user.id)
+
+    before_hold_outside = before_hold  # refill_allowance takes its own write transaction when it posts
 
     def top_up_hint(self) -> str:
         return "Ask an administrator to raise your monthly allowance, or wait for next month's."
