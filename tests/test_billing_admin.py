@@ -126,3 +126,32 @@ def test_the_account_page_in_each_mode(hosted, make_app):
     solo = make_app(mode="solo")
     database.connect(reuse_if_open=True)
     assert "Training here is not metered" in client_as(solo, alice).get("/account").get_data(as_text=True)
+
+
+def test_a_job_paused_out_of_credits_resumes_from_its_page(hosted):
+    app = hosted()
+    alice = verified("alice", credits=1.25)
+    calibrate(100.0)
+    c = client_as(app, alice)
+    job_id = post_json(c, "/api/jobs", JOB).json["id"]
+    job = jobs.claim_next(jobs.owner_id("cpu0"), "cpu0", fits=lambda j: j.id == job_id)
+    jobs.transition(job_id, jobs.RUNNING, expect={jobs.PREPARING}, attempt=job.attempt)
+    for kind, t in [("start", 0.0), ("step", 1.0), ("checkpoint", 130.0)]:
+        jobs.record_event(job_id, kind, {"time": t}, attempt=job.attempt)
+    TrainingJob.update(progress={"checkpoint_step": 10, "total_steps": 20}).where(TrainingJob.id == job_id).execute()
+    assert jobs.finish(job_id, job.attempt, "out_of_credits", reason="out of credits: the hold is used up") == "paused"
+    billing.settle_job(job_id)
+    assert ledger.job_held(job_id) == 0  # 130 s metered, capped at the 125 s held
+
+    page = c.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert 'id="resume"' in page and "Buy credits" in page
+    token = token_of(c, f"/jobs/{job_id}")
+    r = c.post(f"/jobs/{job_id}/resume", data={"csrf_token": token})
+    assert r.status_code == 302 and TrainingJob.get_by_id(job_id).status == "paused"  # no credits: still paused
+    billing.grant(alice, 2, "top-up")
+    c.post(f"/jobs/{job_id}/resume", data={"csrf_token": token})
+    assert TrainingJob.get_by_id(job_id).status == "queued"
+    # The rest of the run at its own pace: 130 device-seconds for 10 of 20 steps -> 130 s more, plus 25 %.
+    assert ledger.job_held(job_id) == ledger.cost_micro(130 * 1.25, 10_000)
+    assert c.post(f"/api/jobs/{job_id}/cancel", json={}).json["status"] == "cancelled"
+    assert ledger.job_held(job_id) == 0 and available(alice) == 2_000_000

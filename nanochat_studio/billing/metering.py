@@ -248,7 +248,8 @@ def _settle(jb: JobBilling, job: TrainingJob | None, notify: Notify) -> bool:
 
 
 def _device_seconds(job_id: int) -> float:
-    """Device-seconds the job paid for: usage lines' seconds less the credited-back ones."""
+    """Device-seconds metered for the job: its usage lines' seconds less the credited-back ones (a line
+    capped at the hold still counts its whole time: this is the run's pace, not its price)."""
     total = 0.0
     for txn in ledger.job_lines(job_id):
         seconds = float((txn.meta or {}).get("device_seconds") or 0.0)

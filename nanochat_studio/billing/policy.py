@@ -64,12 +64,43 @@ class Billing:
         """What ``jobs.submit`` runs inside the transaction creating a job (the hold); None: nothing."""
         return None
 
+    def before_hold(self, user: User) -> None:
+        """Runs inside the hold's transaction before the balance is read (lab: this month's allowance)."""
+
     def resume(self, job: TrainingJob, user: User) -> None:
-        """Queue paused ``job`` again, extending its hold when billed. Conflict unless paused."""
-        if JobBilling.get_or_none(JobBilling.job_id == job.id) is not None:
-            return _Charging.resume(self, job, user)  # type: ignore[arg-type]  # a hold taken in another mode
-        if not jobs.resume(job.id):
-            raise Conflict(f"job {job.id} is {jobs.get(job.id).status}, not paused")
+        """Queue paused ``job`` again; a billed job's hold first grows to what the rest of the run should
+        cost (402 when the credits do not cover it; whatever mode billed it). Conflict unless paused."""
+        jb = JobBilling.get_or_none(JobBilling.job_id == job.id)
+        with ledger.write_transaction():
+            if jb is not None:
+                self._extend_hold(job, user, jb)
+            if not jobs.resume(job.id):
+                raise Conflict(f"job {job.id} is {jobs.get(job.id).status}, not paused")
+
+    def _extend_hold(self, job: TrainingJob, user: User, jb: JobBilling) -> None:
+        metering.settle_job(job.id, notify)  # meter the attempts that ended, so what the job still holds is known
+        need = cost_to_finish(job, jb)
+        self.before_hold(user)
+        available, held = ledger.lock_user(user.id)
+        extend = max(0, need - ledger.job_held(job.id))
+        if extend > available.balance:
+            self.refuse(user, extend, available.balance, need, "to resume this job")
+        if extend:
+            n = len([t for t in ledger.job_lines(job.id) if t.kind == ledger.HOLD_EXTEND]) + 1
+            ledger.post(f"extend:{job.id}:{n}", ledger.HOLD_EXTEND, [(available, -extend), (held, extend)],
+                        user_id=user.id, job_id=job.id,
+                        description=f"Job #{job.id}: hold extended by {credits_text(extend)} to finish the run",
+                        meta={"need": need})
+
+    def refuse(self, user: User, needed: int, available: int, cost: int, what: str) -> None:
+        """Raise the 402 with the numbers (and tell the observers)."""
+        notify("refused", user_id=user.id, reason="insufficient", needed=needed, available=available)
+        raise InsufficientCredits(
+            f"Not enough {self.unit} {what}: it needs {credits_text(needed)} held (an estimated "
+            f"{credits_text(cost)} plus a margin) and you have {credits_text(available)} available. "
+            + self.top_up_hint(),
+            details={"cost": to_credits(cost), "hold": to_credits(needed), "available": to_credits(available),
+                     "unit": self.unit, "top_up": "/account"})
 
     def account(self, user: User) -> dict[str, Any] | None:
         return None
@@ -83,9 +114,6 @@ class _Charging(Billing):
 
     def rate_for(self, device: dict[str, Any]) -> tuple[str, float]:
         raise NotImplementedError
-
-    def before_hold(self, user: User) -> None:
-        """Runs inside the hold's transaction before the balance is read (lab: this month's allowance)."""
 
     def applies_to(self, user: User) -> bool:
         return True
@@ -153,37 +181,6 @@ class _Charging(Billing):
                                      f"{HOLD_MARGIN:.0%}"),
                         meta={"cost": t["cost"], "device_seconds": round(t["device_seconds"], 3)})
         notify("hold", job_id=job.id, user_id=user.id, amount=t["hold"])
-
-    def refuse(self, user: User, needed: int, available: int, cost: int, what: str) -> None:
-        notify("refused", user_id=user.id, reason="insufficient", needed=needed, available=available)
-        raise InsufficientCredits(
-            f"Not enough {self.unit} {what}: it needs {credits_text(needed)} held (an estimated "
-            f"{credits_text(cost)} plus a margin) and you have {credits_text(available)} available. "
-            + self.top_up_hint(),
-            details={"cost": to_credits(cost), "hold": to_credits(needed), "available": to_credits(available),
-                     "unit": self.unit, "top_up": "/account"})
-
-    def resume(self, job: TrainingJob, user: User) -> None:
-        jb = JobBilling.get_or_none(JobBilling.job_id == job.id)
-        if jb is None:
-            return Billing.resume(self, job, user)
-        metering.settle_job(job.id, notify)  # meter the attempts that ended, so what the job still holds is known
-        need = cost_to_finish(job, jb)
-        with ledger.write_transaction():
-            if isinstance(self, _Charging):
-                self.before_hold(user)
-            available, held = ledger.lock_user(user.id)
-            extend = max(0, need - ledger.job_held(job.id))
-            if extend > available.balance:
-                _Charging.refuse(self, user, extend, available.balance, need, "to resume this job")
-            if extend:
-                n = len([t for t in ledger.job_lines(job.id) if t.kind == ledger.HOLD_EXTEND]) + 1
-                ledger.post(f"extend:{job.id}:{n}", ledger.HOLD_EXTEND, [(available, -extend), (held, extend)],
-                            user_id=user.id, job_id=job.id,
-                            description=f"Job #{job.id}: hold extended by {credits_text(extend)} to finish the run",
-                            meta={"need": need})
-            if not jobs.resume(job.id):
-                raise Conflict(f"job {job.id} is {jobs.get(job.id).status}, not paused")
 
     def account(self, user: User) -> dict[str, Any] | None:
         self.before_hold_outside(user)

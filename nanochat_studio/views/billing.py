@@ -44,7 +44,7 @@ def line_json(line: dict[str, Any]) -> dict[str, Any]:
             "created_at": line["created_at"].isoformat() + "Z"}
 
 
-def _lines(user_id: int) -> tuple[list[dict[str, Any]], int | None]:
+def ledger_page(user_id: int) -> tuple[list[dict[str, Any]], int | None]:
     try:
         limit = min(MAX_LIMIT, max(1, int(request.args.get("limit") or PAGE)))
         before = int(request.args["before"]) if request.args.get("before") else None
@@ -64,7 +64,7 @@ def account_page() -> Any:
     user = _me()
     policy = current_billing()
     summary = policy.account(user)
-    lines, next_before = _lines(user.id)
+    lines, next_before = ledger_page(user.id)
     keys = list(ApiKey.select().where((ApiKey.user == user) & ApiKey.revoked_at.is_null())
                 .order_by(ApiKey.created_at.desc()))
     return render_template("account/billing.html", summary=summary, lines=lines, next_before=next_before,
@@ -124,7 +124,7 @@ def api_account() -> Any:
 @bp.get("/api/account/transactions")
 @login_required
 def api_transactions() -> Any:
-    lines, next_before = _lines(_me().id)
+    lines, next_before = ledger_page(_me().id)
     return jsonify({"transactions": [line_json(x) for x in lines],
                     "next": url_for("billing.api_transactions", before=next_before) if next_before else None})
 

@@ -14,7 +14,7 @@ from ..billing import ledger
 from ..errors import AppError, NotFound
 from ..models import DeviceAllowance, JobBilling, LedgerAccount, LedgerTransaction, TrainingJob, User
 from . import current_billing
-from .billing import _lines
+from .billing import ledger_page
 
 bp = Blueprint("billing_admin", __name__, url_prefix="/account/admin/credits")
 
@@ -43,7 +43,7 @@ def overview() -> Any:
 @admin_required
 def user_ledger(user_id: int) -> Any:
     user = _user(user_id)
-    lines, next_before = _lines(user.id)
+    lines, next_before = ledger_page(user.id)
     billed = {jb.job_id: jb for jb in JobBilling.select().where(JobBilling.user_id == user.id)}
     jobs = list(TrainingJob.select().where(TrainingJob.id.in_(list(billed) or [0])).order_by(TrainingJob.id.desc()))
     refunded = {t.job_id for t in LedgerTransaction.select().where(
