@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request, stream_with_context, url_for
 from flask_login import current_user
 
-from .. import datasets, estimate, jobs, sse, tasks
+from .. import admission, datasets, estimate, jobs, sse, tasks
 from ..auth import login_required
 from ..db import database
 from ..errors import BadRequest, Conflict
@@ -126,7 +126,9 @@ def submit_job(body: Any) -> TrainingJob:
     """Queue the signed-in user's job (jobs.submit validates it), keep the estimate it was planned with,
     and ring the queue's bell. Raises what jobs.submit raises."""
     settings = current_settings()
-    job = jobs.submit(current_user, body, settings)
+    user = current_user._get_current_object()
+    # admission: refuse what no live worker can run (GPU count, memory); warn when no worker is up yet
+    job = jobs.submit(user, body, settings, admit=lambda clean: admission.check(clean, user))
     estimate.record_for_job(job, current_calibrator())
     tasks.enqueue_job(job.id, settings)
     return jobs.get(job.id)
