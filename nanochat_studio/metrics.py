@@ -160,6 +160,7 @@ def consumer_started(gpu_ids: list[str], quarantined: Callable[[], set[str]]) ->
         _consumers += 1
         _gpu_ids, _quarantined = list(gpu_ids), quarantined
         WORKER_UP.set(1)
+        RUNNING_JOBS.labels("cuda" if gpu_ids else "cpu")  # the series exists at 0 before the first job
         for gid in _gpu_ids:
             GPU_XIDS.labels(gid)
     if gpu_ids:
