@@ -348,3 +348,16 @@ def test_a_worker_process_exports_its_own_figures_and_the_sum_over_processes_is_
     relayed = [x for x in lines if x["logger"] == "nanochat_studio.trainer"]
     assert {"message": "fake trainer starting on cpu", "job_id": ran.id} in [
         {k: x.get(k) for k in ("message", "job_id")} for x in relayed]
+
+
+def test_the_packaged_placeholder_metrics_token_is_refused(tmp_path):
+    from nanochat_studio.settings import SettingsError, load_settings
+    from tests.deploy_tools import PKG, load_yaml
+
+    secret = next(d for d in load_yaml(PKG / "k8s" / "studio.yaml") if d["kind"] == "Secret")
+    (tmp_path / "token").write_text(secret["stringData"]["metrics_token"])
+    with pytest.raises(SettingsError, match="NCS_METRICS_TOKEN: too short"):
+        load_settings(environ={"NCS_HOME": str(tmp_path), "NCS_METRICS_TOKEN_FILE": str(tmp_path / "token")})
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    s = load_settings(environ={"NCS_HOME": str(tmp_path), "NCS_METRICS_TOKEN_FILE": str(tmp_path / "token")})
+    assert s.metrics_token == TOKEN and s.public()["metrics_token"] == "***"
