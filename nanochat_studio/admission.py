@@ -54,12 +54,13 @@ def check(config: dict[str, Any], user: User) -> str:
                 return ""
     if not verdicts:
         return ""
-    need = max(m["needed_bytes"] for m, _ in verdicts)
-    memory, biggest = max(verdicts, key=lambda v: v[0]["device_bytes"] or 0)
+    memory, biggest = max(verdicts, key=lambda v: v[0]["device_bytes"] or 0)  # the best chance it had
+    need = memory["needed_bytes"]
     where = f"{biggest['device_name']} with {_gib(memory['device_bytes'])} GiB"
     split = f" per GPU (batch split over {wanted})" if wanted > 1 else ""
-    raise JobConfigError(f"this run needs about {_gib(need)} GiB of memory{split} (depth {config['depth']}, "
-                         f"seq_len {config.get('seq_len', 'default')}, batch_size {config.get('batch_size', 'default')}), "
+    shape = (f"depth {config['depth']}, seq_len {config.get('seq_len', 'default')}, "
+             f"batch_size {config.get('batch_size', 'default')}")
+    raise JobConfigError(f"this run needs about {_gib(need)} GiB of memory{split} ({shape}), "
                          f"but the largest device of the running workers is {where}: it won't fit. "
                          "Lower the depth, the sequence length or the batch size.")
 

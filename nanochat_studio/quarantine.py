@@ -160,15 +160,23 @@ def rows() -> list[GpuQuarantine]:
 
 # --- health probes ----------------------------------------------------------------------------------------------
 
+def _due(now: dt.datetime) -> Any:
+    return GpuQuarantine.select().where((GpuQuarantine.host == this_host()) & GpuQuarantine.probe_at.is_null(False)
+                                        & (GpuQuarantine.probe_at <= now))
+
+
+def any_due(now: dt.datetime | None = None) -> bool:
+    """Whether a GPU of this host waits for its health probe (one cheap query per consumer tick)."""
+    return _due(now or utcnow()).exists()
+
+
 def probe_due(settings: Settings, take_slot: Any, give_slot: Any, now: dt.datetime | None = None) -> list[str]:
     """Probe this host's quarantined GPUs whose probe time came; returns the ids returned to service.
     ``take_slot(gpu_id)`` takes that GPU's free slot from the consumer's pool (None when busy), and
     ``give_slot(slot)`` hands it back, so no job lands on a GPU while it is probed."""
     now = now or utcnow()
     back = []
-    due = GpuQuarantine.select().where((GpuQuarantine.host == this_host()) & GpuQuarantine.probe_at.is_null(False)
-                                       & (GpuQuarantine.probe_at <= now))
-    for row in list(due):
+    for row in list(_due(now)):
         slot = take_slot(row.gpu)
         if slot is None:
             continue

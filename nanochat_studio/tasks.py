@@ -304,6 +304,11 @@ def start_consumer(settings: Settings, *, role: str = "serve", metrics_port: int
             wait = every
             try:
                 _beat(local, slots, role, metrics_port)
+            except Exception as exc:  # the registry row ages; reconciling must go on regardless
+                log.warning("worker heartbeat failed: %s", exc)
+                if isinstance(exc, pw.DatabaseError):
+                    _close_quietly(database)
+            try:
                 reconcile_and_ring(settings)
                 ready_at = jobs.next_ready_at()
                 if ready_at is not None:  # wake when a backed-off job becomes ready
@@ -354,10 +359,12 @@ def _register(local: _Local, slots: list[runner.Slot], role: str, metrics_port: 
 def _beat(local: _Local, slots: list[runner.Slot], role: str, metrics_port: int | None) -> None:
     """The registry heartbeat, and the health probes of this host's quarantined GPUs (in their own
     thread: a probe starts the trainer and may take a minute)."""
+    if local.stop.is_set():
+        return  # stopping: stop_consumer removes the row, and a late beat must not bring it back
     if not workers.heartbeat(local.worker_id):
         workers.register(local.worker_id, role, slots, local.settings, metrics_port)
     if local.uuids and local.settings.gpu_probe_seconds and not local.stop.is_set() and \
-            not local.probing.locked():
+            not local.probing.locked() and quarantine.any_due():
         threading.Thread(target=_probe_quarantined, args=(local,), name="gpu-probe", daemon=True).start()
 
 

@@ -140,6 +140,7 @@ def waiting_words(wanted_gpus: int, ahead: int) -> str:
     if wanted_gpus > 1:
         most = max(r.gpu_count for r in rows)
         if most < wanted_gpus:
-            return f"waiting for a worker with {wanted_gpus} GPUs: the running ones have at most {most} ({summary(rows)})"
+            return (f"waiting for a worker with {wanted_gpus} GPUs: the running ones have at most {most} "
+                    f"({summary(rows)})")
         return f"waiting for a free set of {wanted_gpus} GPUs on one worker: {jobs_ahead}"
     return f"waiting for a free {'GPU' if any(r.gpu_count for r in rows) else 'CPU slot'}: {jobs_ahead}"

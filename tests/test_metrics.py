@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ from nanochat_studio.db import database
 from nanochat_studio.inference import ModelPool
 from nanochat_studio.models import TrainingJob
 from tests.deploy_tools import ALLOWED_METRICS, ISSUE_METRICS, NAMED_HERE
-from tests.test_jobs import REPO, TEST_SETTINGS, alice, bob, open_store, settings, store  # noqa: F401
+from tests.test_jobs import REPO, TEST_SETTINGS, alice, open_store, settings, store  # noqa: F401
 from tests.test_runner import wait_for
 from tests.test_tasks import consumer, status_of, submit  # noqa: F401
 
@@ -291,13 +290,13 @@ def scrape(port: int, headers: dict | None = None) -> tuple[int, str]:
 
 @pytest.mark.process
 def test_a_worker_process_exports_its_own_figures_and_the_sum_over_processes_is_right(make_settings, tmp_path):
-    settings = make_settings(**{**TEST_SETTINGS, "metrics_token": TOKEN, "log_format": "json"})
-    open_store(settings.database_url)
+    s = make_settings(**{**TEST_SETTINGS, "metrics_token": TOKEN, "log_format": "json"})
+    open_store(s.database_url)
     from conftest import make_user
 
-    alice = make_user("alice")
-    env = dict(os.environ, PYTHONPATH=str(REPO), NCS_HOME=settings.home, NCS_DATABASE_URL=settings.database_url,
-               NCS_QUEUE_URL=settings.queue_url, NCS_TRAINER_MODULE="tests.fake_trainer", NCS_GPUS="none",
+    owner = make_user("alice")
+    env = dict(os.environ, PYTHONPATH=str(REPO), NCS_HOME=s.home, NCS_DATABASE_URL=s.database_url,
+               NCS_QUEUE_URL=s.queue_url, NCS_TRAINER_MODULE="tests.fake_trainer", NCS_GPUS="none",
                NCS_RECONCILE_SECONDS="0.5", NCS_METRICS_TOKEN=TOKEN, NCS_LOG_FORMAT="json", FAKE_STEP_S="0.02")
     err_path = tmp_path / "worker.err"
     proc = subprocess.Popen([sys.executable, "-m", "nanochat_studio", "worker", "--metrics-port", "0"], cwd=REPO,
@@ -312,10 +311,10 @@ def test_a_worker_process_exports_its_own_figures_and_the_sum_over_processes_is_
         assert port, err_path.read_text()
         web_done = here("ncs_jobs_finished_total", outcome="completed")
         web_cancelled = here("ncs_jobs_finished_total", outcome="cancelled")
-        ran = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 6, "checkpoint_every": 3}, settings)
-        tasks.enqueue_job(ran.id, settings)
+        ran = jobs.submit(owner, {"depth": 1, "dataset": "demo", "max_steps": 6, "checkpoint_every": 3}, s)
+        tasks.enqueue_job(ran.id, s)
         wait_for(lambda: status_of(ran) == "completed", timeout=60)
-        waits = jobs.submit(alice, {"depth": 1, "dataset": "demo", "gpus": 2}, settings)  # no worker has 2 GPUs
+        waits = jobs.submit(owner, {"depth": 1, "dataset": "demo", "gpus": 2}, s)  # no worker has 2 GPUs
         assert jobs.request_cancel(waits) == "cancelled"  # the web process cancels it: the web counts it
 
         status, text = scrape(port)

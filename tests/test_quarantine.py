@@ -145,13 +145,21 @@ def test_a_probe_that_cannot_train_on_the_gpu_keeps_it_out(alice, settings):
     assert free == [GPU0] and taken == [GPU0]  # the slot was out of the pool while probed, and came back
 
 
-def test_a_passing_probe_returns_the_gpu_and_a_busy_one_is_not_probed(alice, settings, tmp_path):
-    # A stand-in interpreter that answers the probe as a healthy GPU would (there is none here).
+HEALTHY = {"event": "calibration", "v": 1, "time": 0, "device": "cuda", "device_name": "Fake GPU",
+           "memory_bytes": 24 * GiB, "tokens_per_sec": 1000.0}
+
+
+def healthy_python(tmp_path, answer=HEALTHY):
+    """A stand-in interpreter that answers the probe as a healthy GPU would (there is none here)."""
     fake_python = tmp_path / "python"
-    answer = {"event": "calibration", "v": 1, "time": 0, "device": "cuda", "device_name": "Fake GPU",
-              "memory_bytes": 24 * GiB, "tokens_per_sec": 1000.0}
     fake_python.write_text(f"#!/bin/sh\necho '{json.dumps(answer)}'\n")
     fake_python.chmod(0o755)
+    return fake_python
+
+
+def test_a_passing_probe_returns_the_gpu_and_a_busy_one_is_not_probed(alice, settings, tmp_path):
+    fake_python = healthy_python(tmp_path)
+    answer = HEALTHY
     s = dataclasses.replace(settings, gpu_probe_seconds=0.01, trainer_python=str(fake_python))
     quarantine.quarantine("0", fault="cuda", reason="test", job_id=None, settings=s)
     quarantine.quarantine("1", fault="cuda", reason="test", job_id=None, settings=s)
@@ -164,6 +172,15 @@ def test_a_passing_probe_returns_the_gpu_and_a_busy_one_is_not_probed(alice, set
     free, taken, take, give = probe_pool(runner.Slot("gpu1", "gpu", ("1",)))
     assert quarantine.probe_due(s, take, give) == []  # it fell back to the CPU: the GPU is not back
     assert "not the GPU" in quarantine.rows()[0].last_probe
+
+
+def test_the_consumer_probes_its_quarantined_gpus_when_due(alice, settings, consumer, tmp_path):
+    s = dataclasses.replace(settings, gpus="0,1", gpu_probe_seconds=1.5,
+                            trainer_python=str(healthy_python(tmp_path)))
+    quarantine.quarantine("1", fault="xid", reason="Xid 79", job_id=None, settings=s)
+    consumer(s)
+    assert [r.gpu for r in quarantine.rows()] == ["1"]  # not before its probe time
+    wait_for(lambda: quarantine.rows() == [], timeout=10)
 
 
 def test_a_quarantine_follows_the_cards_uuid_to_another_host_name(alice, settings):
@@ -208,7 +225,8 @@ def test_the_real_trainer_reports_a_cuda_error_as_a_device_error(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     error = events[-1]
     assert error["event"] == "error" and error["code"] == progress.DEVICE_ERROR_CODE
-    assert error["kind"] == "infrastructure" and error["fault"] == "cuda" and "illegal memory access" in error["message"]
+    assert error["kind"] == "infrastructure" and error["fault"] == "cuda"
+    assert "illegal memory access" in error["message"]
     assert "device_index" not in error  # it trained on the CPU: no CUDA index to name
     assert progress.outcome_of_exit(proc.returncode) == "infrastructure"
     assert [e["step"] for e in events if e["event"] == "step"][-1] == 2  # it failed in step 3
