@@ -13,16 +13,18 @@ from urllib.parse import urlsplit
 from flask import Flask, current_app, request
 from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
 
-from . import __version__, auth, billing, db, errors, estimate, formats, runner, tasks
+from . import __version__, auth, billing, db, errors, estimate, formats, logs, runner, tasks
 from .errors import BadRequest, Forbidden
 from .settings import Settings
-from .views import account, api, billing_admin, chat, jobs, openai, pages
+from .views import account, api, billing_admin, chat, jobs, openai, pages, workers
 from .views import billing as billing_views
+from .views import metrics as metrics_view
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-BLUEPRINTS = (pages.bp, account.bp, jobs.bp, api.bp, chat.bp, openai.bp, billing_views.bp, billing_admin.bp)
+BLUEPRINTS = (pages.bp, account.bp, jobs.bp, api.bp, chat.bp, openai.bp, billing_views.bp, billing_admin.bp,
+              metrics_view.bp, workers.bp)
 # Endpoints that take no CSRF token: Stripe signs its webhook instead. Nothing else belongs here.
 CSRF_EXEMPT_ENDPOINTS = frozenset({"billing.stripe_webhook"})
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -75,7 +77,7 @@ def create_app(settings: Settings) -> Flask:
         WTF_CSRF_TIME_LIMIT=None,  # tokens live as long as the session; a tab left open still works
         JSON_SORT_KEYS=False,
     )
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings)
 
     db.open_database(settings.database_url)
     applied = db.migrate()
@@ -83,6 +85,9 @@ def create_app(settings: Settings) -> Flask:
         log.info("applied migrations %s", applied)
     db.database.close()  # requests open their own connection
 
+    # First: every later hook's log lines carry the request id, and a refused request is timed too.
+    logs.init_app(app)
+    metrics_view.init_app(app)
     csrf.init_app(app)
     errors.init_app(app)
     formats.init_app(app)

@@ -175,17 +175,31 @@ def _browse_host(host: str) -> str:
 # ----------------------------------------------------------------------------------- worker, migrate
 
 @main.command()
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /metrics (and /healthz) on this port for Prometheus; 0 picks a free one.")
+@click.option("--metrics-host", default=None,
+              help="Address the metrics port binds to [default: the host setting, 127.0.0.1].")
 @pass_ctx
 @clean_errors
-def worker(obj: Context) -> None:
+def worker(obj: Context, metrics_port: int | None, metrics_host: str | None) -> None:
     """Run a queue consumer alone (trains jobs from the shared database and queue)."""
     settings = obj.settings()
-    from . import tasks
+    from . import logs, tasks
 
+    logs.configure(settings)
     with opened_store(settings):
         pass
     click.echo(f"worker: consuming {settings.queue_url}")
-    tasks.run_worker(settings)
+
+    def listening(port: int) -> None:
+        host = metrics_host or settings.host
+        click.echo(f"worker: metrics on http://{_browse_host(host)}:{port}/metrics", color=False)
+        sys.stdout.flush()
+
+    try:
+        tasks.run_worker(settings, metrics_port=metrics_port, metrics_host=metrics_host, on_listening=listening)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on port {metrics_port} for metrics: {exc.strerror or exc}") from None
 
 
 @main.command()

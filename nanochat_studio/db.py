@@ -19,7 +19,7 @@ import peewee as pw
 from playhouse import migrate as pw_migrate
 from playhouse.db_url import connect as _connect_url
 
-from .models import ALL_MODELS, BILLING_MODELS, User, database  # noqa: F401 - ``db.database`` is how callers reach the proxy
+from .models import ALL_MODELS, BILLING_MODELS, TrainingJob, User, database  # noqa: F401 - ``db.database`` is how callers reach the proxy
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,52 @@ def ledger_triggers_present(db: pw.Database | None = None) -> set[str]:
     return {r[0] for r in rows} & set(LEDGER_TRIGGERS)
 
 
+def _m0004_worker_registry_and_gpu_quarantine(db: pw.Database) -> None:
+    """The worker registry and quarantined GPUs (issue 13). Declared here as they first shipped, so a
+    later change to models.py cannot change what this step creates."""
+
+    class WorkerProcess(pw.Model):
+        id = pw.CharField(max_length=160, primary_key=True)
+        host = pw.CharField(max_length=255)
+        pid = pw.IntegerField()
+        role = pw.CharField(max_length=16)
+        devices = pw.TextField(default="[]")
+        gpu_count = pw.IntegerField(default=0)
+        metrics_port = pw.IntegerField(null=True)
+        version = pw.CharField(max_length=32, default="")
+        beat_seconds = pw.FloatField(default=12.0)
+        started_at = pw.DateTimeField()
+        last_seen_at = pw.DateTimeField(index=True)
+
+        class Meta:
+            table_name = "worker_process"
+
+    class GpuQuarantine(pw.Model):
+        host = pw.CharField(max_length=255)
+        gpu = pw.CharField(max_length=16)
+        uuid = pw.CharField(max_length=96, null=True, index=True)
+        device_name = pw.CharField(max_length=255, default="")
+        fault = pw.CharField(max_length=32)
+        reason = pw.TextField(default="")
+        job = pw.ForeignKeyField(TrainingJob, null=True, on_delete="SET NULL")
+        created_at = pw.DateTimeField()
+        probe_at = pw.DateTimeField(null=True)
+        probes = pw.IntegerField(default=0)
+        last_probe = pw.TextField(default="")
+
+        class Meta:
+            table_name = "gpu_quarantine"
+            indexes = ((("host", "gpu"), True),)
+
+    with db.bind_ctx([WorkerProcess, GpuQuarantine], bind_refs=False, bind_backrefs=False):
+        db.create_tables([WorkerProcess, GpuQuarantine], safe=True)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[pw.Database], None]]] = [
     (1, "initial tables", _m0001_initial),
     (2, "user.email_verified_at", _m0002_email_verified_at),
     (3, "billing: double-entry ledger, append-only", _m0003_billing_ledger),
+    (4, "worker registry and GPU quarantine", _m0004_worker_registry_and_gpu_quarantine),
 ]
 
 

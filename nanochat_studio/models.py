@@ -271,7 +271,45 @@ class AppState(BaseModel):
     value = JSONField(null=True)
 
 
-ALL_MODELS = [User, ApiKey, Dataset, TrainingJob, JobEvent, Model, ChatSession, ChatMessage, AppState]
+class WorkerProcess(BaseModel):
+    """A process running a queue consumer, as it registered itself (workers.py): what it can train on, and
+    when it last said it is alive. The web side reads these to know which workers exist."""
+
+    id = pw.CharField(max_length=160, primary_key=True)  # jobs.owner_id(): host, boot, pid
+    host = pw.CharField(max_length=255)
+    pid = pw.IntegerField()
+    role = pw.CharField(max_length=16)  # "serve" (in-process consumer) | "worker"
+    devices = JSONField(default=list)  # one per slot: slot, device, device_name, memory_bytes, gpu, uuid
+    gpu_count = pw.IntegerField(default=0)
+    metrics_port = pw.IntegerField(null=True)
+    version = pw.CharField(max_length=32, default="")
+    beat_seconds = pw.FloatField(default=12.0)  # how often it renews last_seen_at
+    started_at = pw.DateTimeField(default=utcnow)
+    last_seen_at = pw.DateTimeField(default=utcnow, index=True)
+
+
+class GpuQuarantine(BaseModel):
+    """A GPU taken out of service after a device error (quarantine.py); the row is deleted when a health
+    probe passes or an admin clears it. ``uuid`` (NVML's) follows the card wherever its host name goes."""
+
+    host = pw.CharField(max_length=255)
+    gpu = pw.CharField(max_length=16)  # the index CUDA_VISIBLE_DEVICES names on that host
+    uuid = pw.CharField(max_length=96, null=True, index=True)
+    device_name = pw.CharField(max_length=255, default="")
+    fault = pw.CharField(max_length=32)  # trainer.progress.DEVICE_FAULTS, or "xid"
+    reason = pw.TextField(default="")
+    job = pw.ForeignKeyField(TrainingJob, null=True, backref="quarantines", on_delete="SET NULL")
+    created_at = pw.DateTimeField(default=utcnow)
+    probe_at = pw.DateTimeField(null=True)  # the next health probe; None: only an admin clears it
+    probes = pw.IntegerField(default=0)
+    last_probe = pw.TextField(default="")  # what the last failed probe said
+
+    class Meta:
+        indexes = ((("host", "gpu"), True),)
+
+
+ALL_MODELS = [User, ApiKey, Dataset, TrainingJob, JobEvent, Model, ChatSession, ChatMessage, AppState,
+              WorkerProcess, GpuQuarantine]
 # billing/ledger.py's migration creates these (with the triggers that keep the ledger append-only).
 BILLING_MODELS = [LedgerAccount, LedgerTransaction, LedgerPosting, JobBilling, DeviceAllowance, StripeEvent]
 

@@ -53,7 +53,8 @@ class Slot:
 
     def env(self) -> dict[str, str]:
         if self.kind == "gpu":
-            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_ids)}
+            # PCI bus order: the ids then mean what nvidia-smi and NVML (gpus.py, quarantines) call them
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_ids), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(self.threads)}
 
     @property
@@ -170,6 +171,15 @@ def probe_device(settings: Settings) -> dict:
     """{"device", "device_name", "memory_bytes"} of where this process's jobs train, asked of the
     trainer itself (the web process never imports torch). Raises SpawnError."""
     return run_helper(settings, "trainer.calibrate", ["--probe"], event="calibration", timeout=120)
+
+
+def probe_gpu(settings: Settings, slot: Slot, *, timeout: float = 300) -> dict:
+    """A health probe of ``slot``'s GPU: a few real training steps of a tiny model on CUDA (forward,
+    backward, optimizer), without compilation. The calibration event's fields; raises SpawnError when
+    the GPU cannot train (quarantine.py keeps it out of service then)."""
+    args = ["--device", "cuda", "--compile", "false", "--depth", "1", "--vocab-size", "512", "--seq-len", "64",
+            "--batch-size", "2", "--steps", "2"]
+    return run_helper(settings, "trainer.calibrate", args, event="calibration", timeout=timeout, slot=slot)
 
 
 def calibrate(settings: Settings, shape: ModelShape, batch_size: int, *, timeout: float = 600,

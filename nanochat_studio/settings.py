@@ -26,6 +26,7 @@ import platformdirs
 ENV_PREFIX = "NCS_"
 MODES = ("solo", "lab", "hosted")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 SECRET_KEY_FILE = "secret_key"
 GiB = 1 << 30
 
@@ -71,6 +72,11 @@ class Settings:
     allowed_hosts: str = _f("", "Comma-separated Host header names accepted (DNS-rebinding guard); `*` accepts "
                             "any.", default_doc="loopback names, host and base_url's host")
     log_level: str = _f("info", "Logging level.", choices=LOG_LEVELS)
+    log_format: str = _f("text", "Log lines: `text` for people, `json` for one object per line (time, level, "
+                         "logger, message, request_id, user_id, job_id) for a log collector.", choices=LOG_FORMATS)
+    metrics_token: str = _f("", "Bearer token that lets Prometheus read `/metrics` (and a worker's "
+                            "`--metrics-port`) from another machine; without it they answer loopback only.",
+                            secret=True)
     # --- serving and the queue ---
     threads: int = _f(24, "waitress threads; every open event stream holds one.", minimum=1, maximum=1024)
     worker: bool = _f(True, "Run the queue consumer inside `serve` (turn off when `worker` runs elsewhere).")
@@ -90,6 +96,9 @@ class Settings:
     mirror_checkpoints: bool | None = _f(None, "Copy a running job's checkpoints into storage so a worker on "
                                          "another machine can resume it: `true`, `false` or `auto`.",
                                          default_doc="auto: on when storage_url is remote")
+    gpu_probe_seconds: float = _f(600.0, "A GPU quarantined after a device error gets a health probe this long "
+                                  "after, and again as often until one passes; 0 leaves it to an admin.",
+                                  minimum=0)
     max_running_jobs: int = _f(2, "Running jobs per user.", minimum=1)
     max_queued_jobs: int = _f(10, "Waiting jobs per user before submissions get 429.", minimum=1)
     # --- data ---
@@ -323,6 +332,9 @@ def load_settings(environ: Mapping[str, str] | None = None, toml_path: str | os.
         values["secret_key"] = _generated_secret(home)
     elif len(values["secret_key"]) < 16:
         raise SettingsError("NCS_SECRET_KEY: too short; use at least 16 random characters")
+    if values.get("metrics_token") and len(values["metrics_token"]) < 16:
+        # a bearer token is all that stands between the network and /metrics: no guessable placeholders
+        raise SettingsError("NCS_METRICS_TOKEN: too short; use at least 16 random characters")
     return Settings(**values)
 
 

@@ -414,3 +414,19 @@ def test_the_workers_tick_settles_what_a_crash_left_behind(hosted):
     assert not JobBilling.get_by_id(job_id).settled_at
     tasks.reconcile_and_ring(app.config["NCS_SETTINGS"])
     assert JobBilling.get_by_id(job_id).settled_at and available(alice) == 5_000_000
+
+
+def test_billing_events_reach_the_credits_metrics(hosted):
+    from nanochat_studio import metrics
+
+    def count(kind: str) -> float:
+        return metrics.REGISTRY.get_sample_value(metrics.CREDIT_KINDS[kind][0]) or 0.0
+
+    app = hosted()
+    before = {k: count(k) for k in ("hold", "refused")}
+    poor = verified("poor", credits=1)
+    calibrate(100.0)
+    assert submit(client_as(app, poor)).status_code == 402  # refused for funds: counted
+    rich = verified("rich", credits=1000)
+    assert submit(client_as(app, rich)).status_code == 201
+    assert count("refused") - before["refused"] == 1 and count("hold") - before["hold"] == 1

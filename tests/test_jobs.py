@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_studio import db, jobs
+from nanochat_studio import db, jobs, runner, workers
 from nanochat_studio.models import Dataset, TrainingJob, User, utcnow
 from nanochat_studio.settings import Settings, load_settings
 
@@ -235,6 +235,8 @@ def test_claim_honours_back_off_and_the_running_cap(alice, bob, settings):
 def test_queue_position_and_why_waiting(alice, bob, settings):
     a1, b1 = _submit(alice, settings), _submit(bob, settings)
     assert jobs.queue_position(a1) == 0 and jobs.queue_position(b1) == 1
+    assert jobs.why_waiting(b1, settings).startswith("waiting for a worker: none is running")
+    workers.register("w1", "worker", [runner.Slot("cpu0", "cpu")], settings)
     assert jobs.why_waiting(b1, settings) == "waiting for a free CPU slot: 1 job ahead"
     jobs.claim_next("w", "cpu0")
     b1 = TrainingJob.get_by_id(b1.id)

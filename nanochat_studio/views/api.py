@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request, stream_with_context, url_for
 from flask_login import current_user
 
-from .. import billing, datasets, estimate, jobs, sse, tasks
+from .. import admission, billing, datasets, estimate, jobs, sse, tasks
 from ..auth import login_required
 from ..db import database
 from ..errors import BadRequest, Conflict
@@ -129,9 +129,11 @@ def submit_job(body: Any) -> TrainingJob:
     """Queue the signed-in user's job (jobs.submit validates it), keep the estimate it was planned with,
     and ring the queue's bell. Raises what jobs.submit raises."""
     settings = current_settings()
+    user = current_user._get_current_object()
     # Billing's hold runs inside the transaction that creates the job: 402 leaves no job behind.
-    hold = current_billing().submit_hook(current_user._get_current_object(), current_calibrator())
-    job = jobs.submit(current_user, body, settings, on_create=hold)
+    hold = current_billing().submit_hook(user, current_calibrator())
+    # admission: refuse what no live worker can run (GPU count, memory); warn when no worker is up yet
+    job = jobs.submit(user, body, settings, on_create=hold, admit=lambda clean: admission.check(clean, user))
     estimate.record_for_job(job, current_calibrator())
     tasks.enqueue_job(job.id, settings)
     return jobs.get(job.id)
