@@ -59,8 +59,45 @@ def _m0001_initial(db: pw.Database) -> None:
     db.create_tables(ALL_MODELS, safe=True)
 
 
+def _add_missing_columns(db: pw.Database, table: str, columns: dict[str, pw.Field]) -> None:
+    """Add the columns ``table`` lacks. A store created after the column joined models.py has it already
+    (the first migration creates the tables as models.py declares them now)."""
+    from playhouse.migrate import SchemaMigrator, migrate as run
+
+    have = {c.name for c in db.get_columns(table)}
+    migrator = SchemaMigrator.from_database(db)
+    run(*[migrator.add_column(table, name, field) for name, field in columns.items() if name not in have])
+
+
+def _m0002_security_columns(db: pw.Database) -> None:
+    """users: email_verified_at (confirmation links) and session_version (revocable sessions);
+    datasets: expanded_bytes (gzip counted as it expands)."""
+    _add_missing_columns(db, "user", {"email_verified_at": pw.DateTimeField(null=True),
+                                      "session_version": pw.IntegerField(default=0)})
+    _add_missing_columns(db, "dataset", {"expanded_bytes": pw.BigIntegerField(default=0)})
+
+
+def _m0003_forget_finished_jobs_credentials(db: pw.Database) -> None:
+    """Finished jobs no longer need the S3 credentials they were submitted with: drop them."""
+    import json
+
+    final = ("completed", "failed", "cancelled")
+    rows = db.execute_sql(
+        'SELECT id, config FROM "training_job" WHERE status IN (%s)' % ",".join([db.param] * len(final)), final)
+    for job_id, raw in list(rows):
+        config = json.loads(raw) if raw else {}
+        spec = config.get("dataset")
+        if isinstance(spec, dict) and ("credentials" in spec or "sealed_credentials" in spec):
+            spec.pop("credentials", None)
+            spec.pop("sealed_credentials", None)
+            db.execute_sql(f'UPDATE "training_job" SET config = {db.param} WHERE id = {db.param}',
+                           (json.dumps(config, separators=(",", ":")), job_id))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[pw.Database], None]]] = [
     (1, "initial tables", _m0001_initial),
+    (2, "users: email verification and session version; datasets: expanded bytes", _m0002_security_columns),
+    (3, "finished jobs forget their S3 credentials", _m0003_forget_finished_jobs_credentials),
 ]
 
 
