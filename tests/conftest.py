@@ -269,13 +269,37 @@ def make_user(name: str, *, admin: bool = False) -> Any:
 
 
 def client_as(app: Any, user: Any) -> Any:
-    """A test client of ``app`` signed in as ``user``, from another machine (so solo mode adds nothing)."""
+    """A test client of ``app`` signed in as ``user``, from another machine (so solo mode adds nothing).
+    The session carries what auth.sign_in stamps (session version, sign-in time)."""
+    import time
+
+    from nanochat_studio import auth
+
     client = app.test_client()
     client.environ_base.update(REMOTE)
     with client.session_transaction() as session:
         session["_user_id"] = str(user.id)
         session["_fresh"] = True
+        session[auth.SESSION_VERSION_KEY] = user.session_version
+        session[auth.SESSION_STARTED_KEY] = time.time()
     return client
+
+
+@pytest.fixture
+def mailbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real SMTP server on loopback (STARTTLS, a login): ``mailbox.env`` are the settings that send to
+    it, ``mailbox.link(address)`` the link in the mail sent there. Its certificate is trusted through
+    SSL_CERT_FILE, as an operator's private CA would be."""
+    from mailserver import MailServer
+
+    directory = tmp_path / "smtp"
+    directory.mkdir()
+    server = MailServer(directory)
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_file))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
