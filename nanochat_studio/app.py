@@ -13,15 +13,15 @@ from urllib.parse import urlsplit
 from flask import Flask, current_app, request
 from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
 
-from . import __version__, auth, db, errors, estimate, formats, runner, tasks
+from . import __version__, auth, db, errors, estimate, formats, inputs, limits, mail, runner, tasks
 from .errors import BadRequest, Forbidden
 from .settings import Settings
-from .views import account, api, chat, jobs, openai, pages
+from .views import account, api, chat, confirm, jobs, openai, pages
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-BLUEPRINTS = (pages.bp, account.bp, jobs.bp, api.bp, chat.bp, openai.bp)
+BLUEPRINTS = (pages.bp, account.bp, confirm.bp, jobs.bp, api.bp, chat.bp, openai.bp)
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 CONTENT_SECURITY_POLICY = "; ".join([
@@ -80,6 +80,9 @@ def create_app(settings: Settings) -> Flask:
         log.info("applied migrations %s", applied)
     db.database.close()  # requests open their own connection
 
+    if settings.mode == "hosted" and not mail.configured(settings):
+        log.warning("hosted mode without smtp_url: sign-up confirmation links are only logged")
+    inputs.init_app(app, settings)  # before the blueprints: their <int:...> routes take its id converter
     csrf.init_app(app)
     errors.init_app(app)
     formats.init_app(app)
@@ -89,6 +92,7 @@ def create_app(settings: Settings) -> Flask:
         probe=lambda: runner.probe_device(settings),
         run=lambda shape, batch_size: tasks.calibrate_on_a_slot(settings, shape, batch_size))
     _install_request_hooks(app, settings)
+    limits.init_app(app, settings)  # after the database hook: the API limits know the user
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     app.jinja_env.globals.update(settings=settings, app_version=__version__)
@@ -182,10 +186,17 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
         if not db.database.is_closed():
             db.database.close()
 
+    secure = settings.base_url.startswith("https://")
+
     @app.after_request
     def _security_headers(response: Any) -> Any:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        if secure:  # served over https (base_url says so): browsers must never come back over http
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        if not request.path.startswith("/static/"):
+            # Pages and API answers are someone's data: no shared or browser cache keeps them.
+            response.headers.setdefault("Cache-Control", "no-store")
         return response
 
     @app.errorhandler(CSRFError)
