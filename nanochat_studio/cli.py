@@ -67,7 +67,11 @@ def clean_errors(fn: Callable) -> Callable:
 
 @contextlib.contextmanager
 def opened_store(settings: Settings) -> Iterator[pw.Database]:
-    """The database from ``settings``, migrated, for a command's duration."""
+    """The database from ``settings``, migrated, for a command's duration (in a private data directory:
+    a command run before the first `serve` must not leave a world-readable studio.db behind)."""
+    from . import secretbox
+
+    secretbox.make_private(settings)
     database = db.open_database(settings.database_url)
     try:
         database.connect(reuse_if_open=True)
@@ -233,7 +237,10 @@ def worker(obj: Context) -> None:
 @clean_errors
 def migrate(obj: Context) -> None:
     """Apply pending database migrations."""
+    from . import secretbox
+
     settings = obj.settings()
+    secretbox.make_private(settings)
     database = db.open_database(settings.database_url)
     try:
         applied = db.migrate(database)

@@ -18,6 +18,7 @@ No Flask request in here: views call these and turn ``AccountError`` into form e
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 from typing import Callable
 
@@ -27,6 +28,8 @@ from . import accounts, mail
 from .accounts import AccountError
 from .models import AppState, User, utcnow
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 EMAIL_SALT = "ncs-email-confirmation-v1"
 LinkMaker = Callable[..., str]  # (endpoint, **values) -> an absolute URL: the views' _external
@@ -76,10 +79,32 @@ def send_email_confirmation(settings: Settings, user: User, address: str, link_f
 
 
 def confirm_email(settings: Settings, token: str, user: User) -> str:
-    """Open a link: the address becomes ``user``'s, confirmed. Raises AccountError."""
+    """Open a link: the address becomes ``user``'s, confirmed; the old confirmed address is told.
+    Raises AccountError."""
     address = read_email_token(settings, token, user)
+    old = user.email if accounts.email_verified(user) else None
     accounts.set_verified_email(user, address)
+    if old and old != address:
+        notify(settings, old, "Your nanochat studio email was changed",
+               f"The email of your nanochat studio account is now {address}. If you did not do this, sign "
+               "in and change your password, or ask the studio's administrator for help.\n")
     return address
+
+
+def notify(settings: Settings, address: str, subject: str, body: str) -> None:
+    """A notice about the account (a changed password or email) to its confirmed address; a failure to
+    send is logged, never raised: the change itself is done."""
+    try:
+        mail.send(settings, address, subject, body)
+    except mail.MailError as exc:
+        log.error("notice to %s failed: %s", address, exc)
+
+
+def notify_password_changed(settings: Settings, user: User) -> None:
+    if accounts.email_verified(user):
+        notify(settings, user.email, "Your nanochat studio password was changed",
+               "The password of your nanochat studio account was just changed, and every browser signed in "
+               "to it was signed out. If you did not do this, ask the studio's administrator for help.\n")
 
 
 # ------------------------------------------------------------------------------------ hosted sign-up

@@ -117,7 +117,6 @@ def event_id(raw: str | None) -> int:
 def init_app(app: Flask, settings: Settings) -> None:
     app.url_map.converters["int"] = IdConverter
     app.json = BoundedJSONProvider(app)
-    app.config["MAX_FORM_MEMORY_SIZE"] = min(settings.json_max_bytes, 1 << 20)
 
     @app.before_request
     def _body_limit() -> None:

@@ -134,6 +134,7 @@ class Limits:
 
     def _refusal(self, item: RateLimitItem, keys: tuple[str, ...], message: str) -> TooManyRequests:
         wait = self._retry_after(item, *keys)
+        log.warning("limit %s reached for %s (%s): refused for %d s", item, keys[0], keys[-1], wait)
         return TooManyRequests(f"{message} Try again in {wait} seconds.", code="rate_limited",
                                headers={"Retry-After": str(wait)})
 

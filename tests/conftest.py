@@ -62,6 +62,18 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _keep_the_umask() -> Iterator[None]:
+    """CLI commands run in-process (CliRunner) set the umask to 077 as `serve` does; give the next test
+    the one it started with."""
+    before = os.umask(0o022)
+    os.umask(before)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+@pytest.fixture(autouse=True)
 def _cheap_password_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Passwords are hashed with a cheap pbkdf2 in tests (the suite hashes hundreds, and scrypt costs
     ~0.1 s a hash here); test_auth.py checks that production stores scrypt hashes."""

@@ -67,7 +67,7 @@ class _Handler:
 
 
 class MailServer:
-    def __init__(self, directory: Path, *, require_starttls: bool = True) -> None:
+    def __init__(self, directory: Path, *, require_starttls: bool = True, offer_tls: bool = True) -> None:
         self.messages: list[EmailMessage] = []
         self.sessions: list[dict] = []
         self.lock = threading.Lock()
@@ -75,8 +75,9 @@ class MailServer:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.ca_file, key_file)
         self.port = _free_port()
-        self.controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port, tls_context=context,
-                                     require_starttls=require_starttls, auth_require_tls=True,
+        self.controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port,
+                                     tls_context=context if offer_tls else None,
+                                     require_starttls=require_starttls and offer_tls, auth_require_tls=offer_tls,
                                      authenticator=self._authenticate, ready_timeout=30)
         self.controller.start()
         (directory / "smtp-user").write_text(USER + "\n")

@@ -108,6 +108,8 @@ def login() -> Any:
             raise TooManyRequests(str(exc), headers={"Retry-After": "2"}) from None
         except AccountError as exc:
             limits.account_failed(form.email.data)
+            current_app.logger.info("sign-in refused for %r from %s: %s", form.email.data[:320],
+                                    limits.client_address(), exc)
             error = str(exc)
     status = 400 if request.method == "POST" else 200
     return render_template("account/login.html", form=form, error=error, next=form.next.data), status
@@ -300,6 +302,7 @@ def update_profile() -> Any:
         if form.new_password.data:
             accounts.set_password(user, form.new_password.data, form.current_password.data)
             auth.stamp_session(user)  # every other session ended; this one goes on
+            confirmations.notify_password_changed(current_settings(), user)
     except HashingBusy as exc:
         raise TooManyRequests(str(exc), headers={"Retry-After": "2"}) from None
     except AccountError as exc:

@@ -27,3 +27,12 @@ def store_url(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureR
     yield f"sqlite:///{tmp_path_factory.mktemp('store')}/studio.db"
 
 
+
+
+@pytest.fixture
+def fresh_store_url(tmp_path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A store of this test's own (the same kinds as store_url)."""
+    if os.environ.get("NCS_TEST_DB", "sqlite").strip().lower() == "postgres":
+        yield request.getfixturevalue("postgres")
+        return
+    yield f"sqlite:///{tmp_path}/own-store/studio.db"

@@ -35,6 +35,7 @@ class Studio:
     def __init__(self, home: Path, db_url: str, mode: str = "lab", env: dict[str, str] | None = None,
                  args: tuple[str, ...] = ()) -> None:
         self.home, self.db_url, self.mode = home, db_url, mode
+        home.parent.mkdir(parents=True, exist_ok=True)
         base = {k: v for k, v in os.environ.items() if not k.startswith("NCS_")}
         self.env = {**base, "NCS_HOME": str(home), "NCS_DATABASE_URL": db_url, "NCS_MODE": mode,
                     "NCS_WORKER": "false", "NCS_LOG_LEVEL": "info", "OMP_NUM_THREADS": "1",
