@@ -198,10 +198,10 @@ def _print_setup_link(settings: Settings, url: str) -> None:
     """Lab and hosted installs without an administrator print a one-time link that creates one."""
     if settings.mode == "solo":
         return
-    from . import accounts
+    from . import bootstrap
 
     with db.database.connection_context():
-        token = accounts.issue_setup_token()
+        token = bootstrap.issue_setup_token()
     if token:
         base = settings.base_url.rstrip("/") + "/" if settings.base_url else url
         click.echo("No administrator yet. Create one with this link (it works once):")

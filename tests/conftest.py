@@ -346,3 +346,31 @@ def browser() -> Iterator[Any]:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+# ------------------------------------------------------------------------------ tests/security's stores
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A store for one module's real `serve` subprocess(es) and the test process alike (tests/security):
+    a SQLite file, or a PostgreSQL database of its own (NCS_TEST_DB)."""
+    if TEST_DB == "postgres":
+        dbs = request.getfixturevalue("postgres_databases")
+        name = dbs.acquire()
+        try:
+            yield dbs.url(name)
+        finally:
+            if db.database.obj is not None and not db.database.is_closed():
+                db.database.close()
+            dbs.release(name)
+        return
+    yield f"sqlite:///{tmp_path_factory.mktemp('store')}/studio.db"
+
+
+@pytest.fixture
+def fresh_store_url(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A store of this test's own (the same kinds as store_url)."""
+    if TEST_DB == "postgres":
+        yield request.getfixturevalue("postgres")
+        return
+    yield f"sqlite:///{tmp_path}/own-store/studio.db"

@@ -21,7 +21,7 @@ from flask_wtf import FlaskForm
 from wtforms import HiddenField, PasswordField, StringField
 from wtforms.validators import EqualTo, InputRequired, Length, Optional
 
-from .. import accounts, auth, confirmations, limits, mail
+from .. import accounts, auth, bootstrap, confirmations, limits, mail
 from ..accounts import AccountError
 from ..auth import login_required
 from ..errors import BadRequest, NotFound
@@ -128,13 +128,13 @@ def setup() -> Any:
     form = SetupForm()
     if request.method == "GET":
         form.token.data = request.args.get("token", "")
-    if not accounts.setup_token_valid(form.token.data):
+    if not bootstrap.setup_token_valid(form.token.data):
         return render_template("account/setup.html", form=None), 404
     error = None
     if form.validate_on_submit():
         limits.attempt_from_address()
         try:
-            user = accounts.create_first_admin(form.token.data, form.email.data, form.password.data,
+            user = bootstrap.create_first_admin(form.token.data, form.email.data, form.password.data,
                                                form.name.data or "")
         except AccountError as exc:
             error = str(exc)

@@ -1,4 +1,4 @@
-"""The security suite's harness (conftest.py holds its fixtures): the real ``nanochat-studio serve``
+"""The security suite's harness (its store fixtures are in tests/conftest.py): the real ``nanochat-studio serve``
 (waitress, the CLI's own code path) in a subprocess on loopback, a store the test process shares with
 it, and signed-in ``requests`` sessions for the personas alice, bob (her peer), charlie (who must see
 none of alice's things) and an admin.

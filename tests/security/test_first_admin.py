@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from harness import PASSWORD, Studio, open_store
-from nanochat_studio import accounts
+from nanochat_studio import bootstrap
 from nanochat_studio.models import User
 
 NO_MAIL = {"NCS_SMTP_URL": "smtp+insecure://127.0.0.1:9"}  # hosted needs one; these tests send no mail
@@ -24,14 +24,14 @@ def test_the_setup_link_makes_the_first_admin_once(tmp_path, fresh_store_url, mo
     try:
         open_store(fresh_store_url)
         link = studio.setup_link()
-        assert link and not accounts.admin_exists()
+        assert link and not bootstrap.admin_exists()
         path = urlsplit(link).path + "?" + urlsplit(link).query
 
         # The first visitor signs up: not an administrator (lab: waits for one).
         first = studio.session()
         studio.form(first, "/account/register", {"email": "first@example.com", "password": PASSWORD,
                                                  "confirm": PASSWORD, "name": ""})
-        assert not accounts.admin_exists()
+        assert not bootstrap.admin_exists()
 
         # A guessed token shows nothing and makes nobody.
         assert requests.get(studio.url + "/account/setup?token=guess", timeout=30).status_code == 404
