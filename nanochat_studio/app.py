@@ -60,7 +60,9 @@ def create_app(settings: Settings) -> Flask:
     app.config.update(
         SECRET_KEY=settings.secret_key,
         NCS_SETTINGS=settings,
-        SESSION_COOKIE_NAME="ncs_session",
+        # Over https the name carries the __Host- prefix: browsers then take the cookie only if it is
+        # Secure, for this exact host and path / (no sibling subdomain can set or shadow it).
+        SESSION_COOKIE_NAME="__Host-ncs_session" if secure else "ncs_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=secure,

@@ -295,6 +295,8 @@ def update_profile() -> Any:
         return _render_profile(profile_form=form, status=400)
     user = current_user._get_current_object()
     new_email = None
+    if form.new_password.data or (form.email.data and form.email.data.strip().lower() != (user.email or "")):
+        limits.attempt_from_address()  # a password check or a mail: counted before anything changes
     try:
         if form.email.data and form.email.data.strip().lower() != (user.email or ""):
             # The address becomes the account's only when the link mailed to it is opened.
@@ -313,7 +315,6 @@ def update_profile() -> Any:
     flash("Your profile is saved." + (" Other browsers signed in to it are signed out." if form.new_password.data
                                       else ""), "info")
     if new_email:
-        limits.attempt_from_address()
         from .confirm import send_link
 
         send_link(user, new_email)

@@ -111,3 +111,17 @@ def test_a_sign_in_expires_after_session_max_age_hours(make_app):
     with client.session_transaction() as session:
         session[auth.SESSION_STARTED_KEY] = time.time() - 12 * 3600 - 60
     assert client.get("/api/jobs").status_code == 401
+
+
+def test_over_https_the_session_cookie_is_host_only_secure_and_http_only(make_app):
+    app = make_app(mode="lab", base_url="https://studio.example.org")
+    app.config.update(WTF_CSRF_ENABLED=False)
+    persona("alice")
+    client = app.test_client()
+    r = client.post("/account/login", base_url="https://studio.example.org",
+                    data={"email": "alice@example.com", "password": PASSWORD})
+    assert r.status_code == 302
+    cookie = r.headers["Set-Cookie"]
+    assert cookie.startswith("__Host-ncs_session=") and "Domain=" not in cookie
+    assert all(flag in cookie for flag in ("Secure", "HttpOnly", "Path=/", "SameSite=Lax"))
+    assert r.headers["Strict-Transport-Security"].startswith("max-age=")
