@@ -13,10 +13,12 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request, stream_with_context, url_for
 from flask_login import current_user
 
-from .. import admission, billing, datasets, estimate, jobs, sse, tasks
+from .. import admission, billing, datasets, estimate, jobs, limits, sse, tasks
+from ..archive import public_config, public_source
 from ..auth import login_required
 from ..db import database
 from ..errors import BadRequest, Conflict
+from ..inputs import json_object
 from ..models import Model, TrainingJob
 from ..settings import Settings
 from ..storage import Storage
@@ -87,10 +89,10 @@ def model_json(model: Model) -> dict[str, Any]:
         "step": model.step,
         "is_snapshot": model.is_snapshot,
         "params": model.params,
-        "config": model.config,
+        "config": public_config(model.config),
         "metrics": model.metrics,
         "samples": model.samples,
-        "data_source": model.data_source,
+        "data_source": public_source(model.data_source or ""),
         "data_sha256": model.data_sha256,
         "size_bytes": model.size_bytes,
         "created_at": _iso(model.created_at),
@@ -107,10 +109,7 @@ def _chat_url(model: Model) -> str:
 
 
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("send a JSON object with Content-Type: application/json")
-    return body
+    return json_object()
 
 
 # --- estimate ------------------------------------------------------------------------------------------
@@ -194,6 +193,7 @@ def job_log(job_id: int):
 
 @bp.get("/jobs/<int:job_id>/events")
 @login_required
+@limits.streaming
 def job_events(job_id: int):
     """The job's events as SSE, replayed from Last-Event-ID, then live until the job ends."""
     job = own(TrainingJob, job_id)
@@ -254,6 +254,7 @@ def get_model(model_id: int):
 
 @bp.get("/models/<int:model_id>/download")
 @login_required
+@limits.streaming
 def download_model(model_id: int):
     model = own(Model, model_id)
     storage = Storage.from_settings(current_settings())

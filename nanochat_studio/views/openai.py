@@ -15,18 +15,20 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify
 from flask_login import current_user
 
-from .. import sse
+from .. import limits, sse
 from ..auth import api_key_required
 from ..chat import open_stream, parse_messages, parse_sampling
 from ..errors import AppError, BadRequest, NotFound
 from ..inference import Final, InferenceError, get_pool
+from ..inputs import json_object
 from ..models import Model
 
 bp = Blueprint("openai", __name__)
 
+MAX_STOP_CHARS = 256  # a stop string is matched against every decoded piece: keep it short
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "audio",
                "prediction", "logit_bias")
 
@@ -72,10 +74,9 @@ def _text_of(content: Any, i: int) -> Any:
 
 @bp.post("/v1/chat/completions")
 @api_key_required
+@limits.streaming
 def chat_completions():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("The body must be a JSON object.", code="invalid_json")
+    body = json_object()
     model = _model_for(body.get("model"))
     n = body.get("n", 1)
     if n is not None and n != 1:
@@ -97,8 +98,9 @@ def chat_completions():
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise BadRequest("stop must be a string or a list of up to 4 non-empty strings", param="stop")
+                             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise BadRequest(f"stop must be a string or a list of up to 4 non-empty strings of at most "
+                         f"{MAX_STOP_CHARS} characters", param="stop")
     if stop:
         sampling["stop"] = stop
     stream_flag = body.get("stream") or False
