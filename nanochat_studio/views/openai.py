@@ -38,6 +38,8 @@ UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "p
 
 
 def _model_for(name: Any) -> Model:
+    if isinstance(name, int) and not isinstance(name, bool):
+        name = str(name)  # lm-eval's model_args turn model=7 into the number 7
     if not isinstance(name, str) or not name:
         raise BadRequest("model is required", param="model", code="invalid_value")
     model = Model.get_owned(name.removeprefix("model-"), current_user.id)
