@@ -297,13 +297,9 @@ class ModelPool:
 
     # -- where checkpoints are -----------------------------------------------------------------------------
     def _storage_path(self, model_row: Any) -> str:
-        key = model_row.checkpoint_key
-        # a finished job's row points at its run directory until the upload to storage is done
-        if os.path.isabs(key) and os.path.isdir(key):
-            return key
-        from .storage import Storage
+        from .checkpoints import local_checkpoint_dir  # (imported late: checkpoints imports the models)
 
-        return Storage.from_settings(self.settings).local_path(key)
+        return local_checkpoint_dir(model_row, self.settings)
 
 
 def get_pool(app: Any) -> ModelPool:
