@@ -274,25 +274,22 @@ class ModelPool:
 
     # -- one request -------------------------------------------------------------------------------------
     def _run(self, srv: ModelServer, model_row: Any, mode: str, payload: Any, sampling: dict) -> Iterator[Any]:
-        sock = None
         rid = f"r{next(self._ids)}"
         try:
             try:
                 yield from self._starting(srv, model_row)
-                sock = srv.connect(self.poll_s)
+                chan = srv.channel(self.poll_s)
             except InferenceError as e:
                 if e.permanent or srv.alive():
                     raise
                 # the server died between our check and the connect: one fresh start
                 yield from self._starting(srv, model_row)
-                sock = srv.connect(self.poll_s)
-            yield from srv.generate(sock, rid, mode, payload, sampling, read_timeout=self.read_timeout,
-                                    heartbeat_s=self.heartbeat_s)
+                chan = srv.channel(self.poll_s)
+            yield from srv.generate(chan, rid, mode, payload, sampling, poll_s=self.poll_s,
+                                    read_timeout=self.read_timeout, heartbeat_s=self.heartbeat_s)
         except OSError as e:
             raise srv.crashed() if not srv.alive() else InferenceError(f"model server connection failed: {e}") from e
         finally:
-            if sock is not None:
-                sock.close()
             self._release(srv)
 
     # -- where checkpoints are -----------------------------------------------------------------------------
