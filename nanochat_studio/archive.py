@@ -1,16 +1,19 @@
 """The download archive's format: a forward-only tar.gz writer and the generated MODEL_CARD.md.
 
-Pure functions of their arguments (no storage, no fsspec): storage.stream_model_archive feeds them.
+Pure functions of their arguments (no storage, no fsspec): storage.stream_model_archive feeds them;
+:func:`stream_dir` packs a local directory (the transformers export).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tarfile
+import time
 import zlib
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 
@@ -56,6 +59,21 @@ class GzipTar:
         yield from self._feed(b"\0" * (-self._written % tarfile.RECORDSIZE))
         self._buf.append(self._z.flush())
         yield b"".join(self._buf)
+
+
+def stream_dir(local_dir: str | os.PathLike, top: str, chunk: int = 64 << 10) -> Iterator[bytes]:
+    """A ``.tar.gz`` of the files under ``local_dir`` as ``top/...``, generated piece by piece."""
+    out = GzipTar(chunk)
+    mtime = int(time.time())
+    root = Path(local_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        yield from out.header(f"{top}/{path.relative_to(root).as_posix()}", size, mtime)
+        with open(path, "rb") as f:
+            while piece := f.read(chunk):
+                yield from out.data(piece)
+        yield from out.end_member(size)
+    yield from out.close()
 
 
 def archive_dirname(model: Any) -> str:

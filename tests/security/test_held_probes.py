@@ -153,6 +153,7 @@ def test_nobody_reaches_alices_things_through_bodies_and_queries(lab, world, int
         ("GET", f"/api/estimate?depth=1&dataset=ds:{dataset.id}", None),
         ("GET", f"/v1/models/{model.id}", None),
         ("POST", "/v1/chat/completions", {"model": str(model.id), "messages": [{"role": "user", "content": "x"}]}),
+        ("POST", "/v1/completions", {"model": str(model.id), "prompt": "x"}),
     ]
     for method, path, body in probes:
         r = requests.request(method, lab.url + path, headers=key, json=body, timeout=30)

@@ -99,7 +99,8 @@ def json_endpoints(user) -> list[tuple[str, str]]:
     model = Model.create(user=user, name="m", checkpoint_key="nowhere", tokenizer_key="nowhere")
     session = ChatSession.create(user=user, model=model, title="t")
     return [("POST", "/api/jobs"), ("POST", "/api/chat"), ("POST", "/api/chat/sessions"),
-            ("PATCH", f"/api/chat/sessions/{session.id}"), ("POST", "/v1/chat/completions")]
+            ("PATCH", f"/api/chat/sessions/{session.id}"), ("POST", "/v1/chat/completions"),
+            ("POST", "/v1/completions")]
 
 
 @pytest.mark.parametrize("body, reason", NOT_OBJECTS, ids=lambda v: v[:12] if isinstance(v, str) else v)
