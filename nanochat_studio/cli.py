@@ -6,6 +6,8 @@
     nanochat-studio migrate
     nanochat-studio users create alice@example.org --admin
     nanochat-studio keys create          # a key for the solo owner, printed alone on the last line
+    nanochat-studio credits grant alice@example.org 50 --reason "workshop"
+    nanochat-studio billing audit        # exits 1 on any broken ledger invariant
     nanochat-studio settings --markdown
 
 Every failure is a one-line message (``click.ClickException``), never a traceback.
@@ -67,7 +69,11 @@ def clean_errors(fn: Callable) -> Callable:
 
 @contextlib.contextmanager
 def opened_store(settings: Settings) -> Iterator[pw.Database]:
-    """The database from ``settings``, migrated, for a command's duration."""
+    """The database from ``settings``, migrated, for a command's duration (in a private data directory:
+    a command run before the first `serve` must not leave a world-readable studio.db behind)."""
+    from . import secretbox
+
+    secretbox.make_private(settings)
     database = db.open_database(settings.database_url)
     try:
         database.connect(reuse_if_open=True)
@@ -130,13 +136,16 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
     settings = obj.settings(host=host, port=port, mode=mode, worker=worker)
     from waitress import create_server
 
-    from . import tasks
+    from . import mail, secretbox, tasks
     from .app import create_app
 
+    if settings.mode == "hosted" and not mail.configured(settings):
+        raise click.ClickException("NCS_SMTP_URL: hosted mode mails a link to confirm every sign-up; set "
+                                   "smtp_url (e.g. smtp://mail.example.org:587)")
+    secretbox.make_private(settings)  # before anything writes into the data directory
     app = create_app(settings)
     try:
-        server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
-                               ident="nanochat-studio", channel_timeout=120)
+        server = create_server(app, **waitress_options(settings))
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
                                    "Pick another with --port (0 = any free port).") from None
@@ -151,6 +160,7 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
 
     signal.signal(signal.SIGTERM, stop)
     click.echo(f"nanochat studio {__version__} ({settings.mode} mode, data in {settings.home})")
+    _print_setup_link(settings, url)
     click.echo(f"Serving on {url}", color=False)
     sys.stdout.flush()
     if open_browser:
@@ -164,6 +174,43 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
         server.close()
 
 
+# The body waitress accepts: an upload of upload_max_bytes plus its multipart framing. The app refuses
+# more exactly (413 JSON); waitress's own limit (1 GiB by default) must not cut below what is advertised.
+BODY_SLACK = 1 << 20
+
+
+def waitress_options(settings: Settings) -> dict[str, Any]:
+    """How `serve` runs waitress. Threads come from the stream caps (settings). With no
+    ``trusted_proxy``, proxy headers reach the app as sent (waitress would otherwise delete them, and
+    the app could no longer tell that a loopback request came through a proxy); with one, waitress
+    believes that proxy's X-Forwarded-For/-Proto and removes the rest."""
+    options: dict[str, Any] = dict(host=settings.host, port=settings.port, threads=settings.threads,
+                                   ident="nanochat-studio", channel_timeout=120,
+                                   max_request_body_size=settings.upload_max_bytes + BODY_SLACK)
+    if settings.trusted_proxy:
+        options.update(trusted_proxy=settings.trusted_proxy, trusted_proxy_count=1,
+                       trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
+                       clear_untrusted_proxy_headers=True)
+    else:
+        options.update(clear_untrusted_proxy_headers=False)
+    return options
+
+
+def _print_setup_link(settings: Settings, url: str) -> None:
+    """Lab and hosted installs without an administrator print a one-time link that creates one."""
+    if settings.mode == "solo":
+        return
+    from . import bootstrap
+
+    with db.database.connection_context():
+        token = bootstrap.issue_setup_token()
+    if token:
+        base = settings.base_url.rstrip("/") + "/" if settings.base_url else url
+        click.echo("No administrator yet. Create one with this link (it works once):")
+        click.echo(f"  {base}account/setup?token={token}")
+        click.echo("  (or: nanochat-studio users create EMAIL --admin)")
+
+
 def _browse_host(host: str) -> str:
     if host in ("0.0.0.0", "", "::"):
         return "127.0.0.1"
@@ -173,17 +220,32 @@ def _browse_host(host: str) -> str:
 # ----------------------------------------------------------------------------------- worker, migrate
 
 @main.command()
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /metrics (and /healthz) on this port for Prometheus; 0 picks a free one.")
+@click.option("--metrics-host", default=None,
+              help="Address the metrics port binds to [default: the host setting, 127.0.0.1].")
 @pass_ctx
 @clean_errors
-def worker(obj: Context) -> None:
+def worker(obj: Context, metrics_port: int | None, metrics_host: str | None) -> None:
     """Run a queue consumer alone (trains jobs from the shared database and queue)."""
     settings = obj.settings()
-    from . import tasks
+    from . import logs, secretbox, tasks
 
+    logs.configure(settings)
+    secretbox.make_private(settings)
     with opened_store(settings):
         pass
     click.echo(f"worker: consuming {settings.queue_url}")
-    tasks.run_worker(settings)
+
+    def listening(port: int) -> None:
+        host = metrics_host or settings.host
+        click.echo(f"worker: metrics on http://{_browse_host(host)}:{port}/metrics", color=False)
+        sys.stdout.flush()
+
+    try:
+        tasks.run_worker(settings, metrics_port=metrics_port, metrics_host=metrics_host, on_listening=listening)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on port {metrics_port} for metrics: {exc.strerror or exc}") from None
 
 
 @main.command()
@@ -191,7 +253,10 @@ def worker(obj: Context) -> None:
 @clean_errors
 def migrate(obj: Context) -> None:
     """Apply pending database migrations."""
+    from . import secretbox
+
     settings = obj.settings()
+    secretbox.make_private(settings)
     database = db.open_database(settings.database_url)
     try:
         applied = db.migrate(database)
@@ -261,6 +326,34 @@ def users_promote(obj: Context, email: str) -> None:
         click.echo(f"{user.email} is now an administrator")
 
 
+@users.command("disable")
+@click.argument("email")
+@pass_ctx
+@clean_errors
+def users_disable(obj: Context, email: str) -> None:
+    """Disable an account: its sessions end and its API keys stop working."""
+    from . import accounts
+
+    with opened_store(obj.settings()):
+        user = _user_by_email(email)
+        accounts.set_active(user, False)
+        click.echo(f"{user.email} is disabled and signed out everywhere")
+
+
+@users.command("enable")
+@click.argument("email")
+@pass_ctx
+@clean_errors
+def users_enable(obj: Context, email: str) -> None:
+    """Let a disabled account sign in again."""
+    from . import accounts
+
+    with opened_store(obj.settings()):
+        user = _user_by_email(email)
+        accounts.set_active(user, True)
+        click.echo(f"{user.email} can sign in again")
+
+
 def _user_by_email(email: str) -> Any:
     from .accounts import normalize_email
     from .models import User
@@ -312,6 +405,148 @@ def keys_revoke(obj: Context, key: str, email: str | None) -> None:
         if not auth.revoke_api_key(user, key):
             raise click.ClickException(f"no active key matches {key!r}")
         click.echo(f"revoked {key}")
+
+
+# ------------------------------------------------------------------------------- credits and billing
+
+@main.group("credits")
+def credits_group() -> None:
+    """Grant, revoke and read credits (hosted) or set device-hour allowances (lab)."""
+
+
+def _billing_call(fn: Callable[[], Any]) -> Any:
+    from .errors import AppError
+
+    try:
+        return fn()
+    except AppError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@credits_group.command("grant")
+@click.argument("email")
+@click.argument("credits")
+@click.option("--reason", required=True, help="Why: the ledger line the person reads.")
+@pass_ctx
+@clean_errors
+def credits_grant(obj: Context, email: str, credits: str, reason: str) -> None:
+    """Give EMAIL's account CREDITS credits."""
+    from . import billing
+
+    with opened_store(obj.settings()):
+        user = _user_by_email(email)
+        _billing_call(lambda: billing.grant(user, credits, reason))
+        click.echo(f"granted {credits} credits to {user.email}; available now {_available(user.id)}")
+
+
+@credits_group.command("revoke")
+@click.argument("email")
+@click.argument("credits")
+@click.option("--reason", required=True, help="Why: the ledger line the person reads.")
+@pass_ctx
+@clean_errors
+def credits_revoke(obj: Context, email: str, credits: str, reason: str) -> None:
+    """Take CREDITS credits back from EMAIL's available credits."""
+    from . import billing
+
+    with opened_store(obj.settings()):
+        user = _user_by_email(email)
+        _billing_call(lambda: billing.revoke(user, credits, reason))
+        click.echo(f"revoked {credits} credits from {user.email}; available now {_available(user.id)}")
+
+
+@credits_group.command("show")
+@click.argument("email")
+@click.option("--limit", type=int, default=20, show_default=True, help="Ledger lines to print.")
+@pass_ctx
+@clean_errors
+def credits_show(obj: Context, email: str, limit: int) -> None:
+    """Print EMAIL's balance and latest ledger lines."""
+    from .billing import ledger
+
+    with opened_store(obj.settings()):
+        user = _user_by_email(email)
+        b = ledger.balances(user.id)
+        click.echo(f"{user.email}: available {ledger.credits_text(b['available'])}, "
+                   f"held {ledger.credits_text(b['held'])}, balance {ledger.credits_text(b['balance'])}")
+        for line in ledger.user_lines(user.id, limit=limit):
+            click.echo(f"{line['created_at']:%Y-%m-%d %H:%M}\t{line['kind']}\t"
+                       f"{ledger.credits_text(line['available'])}\t{ledger.credits_text(line['held'])}\t"
+                       f"{line['description']}")
+
+
+@credits_group.command("allowance")
+@click.argument("email")
+@click.argument("hours")
+@pass_ctx
+@clean_errors
+def credits_allowance(obj: Context, email: str, hours: str) -> None:
+    """Lab mode: give EMAIL HOURS device-hours a month (`off`: no quota)."""
+    from . import billing
+
+    try:
+        value = None if hours.lower() in ("off", "none") else float(hours)
+    except ValueError:
+        raise click.ClickException(f"HOURS must be a number or off, got {hours!r}") from None
+    with opened_store(obj.settings()):
+        user = _user_by_email(email)
+        _billing_call(lambda: billing.set_allowance(user, value))
+        click.echo(f"{user.email}: " + ("no quota" if value is None else f"{value:g} device-hours a month"))
+
+
+@credits_group.command("refund-job")
+@click.argument("job_id", type=int)
+@click.option("--reason", required=True, help="Why: the ledger line the person reads.")
+@pass_ctx
+@clean_errors
+def credits_refund_job(obj: Context, job_id: int, reason: str) -> None:
+    """Give back what a settled job was charged."""
+    from . import billing
+    from .billing import ledger
+
+    with opened_store(obj.settings()):
+        amount = _billing_call(lambda: billing.refund_job(job_id, reason))
+        click.echo(f"job {job_id} refunded: {ledger.credits_text(amount)} credits returned")
+
+
+def _available(user_id: int) -> str:
+    from .billing import ledger
+
+    return ledger.credits_text(ledger.balances(user_id)["available"])
+
+
+@main.group("billing")
+def billing_group() -> None:
+    """Check and settle the ledger."""
+
+
+@billing_group.command("audit")
+@pass_ctx
+@clean_errors
+def billing_audit(obj: Context) -> None:
+    """Recompute the ledger; exit 1 and list every broken invariant, if any."""
+    from .billing import ledger
+
+    with opened_store(obj.settings()):
+        problems = ledger.audit()
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        raise click.ClickException(f"the ledger audit found {len(problems)} problem(s)")
+    click.echo("ledger ok: every transaction balances, every cached balance matches, every job is held once "
+               "and settled once")
+
+
+@billing_group.command("settle")
+@pass_ctx
+@clean_errors
+def billing_settle(obj: Context) -> None:
+    """Meter and settle jobs whose settlement is pending (the worker does this on every tick)."""
+    from . import billing
+
+    with opened_store(obj.settings()):
+        settled = billing.reconcile()
+    click.echo(f"settled {len(settled)} job(s)" + (f": {', '.join(map(str, settled))}" if settled else ""))
 
 
 # ---------------------------------------------------------------------------------------- settings

@@ -26,13 +26,14 @@ class AppError(Exception):
     openai_type = "server_error"
 
     def __init__(self, message: str = "", *, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, details: dict[str, Any] | None = None) -> None:
         super().__init__(message or self.title)
         self.message = message or self.title
         if code:
             self.code = code
         self.param = param
         self.headers = dict(headers or {})
+        self.details = dict(details or {})  # more fields of the JSON error (e.g. a 402's numbers)
 
 
 class BadRequest(AppError):
@@ -97,7 +98,7 @@ def render_error(err: AppError) -> Any:
         body = {"error": {"message": err.message, "type": err.openai_type, "param": err.param, "code": err.code}}
         response = jsonify(body)
     elif path.startswith(API_PREFIX):
-        response = jsonify({"error": {"code": err.code, "message": err.message}})
+        response = jsonify({"error": {**err.details, "code": err.code, "message": err.message}})
     else:
         try:
             html = render_template("errors/error.html", error=err)

@@ -30,7 +30,7 @@ from trainer.sizing import VAL_FRACTION
 from . import datafacts, datasets, formats, jobs
 from .db import database
 from .errors import BadRequest, NotFound
-from .models import AppState, Dataset, TrainingJob, User
+from .models import AppState, Dataset, TrainingJob, User, parse_id
 from .runner import SpawnError
 
 log = logging.getLogger(__name__)
@@ -271,10 +271,11 @@ def data_bytes(spec: str, user: User) -> int | None:
     if spec == "demo":
         return sizing.DEMO_CORPUS_BYTES
     if spec.startswith("ds:") and spec[3:].isdigit():
-        ds = Dataset.get_or_none((Dataset.id == int(spec[3:])) & (Dataset.user == user))
+        pk = parse_id(spec[3:])  # None beyond 64 bits: no such dataset
+        ds = None if pk is None else Dataset.get_or_none((Dataset.id == pk) & (Dataset.user == user))
         if ds is None:
-            raise NotFound(f"no dataset {spec}")
-        return ds.size_bytes
+            raise NotFound(f"no dataset {spec[:40]}")
+        return ds.counted_bytes  # gzip: what it expands to, which is what the trainer reads
     return None
 
 

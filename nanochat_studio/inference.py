@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 from trainer.progress import EXIT_BAD_CHECKPOINT
 
+from . import metrics
 from .modelclient import Delta, Final, InferenceError, ModelServer
 from .settings import Settings
 
@@ -108,6 +109,7 @@ class ModelPool:
         self._ids = itertools.count(1)
         self._closed = threading.Event()
         self._reaper: threading.Thread | None = None
+        metrics.track_pool(self)  # ncs_chat_queue_depth reads waiting()
 
     # -- public ----------------------------------------------------------------------------------------
     def stream(self, model_row: Any, mode: str, payload: Any, sampling: dict | None = None) -> Iterator[Any]:
@@ -129,6 +131,11 @@ class ModelPool:
         if srv is None or not srv.alive():
             return {}
         return srv.op({"op": "stats"}, timeout)
+
+    def waiting(self) -> dict[Any, int]:
+        """Requests admitted but not yet decoding, per model id (beyond ``max_active`` in a server)."""
+        with self._lock:
+            return {s.key: max(0, s.in_flight - self.max_active) for s in self._servers.values()}
 
     def server_pid(self, model_row: Any) -> int | None:
         srv = self._servers.get(model_row.id)
@@ -274,36 +281,36 @@ class ModelPool:
 
     # -- one request -------------------------------------------------------------------------------------
     def _run(self, srv: ModelServer, model_row: Any, mode: str, payload: Any, sampling: dict) -> Iterator[Any]:
-        sock = None
         rid = f"r{next(self._ids)}"
         try:
             try:
                 yield from self._starting(srv, model_row)
-                sock = srv.connect(self.poll_s)
+                chan = srv.channel(self.poll_s)
             except InferenceError as e:
                 if e.permanent or srv.alive():
                     raise
                 # the server died between our check and the connect: one fresh start
                 yield from self._starting(srv, model_row)
-                sock = srv.connect(self.poll_s)
-            yield from srv.generate(sock, rid, mode, payload, sampling, read_timeout=self.read_timeout,
-                                    heartbeat_s=self.heartbeat_s)
+                chan = srv.channel(self.poll_s)
+            gen = srv.generate(chan, rid, mode, payload, sampling, poll_s=self.poll_s,
+                               read_timeout=self.read_timeout, heartbeat_s=self.heartbeat_s)
+            try:
+                for item in gen:
+                    if isinstance(item, Final):
+                        metrics.chat_finished(item.ttft_s, item.tokens_per_sec)
+                    yield item
+            finally:
+                gen.close()  # as `yield from` would: a client gone mid-stream cancels the generation
         except OSError as e:
             raise srv.crashed() if not srv.alive() else InferenceError(f"model server connection failed: {e}") from e
         finally:
-            if sock is not None:
-                sock.close()
             self._release(srv)
 
     # -- where checkpoints are -----------------------------------------------------------------------------
     def _storage_path(self, model_row: Any) -> str:
-        key = model_row.checkpoint_key
-        # a finished job's row points at its run directory until the upload to storage is done
-        if os.path.isabs(key) and os.path.isdir(key):
-            return key
-        from .storage import Storage
+        from .checkpoints import local_checkpoint_dir  # (imported late: checkpoints imports the models)
 
-        return Storage.from_settings(self.settings).local_path(key)
+        return local_checkpoint_dir(model_row, self.settings)
 
 
 def get_pool(app: Any) -> ModelPool:

@@ -19,7 +19,7 @@ import peewee as pw
 
 from trainer import sizing
 
-from . import datasets, runner
+from . import datasets, metrics, secretbox, workers
 from .db import database
 from .errors import BadRequest, TooManyRequests
 from .models import JobEvent, TrainingJob, User, utcnow
@@ -27,15 +27,17 @@ from .settings import Settings
 
 QUEUED, PREPARING, RUNNING = "queued", "preparing", "running"
 COMPLETED, FAILED, CANCELLED, INTERRUPTED = "completed", "failed", "cancelled", "interrupted"
-STATES = (QUEUED, PREPARING, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED)
+PAUSED = "paused"  # stopped at a checkpoint until its owner resumes it (billing: out of credits)
+STATES = (QUEUED, PREPARING, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED, PAUSED)
 ACTIVE = frozenset({PREPARING, RUNNING})  # a supervisor holds a lease
 FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({PREPARING, CANCELLED, FAILED}),
     PREPARING: frozenset({RUNNING, FAILED, CANCELLED, INTERRUPTED}),
-    RUNNING: frozenset({COMPLETED, FAILED, CANCELLED, INTERRUPTED}),
+    RUNNING: frozenset({COMPLETED, FAILED, CANCELLED, INTERRUPTED, PAUSED}),
     INTERRUPTED: frozenset({QUEUED, FAILED, CANCELLED}),
+    PAUSED: frozenset({QUEUED, CANCELLED}),
     COMPLETED: frozenset(),
     FAILED: frozenset(),
     CANCELLED: frozenset(),
@@ -91,6 +93,8 @@ def transition(job_id: int, to: str, *, expect: Iterable[str], attempt: int | No
             data = {"to": to, "from": sorted(expect), "reason": reason}
             data.update(event or {})
             _append_event(job_id, "state", data, None)
+            if to in FINAL:  # no attempt will read the dataset again: its credentials go
+                secretbox.scrub_job_credentials(job_id)
     return won
 
 
@@ -188,14 +192,19 @@ def validate_config(config: Any, user: User, settings: Settings) -> dict[str, An
     return clean
 
 
-def submit(user: User, config: dict[str, Any], settings: Settings) -> TrainingJob:
-    """Validate ``config`` and queue a job for ``user``.
+def submit(user: User, config: dict[str, Any], settings: Settings,
+           on_create: Callable[[TrainingJob], None] | None = None,
+           admit: Callable[[dict[str, Any]], str] | None = None) -> TrainingJob:
+    """Validate ``config`` and queue a job for ``user``. ``admit(clean_config)`` (admission.py) may
+    refuse work no worker can run (raising JobConfigError) or answer a warning kept with the job.
 
-    Raises JobConfigError (400), datasets' errors for the dataset (DatasetError 400, Forbidden 403,
-    NotFound 404, fetch.URLRefused 400) or JobLimitError (429: too many queued jobs). The caller enqueues
-    the bell (``tasks.enqueue_job(job.id)``) after this returns.
+    ``on_create(job)`` runs inside the transaction that creates the job (billing places its hold there):
+    whatever it raises undoes the job. Raises JobConfigError (400), datasets' errors for the dataset
+    (DatasetError 400, Forbidden 403, NotFound 404, fetch.URLRefused 400) or JobLimitError (429: too many
+    queued jobs). The caller enqueues the bell (``tasks.enqueue_job(job.id)``) after this returns.
     """
     clean = validate_config(config, user, settings)
+    warning = admit(clean) if admit is not None else ""
     max_queued = settings.max_queued_jobs
     with database.atomic():
         # Write-lock the user's row first (PostgreSQL row lock, SQLite's write lock) so two concurrent
@@ -208,7 +217,12 @@ def submit(user: User, config: dict[str, Any], settings: Settings) -> TrainingJo
                                 "wait for one to start or cancel one")
         job = TrainingJob.create(user=user, name=clean.pop("name", "") or "", config=clean,
                                  max_attempts=settings.max_attempts)
-        _append_event(job.id, "state", {"to": QUEUED, "from": [], "reason": "submitted"}, 0)
+        submitted = {"to": QUEUED, "from": [], "reason": "submitted"}
+        if warning:
+            submitted["warning"] = warning
+        _append_event(job.id, "state", submitted, 0)
+        if on_create is not None:
+            on_create(job)
     return TrainingJob.get_by_id(job.id)
 
 
@@ -284,8 +298,24 @@ def claim_next(owner: str, slot: str, *, lease_seconds: float = 30, max_running_
         if fits is not None and not fits(job):
             continue
         if _claim(job, owner, slot, lease_seconds, now):
+            metrics.attempt_started(attempt_reason(job.id, job.attempt))
             return TrainingJob.get_by_id(job.id)
     return None
+
+
+def attempt_reason(job_id: int, previous_attempt: int) -> str:
+    """Why an attempt starts (``ncs_job_attempts_total{reason}``): first, or after the previous
+    attempt's outcome: retry (an infrastructure failure), lost (its worker vanished), preempted."""
+    if previous_attempt == 0:
+        return "first"
+    last = (JobEvent.select(JobEvent.data).where((JobEvent.job == job_id) & (JobEvent.kind == "state")
+                                                 & (JobEvent.attempt == previous_attempt))
+            .order_by(JobEvent.seq.desc()).tuples())
+    for (data,) in last:
+        if data.get("to") == INTERRUPTED:
+            outcome = data.get("outcome")
+            return {"preempted": "preempted", "lost": "lost"}.get(outcome, "retry")
+    return "retry"
 
 
 def _claim(job: TrainingJob, owner: str, slot: str, lease_seconds: float, now: dt.datetime) -> bool:
@@ -325,6 +355,10 @@ def request_cancel(job: TrainingJob | int) -> str:
     """
     job_id = _id(job)
     if transition(job_id, CANCELLED, expect={QUEUED, INTERRUPTED}, reason="cancelled before it ran"):
+        metrics.job_finished("cancelled")
+        return CANCELLED
+    if transition(job_id, CANCELLED, expect={PAUSED}, reason="cancelled while paused"):
+        metrics.job_finished("cancelled")
         return CANCELLED
     with database.atomic():
         n = (TrainingJob.update(cancel_requested=True, updated_at=utcnow())
@@ -353,24 +387,39 @@ def finish(job_id: int, attempt: int, outcome: str, *, reason: str = "", charged
     back-off, or failed (infrastructure) when the job's attempts are used up. ``charged=False`` (a
     graceful shutdown) requeues at once without using up an attempt.
 
+    ``out_of_credits`` pauses the job (resumable with :func:`resume`).
+
     Returns the job's new status, or None when this attempt was fenced out.
     """
+    if outcome == "out_of_credits":
+        ok = transition(job_id, PAUSED, expect={RUNNING}, attempt=attempt, reason=reason or "out of credits",
+                        event={"outcome": outcome}, lease_owner=None, lease_expires_at=None, **fields)
+        return PAUSED if ok else None
     if outcome == "completed":
         ok = transition(job_id, COMPLETED, expect={RUNNING}, attempt=attempt, reason=reason or "completed",
                         error_kind=None, **fields)
-        return COMPLETED if ok else None
+        return _counted(COMPLETED if ok else None, "completed")
     if outcome == "cancelled":
         ok = transition(job_id, CANCELLED, expect=ACTIVE, attempt=attempt, reason=reason or "cancelled", **fields)
-        return CANCELLED if ok else None
+        return _counted(CANCELLED if ok else None, "cancelled")
     if outcome == "user_error":
         ok = transition(job_id, FAILED, expect=ACTIVE, attempt=attempt, reason=reason, error_kind="user", **fields)
-        return FAILED if ok else None
+        return _counted(FAILED if ok else None, "failed_user")
     ok = transition(job_id, INTERRUPTED, expect=ACTIVE, attempt=attempt, reason=reason,
                     event={"charged": charged, "outcome": outcome},
                     lease_owner=None, lease_expires_at=None, **fields)
     if not ok:
         return None
+    if outcome == "preempted":
+        metrics.job_finished("preempted")
     return _requeue(job_id, attempt, charged, backoff_base)
+
+
+def _counted(status: str | None, outcome: str) -> str | None:
+    """``status``, having counted ``outcome`` in ncs_jobs_finished_total when this caller won."""
+    if status is not None:
+        metrics.job_finished(outcome)
+    return status
 
 
 def _requeue(job_id: int, attempt: int, charged: bool, backoff_base: float) -> str | None:
@@ -378,12 +427,12 @@ def _requeue(job_id: int, attempt: int, charged: bool, backoff_base: float) -> s
     if job.cancel_requested:
         ok = transition(job_id, CANCELLED, expect={INTERRUPTED}, attempt=attempt,
                         reason="cancelled while interrupted")
-        return CANCELLED if ok else None
+        return _counted(CANCELLED if ok else None, "cancelled")
     failures = charged_failures(job_id)
     if failures >= job.max_attempts:
         ok = transition(job_id, FAILED, expect={INTERRUPTED}, attempt=attempt, error_kind="infrastructure",
                         reason=f"gave up after {failures} failed attempts; last: {job.status_reason}")
-        return FAILED if ok else None
+        return _counted(FAILED if ok else None, "failed_infra")
     delay = backoff_seconds(failures, backoff_base) if charged else 0.0
     now = utcnow()
     ok = transition(job_id, QUEUED, expect={INTERRUPTED}, attempt=attempt,
@@ -393,6 +442,13 @@ def _requeue(job_id: int, attempt: int, charged: bool, backoff_base: float) -> s
                     not_before=now + dt.timedelta(seconds=delay) if delay else None, queued_at=now,
                     error_kind=None)
     return QUEUED if ok else None
+
+
+def resume(job_id: int, reason: str = "resumed by its owner") -> bool:
+    """Queue a paused job again (it continues from its last checkpoint); False if it is not paused."""
+    now = utcnow()
+    return transition(job_id, QUEUED, expect={PAUSED}, reason=reason, not_before=None, queued_at=now,
+                      error_kind=None, cancel_requested=False)
 
 
 def reconcile(now: dt.datetime | None = None, *, backoff_base: float = DEFAULT_BACKOFF_S) -> list[int]:
@@ -454,18 +510,12 @@ def why_waiting(job: TrainingJob, settings: Settings) -> str:
         mine = running_counts().get(job.user_id, 0)
         if mine >= limit:
             return f"waiting: you already have {mine} job{'s' if mine != 1 else ''} running (the limit is {limit})"
-        ahead = queue_position(job)
-        slot = _slot_words(settings)
-        wanted = int((job.config or {}).get("gpus") or 1)
-        if wanted > 1:
-            slot = f"set of {wanted} GPUs on one worker"
-        return f"waiting for a free {slot}: {ahead} job{'s' if ahead != 1 else ''} ahead"
+        return workers.waiting_words(int((job.config or {}).get("gpus") or 1), queue_position(job))
     if job.status == INTERRUPTED:
         return f"interrupted ({job.status_reason}); about to be requeued"
+    if job.status == PAUSED:
+        return f"paused: {job.status_reason}"
     if job.status == PREPARING:
         return "preparing: fetching, tokenizing and checking the data"
     return ""
 
-
-def _slot_words(settings: Settings) -> str:
-    return "GPU" if runner.local_slots(settings)[0].kind == "gpu" else "CPU slot"

@@ -17,6 +17,24 @@ import peewee as pw
 database = pw.DatabaseProxy()
 
 
+MAX_ID = 2**63 - 1  # ids are 64-bit: a larger number names nothing (and overflows SQLite's integers)
+
+
+def parse_id(ident: Any) -> int | None:
+    """``ident`` (an int, or a string from a URL or a JSON body) as a row id, or None when it cannot be
+    one: not an integer, a bool, negative, zero or beyond 64 bits."""
+    if isinstance(ident, bool):
+        return None
+    if isinstance(ident, str):
+        text = ident.strip()
+        if not text.isdigit() or len(text) > 19:  # isdigit: no sign, no "1e3", no "١" (not ASCII)
+            return None
+        ident = int(text) if text.isascii() else None
+    if not isinstance(ident, int) or not 0 < ident <= MAX_ID:
+        return None
+    return ident
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
@@ -46,11 +64,8 @@ class BaseModel(pw.Model):
     def get_owned(cls, ident: Any, user: Any) -> Any:
         """``user``'s row ``ident`` (an int, or a string from a URL or a JSON body), or None for anyone
         else's, a missing one and a malformed id alike: the caller answers 404 for all three."""
-        try:
-            pk = int(ident)
-        except (TypeError, ValueError):
-            return None
-        return cls.owned_by(user).where(cls.id == pk).first()
+        pk = parse_id(ident)
+        return None if pk is None else cls.owned_by(user).where(cls.id == pk).first()
 
 
 class User(BaseModel):
@@ -62,6 +77,12 @@ class User(BaseModel):
     is_admin = pw.BooleanField(default=False)
     is_approved = pw.BooleanField(default=True)  # lab mode: admin approval gate
     is_active_flag = pw.BooleanField(default=True, column_name="is_active")
+    # Set when the person opened a confirmation link sent to ``email`` (or a provider vouched for it);
+    # None: nobody proved they read mail at this address. accounts.email_verified() reads it.
+    email_verified_at = pw.DateTimeField(null=True)
+    # Every signed-in session carries the number it was started with; bumping it ends them all
+    # (logout, a password change, "sign out everywhere", an admin disabling the account).
+    session_version = pw.IntegerField(default=0)
     # Cached balance in micro-credits; the ledger is the truth (billing.py recomputes and checks it).
     credit_balance = pw.BigIntegerField(default=0)
     created_at = pw.DateTimeField(default=utcnow)
@@ -105,7 +126,14 @@ class Dataset(BaseModel):
     storage_key = pw.CharField(max_length=1024)
     size_bytes = pw.BigIntegerField(default=0)
     sha256 = pw.CharField(max_length=64, default="")
+    # What the bytes expand to when read (gzip): what the quota and estimates count. 0: not gzipped,
+    # the same as size_bytes.
+    expanded_bytes = pw.BigIntegerField(default=0)
     created_at = pw.DateTimeField(default=utcnow)
+
+    @property
+    def counted_bytes(self) -> int:
+        return max(self.size_bytes or 0, self.expanded_bytes or 0)
 
 
 class TrainingJob(BaseModel):
@@ -194,16 +222,72 @@ class ChatMessage(BaseModel):
         indexes = ((("session", "position"), True),)
 
 
-class LedgerEntry(BaseModel):
-    """Append-only money movements in micro-credits. Never updated or deleted."""
+class LedgerAccount(BaseModel):
+    """A place credits sit: a user's ``available`` and ``held`` accounts, or a system account (``stripe``,
+    ``revenue``, ``grants``, ``allowances``). ``balance`` caches the sum of its postings (micro-credits);
+    billing/ledger.py changes it only in the transaction that inserts those postings. Never deleted.
+    ``user_id`` is a plain id, not a foreign key: the ledger outlives the rows it mentions."""
 
-    user = pw.ForeignKeyField(User, backref="ledger", on_delete="CASCADE")
-    amount = pw.BigIntegerField()  # positive: credit bought/granted; negative: usage
-    kind = pw.CharField(max_length=32)  # "purchase" | "usage" | "grant" | "refund" | "adjustment"
-    job = pw.ForeignKeyField(TrainingJob, null=True, backref="ledger", on_delete="SET NULL")
-    stripe_event_id = pw.CharField(max_length=255, unique=True, null=True)
-    description = pw.CharField(max_length=255, default="")
+    name = pw.CharField(max_length=64, unique=True)  # "user:7:available", "system:revenue"
+    user_id = pw.IntegerField(null=True, index=True)
+    kind = pw.CharField(max_length=16)  # "available" | "held" | "system"
+    balance = pw.BigIntegerField(default=0)
     created_at = pw.DateTimeField(default=utcnow)
+
+
+class LedgerTransaction(BaseModel):
+    """One money movement: postings that sum to zero, under a unique idempotency ``key`` (a replayed
+    webhook or a re-run settlement finds its key taken and does nothing). Append-only: triggers refuse
+    UPDATE and DELETE on SQLite and PostgreSQL."""
+
+    key = pw.CharField(max_length=255, unique=True)
+    kind = pw.CharField(max_length=32, index=True)  # purchase, grant, hold, usage, credit_back, settle, ...
+    user_id = pw.IntegerField(null=True, index=True)
+    job_id = pw.IntegerField(null=True, index=True)
+    description = pw.TextField(default="")  # the line the person reads: what and why
+    meta = JSONField(default=dict)
+    created_at = pw.DateTimeField(default=utcnow, index=True)
+
+
+class LedgerPosting(BaseModel):
+    """One leg of a transaction: ``amount`` micro-credits into (positive) or out of ``account``."""
+
+    txn = pw.ForeignKeyField(LedgerTransaction, backref="postings", on_delete="RESTRICT")
+    account = pw.ForeignKeyField(LedgerAccount, backref="postings", on_delete="RESTRICT")
+    amount = pw.BigIntegerField()
+
+
+class JobBilling(BaseModel):
+    """The terms a billed job was accepted on: the price per device-second quoted at submission and the
+    estimate behind its hold. A job without a row is not billed (solo mode, or a lab user without an
+    allowance). ``settled_at`` marks the settlement (its ledger line is the truth)."""
+
+    job_id = pw.IntegerField(primary_key=True)
+    user_id = pw.IntegerField(index=True)
+    rate = pw.FloatField()  # micro-credits per device-second
+    device = pw.CharField(max_length=64)  # the price-table key that priced it
+    gpus = pw.IntegerField(default=1)
+    estimate_s = pw.FloatField(null=True)  # wall seconds the plan expected
+    created_at = pw.DateTimeField(default=utcnow)
+    settled_at = pw.DateTimeField(null=True, index=True)
+
+
+class DeviceAllowance(BaseModel):
+    """Lab mode: a user's monthly device-hour allowance, set by an admin (no row: no quota)."""
+
+    user_id = pw.IntegerField(primary_key=True)
+    hours = pw.FloatField()
+    set_by = pw.IntegerField(null=True)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+
+class StripeEvent(BaseModel):
+    """Stripe events already handled (by event id): a redelivery answers at once. The ledger's keys
+    (session, refund and dispute ids) are what make fulfilment idempotent; this is the fast path."""
+
+    id = pw.CharField(max_length=255, primary_key=True)
+    type = pw.CharField(max_length=64)
+    received_at = pw.DateTimeField(default=utcnow)
 
 
 class AppState(BaseModel):
@@ -213,7 +297,47 @@ class AppState(BaseModel):
     value = JSONField(null=True)
 
 
-ALL_MODELS = [User, ApiKey, Dataset, TrainingJob, JobEvent, Model, ChatSession, ChatMessage, LedgerEntry, AppState]
+class WorkerProcess(BaseModel):
+    """A process running a queue consumer, as it registered itself (workers.py): what it can train on, and
+    when it last said it is alive. The web side reads these to know which workers exist."""
+
+    id = pw.CharField(max_length=160, primary_key=True)  # jobs.owner_id(): host, boot, pid
+    host = pw.CharField(max_length=255)
+    pid = pw.IntegerField()
+    role = pw.CharField(max_length=16)  # "serve" (in-process consumer) | "worker"
+    devices = JSONField(default=list)  # one per slot: slot, device, device_name, memory_bytes, gpu, uuid
+    gpu_count = pw.IntegerField(default=0)
+    metrics_port = pw.IntegerField(null=True)
+    version = pw.CharField(max_length=32, default="")
+    beat_seconds = pw.FloatField(default=12.0)  # how often it renews last_seen_at
+    started_at = pw.DateTimeField(default=utcnow)
+    last_seen_at = pw.DateTimeField(default=utcnow, index=True)
+
+
+class GpuQuarantine(BaseModel):
+    """A GPU taken out of service after a device error (quarantine.py); the row is deleted when a health
+    probe passes or an admin clears it. ``uuid`` (NVML's) follows the card wherever its host name goes."""
+
+    host = pw.CharField(max_length=255)
+    gpu = pw.CharField(max_length=16)  # the index CUDA_VISIBLE_DEVICES names on that host
+    uuid = pw.CharField(max_length=96, null=True, index=True)
+    device_name = pw.CharField(max_length=255, default="")
+    fault = pw.CharField(max_length=32)  # trainer.progress.DEVICE_FAULTS, or "xid"
+    reason = pw.TextField(default="")
+    job = pw.ForeignKeyField(TrainingJob, null=True, backref="quarantines", on_delete="SET NULL")
+    created_at = pw.DateTimeField(default=utcnow)
+    probe_at = pw.DateTimeField(null=True)  # the next health probe; None: only an admin clears it
+    probes = pw.IntegerField(default=0)
+    last_probe = pw.TextField(default="")  # what the last failed probe said
+
+    class Meta:
+        indexes = ((("host", "gpu"), True),)
+
+
+ALL_MODELS = [User, ApiKey, Dataset, TrainingJob, JobEvent, Model, ChatSession, ChatMessage, AppState,
+              WorkerProcess, GpuQuarantine]
+# billing/ledger.py's migration creates these (with the triggers that keep the ledger append-only).
+BILLING_MODELS = [LedgerAccount, LedgerTransaction, LedgerPosting, JobBilling, DeviceAllowance, StripeEvent]
 
 
 def new_token(nbytes: int = 24) -> str:

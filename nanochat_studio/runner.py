@@ -3,7 +3,7 @@
 Everything goes through :func:`spawn`: its own process group, and a parent-death signal so a child never
 outlives the thread that supervises it. This module owns the process side of a run: the worker's
 slots (:class:`Slot`), the run directory's lock (RUN_DIR/trainer.lock, inherited by the trainer), the trainer's
-command line and environment, helper runs (:func:`probe_device`, :func:`calibrate`) and
+command line and environment, helper runs (:func:`probe_device`, :func:`calibrate`, :func:`export_hf`) and
 :func:`start_model_server`. What a training attempt means for the job (events, progress, lease, outcome,
 the Model it leaves) is supervisor.py's, which starts its trainer through :func:`spawn`; inference.py
 is the only client of the model servers.
@@ -53,7 +53,8 @@ class Slot:
 
     def env(self) -> dict[str, str]:
         if self.kind == "gpu":
-            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_ids)}
+            # PCI bus order: the ids then mean what nvidia-smi and NVML (gpus.py, quarantines) call them
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpu_ids), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(self.threads)}
 
     @property
@@ -172,6 +173,15 @@ def probe_device(settings: Settings) -> dict:
     return run_helper(settings, "trainer.calibrate", ["--probe"], event="calibration", timeout=120)
 
 
+def probe_gpu(settings: Settings, slot: Slot, *, timeout: float = 300) -> dict:
+    """A health probe of ``slot``'s GPU: a few real training steps of a tiny model on CUDA (forward,
+    backward, optimizer), without compilation. The calibration event's fields; raises SpawnError when
+    the GPU cannot train (quarantine.py keeps it out of service then)."""
+    args = ["--device", "cuda", "--compile", "false", "--depth", "1", "--vocab-size", "512", "--seq-len", "64",
+            "--batch-size", "2", "--steps", "2"]
+    return run_helper(settings, "trainer.calibrate", args, event="calibration", timeout=timeout, slot=slot)
+
+
 def calibrate(settings: Settings, shape: ModelShape, batch_size: int, *, timeout: float = 600,
               slot: Slot | None = None) -> dict:
     """Time a few real training steps at ``shape`` (trainer.sizing.ModelShape) on ``slot`` (default: this
@@ -179,6 +189,27 @@ def calibrate(settings: Settings, shape: ModelShape, batch_size: int, *, timeout
     args = ["--depth", str(shape.depth), "--vocab-size", str(shape.vocab_size), "--seq-len", str(shape.seq_len),
             "--batch-size", str(batch_size)]
     return run_helper(settings, "trainer.calibrate", args, event="calibration", timeout=timeout, slot=slot)
+
+
+def export_hf(settings: Settings, checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+              timeout: float = 900) -> None:
+    """Write the transformers directory of a checkpoint with ``python -m trainer.export_hf`` (torch
+    lives there, never in this process). Call it from the thread that waits (the child dies with it).
+    Raises SpawnError."""
+    argv = [settings.trainer_python, "-m", "trainer.export_hf", str(checkpoint_dir), str(out_dir)]
+    try:
+        proc = spawn(argv, env=trainer_env(Slot("export", "cpu")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise SpawnError(f"cannot start trainer.export_hf: {exc}") from exc
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        proc.communicate()
+        raise SpawnError(f"trainer.export_hf took longer than {timeout:g} s") from None
+    if proc.returncode != 0:
+        tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        raise SpawnError(f"trainer.export_hf exited {proc.returncode}: {tail[0][:300]}")
 
 
 # --- the run directory's lock --------------------------------------------------------------------------

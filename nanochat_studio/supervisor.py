@@ -26,7 +26,7 @@ import peewee as pw
 
 from trainer import progress
 
-from . import datasets, jobs
+from . import billing, datasets, jobs, logs, metrics, quarantine
 from .checkpoints import CheckpointMirror, create_run_model, final_checkpoint, publish_model, run_dir_for
 from .db import database
 from .models import Model, TrainingJob
@@ -67,12 +67,18 @@ class _Supervisor:
         self.fenced = False
         self.last_beat = time.monotonic()
         self.mirror = CheckpointMirror.for_job(settings, job)
+        self.meter = billing.meter_for(job.id)  # a billed run pauses before it outspends its hold
+        self.figures = metrics.JobRun(job.id, slot.device)  # ended by run()
+        self.started = time.monotonic()  # Xids from here on count against this attempt's GPUs
 
     # -- the job row --
     def beat(self, force: bool = False) -> bool:
         if force or time.monotonic() - self.last_beat >= self.lease_s / 3:
             self.last_beat = time.monotonic()
             if not jobs.heartbeat(self.job.id, self.attempt, self.owner, lease_seconds=self.lease_s):
+                if not self.fenced:
+                    metrics.lease_lost()
+                    log.warning("job %s attempt %s lost its lease", self.job.id, self.attempt)
                 self.fenced = True
         return not self.fenced
 
@@ -91,12 +97,14 @@ class _Supervisor:
         self.emit(kind, data)
         p = self.progress
         if kind == "start":
+            self.meter.started(data.get("time"))
             self.facts.update(params=data.get("params"), start=data)
             p.update(total_steps=data.get("total_steps"), device=data.get("device"),
                      resumed_from_step=data.get("resumed_from_step"))
         elif kind == "step":
             for key in ("step", "total_steps", "loss", "tokens_per_sec", "eta_s", "elapsed_s", "lr", "mfu"):
                 p[key] = data.get(key)
+            self.figures.step(data.get("tokens_per_sec"), data.get("mfu"))
         elif kind == "eval":
             p.update(val_bpb=data.get("val_bpb"), val_loss=data.get("val_loss"))
         elif kind == "sample":
@@ -138,6 +146,12 @@ class _Supervisor:
 
     # -- the attempt --
     def run(self) -> str | None:
+        try:
+            return self._run()
+        finally:
+            self.figures.end()
+
+    def _run(self) -> str | None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.run_dir / "train.log"
         with self._heartbeats():  # waiting for an earlier trainer to let go may outlast the lease
@@ -191,10 +205,12 @@ class _Supervisor:
         events_path = self.run_dir / f"events-{self.attempt}.jsonl"
         with open(log_path, "ab") as stderr, open(events_path, "ab") as stdout, open(events_path, "rb") as tail:
             tail.seek(0, os.SEEK_END)
+            self.relay = logs.LineRelay(log_path, job.id)  # its stderr reaches the process log too
             try:
                 proc = spawn(argv, env=trainer_env(self.slot), cwd=self.run_dir, stdout=stdout,
                              stderr=stderr, pass_fds=(lock_fd,))
             except OSError as exc:
+                self.relay.close()
                 return jobs.finish(job.id, self.attempt, "infrastructure", reason=f"cannot start the trainer: {exc}",
                                    backoff_base=self.backoff)
             with open(self.run_dir / "trainers.txt", "a") as fh:
@@ -215,6 +231,9 @@ class _Supervisor:
                     signal_group(proc, signal.SIGKILL)
                     proc.wait()
                 raise
+            finally:
+                self.relay.pump(final=True)
+                self.relay.close()
         return self._conclude(rc, term_reason)
 
     def _read_lines(self, tail: Any) -> bool:
@@ -244,6 +263,7 @@ class _Supervisor:
         while True:
             exited = proc.poll() is not None
             try:
+                self.relay.pump()
                 if not self._read_lines(tail) and not exited:
                     self.stop.wait(0.1) if term_reason is None else time.sleep(0.1)
                 if exited:
@@ -275,6 +295,8 @@ class _Supervisor:
                 term_reason = "fenced"
             elif self.stop.is_set():
                 term_reason = "shutdown"
+            elif self.meter.should_pause():
+                term_reason = "out_of_credits"
             elif now >= next_poll:
                 next_poll = now + 0.5
                 if self.cancel_requested():
@@ -304,6 +326,8 @@ class _Supervisor:
             if model is not None:
                 self._publish(model)
             return status
+        if term_reason == "out_of_credits" and outcome == "preempted":  # it checkpointed and stopped
+            return jobs.finish(job_id, attempt, "out_of_credits", reason=self.meter.pause_reason(), **fields)
         message = (self.error or {}).get("message", "")
         if outcome == "user_error":
             return jobs.finish(job_id, attempt, "user_error", reason=message or f"the trainer exited with {rc}",
@@ -311,6 +335,15 @@ class _Supervisor:
         if term_reason == "shutdown":
             return jobs.finish(job_id, attempt, "preempted", charged=False, reason="the server shut down",
                                backoff_base=self.backoff, **fields)
+        if outcome == "infrastructure" and term_reason is None:
+            verdict = self._judge_device()
+            if verdict is not None and verdict.kind == "user":
+                return jobs.finish(job_id, attempt, "user_error", reason=verdict.message, **fields)
+            if verdict is not None:
+                gpus_text = ", ".join(verdict.gpus)
+                return jobs.finish(job_id, attempt, "infrastructure", backoff_base=self.backoff, **fields,
+                                   reason=f"device error ({verdict.fault}) on GPU {gpus_text}, now quarantined; "
+                                          f"retrying on another GPU: {verdict.message}")
         if rc < 0:
             why = f"the trainer was killed by {signal.Signals(-rc).name}"
         elif outcome == "preempted":
@@ -318,6 +351,20 @@ class _Supervisor:
         else:
             why = f"the trainer exited with code {rc}" + (f": {message}" if message else "")
         return jobs.finish(job_id, attempt, outcome, reason=why, backoff_base=self.backoff, **fields)
+
+    def _judge_device(self) -> quarantine.Verdict | None:
+        """Was this failure the GPU's? Quarantines it when so (quarantine.py decides), and says so in the
+        job's events. Never raises: a failed judgement leaves a plain infrastructure failure."""
+        try:
+            verdict = quarantine.after_failure(self.job.id, self.job.config, self.slot, self.error, self.started,
+                                               self.settings)
+        except Exception:
+            log.exception("job %s: judging the device failure failed", self.job.id)
+            return None
+        if verdict is not None:
+            self.emit("device", {"verdict": verdict.kind, "fault": verdict.fault, "gpus": list(verdict.gpus),
+                                 "message": verdict.message})
+        return verdict
 
     def _complete(self, fields: dict) -> str | None:
         if self._checkpoint_dir() is None:
@@ -359,4 +406,9 @@ def run_training(job: TrainingJob, slot: Slot, settings: Settings, on_event: Eve
     Returns the job's new status, or None when this attempt was fenced out. ``stop`` set means the
     worker is shutting down: the trainer gets SIGTERM, checkpoints, and the job is requeued.
     """
-    return _Supervisor(job, slot, settings, on_event, stop).run()
+    status = _Supervisor(job, slot, settings, on_event, stop).run()
+    try:
+        billing.settle_job(job.id)  # meter the attempt that just ended; settle a final job
+    except Exception:  # the reconciler settles it on its next tick
+        log.exception("billing job %s after its attempt failed", job.id)
+    return status

@@ -15,9 +15,11 @@ The API calls :func:`enqueue_job` after ``jobs.submit``. Estimates time their sh
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import signal
 import threading
+from typing import Any
 
 import peewee as pw
 from huey import Huey, RedisHuey, SqliteHuey
@@ -25,7 +27,7 @@ from huey.consumer import Consumer
 
 from trainer.sizing import ModelShape
 
-from . import jobs, runner, supervisor
+from . import billing, jobs, logs, metrics, quarantine, runner, supervisor, workers
 from .db import database
 from .models import TrainingJob, utcnow
 from .settings import Settings
@@ -118,6 +120,9 @@ class _Local:
     free: list[runner.Slot]
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    worker_id: str = ""  # its row in the worker registry
+    uuids: dict[str, str | None] = dataclasses.field(default_factory=dict)  # GPU id -> NVML UUID
+    probing: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def give(self, slot: runner.Slot) -> None:
         with self.lock:
@@ -126,6 +131,25 @@ class _Local:
     def has_free(self) -> bool:
         with self.lock:
             return bool(self.free)
+
+    def out_of_service(self) -> set[str]:
+        """This host's quarantined GPUs among ours (empty on a CPU worker: no query)."""
+        if not self.uuids:
+            return set()
+        return quarantine.quarantined_here(self.uuids)
+
+    def in_service(self) -> list[runner.Slot]:
+        """The free slots a job may take now (call with the lock held)."""
+        return quarantine.usable(self.free, self.out_of_service()) if self.uuids else list(self.free)
+
+    def take_gpu(self, gpu: str) -> runner.Slot | None:
+        """The free slot of GPU ``gpu``, out of the pool until given back (None: busy or not ours)."""
+        with self.lock:
+            for slot in self.free:
+                if slot.gpu_ids == (gpu,):
+                    self.free.remove(slot)
+                    return slot
+        return None
 
 
 _local: _Local | None = None  # set while this process runs a consumer
@@ -147,7 +171,9 @@ def run_next_job(job_id: int | None = None) -> str | None:
     with local.lock:
         if not local.free or local.stop.is_set():
             return None
-        free = list(local.free)
+        free = local.in_service()  # a quarantined GPU takes no new job
+        if not free:
+            return None
         on_gpus = free[0].kind == "gpu"
 
         def fits(job: TrainingJob) -> bool:
@@ -165,9 +191,10 @@ def run_next_job(job_id: int | None = None) -> str | None:
         "+".join(s.name for s in taken), "gpu", tuple(g for s in taken for g in s.gpu_ids))
     status = None
     try:
-        log.info("job %s attempt %s starting on %s (rung for %s)", job.id, job.attempt, slot.name, job_id)
-        status = supervisor.run_training(job, slot, settings, stop=local.stop)
-        log.info("job %s attempt %s ended: %s", job.id, job.attempt, status)
+        with logs.job_context(job.id):  # every line logged while it runs names the job
+            log.info("job %s attempt %s starting on %s (rung for %s)", job.id, job.attempt, slot.name, job_id)
+            status = supervisor.run_training(job, slot, settings, stop=local.stop)
+            log.info("job %s attempt %s ended: %s", job.id, job.attempt, status)
     except Exception as exc:
         log.exception("running a job failed; the reconciler will requeue it when its lease expires")
         if isinstance(exc, pw.DatabaseError):
@@ -188,9 +215,11 @@ def calibrate_on_a_slot(settings: Settings, shape: ModelShape, batch_size: int) 
     if local is None:
         return None
     with local.lock:
-        if not local.free or local.stop.is_set():
+        usable = local.in_service() if local.free and not local.stop.is_set() else []
+        if not usable:
             return None
-        slot = local.free.pop(0)
+        slot = usable[0]
+        local.free.remove(slot)
     try:
         return runner.calibrate(settings, shape, batch_size, slot=slot)
     finally:
@@ -243,6 +272,10 @@ def reconcile_and_ring(settings: Settings) -> list[int]:
     moved = jobs.reconcile(backoff_base=settings.retry_backoff_seconds)
     if moved:
         log.info("reconciled jobs %s", moved)
+    try:
+        billing.periodic()  # settle jobs whose attempts ended without it; audit the ledger now and then
+    except Exception:
+        log.exception("billing's periodic work failed")
     ring_if_ready(settings)
     return moved
 
@@ -263,14 +296,21 @@ class ConsumerHandle:
     ticker_stop: threading.Event
 
 
-def start_consumer(settings: Settings) -> ConsumerHandle:
-    """Run the queue consumer in background threads of this process: reconcile first, then serve
-    rings on this process's slots (``gpus`` / ``cpu_slots``)."""
+_consumer_ids = itertools.count(1)
+
+
+def start_consumer(settings: Settings, *, role: str = "serve", metrics_port: int | None = None) -> ConsumerHandle:
+    """Run the queue consumer in background threads of this process: register it in the worker
+    registry, reconcile, then serve rings on this process's slots (``gpus`` / ``cpu_slots``)."""
     global _local
     huey = make_huey(settings)
     slots = runner.local_slots(settings)
-    local = _Local(settings=settings, free=list(slots))
+    local = _Local(settings=settings, free=list(slots),
+                   worker_id=f"{jobs.owner_id('')}c{next(_consumer_ids)}")
     _local = local
+    devices = _register(local, slots, role, metrics_port)
+    local.uuids = {c["gpu"]: c.get("uuid") for d in devices for c in d["gpus"]}
+    metrics.consumer_started(sorted(local.uuids, key=int), _quarantined_reader(local))
     workers = max(settings.worker_threads, len(slots) + 1)
     consumer = _ThreadConsumer(huey, workers=workers, periodic=False, initial_delay=0.05, backoff=1.5,
                                max_delay=POLL_MAX_DELAY_S, worker_type="thread", check_worker_health=True)
@@ -286,6 +326,12 @@ def start_consumer(settings: Settings) -> ConsumerHandle:
     def tick() -> None:
         while not ticker_stop.is_set():
             wait = every
+            try:
+                _beat(local, slots, role, metrics_port)
+            except Exception as exc:  # the registry row ages; reconciling must go on regardless
+                log.warning("worker heartbeat failed: %s", exc)
+                if isinstance(exc, pw.DatabaseError):
+                    _close_quietly(database)
             try:
                 reconcile_and_ring(settings)
                 ready_at = jobs.next_ready_at()
@@ -312,17 +358,88 @@ def stop_consumer(handle: ConsumerHandle, timeout: float = 150.0) -> None:
     handle.consumer.stop(graceful=True)
     handle.thread.join(timeout)
     handle.ticker.join(5)
+    metrics.consumer_stopped()
+    try:
+        workers.unregister(handle.local.worker_id)
+    except Exception:  # the row ages out of the registry on its own
+        log.warning("could not unregister worker %s", handle.local.worker_id, exc_info=True)
+    finally:
+        _close_quietly(database)
     if _local is handle.local:
         _local = None
 
 
-def run_worker(settings: Settings) -> None:
-    """The ``worker`` command: a consumer alone in this process until SIGINT/SIGTERM."""
-    handle = start_consumer(settings)
+def _register(local: _Local, slots: list[runner.Slot], role: str, metrics_port: int | None) -> list[dict]:
+    """Register in the worker registry; its devices. A store outage is survived: the next heartbeat
+    registers."""
+    try:
+        return workers.register(local.worker_id, role, slots, local.settings, metrics_port).devices
+    except pw.DatabaseError:
+        log.warning("could not register in the worker registry; retrying with the next heartbeat", exc_info=True)
+        _close_quietly(database)
+        return workers.describe_slots(slots)
+
+
+def _beat(local: _Local, slots: list[runner.Slot], role: str, metrics_port: int | None) -> None:
+    """The registry heartbeat, and the health probes of this host's quarantined GPUs (in their own
+    thread: a probe starts the trainer and may take a minute)."""
+    if local.stop.is_set():
+        return  # stopping: stop_consumer removes the row, and a late beat must not bring it back
+    if not workers.heartbeat(local.worker_id):
+        workers.register(local.worker_id, role, slots, local.settings, metrics_port)
+    if local.uuids and local.settings.gpu_probe_seconds and not local.stop.is_set() and \
+            not local.probing.locked() and quarantine.any_due():
+        threading.Thread(target=_probe_quarantined, args=(local,), name="gpu-probe", daemon=True).start()
+
+
+def _probe_quarantined(local: _Local) -> None:
+    if not local.probing.acquire(blocking=False):
+        return
+    try:
+        back = quarantine.probe_due(local.settings, local.take_gpu, local.give)
+        if back and not local.stop.is_set():
+            ring_if_ready(local.settings)  # a GPU came back: waiting jobs may start on it
+    except Exception:
+        log.exception("probing quarantined GPUs failed")
+    finally:
+        local.probing.release()
+        _close_quietly(database)  # this thread's own connection
+
+
+def _quarantined_reader(local: _Local) -> Any:
+    def read() -> set[str]:
+        opened = database.is_closed()
+        try:
+            return local.out_of_service()
+        finally:
+            if opened:
+                _close_quietly(database)
+    return read
+
+
+def run_worker(settings: Settings, *, metrics_port: int | None = None, metrics_host: str | None = None,
+               on_listening: Any = None) -> None:
+    """The ``worker`` command: a consumer alone in this process until SIGINT/SIGTERM. With
+    ``metrics_port`` it serves /metrics and /healthz there (metrics.serve_worker_metrics), on
+    ``metrics_host`` (default: the ``host`` setting); ``on_listening(port)`` is told the port bound.
+    Raises OSError when the port is taken."""
+    listener = None
+    handle: ConsumerHandle | None = None
+    if metrics_port is not None:
+        listener = metrics.serve_worker_metrics(metrics_host or settings.host, metrics_port, settings.metrics_token,
+                                                healthy=lambda: handle is not None and handle.thread.is_alive())
+        metrics_port = listener.effective_port
+        if on_listening is not None:
+            on_listening(metrics_port)
+    handle = start_consumer(settings, role="worker", metrics_port=metrics_port)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    while not done.wait(1.0):
-        if not handle.thread.is_alive():
-            break
-    stop_consumer(handle)
+    try:
+        while not done.wait(1.0):
+            if not handle.thread.is_alive():
+                break
+        stop_consumer(handle)
+    finally:
+        if listener is not None:
+            listener.close()

@@ -41,9 +41,10 @@ NAMED_HERE = {"ncs_worker_up", "ncs_gpu_quarantined", "ncs_credits_purchases_tot
 ALLOWED_METRICS = ISSUE_METRICS | NAMED_HERE | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 OUTCOMES = {"completed", "failed_user", "failed_infra", "cancelled", "preempted"}
 
-# Settings and flags the issue names that the metrics/logs work adds; the packaging already wires them.
-PENDING_ENV = {"NCS_METRICS_TOKEN", "NCS_METRICS_TOKEN_FILE", "NCS_LOG_FORMAT"}
-PENDING_FLAGS = {("worker", "--metrics-port")}
+# Settings and flags the packaging may name before the app has them (none left: metrics_token,
+# log_format and `worker --metrics-port` exist now).
+PENDING_ENV: set[str] = set()
+PENDING_FLAGS: set[tuple[str, str]] = set()
 WEB_PORT, WORKER_METRICS_PORT = 8765, 8766
 
 

@@ -8,7 +8,10 @@ and records what it did in RUN_DIR/fake_log.jsonl (begin/step/end with its pid a
 RUN_DIR/trainer.lock held) so tests can prove no step ran twice and no two trainers overlapped.
 
 Behaviour knobs (environment): FAKE_STEP_S seconds per step (default 0.05); FAKE_EXIT_AT=step:code
-exits with ``code`` before that step; FAKE_IGNORE_TERM=1 ignores SIGTERM.
+exits with ``code`` before that step; FAKE_IGNORE_TERM=1 ignores SIGTERM; FAKE_DEVICE_ERROR_AT=step:gpu
+fails before that step like the real trainer on a broken GPU (an ``error`` event with code ``device``,
+exit 1), but only when CUDA_VISIBLE_DEVICES is ``gpu``: the same job succeeds on another GPU. It says
+"fake trainer starting" on stderr, which the supervisor relays to the process log.
 A dataset path to a missing or empty file fails like the real trainer: an error event and exit 65.
 """
 
@@ -72,6 +75,8 @@ def main() -> int:
     emit = progress.emit
     step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
     exit_at = os.environ.get("FAKE_EXIT_AT", "")
+    device_error_at, _, bad_gpu = os.environ.get("FAKE_DEVICE_ERROR_AT", "").partition(":")
+    print(f"fake trainer starting on {os.environ.get('CUDA_VISIBLE_DEVICES') or 'cpu'}", file=sys.stderr, flush=True)
     stop = {"term": False}
     if os.environ.get("FAKE_IGNORE_TERM") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -95,6 +100,13 @@ def main() -> int:
     t0 = time.time()
     loss = 4.0
     for step in range(first, total + 1):
+        if device_error_at and int(device_error_at) == step and os.environ.get("CUDA_VISIBLE_DEVICES") == bad_gpu:
+            message = "CUDA error: an illegal memory access was encountered"
+            print(f"RuntimeError: {message}", file=sys.stderr, flush=True)
+            emit("error", kind="infrastructure", code=progress.DEVICE_ERROR_CODE, message=message,
+                 fault=progress.device_fault("RuntimeError", message), device_index=0)
+            _record(out, kind="end", rc=1, step=step)
+            return 1
         if exit_at and int(exit_at.split(":")[0]) == step:
             code = int(exit_at.split(":")[1])
             emit("error", kind="user" if code in progress.USER_ERROR_EXITS else "infrastructure",

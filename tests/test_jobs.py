@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_studio import db, jobs
+from nanochat_studio import db, jobs, runner, workers
 from nanochat_studio.models import Dataset, TrainingJob, User, utcnow
 from nanochat_studio.settings import Settings, load_settings
 
@@ -105,8 +105,8 @@ def test_submit_refuses_a_bad_dataset_with_the_dataset_rules(alice, settings, da
     assert TrainingJob.select().count() == 0
 
 
-def test_submit_accepts_every_dataset_kind(alice, bob, settings, tmp_path):
-    corpus = tmp_path / "corpus.txt"
+def test_submit_accepts_every_dataset_kind(alice, bob, settings, tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("outside-home") / "corpus.txt"  # server paths: not in the data directory
     corpus.write_text("hello world\n")
     ds = Dataset.create(user=alice, name="mine.txt", storage_key="users/1/datasets/1/mine.txt", sha256="a" * 64)
     for dataset, kind in (("demo", "demo"), ("s3://bucket/prefix", "s3"), (f"ds:{ds.id}", "upload"),
@@ -119,8 +119,8 @@ def test_submit_accepts_every_dataset_kind(alice, bob, settings, tmp_path):
         jobs.submit(bob, {"depth": 2, "dataset": f"ds:{ds.id}"}, settings)
 
 
-def test_server_paths_need_the_setting_or_an_admin(alice, settings, tmp_path):
-    corpus = tmp_path / "corpus.txt"
+def test_server_paths_need_the_setting_or_an_admin(alice, settings, tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("outside-home") / "corpus.txt"
     corpus.write_text("x")
     locked = dataclasses.replace(settings, allow_server_paths=False)
     with pytest.raises(Exception, match="allowed only in solo mode or for admins"):
@@ -235,6 +235,8 @@ def test_claim_honours_back_off_and_the_running_cap(alice, bob, settings):
 def test_queue_position_and_why_waiting(alice, bob, settings):
     a1, b1 = _submit(alice, settings), _submit(bob, settings)
     assert jobs.queue_position(a1) == 0 and jobs.queue_position(b1) == 1
+    assert jobs.why_waiting(b1, settings).startswith("waiting for a worker: none is running")
+    workers.register("w1", "worker", [runner.Slot("cpu0", "cpu")], settings)
     assert jobs.why_waiting(b1, settings) == "waiting for a free CPU slot: 1 job ahead"
     jobs.claim_next("w", "cpu0")
     b1 = TrainingJob.get_by_id(b1.id)

@@ -20,7 +20,11 @@ Events and their fields (extra fields are allowed; these are guaranteed):
 ``sample``     step, samples: list of {"prompt": str, "text": str}
 ``checkpoint`` step, path
 ``done``       step, final_loss, final_val_bpb (float|None), elapsed_s, checkpoint (path|None)
-``error``      kind ("user" | "infrastructure"), code (a short slug), message
+``error``      kind ("user" | "infrastructure"), code (a short slug), message. A fault of the device
+               itself has code ``device`` (kind "infrastructure") and also ``fault``: one of
+               DEVICE_FAULTS ("oom", "cuda", "lost", "ecc", "nccl"), and ``device_index`` (the CUDA index
+               it ran on, among CUDA_VISIBLE_DEVICES) when one process used one GPU. The supervisor then
+               quarantines that GPU and retries the job elsewhere (nanochat_studio/quarantine.py).
 
 ``python -m trainer.calibrate`` speaks the same contract with one more event:
 
@@ -72,6 +76,39 @@ EXIT_DIVERGED = 66  # loss became NaN/inf or exploded: a user error (try a lower
 EXIT_PREEMPTED = 75  # SIGTERM: checkpointed and stopped on request; resumable (EX_TEMPFAIL)
 
 USER_ERROR_EXITS = frozenset({EXIT_USAGE, EXIT_DATA, EXIT_DIVERGED})
+
+# A device fault (see ``error`` above): the error code, and what :func:`device_fault` can name.
+DEVICE_ERROR_CODE = "device"
+DEVICE_FAULTS = ("oom", "cuda", "lost", "ecc", "nccl")
+# Lower-case fragments of CUDA, cuBLAS, cuDNN, NCCL and driver messages, per fault; the first match wins.
+_DEVICE_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("lost", ("fallen off the bus", "gpu is lost", "gpu has fallen", "cudaerrordevicesunavailable",
+              "no cuda gpus are available", "cuda-capable device(s) is/are busy or unavailable",
+              "device not ready", "assigned gpu is gone")),
+    ("ecc", ("uncorrectable ecc", "ecc error")),
+    ("oom", ("cuda out of memory", "cuda error: out of memory", "cublas_status_alloc_failed")),
+    ("nccl", ("nccl error", "ncclunhandledcudaerror", "ncclsystemerror")),
+    ("cuda", ("cuda error", "cublas_status_", "cudnn_status_", "cudnn error", "illegal memory access",
+              "unspecified launch failure", "cuda driver error")),
+)
+# The program's own bug reported through CUDA (an index out of range in a kernel): another GPU would fail
+# the same way, so it accuses no device.
+_PROGRAM_FAULTS = ("device-side assert",)
+
+
+def device_fault(type_name: str, message: str) -> str | None:
+    """Which of DEVICE_FAULTS an exception (by its class name and message) is, or None when it is not the
+    device's. Pure text matching: the trainer classifies with it, and the tests need no GPU."""
+    if type_name == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return "oom"
+    text = message.lower()
+    if any(f in text for f in _PROGRAM_FAULTS):
+        return None
+    for fault, fragments in _DEVICE_PATTERNS:
+        if any(f in text for f in fragments):
+            return fault
+    return None
+
 
 # ``python -m trainer.serve`` (a model server, not a training run) exits with this when its checkpoint is
 # missing or cannot load: starting it again will not help.

@@ -96,6 +96,10 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
+        if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
+            # A supervisor gave us a GPU that CUDA cannot see now: the card is gone, not the config wrong.
+            raise RuntimeError(f"the assigned GPU is gone: CUDA_VISIBLE_DEVICES="
+                               f"{os.environ['CUDA_VISIBLE_DEVICES']} but CUDA finds no device")
         raise UsageError("device cuda was asked for, but no CUDA device is available")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UsageError("device mps was asked for, but MPS is not available")
@@ -444,7 +448,15 @@ def run(cfg: TrainConfig) -> int:
             return progress.EXIT_DATA
         import traceback
         traceback.print_exc(file=sys.stderr)
-        emit("error", kind="infrastructure", code=type(e).__name__, message=str(e) or type(e).__name__)
+        message = str(e) or type(e).__name__
+        fault = progress.device_fault(type(e).__name__, message)
+        if fault is None:
+            emit("error", kind="infrastructure", code=type(e).__name__, message=message)
+        else:  # the device's fault, not ours: the supervisor quarantines the GPU and retries elsewhere
+            where = {"device_index": rt.device.index} if rt is not None and rt.device.type == "cuda" \
+                and rt.world_size == 1 and rt.device.index is not None else {}
+            emit("error", kind="infrastructure", code=progress.DEVICE_ERROR_CODE, message=message[:2000],
+                 fault=fault, **where)
         return 1
     finally:
         if rt is not None and rt.world_size > 1:

@@ -1,7 +1,8 @@
 """One blueprint per noun (pages, account, jobs, api, chat, openai); ``create_app`` registers them.
 
 A view reads the app's settings with :func:`current_settings`, its device and calibrations with
-:func:`current_calibrator`, and the signed-in user's rows with :func:`own`.
+:func:`current_calibrator`, its billing policy with :func:`current_billing`, and the signed-in user's rows
+with :func:`own`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 from flask import current_app
 from flask_login import current_user
 
+from ..billing import Billing
 from ..errors import NotFound
 from ..estimate import Calibrator
 from ..models import ChatSession, Model, TrainingJob
@@ -27,6 +29,11 @@ def current_settings() -> Settings:
 def current_calibrator() -> Calibrator:
     """The app's device probe and calibrator (create_app makes it)."""
     return current_app.extensions["ncs_calibrator"]
+
+
+def current_billing() -> Billing:
+    """The app's billing policy (hosted credits, lab quotas, or the null one; create_app makes it)."""
+    return current_app.extensions["ncs_billing"]
 
 
 # What a row is called in a 404 (another user's id answers exactly like a missing one).

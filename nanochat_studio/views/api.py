@@ -8,25 +8,29 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from flask import Blueprint, current_app, jsonify, request, stream_with_context, url_for
 from flask_login import current_user
 
-from .. import datasets, estimate, jobs, sse, tasks
+from .. import admission, billing, datasets, estimate, jobs, limits, sse, tasks
+from ..archive import public_config, public_source
 from ..auth import login_required
+from ..checkpoints import hf_archive
 from ..db import database
 from ..errors import BadRequest, Conflict
+from ..inputs import json_object
 from ..models import Model, TrainingJob
 from ..settings import Settings
 from ..storage import Storage
-from . import current_calibrator, current_settings, own
+from . import current_billing, current_calibrator, current_settings, own
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 LOG_TAIL_BYTES = 64 << 10
 EVENT_PAGE = 1000  # events read per query when replaying a stream
 MAX_LIST = 200
+DOWNLOAD_FORMATS = ("checkpoint", "hf")  # ours (trainer.sample loads it), transformers' (export_hf)
 
 
 # --- serializers (the pages use them too) ------------------------------------------------------------
@@ -59,6 +63,7 @@ def job_json(job: TrainingJob, settings: Settings) -> dict[str, Any]:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "model": model_json(model) if model else None,
+        "billing": billing.job_summary(job),  # its hold and, once settled, its charge (None: not billed)
         "urls": {
             "self": url_for("api.get_job", job_id=job.id),
             "page": url_for("jobs.show", job_id=job.id),
@@ -86,16 +91,17 @@ def model_json(model: Model) -> dict[str, Any]:
         "step": model.step,
         "is_snapshot": model.is_snapshot,
         "params": model.params,
-        "config": model.config,
+        "config": public_config(model.config),
         "metrics": model.metrics,
         "samples": model.samples,
-        "data_source": model.data_source,
+        "data_source": public_source(model.data_source or ""),
         "data_sha256": model.data_sha256,
         "size_bytes": model.size_bytes,
         "created_at": _iso(model.created_at),
         "urls": {
             "self": url_for("api.get_model", model_id=model.id),
             "download": url_for("api.download_model", model_id=model.id),
+            "download_hf": url_for("api.download_model", model_id=model.id, format="hf"),
             "chat": _chat_url(model),
         },
     }
@@ -106,10 +112,7 @@ def _chat_url(model: Model) -> str:
 
 
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("send a JSON object with Content-Type: application/json")
-    return body
+    return json_object()
 
 
 # --- estimate ------------------------------------------------------------------------------------------
@@ -117,7 +120,9 @@ def _json_body() -> dict:
 @bp.get("/estimate", endpoint="estimate")
 @login_required
 def get_estimate():
-    return jsonify(estimate.estimate_for(request.args, current_user, current_calibrator()))
+    plan = estimate.estimate_for(request.args, current_user, current_calibrator())
+    plan["cost"] = current_billing().quote(plan, current_user._get_current_object())  # None: not charged
+    return jsonify(plan)
 
 
 # --- jobs ------------------------------------------------------------------------------------------------
@@ -126,7 +131,11 @@ def submit_job(body: Any) -> TrainingJob:
     """Queue the signed-in user's job (jobs.submit validates it), keep the estimate it was planned with,
     and ring the queue's bell. Raises what jobs.submit raises."""
     settings = current_settings()
-    job = jobs.submit(current_user, body, settings)
+    user = current_user._get_current_object()
+    # Billing's hold runs inside the transaction that creates the job: 402 leaves no job behind.
+    hold = current_billing().submit_hook(user, current_calibrator())
+    # admission: refuse what no live worker can run (GPU count, memory); warn when no worker is up yet
+    job = jobs.submit(user, body, settings, on_create=hold, admit=lambda clean: admission.check(clean, user))
     estimate.record_for_job(job, current_calibrator())
     tasks.enqueue_job(job.id, settings)
     return jobs.get(job.id)
@@ -164,7 +173,8 @@ def cancel_job(job_id: int):
     job = own(TrainingJob, job_id)
     if job.status in jobs.FINAL:
         raise Conflict(f"job {job_id} already {job.status}")
-    jobs.request_cancel(job)
+    if jobs.request_cancel(job) == jobs.CANCELLED:
+        billing.settle_job(job_id)  # it never ran (or was paused): its hold returns now
     return jsonify(job_json(jobs.get(job_id), current_settings()))
 
 
@@ -186,6 +196,7 @@ def job_log(job_id: int):
 
 @bp.get("/jobs/<int:job_id>/events")
 @login_required
+@limits.streaming
 def job_events(job_id: int):
     """The job's events as SSE, replayed from Last-Event-ID, then live until the job ends."""
     job = own(TrainingJob, job_id)
@@ -246,13 +257,25 @@ def get_model(model_id: int):
 
 @bp.get("/models/<int:model_id>/download")
 @login_required
+@limits.streaming
 def download_model(model_id: int):
+    """The model as a ``.tar.gz``: our checkpoint layout, or with ``?format=hf`` a directory that
+    transformers loads (``AutoModelForCausalLM.from_pretrained``, no remote code)."""
     model = own(Model, model_id)
+    fmt = request.args.get("format", "checkpoint")
+    if fmt not in DOWNLOAD_FORMATS:
+        raise BadRequest("format must be " + " or ".join(f"'{f}'" for f in DOWNLOAD_FORMATS))
+    if fmt == "hf":
+        name, stream = hf_archive(model, current_settings())
+        return _archive_response(name, stream)
     storage = Storage.from_settings(current_settings())
     from ..archive import archive_dirname
 
     name = archive_dirname(model) + ".tar.gz"
-    stream = storage.stream_model_archive(model)
+    return _archive_response(name, storage.stream_model_archive(model))
+
+
+def _archive_response(name: str, stream: Iterator[bytes]):
     resp = current_app.response_class(stream_with_context(stream), mimetype="application/gzip")
     resp.headers["Content-Disposition"] = f'attachment; filename="{name}"'
     resp.headers["Cache-Control"] = "no-store"

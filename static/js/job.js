@@ -175,8 +175,11 @@
 
   // -- the stream ------------------------------------------------------------------------------------
   let source = null;
+  let ended = false;
   function connect() {
-    source = new EventSource(eventsUrl);
+    // A reconnect made here (not by EventSource itself) resumes after the last event seen.
+    const last = root.dataset.lastEventId;
+    source = new EventSource(last ? `${eventsUrl}${eventsUrl.includes("?") ? "&" : "?"}since=${encodeURIComponent(last)}` : eventsUrl);
     for (const name of Object.keys(handlers)) {
       source.addEventListener(name, (e) => {
         let d;
@@ -185,11 +188,13 @@
         root.dataset.lastEventId = e.lastEventId || root.dataset.lastEventId || "";
       });
     }
-    source.addEventListener("end", () => { source.close(); setText("#live", "finished"); redraw(); });
+    source.addEventListener("end", () => { ended = true; source.close(); setText("#live", "finished"); redraw(); });
     source.onopen = () => setText("#live", "live");
     source.onerror = () => {
       // EventSource reconnects by itself and sends Last-Event-ID; just say so.
-      if (source.readyState !== EventSource.CLOSED) setText("#live", "reconnecting…");
+      if (source.readyState !== EventSource.CLOSED) { setText("#live", "reconnecting…"); return; }
+      // Refused (429: too many streams open): EventSource gives up, so try again in a while.
+      if (!ended) { setText("#live", "waiting for a free stream…"); setTimeout(connect, 5000 + Math.random() * 5000); }
     };
   }
 

@@ -5,7 +5,7 @@
   const form = document.getElementById("plan-form");
   if (!form) return;
   const $ = (id) => document.getElementById(id);
-  const { count, size, duration } = NCS;  // util.js: the server's formats
+  const { count, size, duration, decimal } = NCS;  // util.js: the server's formats
   const depth = $("depth");
   let timer = null, seq = 0, calibrationTimer = null;
 
@@ -62,6 +62,7 @@
     }[e.time.source] || "";
     $("e-time-note").textContent = src;
     $("e-data-note").textContent = (e.data && e.data.note) || "";
+    showCost(e.cost);
     const ul = $("e-warnings");
     ul.textContent = "";
     for (const w of e.warnings) { const li = document.createElement("li"); li.textContent = w; ul.appendChild(li); }
@@ -70,6 +71,17 @@
     // So does the data's preparation (its vocabulary and token counts): ask again until it is known.
     const estimating = e.data && e.data.status === "estimating";
     if ((e.time.source !== "calibrated" && e.calibrating) || estimating) calibrationTimer = setTimeout(refresh, 2000);
+  }
+
+  // Billing's quote (null when nothing is charged): the cost, what a start holds, what is available.
+  function showCost(c) {
+    $("e-cost-row").hidden = $("e-cost-note").hidden = !c;
+    if (!c) return;
+    if (c.credits === null) { $("e-cost").textContent = "–"; $("e-cost-note").textContent = c.error; return; }
+    $("e-cost").textContent = `${decimal(c.credits, 2)} ${c.unit}` + (c.money ? ` (about ${c.money.display})` : "");
+    $("e-cost-note").textContent = `Starting holds ${decimal(c.hold, 2)} ${c.unit}; you have ` +
+      `${decimal(c.available, 2)} available` + (c.enough ? ". Unused credits return when the run ends." :
+      ": not enough. Top up on your account page.");
   }
 
   function schedule() { clearTimeout(timer); timer = setTimeout(refresh, 150); }
