@@ -49,8 +49,8 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     s (a + b s^2 + c s^4), leaving the singular vectors alone. On CUDA that iteration runs as is,
     in bfloat16 (fast, and good enough: the iteration is self-correcting); elsewhere in float32.
 
-    On CPU, for clearly wide or tall matrices (the MLP's 1:4 and the fused QKV's 3:1), the same
-    polynomial is applied in the eigenbasis of the small Gram matrix instead (:func:`_spectral`):
+    On CPU, for clearly wide or tall matrices of 256 rows or more (the MLP's 1:4 and the fused
+    QKV's 3:1 from depth 4 on), the same polynomial is applied in the eigenbasis of the small Gram matrix instead (:func:`_spectral`):
     one float64 eigendecomposition and a few products in place of ``steps`` rounds of products.
     It computes what the iteration computes, to the iteration's own float32 accuracy (the tests
     hold both to a float64 reference of the iteration); where that cannot be promised (many
@@ -108,11 +108,16 @@ def _iterate(x: torch.Tensor, steps: int) -> torch.Tensor:
 # their whole subspace gets f = a^steps, the linear regime's factor: exact to first order there
 # (the guard below keeps a^steps sqrt(floor) small) and blind to how eigh mixed their eigenvectors.
 #
-# Why only for wide or tall matrices. Measured here (one thread, float32 iteration against this
-# route): at 1:4 the route takes ~0.6x the iteration's time, at 1:3 ~0.8x, on square matrices
-# ~1.6x (the float64 eigendecomposition costs what ~35 m^3 float32 flops do; five iterations cost
-# 20 m^2 n + 10 m^3).
-SPECTRAL_MIN_RATIO = 2.5  # use the route when n >= this * m
+# Why only for wide or tall matrices of 256 rows or more. The float64 eigendecomposition costs what
+# ~35 m^3 float32 flops do; five rounds of the iteration cost 20 m^2 n + 10 m^3. Measured on one
+# thread, the route's time over the iteration's (AMD EPYC here / an Intel Xeon with AMX):
+# 256 x 1024 0.79 / 0.79, 384 x 1536 0.73 / 0.67, 512 x 2048 0.66 / 0.62; 256 x 768 ~1.0 / 0.87,
+# 384 x 1152 0.79 / 0.77; 1:2 and square 1.0-2.3; and at 128 rows (depth 2) 1.1-2.2 whatever the
+# shape, the decomposition's fixed costs dominating. So: the MLP's 1:4 and the fused QKV's 3:1 from
+# depth 4 on. A rule of shapes, not a timing probe: the route must not differ between the runs a
+# resume joins.
+SPECTRAL_MIN_RATIO = 2.5  # use the route when n >= this * m ...
+SPECTRAL_MIN_ROWS = 256  # ... and m >= this
 _EPS32 = torch.finfo(torch.float32).eps
 _EPS64 = torch.finfo(torch.float64).eps
 _STEEPEST = 0.15  # max over s of s |d f / d(s^2)|, divided by a^(2 steps) (the same for any steps)
@@ -122,7 +127,8 @@ def _spectral_applies(m: int, n: int, steps: int) -> bool:
     a = _NS_COEFFS[0]
     # the route's rounding (eigenvalues off by up to ~n eps64, ||X||_F = 1, times the polynomial's
     # steepest slope) must stay below the float32 iteration's (eps32, amplified by up to a^steps)
-    return n >= SPECTRAL_MIN_RATIO * m and n * _EPS64 * _STEEPEST * a ** (2 * steps) <= _EPS32 * a ** steps
+    return (m >= SPECTRAL_MIN_ROWS and n >= SPECTRAL_MIN_RATIO * m
+            and n * _EPS64 * _STEEPEST * a ** (2 * steps) <= _EPS32 * a ** steps)
 
 
 def _spectral(x: torch.Tensor, steps: int) -> torch.Tensor | None:
