@@ -50,11 +50,12 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     in bfloat16 (fast, and good enough: the iteration is self-correcting); elsewhere in float32.
 
     On CPU, for clearly wide or tall matrices of 256 rows or more (the MLP's 1:4 and the fused
-    QKV's 3:1 from depth 4 on), the same polynomial is applied in the eigenbasis of the small Gram matrix instead (:func:`_spectral`):
-    one float64 eigendecomposition and a few products in place of ``steps`` rounds of products.
-    It computes what the iteration computes, to the iteration's own float32 accuracy (the tests
-    hold both to a float64 reference of the iteration); where that cannot be promised (many
-    steps on a very wide matrix) or the eigendecomposition fails, the iteration runs instead.
+    QKV's 3:1 from depth 4 on), the same polynomial is applied in the eigenbasis of the small Gram
+    matrix instead (:func:`_spectral`): one float64 eigendecomposition and a few products in place
+    of ``steps`` rounds of products. It computes what the iteration computes, to the iteration's own
+    float32 accuracy (the tests hold both to a float64 reference of the iteration); where that
+    cannot be promised (many steps on a very wide matrix) or the eigendecomposition fails, the
+    iteration runs instead.
     """
     if g.ndim != 2:
         raise ValueError(f"newton_schulz wants a matrix, got shape {tuple(g.shape)}")
@@ -99,14 +100,15 @@ def _iterate(x: torch.Tensor, steps: int) -> torch.Tensor:
 # For five steps that is ~3e-2 ||G|| in float32 (measured against float64 on real training
 # gradients: 3e-3 to 5e-2, where the float32 iteration is off by 1e-5), and for ten steps the error
 # exceeds the value itself: a singular value that eigh underestimates gets f(s_est) s_true > 1,
-# up to 1.4 on a 64 x 64 Gaussian matrix on an Intel Xeon and 50 on a real gradient here. In float64
+# 1.4 on a 64 x 64 Gaussian matrix on an Intel Xeon, ~50 on a real gradient on an AMD EPYC. In float64
 # (Gram matrix of the float32 X, eigh, and the m x m product U diag(f) U^T) the same error is
 # ~n eps64, below the float32 iteration's own rounding (~eps32 a^steps) for up to ~12 steps; only
 # the last product, Q X, is float32, as the iteration's are.
 #
 # Eigenvalues below that rounding floor cannot be told apart from zero; they are set to zero, so
 # their whole subspace gets f = a^steps, the linear regime's factor: exact to first order there
-# (the guard below keeps a^steps sqrt(floor) small) and blind to how eigh mixed their eigenvectors.
+# (the guard below keeps the second-order error under the iteration's own rounding) and blind to how
+# eigh mixed their eigenvectors.
 #
 # Why only for wide or tall matrices of 256 rows or more. The float64 eigendecomposition costs what
 # ~35 m^3 float32 flops do; five rounds of the iteration cost 20 m^2 n + 10 m^3. Measured on one

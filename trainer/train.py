@@ -303,7 +303,8 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
 
     train_model = ddp = model
     if rt.world_size > 1:
-        train_model = ddp = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        train_model = ddp = DistributedDataParallel(model, device_ids=device_ids)
     if rt.compile:
         train_model = torch.compile(train_model)
 
