@@ -132,7 +132,7 @@ class Run:
 
 
 def _train_step(run: Run) -> float:
-    """One optimizer step (all its micro-batches); the loss averaged over ranks."""
+    """One optimizer step over all its micro-batches; this process's loss (the loop averages ranks)."""
     from trainer import optim
     cfg, plan, rt = run.cfg, run.plan, run.rt
     optim.set_lr(run.optimizers, optim.lr_multiplier(run.step, plan.total_steps, cfg.warmup_ratio,
