@@ -122,21 +122,22 @@ def test_stopping_and_resuming_gives_the_same_losses_as_a_straight_run(tmp_path,
     assert straight[-1]["final_val_bpb"] == pytest.approx(second[-1]["final_val_bpb"], abs=1e-6)
 
 
-@pytest.mark.parametrize("kernels", [None, AVX2], ids=["native", "avx2"])
-def test_resuming_is_exact_on_two_threads_too(tmp_path, cache, kernels):
+@pytest.mark.parametrize("kernels, depth, steps", [(None, 4, 10), (AVX2, 1, 30)], ids=["native-depth4", "avx2"])
+def test_resuming_is_exact_on_two_threads_too(tmp_path, cache, kernels, depth, steps):
     # Two threads take other code paths: multi-threaded products, and Muon's matrices orthogonalised
-    # side by side on single-threaded workers. Those must be just as repeatable, and so must the
-    # AVX2 kernels a CPU without AVX-512 runs.
-    plan = ["--max-steps", "30", "--checkpoint-every", "1000"]
+    # side by side on single-threaded workers; from depth 4 (256 wide) Muon's float64 eigenbasis
+    # route runs too. Those must be just as repeatable, and so must the AVX2 kernels a CPU without
+    # AVX-512 runs.
+    plan = ["--max-steps", str(steps), "--checkpoint-every", "1000", "--depth", str(depth)]
     code, straight, err = run_trainer(plan, tmp_path / "straight", cache, threads=2, env=kernels)
     assert code == 0, err
-    code, first, err = run_trainer([*plan, "--stop-at-step", "15"], tmp_path / "resumed", cache, threads=2,
-                                   env=kernels)
+    code, first, err = run_trainer([*plan, "--stop-at-step", str(steps // 2)], tmp_path / "resumed", cache,
+                                   threads=2, env=kernels)
     assert code == 0, err
     code, second, err = run_trainer([*plan, "--resume"], tmp_path / "resumed", cache, threads=2, env=kernels)
     assert code == 0, err
     a, b = steps_losses(straight), steps_losses(first) | steps_losses(second)
-    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
 
