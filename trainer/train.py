@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,16 +72,15 @@ class Runtime:
     local_rank: int
     world_size: int
     compile: bool
+    dtype: str = "float32"  # what the products run in (trainer/precision.py): "float32" or "bfloat16"
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
     def autocast(self):
-        import torch
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()  # float32 on CPU and MPS
+        from trainer import precision
+        return precision.autocast(self.device.type, self.dtype)  # float32: no autocast at all
 
     def all_reduce_sum(self, *values: float) -> list[float]:
         """The sums over all ranks (the values themselves in a single process)."""
@@ -129,7 +127,12 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
     compile_ = (kind == "cuda") if cfg.compile == "auto" else bool(cfg.compile)
-    return Runtime(device, rank, local, world, compile_)
+    from trainer import precision
+    try:
+        dtype = precision.resolve(cfg.dtype, kind)  # on CPU, auto times both dtypes here, once
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return Runtime(device, rank, local, world, compile_, dtype)
 
 
 def _log(rt_master: bool, msg: str) -> None:
@@ -245,7 +248,7 @@ def describe_run(cfg: TrainConfig, rt: Runtime, plan: Plan, model_config: dict, 
     # the model) name the keys only.
     redacted = {k: "<redacted>" for k in cfg.storage_options} if cfg.storage_options else cfg.storage_options
     resolved = dataclasses.asdict(cfg) | {"batch_size": plan.batch, "seq_len": plan.seq, "compile": rt.compile,
-                                          "device": str(rt.device), "cache_dir": str(plan.cache_dir),
+                                          "device": str(rt.device), "cache_dir": str(plan.cache_dir), "dtype": rt.dtype,
                                           "storage_options": redacted}
     run_config = {"model": model_config, "shape": plan.shape.to_dict(), "train": resolved,
                   "data": {"source": prepared.source, "sha256": prepared.data_sha256,
@@ -275,6 +278,18 @@ def resume(plan: Plan, model, optimizers, loader, rt: Runtime, log) -> dict:
     return state
 
 
+def keep_dtype(cfg: TrainConfig, rt: Runtime, plan: Plan, log) -> None:
+    """A resumed ``--dtype auto`` run keeps the dtype its checkpoint was trained in: a timing probe
+    on a busy machine must not switch a run's arithmetic halfway."""
+    from trainer import checkpoint as ckpt
+    if cfg.dtype != "auto" or plan.resumed_from is None:
+        return
+    saved = ckpt.read_config(plan.resumed_from).get("train", {}).get("dtype")
+    if saved in ("float32", "bfloat16") and saved != rt.dtype and (saved == "float32" or rt.device.type != "mps"):
+        log(f"resuming in {saved}, the dtype the run started in (this machine's probe chose {rt.dtype})")
+        rt.dtype = saved
+
+
 def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     """Plan, build, resume, then run the loop; the contract's exit code (errors are raised)."""
     import torch
@@ -285,6 +300,7 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
 
     log = lambda msg: _log(rt.master, msg)  # noqa: E731
     plan = plan_run(cfg, rt, log)
+    keep_dtype(cfg, rt, plan, log)
     torch.manual_seed(cfg.seed)
     gpt_config = GPTConfig.from_shape(plan.shape)
     model = GPT(gpt_config).to(rt.device)  # built (and initialised) on the CPU: the same on every device
@@ -315,7 +331,7 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
          shape=plan.shape.to_dict(), tokens_per_step=plan.tokens_per_step, vocab_size=tokenizer.vocab_size,
          peak_flops=peak, grad_accum_steps=plan.accum, budget=plan.budget, data_source=plan.prepared.source,
          data_sha256=plan.prepared.data_sha256, n_train_tokens=plan.prepared.n_train_tokens,
-         n_val_tokens=plan.prepared.n_val_tokens, data_bytes=plan.prepared.n_bytes)
+         n_val_tokens=plan.prepared.n_val_tokens, data_bytes=plan.prepared.n_bytes, dtype=rt.dtype)
     log(f"depth {cfg.depth}: {params:,} params, {plan.total_steps} steps of {plan.batch}x{plan.seq} tokens on "
         f"{rt.device} x{rt.world_size}{' (compiled)' if rt.compile else ''}")
 
