@@ -28,7 +28,8 @@ Events and their fields (extra fields are allowed; these are guaranteed):
 
 ``python -m trainer.calibrate`` speaks the same contract with one more event:
 
-``calibration`` device, device_name, memory_bytes (total memory of the device), base_rss_bytes (the
+``calibration`` device, device_name, memory_bytes (total memory of the device), dtype (what a run's
+               products run in here: float32 or bfloat16), base_rss_bytes (the
                process's resident memory once torch is loaded), and when a shape was timed: shape
                (dict), tokens_per_sec, step_s, first_step_extra_s, eval_batch_s, sample_s (one
                generation of SAMPLE_TOKENS), checkpoint_s, startup_s (process start to ready),
