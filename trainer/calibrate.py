@@ -95,7 +95,8 @@ def time_steps(rt, depth: int, vocab_size: int, seq_len: int, batch_size: int, s
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_shape(shape)).to(rt.device)
-    optimizers = optim.build_optimizers(model.param_groups(), shape.n_embd, device_type=rt.device.type)
+    optimizers = optim.build_optimizers(model.param_groups(), shape.n_embd, device_type=rt.device.type,
+                                        dtype=rt.dtype)
     train_model = torch.compile(model) if rt.compile else model
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)

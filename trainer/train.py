@@ -307,7 +307,8 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     params = model.num_params()
     optimizers = optim.build_optimizers(
         model.param_groups(), plan.shape.n_embd, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-        unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, device_type=rt.device.type)
+        unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, device_type=rt.device.type,
+        dtype=rt.dtype)
     plan_length(cfg, plan, params, log)
     resolved, run_config = describe_run(cfg, rt, plan, gpt_config.to_dict(), params)
 
