@@ -20,7 +20,7 @@ import time
 from typing import Callable
 
 DTYPES = ("auto", "float32", "bfloat16")
-MARGIN = 2.0  # bf16 products must be at least this much faster than float32 ones to be chosen
+MARGIN = 1.5  # bf16 products must be at least this much faster than float32 ones to be chosen
 # rows x inner x columns of the probe's product: a depth-4 model's MLP on a 256-row chunk. Big
 # enough for the fast kernels to reach their speed, small enough that emulated bf16 costs ~0.1 s.
 PROBE_SHAPE = (256, 256, 1024)
