@@ -1,11 +1,18 @@
-"""Eager float32 CPU training, made fast: the same math as the plain PyTorch code, fewer passes.
+"""Eager CPU training, made fast: the same math as the plain PyTorch code, fewer passes.
 
 On a CPU a training step of these small models is spent in two places: the matrix products and the
 element-wise passes around them, which on a 2-core machine with modest memory bandwidth cost a few
 milliseconds each over a (batch x sequence, 4 x width) activation. Everything here computes exactly
 what the textbook code in ``trainer/model.py`` computes (the tests hold the two to float32 rounding);
-it is used only for float32 CPU tensors outside ``torch.compile``, which fuses the plain code itself
+it is used only for CPU tensors outside ``torch.compile``, which fuses the plain code itself
 (and so on CUDA the plain code runs).
+
+bf16 (``--dtype bfloat16``, trainer/precision.py). Under ``torch.autocast("cpu", bfloat16)`` the same
+functions run their products in bf16: oneDNN's bf16 kernels (AVX512-BF16, AMX) behind the same op,
+the float32 master weights cast once per use, float32 accumulation inside the kernels, and every
+weight gradient handed back in float32. Autocast does not look inside autograd functions, so they
+cast their operands themselves. Norms, soft-cap, softmax and loss stay float32, as autocast keeps
+them on GPUs; the tests hold this path to the plain bf16-autocast code within bf16 rounding.
 
 Matrix products. Torch sends every float32 CPU matmul to MKL. On the AMD EPYC (Zen 4) this project is
 developed on, MKL runs the forward products of a training step (rows = batch x sequence, a few

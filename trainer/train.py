@@ -6,9 +6,10 @@
     torchrun --nproc_per_node=8 -m trainer.train --depth 20 --data /data/corpus.txt --out runs/d20
     torchrun --nproc_per_node=2 -m trainer.train --device cpu --depth 2 --max-steps 50   # DDP on gloo
 
-CPU recipe: one thread per core (OMP_NUM_THREADS; the web app's CPU slots set it), float32, eager
+CPU recipe: one thread per core (OMP_NUM_THREADS; the web app's CPU slots set it), eager
 (trainer/cpu_ops.py: oneDNN products, lean hand-written passes; 1.7x faster on two threads than one
-at depth 2 here), batch 8 x seq 256. CUDA: bf16 autocast and torch.compile, seq 2048 and the largest
+at depth 2 here), batch 8 x seq 256; products in bf16 where a probe finds this CPU fast at them
+(trainer/precision.py; ``--dtype`` overrides), else float32, with float32 weights either way. CUDA: bf16 autocast and torch.compile, seq 2048 and the largest
 batch (<= 32 rows per GPU) that sizing.memory_estimate fits in 80% of the GPU's memory; a bigger
 global --batch-size with --device-batch-size accumulates gradients. MPS: float32, eager.
 
