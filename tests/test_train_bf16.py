@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -87,3 +89,13 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_dtype(tmp_path, saved, probed,
     rt.dtype = probed  # an explicit --dtype is obeyed, whatever the checkpoint says
     keep_dtype(TrainConfig(dtype=probed), rt, plan, lambda msg: None)
     assert rt.dtype == probed
+
+
+def test_ranks_of_an_auto_run_train_in_rank_zeros_choice(tmp_path, cache):
+    # each rank's probe is its own timing and could come out the other way on a busy machine:
+    # rank 0's choice is broadcast, so this runs the broadcast (and a wrong one would hang or fail)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    code, events, err = run_trainer(["--max-steps", "2", "--dtype", "auto"], tmp_path, cache, python=torchrun,
+                                    module=("--standalone", "--nproc_per_node=2", "-m", "trainer.train"))
+    assert code == 0, err
+    assert events[0]["world_size"] == 2 and events[0]["dtype"] in ("float32", "bfloat16")

@@ -133,6 +133,10 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         dtype = precision.resolve(cfg.dtype, kind)  # on CPU, auto times both dtypes here, once
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if world > 1 and cfg.dtype == "auto":  # every rank trains in rank 0's choice: probes may differ
+        flag = torch.tensor([float(dtype == "bfloat16")], device=device)
+        dist.broadcast(flag, src=0)
+        dtype = "bfloat16" if float(flag) > 0.5 else "float32"
     return Runtime(device, rank, local, world, compile_, dtype)
 
 
