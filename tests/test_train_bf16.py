@@ -12,13 +12,11 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from test_train import only, run_trainer, steps_losses
-from trainer.config import TrainConfig
-from trainer.train import keep_dtype
+from trainer import precision
 
 pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
 
@@ -77,18 +75,14 @@ def test_a_stopped_bf16_run_resumes_within_bf16s_tolerance(tmp_path, cache):
         assert b[step] == pytest.approx(a[step], rel=BF16_EPS), step
 
 
-@pytest.mark.parametrize("saved,probed,kept", [("float32", "bfloat16", "float32"),
-                                               ("bfloat16", "float32", "bfloat16"),
-                                               (None, "bfloat16", "bfloat16")])
-def test_a_resumed_auto_run_keeps_its_checkpoints_dtype(tmp_path, saved, probed, kept):
-    (tmp_path / "config.json").write_text(json.dumps({"train": {"dtype": saved} if saved else {}}))
-    rt = SimpleNamespace(dtype=probed, device=SimpleNamespace(type="cpu"))
-    plan = SimpleNamespace(resumed_from=tmp_path)
-    keep_dtype(TrainConfig(dtype="auto"), rt, plan, lambda msg: None)
-    assert rt.dtype == kept
-    rt.dtype = probed  # an explicit --dtype is obeyed, whatever the checkpoint says
-    keep_dtype(TrainConfig(dtype=probed), rt, plan, lambda msg: None)
-    assert rt.dtype == probed
+@pytest.mark.parametrize("saved,probed,device,kept", [("float32", "bfloat16", "cpu", "float32"),
+                                                      ("bfloat16", "float32", "cpu", "bfloat16"),
+                                                      ("bfloat16", "float32", "mps", "float32"),  # cannot
+                                                      (None, "bfloat16", "cpu", "bfloat16")])  # an older checkpoint
+def test_a_resumed_auto_run_keeps_its_checkpoints_dtype(saved, probed, device, kept):
+    lines = []
+    assert precision.kept(probed, saved, device, lines.append) == kept
+    assert bool(lines) == (kept != probed)  # a switch back is logged
 
 
 def test_ranks_of_an_auto_run_train_in_rank_zeros_choice(tmp_path, cache):

@@ -118,6 +118,26 @@ def resolve(requested: str, device_type: str, cuda_bf16: bool | None = None) -> 
     return cpu_choice()["choice"]
 
 
+def kept(probed: str, saved: str | None, device_type: str, log=None) -> str:
+    """The dtype a resumed ``auto`` run trains in: its checkpoint's (``saved``) where the device can,
+    else this process's probe's. A timing probe on a busy machine must not switch a run's arithmetic
+    halfway, and a resumed run is exact only in the arithmetic it started in."""
+    if saved not in ("float32", "bfloat16") or saved == probed or (saved == "bfloat16" and device_type == "mps"):
+        return probed
+    if log is not None:
+        log(f"resuming in {saved}, the dtype the run started in (this machine's probe chose {probed})")
+    return saved
+
+
+def rank_zeros(dtype: str, device) -> str:
+    """Rank 0's choice on every rank of a distributed run: each rank's probe is its own timing."""
+    import torch
+    import torch.distributed as dist
+    flag = torch.tensor([float(dtype == "bfloat16")], device=device)
+    dist.broadcast(flag, src=0)
+    return "bfloat16" if float(flag) > 0.5 else "float32"
+
+
 def autocast(device_type: str, dtype: str):
     """The context the forward pass runs in: bf16 autocast for "bfloat16", nothing for "float32"."""
     import contextlib

@@ -133,10 +133,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         dtype = precision.resolve(cfg.dtype, kind)  # on CPU, auto times both dtypes here, once
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if world > 1 and cfg.dtype == "auto":  # every rank trains in rank 0's choice: probes may differ
-        flag = torch.tensor([float(dtype == "bfloat16")], device=device)
-        dist.broadcast(flag, src=0)
-        dtype = "bfloat16" if float(flag) > 0.5 else "float32"
+    if world > 1 and cfg.dtype == "auto":
+        dtype = precision.rank_zeros(dtype, device)
     return Runtime(device, rank, local, world, compile_, dtype)
 
 
@@ -283,29 +281,20 @@ def resume(plan: Plan, model, optimizers, loader, rt: Runtime, log) -> dict:
     return state
 
 
-def keep_dtype(cfg: TrainConfig, rt: Runtime, plan: Plan, log) -> None:
-    """A resumed ``--dtype auto`` run keeps the dtype its checkpoint was trained in: a timing probe
-    on a busy machine must not switch a run's arithmetic halfway."""
-    from trainer import checkpoint as ckpt
-    if cfg.dtype != "auto" or plan.resumed_from is None:
-        return
-    saved = ckpt.read_config(plan.resumed_from).get("train", {}).get("dtype")
-    if saved in ("float32", "bfloat16") and saved != rt.dtype and (saved == "float32" or rt.device.type != "mps"):
-        log(f"resuming in {saved}, the dtype the run started in (this machine's probe chose {rt.dtype})")
-        rt.dtype = saved
-
-
 def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     """Plan, build, resume, then run the loop; the contract's exit code (errors are raised)."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainer import data, optim
+    from trainer import data, optim, precision
+    from trainer.checkpoint import read_config
     from trainer.model import GPT, GPTConfig
 
     log = lambda msg: _log(rt.master, msg)  # noqa: E731
     plan = plan_run(cfg, rt, log)
-    keep_dtype(cfg, rt, plan, log)
+    if cfg.dtype == "auto" and plan.resumed_from is not None:  # a resumed run keeps its checkpoint's dtype
+        saved = read_config(plan.resumed_from).get("train", {}).get("dtype")
+        rt.dtype = precision.kept(rt.dtype, saved, rt.device.type, log)
     torch.manual_seed(cfg.seed)
     gpt_config = GPTConfig.from_shape(plan.shape)
     model = GPT(gpt_config).to(rt.device)  # built (and initialised) on the CPU: the same on every device
