@@ -7,7 +7,7 @@ On CUDA, auto means bf16 wherever the GPU has bf16 units (Ampere and later), as 
 always done. On MPS it means float32. On a CPU it depends on the CPU, by a wide margin either way:
 an Intel Xeon with AMX ran a 2048 x 2048 bf16 product at ~2,500 GFLOP/s, 6.6x its float32 peak; an
 AMD EPYC Zen 4 (AVX512-BF16) ~390 against ~117 GFLOP/s, ~3x; and CPUs without bf16 instructions
-(older EPYC, most laptops before 2022) emulate it ~100x slower than float32. CPU names and flags
+(older EPYC, many laptop CPUs) emulate it, ~100x slower than float32. CPU names and flags
 do not say what torch's kernels will do on them, so :func:`cpu_choice` measures both dtypes on a
 product the size of a small model's MLP, once per process, and picks bf16 only when it is at least
 :data:`MARGIN` times faster: the products are only part of a step (norms, softmax and the loss stay
