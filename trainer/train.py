@@ -48,7 +48,8 @@ from trainer.loop import Diverged, Run, evaluate, make_samples, train_loop  # no
 
 # --- devices and processes -----------------------------------------------------------------------
 
-# Dense bf16 tensor-core peaks in FLOP/s, for MFU; the first name contained in the device's wins.
+# Dense bf16 tensor-core peaks in FLOP/s (NVIDIA datasheet figures, without sparsity), for MFU; the
+# first name contained in the device's wins.
 GPU_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("GH200", 989e12),
                  ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12),
                  ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12),
