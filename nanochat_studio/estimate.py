@@ -187,7 +187,9 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
         "exact": exact,
         "memory": {"needed_bytes": mem["total"], "device_bytes": have or None, "verdict": verdict, "breakdown": mem,
                    "peak_rss_bytes": peak_rss, "peak_source": peak_source},
+        # dtype: what the calibration's steps ran in (the trainer's --dtype auto choice on this device)
         "time": {"seconds": seconds, "tokens_per_sec": tps, "source": source,
+                 "dtype": calib.get("dtype") if calib else None,
                  "breakdown": {k: round(v, 3) for k, v in breakdown.items()}},
         "device": device,
         "data": data,

@@ -44,3 +44,15 @@ def test_it_keeps_timing_until_the_minimum_time_has_passed():
 def test_bad_arguments_are_usage_errors():
     code, e = calibrate("--depth", "1", "--warmup", "0")
     assert code == progress.EXIT_USAGE and e["event"] == "error" and "warmup" in e["message"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_it_times_and_reports_the_dtype_a_run_would_train_in(dtype):
+    code, e = calibrate("--depth", "1", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "2",
+                        "--steps", "2", "--min-seconds", "0", "--dtype", dtype)
+    assert code == 0 and e["dtype"] == dtype and e["step_s"] > 0
+
+
+def test_auto_reports_the_probes_choice():
+    code, e = calibrate("--probe")
+    assert code == 0 and e["dtype"] in ("float32", "bfloat16")  # which one is this CPU's to say

@@ -184,6 +184,15 @@ def test_time_adds_a_runs_fixed_costs_to_its_steps(app):
                              facts=facts)["time"]["breakdown"]["checkpoints"] == pytest.approx(10 * 0.1)
 
 
+def test_the_time_says_which_dtype_the_calibration_measured(app):
+    database.connect(reuse_if_open=True)
+    facts = {"status": "known", "origin": "prepared", **sizing.DEMO_FACTS}
+    shape = sizing.shape_for(2, facts["vocab_size"], 256)
+    assert estimate.estimate({"depth": 2}, FAKE_DEVICE, facts=facts)["time"]["dtype"] is None  # not measured
+    estimate.store_calibration("test cpu", shape, 8, {**CALIBRATION, "dtype": "bfloat16"})
+    assert estimate.estimate({"depth": 2}, FAKE_DEVICE, facts=facts)["time"]["dtype"] == "bfloat16"
+
+
 def test_peak_memory_is_the_calibrated_process_plus_the_token_pages_it_reads(app):
     database.connect(reuse_if_open=True)
     facts = {"status": "known", "origin": "prepared", **sizing.DEMO_FACTS}

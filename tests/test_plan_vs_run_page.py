@@ -51,12 +51,13 @@ def test_the_trainers_plan_appears_beside_the_estimate_when_it_starts(app, brows
             jobs.record_event(job.id, "start", {
                 "config": {}, "params": plan["params"], "flops_per_token": 1, "total_steps": plan["steps"],
                 "total_tokens": plan["tokens"], "device": "cpu", "vocab_size": plan["vocab_size"] + 1,
-                "n_train_tokens": plan["data"]["train_tokens"], "budget": plan["budget"]})
+                "n_train_tokens": plan["data"]["train_tokens"], "budget": plan["budget"], "dtype": "bfloat16"})
         wait_for(page, "document.querySelector('#plan-vs-run tr[data-key=params] .act').textContent.includes(',')")
         after = cells(page)
         for key in ("params", "steps", "tokens", "train_tokens", "budget"):
             assert after[key][1] == after[key][0] and "matches" in after[key][2], (key, after[key])
         assert after["vocab_size"][1] == f"{plan['vocab_size'] + 1:,}" and "differs" in after["vocab_size"][2]
+        assert page.text_content("#dtype") == "bfloat16"  # what the trainer's products run in
 
         with database.connection_context():  # it ends: the wall time appears too
             started = TrainingJob.get_by_id(job.id).created_at

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 TINY = ["--depth", "1", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "512", "--device", "cpu",
-        "--eval-every", "1000", "--eval-tokens", "512", "--sample-every", "1000", "--seed", "7"]
+        "--eval-every", "1000", "--eval-tokens", "512", "--sample-every", "1000", "--seed", "7",
+        "--dtype", "float32"]  # the tolerances below are float32's; tests/test_train_bf16.py holds bf16's
 
 
 @pytest.fixture(scope="module")

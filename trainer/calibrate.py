@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python -m trainer.calibrate --depth 2 --device cpu --steps 3
 
 Prints one ``calibration`` event of trainer/progress.py on stdout: device, device_name, memory_bytes,
-base_rss_bytes and startup_s (process start, imports and device set-up, what every run pays first)
+dtype (what the products run in: the trainer's ``--dtype`` choice here, measured on CPUs), base_rss_bytes and startup_s (process start, imports and device set-up, what every run pays first)
 and, when a shape was timed, step_s and tokens_per_sec, first_step_extra_s, build_s, eval_batch_s,
 sample_s, checkpoint_s, flops_per_step, flops_per_sec, peak_memory_bytes and peak_rss_bytes. The
 steps are the trainer's own: the same model, optimizers, learning-rate and clipping work, autocast
@@ -95,7 +95,8 @@ def time_steps(rt, depth: int, vocab_size: int, seq_len: int, batch_size: int, s
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_shape(shape)).to(rt.device)
-    optimizers = optim.build_optimizers(model.param_groups(), shape.n_embd, device_type=rt.device.type)
+    optimizers = optim.build_optimizers(model.param_groups(), shape.n_embd, device_type=rt.device.type,
+                                        dtype=rt.dtype)
     train_model = torch.compile(model) if rt.compile else model
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--compile", default="auto", choices=("auto", "true", "false"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="as the trainer's --dtype; the event's dtype says which was timed")
     args = parser.parse_args(argv)
     for name in ("depth", "vocab_size", "seq_len", "batch_size", "steps", "warmup"):
         if getattr(args, name) < 1:
@@ -194,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         compile_ = {"auto": "auto", "true": True, "false": False}[args.compile]
-        rt = setup_runtime(TrainConfig(device=args.device, compile=compile_))
+        rt = setup_runtime(TrainConfig(device=args.device, compile=compile_, dtype=args.dtype))
     except UsageError as exc:
         progress.emit("error", kind="user", code="usage", message=str(exc))
         return progress.EXIT_USAGE
-    info = describe(rt.device) | {"base_rss_bytes": _peak_rss_bytes(), "startup_s": _process_age_s()}
+    # dtype: what a run here with the same --dtype trains in, which is what the steps below time
+    info = describe(rt.device) | {"base_rss_bytes": _peak_rss_bytes(), "startup_s": _process_age_s(),
+                                  "dtype": rt.dtype}
     if args.probe:
         progress.emit("calibration", **info)
         return progress.EXIT_OK

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+DTYPES = ("auto", "float32", "bfloat16")  # trainer/precision.py says what each means
+
 # The --help headline: train.py's own, which is what the user ran.
 DESCRIPTION = "Train a small GPT from scratch, speaking the JSON-lines contract of trainer/progress.py."
 
@@ -64,6 +66,7 @@ class TrainConfig:
     out: str = "runs/latest"
     device: str = "auto"
     compile: Any = "auto"  # "auto" | True | False
+    dtype: str = "auto"  # products in "float32" or "bfloat16"; auto measures (trainer/precision.py)
     seed: int = 42
     resume: bool = False
     # bookkeeping from the web app, echoed in the start event
@@ -112,6 +115,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"device must be auto, cpu, cuda or mps, got {cfg.device!r}")
     if cfg.compile not in ("auto", True, False):
         raise UsageError(f"compile must be auto, true or false, got {cfg.compile!r}")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     for name in ("data", "out", "name"):
         if not isinstance(getattr(cfg, name), str) or (name != "name" and not getattr(cfg, name)):
             raise UsageError(f"{name} must be a non-empty string")
@@ -191,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory: checkpoints/, cache/")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--compile", type=_compile_flag, help="auto, true or false")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="products in float32 or bfloat16 (float32 weights either way); auto: bf16 on "
+                        "CUDA, and on a CPU where a measured bf16 product is much faster")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", nargs="?", const=True, type=_bool, help="continue from the latest checkpoint")
     p.add_argument("--name")

@@ -1,11 +1,18 @@
-"""Eager float32 CPU training, made fast: the same math as the plain PyTorch code, fewer passes.
+"""Eager CPU training, made fast: the same math as the plain PyTorch code, fewer passes.
 
 On a CPU a training step of these small models is spent in two places: the matrix products and the
 element-wise passes around them, which on a 2-core machine with modest memory bandwidth cost a few
 milliseconds each over a (batch x sequence, 4 x width) activation. Everything here computes exactly
 what the textbook code in ``trainer/model.py`` computes (the tests hold the two to float32 rounding);
-it is used only for float32 CPU tensors outside ``torch.compile``, which fuses the plain code itself
+it is used only for CPU tensors outside ``torch.compile``, which fuses the plain code itself
 (and so on CUDA the plain code runs).
+
+bf16 (``--dtype bfloat16``, trainer/precision.py). Under ``torch.autocast("cpu", bfloat16)`` the same
+functions run their products in bf16: oneDNN's bf16 kernels (AVX512-BF16, AMX) behind the same op,
+the float32 master weights cast once per use, float32 accumulation inside the kernels, and every
+weight gradient handed back in float32. Autocast does not look inside autograd functions, so they
+cast their operands themselves. Norms, soft-cap, softmax and loss stay float32, as autocast keeps
+them on GPUs; the tests hold this path to the plain bf16-autocast code within bf16 rounding.
 
 Matrix products. Torch sends every float32 CPU matmul to MKL. On the AMD EPYC (Zen 4) this project is
 developed on, MKL runs the forward products of a training step (rows = batch x sequence, a few
@@ -72,8 +79,10 @@ def _probe() -> bool:
         gen = torch.Generator().manual_seed(0)
         a = torch.randn(64, 48, generator=gen)
         b = torch.randn(40, 48, generator=gen)
-        got = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-        return bool(torch.allclose(got, a @ b.t(), rtol=1e-5, atol=1e-5))
+        # the first product may come under bf16 autocast: the float32 reference must stay float32
+        with torch.autocast("cpu", enabled=False):
+            got = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+            return bool(torch.allclose(got, a @ b.t(), rtol=1e-5, atol=1e-5))
     except (RuntimeError, NotImplementedError):
         return False
 
@@ -103,8 +112,22 @@ def plain():
 
 
 def _onednn_applies(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
-    return (rows >= MIN_ROWS and a.device.type == "cpu" and a.dtype == torch.float32
-            and b.dtype == torch.float32 and not torch.compiler.is_compiling() and enabled())
+    # bf16 products too: oneDNN has bf16 kernels (AVX512-BF16, AMX) with the same fused activations
+    return (rows >= MIN_ROWS and a.device.type == "cpu" and a.dtype in _ONEDNN_DTYPES
+            and b.dtype == a.dtype and not torch.compiler.is_compiling() and enabled())
+
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def bf16_autocast(x: torch.Tensor) -> bool:
+    """Whether ``x``'s products should run in bf16 here: eager CPU code under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the trainer's ``--dtype bfloat16``). The
+    functions below then cast their operands to bf16 themselves (autocast does not look inside
+    autograd functions) and keep the master weights' gradients float32."""
+    return (bool(_state["fused"]) and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not torch.compiler.is_compiling())
 
 
 _ACTIVATIONS = {"none": None, "relu": torch.relu_, "sigmoid": torch.sigmoid_}
@@ -120,28 +143,42 @@ def mm_nt(a: torch.Tensor, b: torch.Tensor, activation: str = "none") -> torch.T
     return out if _ACTIVATIONS[activation] is None else _ACTIVATIONS[activation](out)
 
 
+def _operands(ctx, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as rows, w) in the dtype the products run in: bf16 under bf16 autocast (the float32
+    master weight is cast per step, as autocast does on GPUs), else as given."""
+    ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, w.dtype
+    x2 = x.reshape(-1, x.size(-1))
+    if bf16_autocast(x):
+        return x2.to(torch.bfloat16), w.to(torch.bfloat16)
+    return x2, w
+
+
 class _Linear(torch.autograd.Function):
-    """``x @ w.T`` with the forward and the input gradient on oneDNN, the weight gradient on MKL."""
+    """``x @ w.T`` with the forward and the input gradient on oneDNN, the weight gradient on MKL.
+    Under bf16 autocast all three products are bf16 (float32 accumulation inside the kernels); the
+    gradients come back in their inputs' dtypes, the weight's float32."""
 
     @staticmethod
     def forward(ctx, x, w):
-        x2 = x.reshape(-1, x.size(-1))
-        ctx.save_for_backward(x2, w)
-        ctx.x_shape = x.shape
-        return mm_nt(x2, w).view(*x.shape[:-1], w.size(0))
+        x2, wc = _operands(ctx, x, w)
+        ctx.save_for_backward(x2, wc)
+        return mm_nt(x2, wc).view(*x.shape[:-1], w.size(0))
 
     @staticmethod
     def backward(ctx, grad):
         x2, w = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.size(-1))
-        gx = mm_nt(g2, w.t()).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        gw = torch.mm(g2.t(), x2) if ctx.needs_input_grad[1] else None
+        g2 = grad.reshape(-1, grad.size(-1)).to(x2.dtype)
+        gx = mm_nt(g2, w.t()).view(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = torch.mm(g2.t(), x2).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         return gx, gw
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` without a bias, on oneDNN where that is faster (see the module docstring)."""
-    if x.dim() >= 2 and _onednn_applies(x, w, x.numel() // max(x.size(-1), 1)):
+    rows = x.numel() // max(x.size(-1), 1)
+    if x.dim() >= 2 and rows >= MIN_ROWS and bf16_autocast(x) and w.dtype == torch.float32:
+        return _Linear.apply(x, w)
+    if x.dim() >= 2 and _onednn_applies(x, w, rows):
         return _Linear.apply(x, w)
     return F.linear(x, w)
 
@@ -202,24 +239,23 @@ class _LinearReluSquared(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w):
-        x2 = x.reshape(-1, x.size(-1))
-        r = mm_nt(x2, w, "relu")
-        ctx.save_for_backward(x2, w, r)
-        ctx.x_shape = x.shape
+        x2, wc = _operands(ctx, x, w)  # bf16 under bf16 autocast, as in _Linear
+        r = mm_nt(x2, wc, "relu")
+        ctx.save_for_backward(x2, wc, r)
         return (r * r).view(*x.shape[:-1], w.size(0))
 
     @staticmethod
     def backward(ctx, grad):
         x2, w, r = ctx.saved_tensors
-        g = torch.mul(grad.reshape(r.shape), r)  # the factor 2 goes on the two small products instead
-        gx = mm_nt(g, w.t()).mul_(2.0).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        gw = torch.mm(g.t(), x2).mul_(2.0) if ctx.needs_input_grad[1] else None
+        g = torch.mul(grad.reshape(r.shape).to(r.dtype), r)  # the factor 2 goes on the two small products instead
+        gx = mm_nt(g, w.t()).mul_(2.0).view(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = torch.mm(g.t(), x2).mul_(2.0).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         return gx, gw
 
 
 def linear_relu_squared(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``relu(F.linear(x, w)) ** 2`` (the MLP's up-projection and activation) in one autograd node."""
-    if x.dim() >= 2 and applies(x) and w.dtype == torch.float32:
+    if x.dim() >= 2 and (applies(x) or bf16_autocast(x)) and w.dtype == torch.float32:
         return _LinearReluSquared.apply(x, w)
     return F.relu(F.linear(x, w)).square()
 
@@ -237,23 +273,26 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class _NormRotary(torch.autograd.Function):
+    # bf16 queries and keys (under bf16 autocast) are normalised and rotated in float32 and handed
+    # on in bf16, as autocast runs norms on GPUs: the rounding is the output's only
     @staticmethod
     def forward(ctx, x, cos, sin):
-        y, rstd = _rms_normalize(x)
+        ctx.x_dtype = x.dtype
+        y, rstd = _rms_normalize(x.float())
         ctx.save_for_backward(y, rstd, cos, sin)
-        return rotate(y, cos, sin)
+        return rotate(y, cos, sin).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         y, rstd, cos, sin = ctx.saved_tensors
         # a rotation's transpose is the rotation by the opposite angle
-        return _rms_norm_backward(rotate(grad, cos, -sin), y, rstd), None, None
+        return _rms_norm_backward(rotate(grad.float(), cos, -sin), y, rstd).to(ctx.x_dtype), None, None
 
 
 def norm_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """RMSNorm over the head dimension then the rotary embedding, for (B, T, H, d) queries or keys;
     ``None`` where the plain code should run instead."""
-    return _NormRotary.apply(x, cos, sin) if applies(x) else None
+    return _NormRotary.apply(x, cos, sin) if applies(x) or bf16_autocast(x) else None
 
 
 # --- the head and the loss ----------------------------------------------------------------------
@@ -296,12 +335,20 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if want_w else None
         total = h.new_zeros(())
         buf = h.new_empty(min(chunk, n), vocab)  # one chunk's softmax, reused: it stays in cache
+        # Under bf16 autocast the three products run in bf16 (the head's weight cast once per step)
+        # and all else in float32: the logits are rounded to bf16 once, as autocast's lm_head does on
+        # GPUs, before the float32 soft-cap and loss.
+        low = bf16_autocast(h)
+        w_low = weight.to(torch.bfloat16) if low else weight
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             hc, tc, vc = h[s:e], safe[s:e, None], valid[s:e]
             # tanh(u) = 2 sigmoid(2u) - 1, and torch's CPU sigmoid is ~6x faster than its tanh; the
             # 2 / cap goes on the chunk's few hidden rows rather than on its vocab-wide logits
-            sig = mm_nt(hc * (2.0 / cap), weight, "sigmoid")
+            if low:
+                sig = mm_nt((hc * (2.0 / cap)).to(torch.bfloat16), w_low).float().sigmoid_()
+            else:
+                sig = mm_nt(hc * (2.0 / cap), weight, "sigmoid")
             z_target = sig.gather(1, tc).squeeze(1).mul_(2.0 * cap).sub_(cap)  # cap * tanh, at the targets
             # exp(z) = exp(2 cap sig) / exp(cap): the constant cancels in the softmax and comes back
             # as "- cap" in the log-sum; 2 * cap + log(vocab) stays far below exp's float32 limit.
@@ -317,6 +364,13 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
                 t_target = z_target / cap
                 p.scatter_add_(1, tc, ((t_target.square_() - 1.0) / row)[:, None])
                 row.mul_(vc)
+                if low:
+                    p_low = p.to(torch.bfloat16)
+                    if want_h:
+                        grad_h[s:e] = mm_nt(p_low, w_low.t()).float().mul_(row[:, None])
+                    if want_w:
+                        grad_w += torch.mm(p_low.t(), (hc * row[:, None]).to(torch.bfloat16))
+                    continue
                 if want_h:
                     grad_h[s:e] = mm_nt(p, weight.t()).mul_(row[:, None])
                 if want_w:

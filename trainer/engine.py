@@ -156,6 +156,9 @@ class Engine:
 
     # --- the forward pass -----------------------------------------------------------------------
     @torch.inference_mode()
+    # The engine keeps its own dtypes (above); a CPU bf16 autocast around the caller (the trainer's
+    # samples under --dtype bfloat16) must not re-type its products behind its back.
+    @torch.autocast("cpu", enabled=False)
     def step(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
         """Run ``chunks`` (at most one per slot) and return, per chunk, its float32 logits: (V,) for
         "last", (len(tokens), V) for "all", None for "none". Raises ValueError for a chunk that does

@@ -13,7 +13,7 @@ Choices, and why:
 - Grouped-query attention: ``n_kv_head`` may be a divisor of ``n_head``; SDPA's ``enable_gqa`` shares
   each key/value head between ``n_head / n_kv_head`` query heads without copying them.
 - Q, K and V come out of one fused linear (one GEMM instead of three).
-- Eager float32 CPU training runs the same math through ``trainer/cpu_ops.py``: oneDNN products,
+- Eager CPU training (float32, or bf16 under autocast) runs the same math through ``trainer/cpu_ops.py``: oneDNN products,
   norm/rotary/ReLU^2 with lean hand-written backward passes, and head, soft-cap and loss computed
   together over chunks of rows, so the (B*T, vocab) logits are never held in memory.
 - Full-sequence attention uses ``is_causal=True`` and never builds a mask. With a KV cache, a chunk
@@ -21,8 +21,9 @@ Choices, and why:
   triangle to the top-left corner, which would hide cached keys from the first queries (the bug of
   nanochat issue #756). Single-token steps need no mask at all.
 
-The code keeps no dtypes of its own: float32 on CPU; on CUDA the trainer runs it under bf16
-autocast, so activations are bf16 while the weights and the logits stay float32.
+The code keeps no dtypes of its own: the weights are float32; the trainer runs it under bf16 autocast
+on CUDA and, where a probe finds bf16 products fast (trainer/precision.py), on CPU, so activations
+are bf16 while the weights and the logits stay float32 (cpu_ops casts its own operands there).
 """
 
 from __future__ import annotations

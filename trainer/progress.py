@@ -14,7 +14,8 @@ Events and their fields (extra fields are allowed; these are guaranteed):
                the content hash of the training text, shown on the model card), vocab_size (int, the
                tokenizer's), n_train_tokens and n_val_tokens (int, the prepared split), data_bytes
                (int, UTF-8 bytes of the text tokenized) and tokens_per_step (int): the facts an
-               estimate needs, so the job page can set the plan beside what the trainer decided
+               estimate needs, so the job page can set the plan beside what the trainer decided;
+               and dtype ("float32" | "bfloat16": what its products run in, --dtype's choice)
 ``step``       step, total_steps, loss, lr, tokens_per_sec, mfu (float|None), elapsed_s, eta_s
 ``eval``       step, val_loss, val_bpb
 ``sample``     step, samples: list of {"prompt": str, "text": str}
@@ -28,7 +29,8 @@ Events and their fields (extra fields are allowed; these are guaranteed):
 
 ``python -m trainer.calibrate`` speaks the same contract with one more event:
 
-``calibration`` device, device_name, memory_bytes (total memory of the device), base_rss_bytes (the
+``calibration`` device, device_name, memory_bytes (total memory of the device), dtype (what a run's
+               products run in here: float32 or bfloat16), base_rss_bytes (the
                process's resident memory once torch is loaded), and when a shape was timed: shape
                (dict), tokens_per_sec, step_s, first_step_extra_s, eval_batch_s, sample_s (one
                generation of SAMPLE_TOKENS), checkpoint_s, startup_s (process start to ready),

@@ -6,9 +6,10 @@
     torchrun --nproc_per_node=8 -m trainer.train --depth 20 --data /data/corpus.txt --out runs/d20
     torchrun --nproc_per_node=2 -m trainer.train --device cpu --depth 2 --max-steps 50   # DDP on gloo
 
-CPU recipe: one thread per core (OMP_NUM_THREADS; the web app's CPU slots set it), float32, eager
+CPU recipe: one thread per core (OMP_NUM_THREADS; the web app's CPU slots set it), eager
 (trainer/cpu_ops.py: oneDNN products, lean hand-written passes; 1.7x faster on two threads than one
-at depth 2 here), batch 8 x seq 256. CUDA: bf16 autocast and torch.compile, seq 2048 and the largest
+at depth 2 here), batch 8 x seq 256; products in bf16 where a probe finds this CPU fast at them
+(trainer/precision.py; ``--dtype`` overrides), else float32, with float32 weights either way. CUDA: bf16 autocast and torch.compile, seq 2048 and the largest
 batch (<= 32 rows per GPU) that sizing.memory_estimate fits in 80% of the GPU's memory; a bigger
 global --batch-size with --device-batch-size accumulates gradients. MPS: float32, eager.
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ from trainer.loop import Diverged, Run, evaluate, make_samples, train_loop  # no
 
 # --- devices and processes -----------------------------------------------------------------------
 
-# Dense bf16 tensor-core peaks in FLOP/s, for MFU; the first name contained in the device's wins.
+# Dense bf16 tensor-core peaks in FLOP/s (NVIDIA datasheet figures, without sparsity), for MFU; the
+# first name contained in the device's wins.
 GPU_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("GH200", 989e12),
                  ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12),
                  ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12),
@@ -73,16 +74,15 @@ class Runtime:
     local_rank: int
     world_size: int
     compile: bool
+    dtype: str = "float32"  # what the products run in (trainer/precision.py): "float32" or "bfloat16"
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
     def autocast(self):
-        import torch
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()  # float32 on CPU and MPS
+        from trainer import precision
+        return precision.autocast(self.device.type, self.dtype)  # float32: no autocast at all
 
     def all_reduce_sum(self, *values: float) -> list[float]:
         """The sums over all ranks (the values themselves in a single process)."""
@@ -129,7 +129,14 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
     compile_ = (kind == "cuda") if cfg.compile == "auto" else bool(cfg.compile)
-    return Runtime(device, rank, local, world, compile_)
+    from trainer import precision
+    try:
+        dtype = precision.resolve(cfg.dtype, kind)  # on CPU, auto times both dtypes here, once
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if world > 1 and cfg.dtype == "auto":
+        dtype = precision.rank_zeros(dtype, device)
+    return Runtime(device, rank, local, world, compile_, dtype)
 
 
 def _log(rt_master: bool, msg: str) -> None:
@@ -245,7 +252,7 @@ def describe_run(cfg: TrainConfig, rt: Runtime, plan: Plan, model_config: dict, 
     # the model) name the keys only.
     redacted = {k: "<redacted>" for k in cfg.storage_options} if cfg.storage_options else cfg.storage_options
     resolved = dataclasses.asdict(cfg) | {"batch_size": plan.batch, "seq_len": plan.seq, "compile": rt.compile,
-                                          "device": str(rt.device), "cache_dir": str(plan.cache_dir),
+                                          "device": str(rt.device), "cache_dir": str(plan.cache_dir), "dtype": rt.dtype,
                                           "storage_options": redacted}
     run_config = {"model": model_config, "shape": plan.shape.to_dict(), "train": resolved,
                   "data": {"source": prepared.source, "sha256": prepared.data_sha256,
@@ -280,18 +287,23 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainer import data, optim
+    from trainer import data, optim, precision
+    from trainer.checkpoint import read_config
     from trainer.model import GPT, GPTConfig
 
     log = lambda msg: _log(rt.master, msg)  # noqa: E731
     plan = plan_run(cfg, rt, log)
+    if cfg.dtype == "auto" and plan.resumed_from is not None:  # a resumed run keeps its checkpoint's dtype
+        saved = read_config(plan.resumed_from).get("train", {}).get("dtype")
+        rt.dtype = precision.kept(rt.dtype, saved, rt.device.type, log)
     torch.manual_seed(cfg.seed)
     gpt_config = GPTConfig.from_shape(plan.shape)
     model = GPT(gpt_config).to(rt.device)  # built (and initialised) on the CPU: the same on every device
     params = model.num_params()
     optimizers = optim.build_optimizers(
         model.param_groups(), plan.shape.n_embd, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-        unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, device_type=rt.device.type)
+        unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, device_type=rt.device.type,
+        dtype=rt.dtype)
     plan_length(cfg, plan, params, log)
     resolved, run_config = describe_run(cfg, rt, plan, gpt_config.to_dict(), params)
 
@@ -315,7 +327,7 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
          shape=plan.shape.to_dict(), tokens_per_step=plan.tokens_per_step, vocab_size=tokenizer.vocab_size,
          peak_flops=peak, grad_accum_steps=plan.accum, budget=plan.budget, data_source=plan.prepared.source,
          data_sha256=plan.prepared.data_sha256, n_train_tokens=plan.prepared.n_train_tokens,
-         n_val_tokens=plan.prepared.n_val_tokens, data_bytes=plan.prepared.n_bytes)
+         n_val_tokens=plan.prepared.n_val_tokens, data_bytes=plan.prepared.n_bytes, dtype=rt.dtype)
     log(f"depth {cfg.depth}: {params:,} params, {plan.total_steps} steps of {plan.batch}x{plan.seq} tokens on "
         f"{rt.device} x{rt.world_size}{' (compiled)' if rt.compile else ''}")
 

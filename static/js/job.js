@@ -151,6 +151,7 @@
     },
     start(d) {
       if (d.params) setText("#params", count(d.params));
+      if (d.dtype) setText("#dtype", d.dtype);  // what the trainer's products run in (--dtype)
       showPlanFromStart(d);
       addHistory(d.resumed_from_step ? `trainer resumed from step ${d.resumed_from_step}` :
                  `trainer started on ${d.device}`, d.time);

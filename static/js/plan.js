@@ -56,7 +56,8 @@
     $("e-memory-note").textContent = m.device_bytes ? `of ${size(m.device_bytes)} on ${e.device.device_name || e.device.device}` : "";
     $("e-time").textContent = duration(e.time.seconds);
     const src = {
-      calibrated: `measured here: ${count(e.time.tokens_per_sec)} tokens/s at this shape`,
+      calibrated: `measured here: ${count(e.time.tokens_per_sec)} tokens/s at this shape` +
+        (e.time.dtype ? ` in ${e.time.dtype}` : ""),
       extrapolated: "scaled from a timing run at a nearby size; refining…",
       rough: "a rough guess until the timing run finishes…",
     }[e.time.source] || "";
