@@ -15,7 +15,7 @@ Where each figure comes from decides how Prometheus must add it up across proces
   worker on another host exports its own, which is also the only place its NVML can be read.
 
 Access (:func:`allowed`): a direct loopback request, or ``Authorization: Bearer <metrics_token>``.
-Billing's events reach :func:`credits_event` through a subscription made at import; jobs.py, supervisor.py, tasks.py and inference.py call the other
+Billing subscribes :func:`count_billing_event` to its events; jobs.py, supervisor.py, tasks.py and inference.py call the other
 recorders below. The worker's listener is :func:`serve_worker_metrics`.
 """
 
@@ -34,7 +34,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 
 from . import gpus
-from .billing import events as billing_events
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +108,13 @@ def credits_event(kind: str, n: int = 1) -> None:
     CREDITS[kind].inc(n)
 
 
-def _count_billing_event(event: str, **fields: Any) -> None:
-    # billing/events.py tells every observer what happened to money; refusals count only when they were
-    # for funds (an unverified email is not an overdraft attempt), and "posted" lines are not a family.
-    if event == billing_events.REFUSED and fields.get("reason") != "insufficient":
+def count_billing_event(event: str, **fields: Any) -> None:
+    """billing/events.py's observer (billing subscribes it): refusals count only when they were for
+    funds (an unverified email is not an overdraft attempt); "posted" lines are not a family."""
+    if event == "refused" and fields.get("reason") != "insufficient":
         return
     if event in CREDITS:
         credits_event(event)
-
-
-billing_events.subscribe(_count_billing_event)
 
 
 def chat_finished(ttft_s: float | None, tokens_per_sec: float | None) -> None:

@@ -23,13 +23,15 @@ import logging
 import time
 from typing import Any
 
-from .. import jobs
+from .. import jobs, metrics
 from ..models import JobBilling, TrainingJob
 from . import ledger, metering
 from .events import notify, subscribe, unsubscribe
 from .grants import grant, on_email_verified, refill_allowance, refund_job, revoke, set_allowance
 from .ledger import MICRO, to_credits
 from .policy import Billing, HostedBilling, InsufficientCredits, LabBilling, for_settings, money_text
+
+subscribe(metrics.count_billing_event)  # the ncs_credits_* counters hear every money event
 
 log = logging.getLogger(__name__)
 
