@@ -1,6 +1,6 @@
 """How a trainer's checkpoint becomes a Model: the one owner of where a run's checkpoints are, which of
 them are finished, the Model a run leaves (finished or cancelled), a snapshot taken mid-run, and the
-mirror that copies a running trainer's checkpoints into storage for another worker.
+job's checkpoints mirrored in storage (uploaded by mirror.py's sidecar, restored by another worker).
 
 A checkpoint directory is finished once the trainer has written its ``manifest.json`` (always last).
 A Model row first points at its checkpoint in the run directory; :func:`publish_model` then copies it
@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from . import datasets
 from .errors import Conflict
 from .models import Model, TrainingJob
 from .settings import Settings
-from .storage import MARKER, Storage, StorageError, user_prefix
+from .storage import MARKER, KeyNotFound, Storage, StorageError, model_prefix, user_prefix
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +102,27 @@ def publish_model(model: Model, settings: Settings) -> str:
 def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
     """A read-only copy of ``job``'s newest finished checkpoint as a new Model (is_snapshot=True).
 
-    The copy goes into storage (verified against the trainer's manifest), so the trainer pruning its
-    own checkpoints afterwards does not touch it. Raises Conflict when no checkpoint is ready yet.
+    The newest checkpoint mirrored into storage is copied there (whichever machine trains the job);
+    without a mirror (one machine, local storage) the run directory's newest is uploaded, verified
+    against the trainer's manifest. Either way the trainer pruning its own checkpoints later does not
+    touch the copy. Raises Conflict when no checkpoint is ready yet.
     """
-    run_dir = Path(job.output_path) if job.output_path and os.path.isdir(job.output_path) else run_dir_for(job, settings)
     store = Storage.from_settings(settings)
+    mirrored = CheckpointMirror(store, job.user_id, job.id)
+    for _ in range(3):  # the mirror may replace its newest while we copy it: take the next newest then
+        key = mirrored.newest()
+        if key is None:
+            break
+        config = _stored_json(store, f"{key}/config.json")
+        model = _snapshot_row(job, step_of(key), config)
+        target = f"{model_prefix(job.user_id, model.id)}/checkpoints/{key.rsplit('/', 1)[-1]}"
+        try:
+            manifest = store.copy_dir(key, target)
+        except KeyNotFound:
+            model.delete_instance()
+            continue
+        return _snapshot_done(model, target, manifest["total_bytes"])
+    run_dir = Path(job.output_path) if job.output_path and os.path.isdir(job.output_path) else run_dir_for(job, settings)
     for ckpt in finished_checkpoints(run_dir):
         try:
             manifest = json.loads((ckpt / MANIFEST).read_text())
@@ -119,9 +134,7 @@ def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
             config = json.loads((ckpt / "config.json").read_text())
         except (OSError, ValueError):
             pass
-        model = Model.create(user=job.user_id, job=job.id, name=f"{job.name or f'job {job.id}'} @ step {step}",
-                             step=step, is_snapshot=True, checkpoint_key="", tokenizer_key="",
-                             config=config.get("train") or job.config, metrics={"snapshot_of_step": step})
+        model = _snapshot_row(job, step, config)
         try:
             key = store.publish_checkpoint(job.user_id, model.id, ckpt)
         except (StorageError, OSError):
@@ -129,86 +142,94 @@ def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
             model.delete_instance()
             continue
         size = sum(info.get("size", 0) for info in manifest.get("files", {}).values())
-        Model.update(checkpoint_key=key, tokenizer_key=f"{key}/tokenizer", size_bytes=size).where(
-            Model.id == model.id).execute()
-        return Model.get_by_id(model.id)
+        return _snapshot_done(model, key, size)
     raise Conflict("this job has no finished checkpoint yet; try again after its first checkpoint")
+
+
+def _snapshot_row(job: TrainingJob, step: int, config: dict) -> Model:
+    return Model.create(user=job.user_id, job=job.id, name=f"{job.name or f'job {job.id}'} @ step {step}",
+                        step=step, is_snapshot=True, checkpoint_key="", tokenizer_key="",
+                        config=config.get("train") or job.config, metrics={"snapshot_of_step": step})
+
+
+def _snapshot_done(model: Model, key: str, size: int) -> Model:
+    Model.update(checkpoint_key=key, tokenizer_key=f"{key}/tokenizer", size_bytes=size).where(
+        Model.id == model.id).execute()
+    return Model.get_by_id(model.id)
+
+
+def _stored_json(store: Storage, key: str) -> dict:
+    try:
+        with store.open(key) as f:
+            value = json.loads(f.read(1 << 20))
+    except (KeyNotFound, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # --- mirroring a running trainer's checkpoints -------------------------------------------------------------
 
 
+def mirror_enabled(settings: Settings) -> bool:
+    """Whether running jobs mirror their checkpoints and log into storage (mirror.py's sidecar does it):
+    the ``mirror_checkpoints`` setting, or by default whenever storage is remote."""
+    if settings.mirror_checkpoints is not None:
+        return bool(settings.mirror_checkpoints)
+    return not Storage.from_settings(settings).is_local
+
+
+def step_of(name: str) -> int:
+    """The step of a checkpoint directory named ``step_NNNNNNN`` (-1 for any other name)."""
+    head, _, digits = name.rpartition("/")[2].partition("_")
+    return int(digits) if head == "step" and digits.isdigit() else -1
+
+
 class CheckpointMirror:
-    """Copies the checkpoints a trainer writes into storage (newest wins, one upload at a time), so a
-    worker on another machine can resume the job; restores the newest into a run directory with none.
-    On by default with remote storage (the ``mirror_checkpoints`` setting forces it either way)."""
+    """The job's checkpoints in storage (``users/<u>/runs/<job>/checkpoints/step_N``): uploaded by the
+    job's mirror sidecar (mirror.py) as the trainer writes them, newest kept; restored into the run
+    directory of the worker that resumes the job; forgotten once the job is final."""
 
     def __init__(self, store: Storage, user_id: int, job_id: int):
         self.store = store
         self.prefix = f"{user_prefix(user_id)}/runs/{job_id}/checkpoints"
-        self._pending: Path | None = None
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closing = False
 
     @classmethod
     def for_job(cls, settings: Settings, job: TrainingJob) -> "CheckpointMirror | None":
-        wanted = settings.mirror_checkpoints
-        if wanted is False:
+        if not mirror_enabled(settings):
             return None
-        store = Storage.from_settings(settings)
-        if wanted is None and store.is_local:
-            return None
-        return cls(store, job.user_id, job.id)
+        return cls(Storage.from_settings(settings), job.user_id, job.id)
 
-    def push(self, checkpoint_dir: Path) -> None:
-        with self._cv:
-            self._pending = checkpoint_dir
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=f"mirror-{self.prefix}", daemon=True)
-                self._thread.start()
-            self._cv.notify()
+    def newest(self) -> str | None:
+        """The key of the newest committed checkpoint, or None."""
+        keys = [k for k in self.store.list_committed(self.prefix) if step_of(k) >= 0]
+        return max(keys, key=step_of) if keys else None
 
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while self._pending is None and not self._closing:
-                    self._cv.wait()
-                path, self._pending = self._pending, None
-                if path is None:
-                    return
-            try:
-                key = f"{self.prefix}/{path.name}"
-                self.store.put_dir(path, key)
-                for older in self.store.list_committed(self.prefix):
-                    if older != key:
-                        self.store.delete(older)
-            except Exception:  # the trainer may have rotated it away meanwhile; the next one will do
-                log.warning("mirroring checkpoint %s failed", path, exc_info=True)
-
-    def close(self) -> None:
-        """Finish the pending upload (the checkpoint a stopping trainer just wrote)."""
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join()
+    def upload(self, checkpoint_dir: Path) -> str:
+        """Upload one finished checkpoint (verified against its manifest.json), then drop the older ones
+        and any upload that died half-way. Returns its key. Raises StorageError or OSError (the trainer
+        may have pruned it meanwhile)."""
+        key = self.store.put_checkpoint(checkpoint_dir, f"{self.prefix}/{checkpoint_dir.name}")
+        for other in self.store.list_keys(self.prefix):
+            if 0 <= step_of(other) < step_of(key):  # never a newer one: another attempt's, still wanted
+                self.store.delete(other)
+        return key
 
     def restore(self, run_dir: Path) -> str | None:
-        """Copy the newest mirrored checkpoint into ``run_dir`` if it has no finished checkpoint."""
-        if finished_checkpoints(run_dir):
+        """Copy the newest mirrored checkpoint into ``run_dir`` when it is newer than every finished
+        checkpoint there (this worker ran an earlier attempt, and another went further since); its key."""
+        key = self.newest()
+        local = finished_checkpoints(run_dir)
+        if key is None or (local and step_of(local[0].name) >= step_of(key)):
             return None
-        keys = self.store.list_committed(self.prefix)
-        if not keys:
-            return None
-        src = Path(self.store.local_path(keys[-1]))
-        dst = run_dir / "checkpoints" / keys[-1].rsplit("/", 1)[-1]
+        src = Path(self.store.local_path(key))
+        dst = run_dir / "checkpoints" / key.rsplit("/", 1)[-1]
         tmp = dst.with_name(f".restore-{dst.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(MARKER))
+        shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
-        return keys[-1]
+        return key
 
     def forget(self) -> None:
-        for key in self.store.list_committed(self.prefix):
-            self.store.delete(key)
+        """Delete every mirrored checkpoint of the job (it is final: its Model has its own copy)."""
+        self.store.delete(self.prefix)
