@@ -3,12 +3,12 @@ them are finished, the Model a run leaves (finished or cancelled), a snapshot ta
 job's checkpoints mirrored in storage (uploaded by mirror.py's sidecar, restored by another worker).
 
 A checkpoint directory is finished once the trainer has written its ``manifest.json`` (always last).
-A Model row first points at its checkpoint in the run directory; :func:`publish_model` then copies it
-into storage (verified against the trainer's manifest) and points the row there. storage.py stays the
-only fsspec user.
+The checkpoint a run leaves is uploaded by :func:`publish_run_checkpoint` (verified against the
+trainer's manifest) before the job becomes final, and its Model row points there from the start.
+storage.py stays the only fsspec user.
 
 Errors: :func:`snapshot_model` raises ``Conflict`` (409) while a job has no finished checkpoint;
-:func:`publish_model` raises ``StorageError`` or ``OSError`` when the copy fails.
+:func:`publish_run_checkpoint` raises ``StorageError`` or ``OSError`` when the copy fails.
 """
 
 from __future__ import annotations
@@ -62,23 +62,25 @@ def final_checkpoint(run_dir: Path, reported: str | None = None) -> Path | None:
 # --- the Model a run leaves ------------------------------------------------------------------------------
 
 
-def create_run_model(job: TrainingJob, checkpoint: Path, *, facts: dict[str, Any], progress: dict[str, Any],
-                     cancelled: bool) -> Model:
-    """The Model a finished (or cancelled) run leaves, pointing at ``checkpoint`` in the run directory.
+def create_run_model(job: TrainingJob, checkpoint: Path, *, key: str | None, facts: dict[str, Any],
+                     progress: dict[str, Any], cancelled: bool) -> Model:
+    """The Model a finished (or cancelled) run leaves: at ``key`` in storage (:func:`publish_run_checkpoint`
+    put it there), or at ``checkpoint`` in the run directory when that upload failed (usable on this
+    machine only).
 
     ``facts`` are what the supervisor gathered from the trainer's events (``start``, ``done``, ``params``,
     ``samples``, ``data_sha256``); ``progress`` is the job's last progress. Call it in the transaction
-    that ends the job, and :func:`publish_model` after it (the upload may be slow).
+    that ends the job.
     """
     done = facts.get("done") or {}
     start = facts.get("start") or {}
     step = done.get("step", progress.get("checkpoint_step") or progress.get("step") or 0)
-    tokenizer = checkpoint / "tokenizer"
+    where = key or str(checkpoint)
     name = job.name or f"job {job.id}"
     return Model.create(
         user=job.user_id, job=job.id, name=name + (f" (cancelled at step {step})" if cancelled else ""),
-        step=step or 0, checkpoint_key=str(checkpoint),
-        tokenizer_key=str(tokenizer if tokenizer.exists() else checkpoint),
+        step=step or 0, checkpoint_key=where,
+        tokenizer_key=f"{where}/tokenizer" if (checkpoint / "tokenizer").exists() else where,
         params=int(facts.get("params") or 0), config=start.get("config") or job.config,
         metrics={"final_loss": done.get("final_loss", progress.get("loss")),
                  "final_val_bpb": done.get("final_val_bpb", progress.get("val_bpb")),
@@ -89,14 +91,17 @@ def create_run_model(job: TrainingJob, checkpoint: Path, *, facts: dict[str, Any
     )
 
 
-def publish_model(model: Model, settings: Settings) -> str:
-    """Copy the model's checkpoint from the run directory into storage and point the row there;
-    returns the storage key. Raises StorageError or OSError (the row then still points at the run
-    directory, usable on this machine)."""
-    key = Storage.from_settings(settings).publish_checkpoint(model.user_id, model.id, model.checkpoint_key)
-    tokenizer = f"{key}/tokenizer" if model.tokenizer_key.endswith("/tokenizer") else key
-    Model.update(checkpoint_key=key, tokenizer_key=tokenizer).where(Model.id == model.id).execute()
-    return key
+def run_model_key(job: TrainingJob, attempt: int, checkpoint: Path) -> str:
+    """Where the Model a run leaves keeps its checkpoint, named by the job and the attempt (the row that
+    points there is made only once the upload is done; an attempt fenced out meanwhile deletes its own)."""
+    return f"{user_prefix(job.user_id)}/models/job-{int(job.id)}-a{int(attempt)}/checkpoints/{checkpoint.name}"
+
+
+def publish_run_checkpoint(job: TrainingJob, attempt: int, checkpoint: Path, settings: Settings) -> str:
+    """Upload the checkpoint a run left into storage, verified against the trainer's manifest, BEFORE
+    the job becomes final: so its Model never points at this machine's disk, and no event of the job
+    comes after its final state. Returns the key. Raises StorageError or OSError."""
+    return Storage.from_settings(settings).put_checkpoint(checkpoint, run_model_key(job, attempt, checkpoint))
 
 
 def snapshot_model(job: TrainingJob, settings: Settings) -> Model:

@@ -28,12 +28,13 @@ import peewee as pw
 from trainer import progress
 
 from . import billing, datasets, jobs, logs, metrics, quarantine
-from .checkpoints import CheckpointMirror, create_run_model, final_checkpoint, publish_model, run_dir_for
+from .checkpoints import CheckpointMirror, create_run_model, final_checkpoint, publish_run_checkpoint, run_dir_for
 from .db import database
 from .mirror import Sidecar, run_prefix, wait_for_previous
-from .models import Model, TrainingJob
+from .models import TrainingJob
 from .runner import Slot, acquire_run_lock, signal_group, spawn, trainer_argv, trainer_env
 from .settings import Settings
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class _Supervisor:
                 rc, term_reason = self._supervise(proc, tail)
                 if sidecar is not None:
                     # Its last checkpoint matters only if the job may resume from it: not after a completed
-                    # run (publish_model uploads it as the Model), a cancel or the user's error.
+                    # run (it is uploaded as the Model), a cancel or the user's error.
                     outcome = progress.outcome_of_exit(rc)
                     keep = outcome not in ("completed", "user_error") and term_reason != "cancel"
                     with self._heartbeats():
@@ -355,12 +356,7 @@ class _Supervisor:
         if outcome == "completed":
             return self._complete(fields)
         if term_reason == "cancel":
-            with database.atomic():
-                status = jobs.finish(job_id, attempt, "cancelled", reason="cancelled by its owner", **fields)
-                model = self._create_model(cancelled=True) if status and self._checkpoint_dir() else None
-            if model is not None:
-                self._publish(model)
-            return status
+            return self._end_with_model("cancelled", fields, reason="cancelled by its owner")
         if term_reason == "out_of_credits" and outcome == "preempted":  # it checkpointed and stopped
             return jobs.finish(job_id, attempt, "out_of_credits", reason=self.meter.pause_reason(), **fields)
         message = (self.error or {}).get("message", "")
@@ -405,30 +401,34 @@ class _Supervisor:
         if self._checkpoint_dir() is None:
             return jobs.finish(self.job.id, self.attempt, "infrastructure", backoff_base=self.backoff,
                                reason="the trainer exited 0 without a final checkpoint", **fields)
-        with database.atomic():
-            status = jobs.finish(self.job.id, self.attempt, "completed", **fields)
-            model = self._create_model(cancelled=False) if status else None
-        if model is not None:
-            self._publish(model)
-        return status
+        return self._end_with_model("completed", fields)
 
     def _checkpoint_dir(self) -> Path | None:
         return final_checkpoint(self.run_dir, self.facts.get("checkpoint"))
 
-    def _create_model(self, cancelled: bool) -> Model:
+    def _end_with_model(self, outcome: str, fields: dict, reason: str = "") -> str | None:
+        """End the job (completed, or cancelled) with the Model its last checkpoint makes, if any. The
+        upload comes first, then one transaction: the final state, the Model row and the ``publish``
+        event. So the row never points at this machine's disk (unless the upload failed), and a job's
+        event stream never grows after its final state (SSE clients stop there)."""
         ckpt = self._checkpoint_dir()
-        assert ckpt is not None
-        return create_run_model(TrainingJob.get_by_id(self.job.id), ckpt, facts=self.facts, progress=self.progress,
-                                cancelled=cancelled)
-
-    def _publish(self, model: Model) -> None:
-        try:
-            key = publish_model(model, self.settings)
-        except Exception as exc:  # the model stays usable from the run directory on this machine
-            log.exception("publishing the checkpoint of job %s failed", self.job.id)
-            self.emit("publish", {"ok": False, "error": str(exc)})
-            return
-        self.emit("publish", {"ok": True, "key": key})
+        key, error = None, None
+        if ckpt is not None:
+            try:
+                with self._heartbeats():  # a large upload can outlast the lease
+                    key = publish_run_checkpoint(self.job, self.attempt, ckpt, self.settings)
+            except Exception as exc:  # the model stays usable from the run directory on this machine
+                log.exception("publishing the checkpoint of job %s failed", self.job.id)
+                error = str(exc)
+        with database.atomic():
+            status = jobs.finish(self.job.id, self.attempt, outcome, reason=reason, **fields)
+            if status and ckpt is not None:
+                create_run_model(TrainingJob.get_by_id(self.job.id), ckpt, key=key, facts=self.facts,
+                                 progress=self.progress, cancelled=outcome == "cancelled")
+                self.emit("publish", {"ok": True, "key": key} if key else {"ok": False, "error": error})
+        if not status and key:  # fenced out while uploading: the job went on without this attempt
+            Storage.from_settings(self.settings).delete(key.rsplit("/", 2)[0])
+        return status
 
 
 def run_training(job: TrainingJob, slot: Slot, settings: Settings, on_event: EventCallback | None = None, *,

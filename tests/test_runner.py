@@ -73,7 +73,7 @@ def test_a_job_runs_to_completed_with_events_progress_and_a_model(alice, setting
     assert job.finished_at and job.lease_owner is None and job.error_kind is None
     model = Model.get(Model.job == job)
     assert model.name == "tiny" and model.step == 8 and model.params == 1234 and model.user_id == alice.id
-    assert model.checkpoint_key == f"users/{alice.id}/models/{model.id}/checkpoints/step_0000008"
+    assert model.checkpoint_key == f"users/{alice.id}/models/job-{job.id}-a1/checkpoints/step_0000008"
     assert (Path(settings.home) / "storage" / model.checkpoint_key / "model.bin").exists()
     assert model.samples[0]["text"].startswith("Once") and model.metrics["final_loss"] > 0
     assert model.data_source == "demo" and model.data_sha256 == "f" * 64
