@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,40 @@ PROVIDER_LABELS = {"github": "GitHub", "google": "Google"}
 
 class AccountError(Exception):
     """A refusal to show the person as is: email taken, weak password, awaiting approval, ..."""
+
+
+class HashingBusy(AccountError):
+    """Every password-hashing slot stayed taken for HASH_WAIT_S: the caller answers 429."""
+
+
+# Each scrypt hash takes ~32 MiB and ~0.1 s: unbounded, a burst of sign-ins grows the process by
+# hundreds of MiB. At most ``password_hash_concurrency`` run at once; the others wait a little, then
+# are refused (limits.init_app sets the bound from the settings).
+HASH_WAIT_S = 5.0
+_hash_slots = threading.BoundedSemaphore(2)
+
+
+def set_hash_concurrency(n: int) -> None:
+    global _hash_slots
+    _hash_slots = threading.BoundedSemaphore(max(1, int(n)))
+
+
+def _hashing(fn, *args):
+    slots = _hash_slots
+    if not slots.acquire(timeout=HASH_WAIT_S):
+        raise HashingBusy("Too many sign-ins at this moment. Try again in a few seconds.")
+    try:
+        return fn(*args)
+    finally:
+        slots.release()
+
+
+def hash_password(password: str) -> str:
+    return _hashing(generate_password_hash, password, PASSWORD_HASH_METHOD)
+
+
+def password_matches(stored_hash: str, password: str) -> bool:
+    return bool(_hashing(check_password_hash, stored_hash, password or ""))
 
 
 @dataclass(frozen=True)
@@ -65,14 +100,31 @@ def check_password_rules(password: str) -> None:
         raise AccountError(f"Use a password of at most {PASSWORD_MAX_LENGTH} characters.")
 
 
-def email_verified(user: User) -> bool:
-    """Whether the person proved they own the account's email (hosted mode asks it before buying or
-    training). The interface shared with the security branch (issue 10), which builds the verification."""
-    return user.email_verified_at is not None
-
-
 def may_sign_in(user: User) -> bool:
     return bool(user.is_active and user.is_approved)
+
+
+def email_verified(user: User) -> bool:
+    """Whether the person proved they read mail at the account's current email (a confirmation link, or
+    a provider that vouched for it). Billing and provider linking rely on it."""
+    return bool(user.email and user.email_verified_at is not None)
+
+
+def end_sessions(user: User) -> int:
+    """End every signed-in session of ``user`` (each carries the version it started with); returns the
+    new version, which a session that should survive (a password change's own) takes on."""
+    User.update(session_version=User.session_version + 1).where(User.id == user.id).execute()
+    version = User.select(User.session_version).where(User.id == user.id).scalar() or 0
+    user.session_version = version
+    return version
+
+
+def set_active(user: User, active: bool) -> None:
+    """Disable (or enable again) an account; disabling ends its sessions, and its API keys stop working."""
+    User.update(is_active_flag=bool(active)).where(User.id == user.id).execute()
+    user.is_active_flag = bool(active)
+    if not active:
+        end_sessions(user)
 
 
 def ensure_may_sign_in(user: User) -> None:
@@ -109,8 +161,12 @@ def _claim_first_admin(user: User) -> bool:
     return True
 
 
-def create_user(email: str | None, password: str | None = None, name: str = "", is_admin: bool = False) -> User:
-    """Create an approved account (the CLI, admins, the solo owner). The install's first becomes admin.
+def create_user(email: str | None, password: str | None = None, name: str = "", is_admin: bool = False, *,
+                first_becomes_admin: bool = True, password_hash: str | None = None,
+                email_verified: bool = False) -> User:
+    """Create an approved account (the CLI, admins, the solo owner). The install's first becomes admin
+    unless ``first_becomes_admin`` is False (sign-ups from the web: the first admin comes from the CLI or
+    the setup link, never from whoever reaches the page first).
 
     Raises AccountError for a bad or taken email or a password breaking the rules.
     """
@@ -124,31 +180,35 @@ def create_user(email: str | None, password: str | None = None, name: str = "", 
             user = User.create(
                 email=address,
                 name=(name or "").strip()[:120],
-                password_hash=generate_password_hash(password, PASSWORD_HASH_METHOD) if password is not None else None,
+                password_hash=hash_password(password) if password is not None else password_hash,
                 is_admin=is_admin,
                 is_approved=True,
+                email_verified_at=utcnow() if email_verified and address else None,
             )
         except pw.IntegrityError as exc:  # a concurrent sign-up with the same email won
             raise AccountError("An account with this email already exists.") from exc
-        _claim_first_admin(user)
+        if first_becomes_admin:
+            _claim_first_admin(user)
     return user
 
 
 def register_user(
-    email: str | None, password: str | None, name: str = "", *, mode: str, invite: str | None = None
+    email: str | None, password: str | None, name: str = "", *, mode: str, invite: str | None = None,
+    email_verified: bool = False, password_hash: str | None = None,
 ) -> User:
-    """Self-registration under the mode's rules.
+    """Self-registration under the mode's rules. Nobody becomes admin this way (see setup links).
 
-    solo: closed (the owner is this machine's user). lab: open, but waits for approval unless it is
-    the first account or comes with a valid invite. hosted: open.
-    Raises AccountError (closed, bad invite, taken email, weak password).
+    solo: closed (the owner is this machine's user). lab: open, but waits for approval unless it comes
+    with a valid invite. hosted: open (a password sign-up arrives here only once its email is confirmed,
+    see confirmations.py). Raises AccountError (closed, bad invite, taken email, weak password).
     """
     if mode == "solo":
         raise AccountError("Sign-up is closed: this studio runs in solo mode for its owner.")
     with _write_transaction():
         invited = _take_invite(invite) if invite else False
-        user = create_user(email, password, name)
-        if mode == "lab" and not user.is_admin and not invited:
+        user = create_user(email, password, name, first_becomes_admin=False, password_hash=password_hash,
+                           email_verified=email_verified)
+        if mode == "lab" and not invited:
             user.is_approved = False
             user.save(only=[User.is_approved])
     return user
@@ -166,30 +226,47 @@ def authenticate(email: str, password: str) -> User:
         user = None
     if user is None or not user.password_hash:
         # Spend the same time as a real check, so timing does not tell which emails have accounts.
-        _dummy_hash = _dummy_hash or generate_password_hash(secrets.token_hex(8), PASSWORD_HASH_METHOD)
-        check_password_hash(_dummy_hash, password or "")
+        _dummy_hash = _dummy_hash or hash_password(secrets.token_hex(8))
+        password_matches(_dummy_hash, password)
         raise AccountError("Wrong email or password.")
-    if not check_password_hash(user.password_hash, password or ""):
+    if not password_matches(user.password_hash, password):
         raise AccountError("Wrong email or password.")
     ensure_may_sign_in(user)
     return user
 
 
-def set_password(user: User, new_password: str, current_password: str | None = None) -> None:
-    """Set or change the password; a password already set must be given. Raises AccountError."""
-    if user.password_hash and not check_password_hash(user.password_hash, current_password or ""):
+def set_password(user: User, new_password: str, current_password: str | None = None) -> int:
+    """Set or change the password; a password already set must be given. Ends every session of the
+    account and returns the new session version (the caller's own session takes it on). Raises
+    AccountError."""
+    if user.password_hash and not password_matches(user.password_hash, current_password):
         raise AccountError("The current password is wrong.")
     check_password_rules(new_password)
-    user.password_hash = generate_password_hash(new_password, PASSWORD_HASH_METHOD)
+    user.password_hash = hash_password(new_password)
     user.save(only=[User.password_hash])
+    return end_sessions(user)
 
 
-def set_email(user: User, email: str) -> None:
-    address = normalize_email(email)
-    if User.select().where((User.email == address) & (User.id != user.id)).exists():
+def check_email_free(address: str, user: User | None = None) -> str:
+    """``address`` normalised, if no account but ``user`` holds it. Raises AccountError."""
+    address = normalize_email(address)
+    taken = User.select().where(User.email == address)
+    if user is not None:
+        taken = taken.where(User.id != user.id)
+    if taken.exists():
         raise AccountError("An account with this email already exists.")
-    user.email = address
-    user.save(only=[User.email])
+    return address
+
+
+def set_verified_email(user: User, address: str) -> None:
+    """Make ``address`` the account's email, confirmed now (the person opened the link sent there).
+    Raises AccountError when another account took the address meanwhile."""
+    address = check_email_free(address, user)
+    try:
+        User.update(email=address, email_verified_at=utcnow()).where(User.id == user.id).execute()
+    except pw.IntegrityError as exc:
+        raise AccountError("An account with this email already exists.") from exc
+    user.email, user.email_verified_at = address, utcnow()
 
 
 def solo_owner() -> User:
@@ -267,10 +344,13 @@ def sign_in_identity(identity: Identity, *, mode: str, linking: User | None = No
         email = None
     existing = User.get_or_none(User.email == email) if email else None
     if existing is not None:
-        if not identity.email_verified:
+        # Both sides must have proved the address: the provider, and the account here (a link sent to it
+        # was opened). Anyone can type any address into a profile or a sign-up form.
+        if not identity.email_verified or not email_verified(existing):
             raise AccountError(
-                f"An account with {email} already exists, and {label} has not confirmed that this email "
-                f"is yours. Sign in with your password, then link {label} from your profile."
+                f"An account with {email} already exists here, and its email is not confirmed "
+                f"{'by ' + label if not identity.email_verified else 'yet'}. Sign in to that account first "
+                f"(with its password), then link {label} from your profile."
             )
         if existing.oauth_provider:
             other = PROVIDER_LABELS.get(existing.oauth_provider, existing.oauth_provider)
@@ -278,7 +358,9 @@ def sign_in_identity(identity: Identity, *, mode: str, linking: User | None = No
         _link(existing, identity)
         ensure_may_sign_in(existing)
         return existing
-    user = register_user(email if identity.email_verified else None, None, identity.name, mode=mode, invite=invite)
+    verified = identity.email_verified and email is not None
+    user = register_user(email if verified else None, None, identity.name, mode=mode, invite=invite,
+                         email_verified=verified)
     _link(user, identity)
     ensure_may_sign_in(user)
     return user
@@ -291,3 +373,4 @@ def _link(user: User, identity: Identity) -> None:
         user.save(only=[User.oauth_provider, User.oauth_id])
     except pw.IntegrityError as exc:  # linked to another account by a concurrent sign-in
         raise AccountError(f"That {PROVIDER_LABELS[identity.provider]} account is already linked.") from exc
+

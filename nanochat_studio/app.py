@@ -13,18 +13,18 @@ from urllib.parse import urlsplit
 from flask import Flask, current_app, request
 from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
 
-from . import __version__, auth, billing, db, errors, estimate, formats, logs, runner, tasks
+from . import __version__, auth, billing, db, errors, estimate, formats, inputs, limits, logs, mail, runner, tasks
 from .errors import BadRequest, Forbidden
 from .settings import Settings
-from .views import account, api, billing_admin, chat, jobs, openai, pages, workers
+from .views import account, api, billing_admin, chat, confirm, jobs, openai, pages, workers
 from .views import billing as billing_views
 from .views import metrics as metrics_view
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-BLUEPRINTS = (pages.bp, account.bp, jobs.bp, api.bp, chat.bp, openai.bp, billing_views.bp, billing_admin.bp,
-              metrics_view.bp, workers.bp)
+BLUEPRINTS = (pages.bp, account.bp, confirm.bp, jobs.bp, api.bp, chat.bp, openai.bp, billing_views.bp,
+              billing_admin.bp, metrics_view.bp, workers.bp)
 # Endpoints that take no CSRF token: Stripe signs its webhook instead. Nothing else belongs here.
 CSRF_EXEMPT_ENDPOINTS = frozenset({"billing.stripe_webhook"})
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -65,7 +65,9 @@ def create_app(settings: Settings) -> Flask:
     app.config.update(
         SECRET_KEY=settings.secret_key,
         NCS_SETTINGS=settings,
-        SESSION_COOKIE_NAME="ncs_session",
+        # Over https the name carries the __Host- prefix: browsers then take the cookie only if it is
+        # Secure, for this exact host and path / (no sibling subdomain can set or shadow it).
+        SESSION_COOKIE_NAME="__Host-ncs_session" if secure else "ncs_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=secure,
@@ -88,6 +90,9 @@ def create_app(settings: Settings) -> Flask:
     # First: every later hook's log lines carry the request id, and a refused request is timed too.
     logs.init_app(app)
     metrics_view.init_app(app)
+    if settings.mode == "hosted" and not mail.configured(settings):
+        log.warning("hosted mode without smtp_url: sign-up confirmation links are only logged")
+    inputs.init_app(app, settings)  # before the blueprints: their <int:...> routes take its id converter
     csrf.init_app(app)
     errors.init_app(app)
     formats.init_app(app)
@@ -95,9 +100,11 @@ def create_app(settings: Settings) -> Flask:
     # The device this app's jobs train on, and the timing runs behind its estimates (on worker slots).
     app.extensions["ncs_calibrator"] = estimate.Calibrator(
         probe=lambda: runner.probe_device(settings),
-        run=lambda shape, batch_size: tasks.calibrate_on_a_slot(settings, shape, batch_size))
+        run=lambda shape, batch_size: tasks.calibrate_on_a_slot(settings, shape, batch_size),
+        prepare=lambda key: tasks.enqueue_facts(key, settings))
     app.extensions["ncs_billing"] = billing.for_settings(settings)
     _install_request_hooks(app, settings)
+    limits.init_app(app, settings)  # after the database hook: the API limits know the user
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     app.jinja_env.globals.update(settings=settings, app_version=__version__)
@@ -191,10 +198,17 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
         if not db.database.is_closed():
             db.database.close()
 
+    secure = settings.base_url.startswith("https://")
+
     @app.after_request
     def _security_headers(response: Any) -> Any:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        if secure:  # served over https (base_url says so): browsers must never come back over http
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        if not request.path.startswith("/static/"):
+            # Pages and API answers are someone's data: no shared or browser cache keeps them.
+            response.headers.setdefault("Cache-Control", "no-store")
         return response
 
     @app.errorhandler(CSRFError)

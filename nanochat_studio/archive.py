@@ -1,15 +1,19 @@
 """The download archive's format: a forward-only tar.gz writer and the generated MODEL_CARD.md.
 
-Pure functions of their arguments (no storage, no fsspec): storage.stream_model_archive feeds them.
+Pure functions of their arguments (no storage, no fsspec): storage.stream_model_archive feeds them;
+:func:`stream_dir` packs a local directory (the transformers export).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tarfile
+import time
 import zlib
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 
@@ -57,30 +61,97 @@ class GzipTar:
         yield b"".join(self._buf)
 
 
+def stream_dir(local_dir: str | os.PathLike, top: str, chunk: int = 64 << 10) -> Iterator[bytes]:
+    """A ``.tar.gz`` of the files under ``local_dir`` as ``top/...``, generated piece by piece."""
+    out = GzipTar(chunk)
+    mtime = int(time.time())
+    root = Path(local_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        yield from out.header(f"{top}/{path.relative_to(root).as_posix()}", size, mtime)
+        with open(path, "rb") as f:
+            while piece := f.read(chunk):
+                yield from out.data(piece)
+        yield from out.end_member(size)
+    yield from out.close()
+
+
 def archive_dirname(model: Any) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(model.name or "")).strip("-.")[:60]
     return slug or f"model-{model.id}"
 
 
+# Keys of a run's config that name places on the server (or hold secrets): never shipped or shown.
+SERVER_ONLY_KEYS = frozenset({"out", "cache_dir", "storage_options", "run_dir", "log_path", "output_path",
+                              "credentials", "sealed_credentials"})
+# What can make inline Markdown more than text: links and images ([ ] ( ) !), raw HTML and autolinks
+# (< > &), code (`), tables (|), headings (#), emphasis (* ~, and _ at a word's edge: inside a word like
+# final_loss it is only a character), and the backslash itself.
+_MD_SPECIAL = re.compile(r"([\\`*\[\]()!<>&|#~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+
+
+def public_config(value: Any) -> Any:
+    """A run or job config as it may leave the server: no keys naming server places or secrets, a
+    dataset spec as its public source, and every absolute path cut to its last part."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k in SERVER_ONLY_KEYS:
+                continue
+            if k == "dataset" and isinstance(v, dict):
+                v = v.get("source", "")
+            out[k] = public_config(v)
+        return out
+    if isinstance(value, list):
+        return [public_config(v) for v in value]
+    if isinstance(value, str):
+        return public_source(value)
+    return value
+
+
+def public_source(text: str) -> str:
+    """An absolute server path (or file: URL) as its last part; anything else as it is."""
+    if text.startswith(("/", "file:")):
+        return PurePosixPath(text.split(":", 1)[1] if text.startswith("file:") else text).name or "data"
+    return text
+
+
+def md_text(text: Any) -> str:
+    """Inline Markdown that shows ``text`` literally: one line, every character that means Markdown escaped (so a
+    model named ``[x](https://...)`` or ``<img onerror>`` renders as those characters)."""
+    flat = " ".join(str(text).split())
+    return _MD_SPECIAL.sub(r"\\\1", flat)
+
+
+def md_code(text: Any) -> str:
+    """An inline code span holding ``text`` literally, even if it contains backticks (CommonMark: the
+    fence is longer than any run of backticks inside), safe in a table cell (pipes escaped)."""
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    longest = max((len(run) for run in re.findall(r"`+", flat)), default=0)
+    fence = "`" * (longest + 1)
+    return f"{fence} {flat} {fence}" if longest else f"`{flat}`"
+
+
 def model_card(model: Any, weights_sha256: str, dirname: str) -> str:
-    """MODEL_CARD.md: what the model is, what it learned from, how well, and how to run it."""
-    cfg = model.config or {}
+    """MODEL_CARD.md: what the model is, what it learned from, how well, and how to run it. Every value
+    that came from a person or the trainer is escaped Markdown; no server path appears."""
+    cfg = public_config(model.config or {})
     metrics = model.metrics or {}
-    lines = [f"# {model.name or dirname}", "",
+    lines = [f"# {md_text(model.name or dirname)}", "",
              "A small GPT trained from scratch with nanochat-studio.", "",
-             f"- Step: {model.step}", f"- Parameters: {model.params:,}",
+             f"- Step: {int(model.step or 0)}", f"- Parameters: {int(model.params or 0):,}",
              f"- Weights: `model.safetensors`, sha256 `{weights_sha256}`", "",
-             "## Data", "", f"- Source: `{model.data_source or 'unknown'}`",
-             f"- sha256: `{model.data_sha256 or 'unknown'}`", "", "## Configuration", "",
+             "## Data", "", f"- Source: {md_code(public_source(model.data_source or 'unknown'))}",
+             f"- sha256: {md_code(model.data_sha256 or 'unknown')}", "", "## Configuration", "",
              "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(cfg.items())]
+    lines += [f"| {md_text(k)} | {md_code(json.dumps(v))} |" for k, v in sorted(cfg.items())]
     lines += ["", "## Metrics", ""]
-    lines += [f"- {k}: {v}" for k, v in sorted(metrics.items())] or ["- none recorded"]
+    lines += [f"- {md_text(k)}: {md_text(v)}" for k, v in sorted(metrics.items())] or ["- none recorded"]
     lines += ["", "## Samples", ""]
     for s in model.samples or []:
         prompt, text = (s.get("prompt", ""), s.get("text", "")) if isinstance(s, dict) else ("", str(s))
         # Indented blocks, not fences: model text may itself contain ``` and must stay inert.
-        lines += [f"Prompt: `{prompt!r}`", ""] + ["    " + ln for ln in str(text).splitlines() or [""]] + [""]
+        lines += [f"Prompt: {md_code(repr(prompt))}", ""] + ["    " + ln for ln in str(text).splitlines() or [""]] + [""]
     if not model.samples:
         lines += ["(none recorded)", ""]
     lines += ["## How to load it", "",

@@ -19,13 +19,14 @@ import datetime as dt
 import functools
 import ipaddress
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from authlib.integrations.flask_client import OAuth
-from flask import Flask, current_app, g, redirect, request, url_for
-from flask_login import LoginManager, current_user, login_user
+from flask import Flask, current_app, g, redirect, request, session, url_for
+from flask_login import LoginManager, current_user, login_user, logout_user
 
 from .accounts import (  # noqa: F401 - create_user and solo_owner are the CLI's entry points
     PROVIDER_LABELS,
@@ -33,6 +34,7 @@ from .accounts import (  # noqa: F401 - create_user and solo_owner are the CLI's
     Identity,
     create_user,
     digest,
+    end_sessions,
     ensure_may_sign_in,
     may_sign_in,
     solo_owner,
@@ -46,6 +48,14 @@ API_KEY_DISPLAY_CHARS = 12  # "ncs_" + 8 random characters: enough to tell keys 
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # one write per key per minute, not per request
 # Host names that mean "this machine" (the solo owner's sign-in, and hosts the app always answers to).
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+# Headers a proxy adds to say whom it forwards for. Any of them, whatever it names, means the request
+# passed through a proxy, and a proxy on this machine connects from loopback for visitors from anywhere.
+# (X-Forwarded-* of any suffix counts too.)
+PROXY_HEADERS = ("Forwarded", "Via", "X-Real-Ip", "X-Client-Ip", "Client-Ip", "True-Client-Ip",
+                 "Cf-Connecting-Ip", "Fastly-Client-Ip", "X-Cluster-Client-Ip", "X-Original-Forwarded-For",
+                 "X-ProxyUser-Ip", "Forwarded-For", "X-Original-Host", "X-Host")
+# What a signed-in session carries besides flask-login's user id.
+SESSION_VERSION_KEY, SESSION_STARTED_KEY = "_sv", "_signed_in_at"
 
 
 @dataclass
@@ -123,9 +133,20 @@ def _load_session_user(user_id: str) -> User | None:
         return None  # the key decides (see the module docstring); flask-login then asks the request loader
     try:
         user = User.get_or_none(User.id == int(user_id))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
-    return user if user is not None and may_sign_in(user) else None
+    if user is None or not may_sign_in(user) or not _session_current(user):
+        return None
+    return user
+
+
+def _session_current(user: User) -> bool:
+    """The session was started with the account's current session version, and not too long ago: a
+    logout, password change, "sign out everywhere" or disabling bumps the version and ends it."""
+    started = session.get(SESSION_STARTED_KEY)
+    max_age = _state().settings.session_max_age_hours * 3600
+    return (session.get(SESSION_VERSION_KEY) == user.session_version
+            and isinstance(started, (int, float)) and 0 <= time.time() - started <= max_age)
 
 
 def _load_request_user(req: Any) -> User | None:
@@ -205,41 +226,44 @@ def _is_loopback(addr: str | None) -> bool:
     return ip.is_loopback
 
 
-def _forwarded_for(value: str) -> list[str]:
-    """The ``for=`` nodes of an RFC 7239 ``Forwarded`` header, ports and brackets removed."""
-    nodes = []
-    for element in value.split(","):
-        for pair in element.split(";"):
-            name, _, node = pair.strip().partition("=")
-            if name.lower() == "for":
-                node = node.strip().strip('"')
-                if node.startswith("["):
-                    node = node[1:].partition("]")[0]
-                elif node.count(":") == 1:
-                    node = node.partition(":")[0]
-                nodes.append(node)
-    return nodes
+def _names_this_machine(host: str) -> bool:
+    host = host.lower()
+    hostname = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+    return hostname in LOOPBACK_NAMES or _is_loopback(hostname)
+
+
+def _came_through_a_proxy() -> bool:
+    return any(name.lower().startswith("x-forwarded-") for name in request.headers.keys()) or any(
+        name in request.headers for name in PROXY_HEADERS)
 
 
 def request_is_local() -> bool:
-    """True when the request comes from this machine and nobody forwarded it here.
+    """True only for a browser on this machine talking to us directly: the peer is loopback, the Host
+    names this machine, no proxy header of any kind is present (a proxy on this machine connects from
+    loopback for visitors from anywhere), and the page the browser is on, when it says (Origin, or the
+    Referer of a same-origin request), is on a loopback name too.
 
-    A proxy on this machine connects from loopback too, so any forwarding header naming another
-    address, or a Host header that is not a loopback name, means the person is elsewhere.
+    Under ``serve`` waitress hands the app every proxy header unread (``serve`` turns off its clearing
+    of "untrusted" ones, which would hide them), so this check sees what the proxy sent. A proxy that
+    adds nothing and rewrites Host to 127.0.0.1 still looks local to its first request: solo mode must
+    not run behind a proxy at all (settings refuse ``trusted_proxy`` in solo; the README says use lab).
     """
     if not _is_loopback(request.remote_addr):
         return False
-    host = (request.host or "").lower()
-    hostname = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
-    if hostname not in LOOPBACK_NAMES and not _is_loopback(hostname):
+    if not _names_this_machine(request.host or ""):
         return False
-    addresses: list[str] = []
-    for value in request.headers.getlist("X-Forwarded-For"):
-        addresses += value.split(",")
-    addresses += request.headers.getlist("X-Real-Ip")
-    for value in request.headers.getlist("Forwarded"):
-        addresses += _forwarded_for(value)
-    return all(_is_loopback(a) for a in addresses)
+    if _came_through_a_proxy():
+        return False
+    origin = request.headers.get("Origin")
+    if origin is not None and not _names_this_machine(urlsplit(origin).netloc):
+        return False  # "null" or another site: not the owner's own page on this machine
+    referer = request.headers.get("Referer")
+    if referer and request.headers.get("Sec-Fetch-Site") == "same-origin":
+        # The browser says the page it came from has this request's origin: that origin is the address
+        # the person typed, so a public name there means they reached us through something else.
+        if not _names_this_machine(urlsplit(referer).netloc):
+            return False
+    return True
 
 
 def safe_next(target: str | None) -> str | None:
@@ -266,8 +290,24 @@ def safe_next(target: str | None) -> str | None:
 def sign_in(user: User) -> None:
     """Start a session for ``user`` (already checked by authenticate or sign_in_identity)."""
     ensure_may_sign_in(user)
+    session.clear()  # nothing from before sign-in carries over (a fixed session's state, a half-done flow)
     login_user(user)
+    stamp_session(user)
     User.update(last_login_at=utcnow()).where(User.id == user.id).execute()
+
+
+def stamp_session(user: User) -> None:
+    """Mark this session as started at ``user``'s current session version (after a sign-in, or after
+    this session's own password change bumped the version)."""
+    session[SESSION_VERSION_KEY] = user.session_version
+    session[SESSION_STARTED_KEY] = time.time()
+
+
+def sign_out_everywhere(user: User) -> None:
+    """End every session of ``user``, this one included (a copied cookie stops working too)."""
+    end_sessions(user)
+    logout_user()
+    session.clear()
 
 
 # ---------------------------------------------------------------------------------------- API keys

@@ -32,8 +32,10 @@ ROLES = ("system", "user", "assistant")
 # --- parsing ------------------------------------------------------------------------------------------------
 
 
-def _number(body: dict, name: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False,
+def number(body: dict, name: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False,
             nullable: bool = True, param: str | None = None) -> Any:
+    """``body[name]`` checked to lie in [lo, hi] (``lo`` excluded with ``lo_open``); None when absent and
+    ``nullable``. BadRequest names the field."""
     value = body.get(name)
     if value is None:
         if nullable:
@@ -50,16 +52,32 @@ def _number(body: dict, name: str, lo: float, hi: float, *, integer: bool = Fals
 def parse_sampling(body: dict, max_tokens_key: str = "max_tokens") -> dict:
     """temperature, top_k, top_p, max_tokens, seed from a request body; BadRequest names the field."""
     s = {
-        "temperature": _number(body, "temperature", 0, 2),
-        "top_k": _number(body, "top_k", 1, 100_000, integer=True),
-        "top_p": _number(body, "top_p", 0, 1, lo_open=True),
-        "max_tokens": _number(body, max_tokens_key, 1, MAX_TOKENS_LIMIT, integer=True),
-        "seed": _number(body, "seed", -(2**63), 2**63 - 1, integer=True),
+        "temperature": number(body, "temperature", 0, 2),
+        "top_k": number(body, "top_k", 1, 100_000, integer=True),
+        "top_p": number(body, "top_p", 0, 1, lo_open=True),
+        "max_tokens": number(body, max_tokens_key, 1, MAX_TOKENS_LIMIT, integer=True),
+        "seed": number(body, "seed", -(2**63), 2**63 - 1, integer=True),
     }
     out = {k: (DEFAULTS[k] if v is None else v) for k, v in s.items()}
     if out["top_p"] is not None and out["top_p"] >= 1:
         out["top_p"] = None  # 1 means no nucleus cut
     return out
+
+
+MAX_STOP_CHARS = 256  # a stop string is matched against every decoded piece: keep it short
+
+
+def parse_stop(raw: Any) -> list[str]:
+    """``stop``: a string or a list of up to 4 non-empty strings (OpenAI's bound) of at most
+    MAX_STOP_CHARS characters; [] when absent."""
+    if raw is None:
+        return []
+    stops = [raw] if isinstance(raw, str) else raw
+    if not isinstance(stops, list) or len(stops) > 4 or not all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"stop must be a string or a list of up to 4 non-empty strings of at most "
+                         f"{MAX_STOP_CHARS} characters", param="stop")
+    return stops
 
 
 def parse_messages(raw: Any, *, need_last_user: bool = True) -> list[dict]:

@@ -7,6 +7,9 @@ The checkpoint a run leaves is uploaded by :func:`publish_run_checkpoint` (verif
 trainer's manifest) before the job becomes final, and its Model row points there from the start.
 storage.py stays the only fsspec user.
 
+It also owns where a model's checkpoint is on this machine (:func:`local_checkpoint_dir`) and the
+transformers download (:func:`hf_archive`).
+
 Errors: :func:`snapshot_model` raises ``Conflict`` (409) while a job has no finished checkpoint;
 :func:`publish_run_checkpoint` raises ``StorageError`` or ``OSError`` when the copy fails.
 """
@@ -17,11 +20,13 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from . import datasets
-from .errors import Conflict
+from . import datasets, runner
+from .archive import archive_dirname, stream_dir
+from .errors import AppError, Conflict, NotFound
 from .models import Model, TrainingJob
 from .settings import Settings
 from .storage import MARKER, KeyNotFound, Storage, StorageError, model_prefix, user_prefix
@@ -102,6 +107,45 @@ def publish_run_checkpoint(job: TrainingJob, attempt: int, checkpoint: Path, set
     the job becomes final: so its Model never points at this machine's disk, and no event of the job
     comes after its final state. Returns the key. Raises StorageError or OSError."""
     return Storage.from_settings(settings).put_checkpoint(checkpoint, run_model_key(job, attempt, checkpoint))
+
+
+def local_checkpoint_dir(model: Any, settings: Settings) -> str:
+    """A local directory holding the model's checkpoint: its run directory until the upload to storage
+    is done, else storage's local copy (downloaded once from remote storage). Raises StorageError."""
+    key = model.checkpoint_key
+    if os.path.isabs(key) and os.path.isdir(key):
+        return key
+    return Storage.from_settings(settings).local_path(key)
+
+
+def hf_archive(model: Model, settings: Settings) -> tuple[str, Iterator[bytes]]:
+    """The model as a transformers directory (trainer/export_hf.py, run as a child process: the web
+    process never imports torch), packed as a ``.tar.gz``: its file name and its bytes, streamed. The
+    conversion runs before the first byte, in a temporary directory under ``home`` that the stream
+    deletes when it ends. Raises NotFound (no checkpoint) or AppError (the conversion failed)."""
+    try:
+        ckpt = local_checkpoint_dir(model, settings)
+    except (StorageError, OSError, ValueError) as e:  # ValueError: a run directory that is gone
+        log.warning("checkpoint of model %s not available: %s", model.id, e)  # paths stay in the log
+        raise NotFound("The checkpoint of this model is not available on this server.") from None
+    work = Path(settings.home) / "tmp"
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="hf-export-", dir=work))
+    try:
+        runner.export_hf(settings, ckpt, tmp / "hf")
+    except runner.SpawnError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("transformers export of model %s failed: %s", model.id, e)
+        raise AppError(f"The model could not be converted for transformers: {e}") from None
+    top = archive_dirname(model) + "-hf"
+
+    def stream() -> Iterator[bytes]:
+        try:
+            yield from stream_dir(tmp / "hf", top)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return top + ".tar.gz", stream()
 
 
 def snapshot_model(job: TrainingJob, settings: Settings) -> Model:

@@ -69,7 +69,11 @@ def clean_errors(fn: Callable) -> Callable:
 
 @contextlib.contextmanager
 def opened_store(settings: Settings) -> Iterator[pw.Database]:
-    """The database from ``settings``, migrated, for a command's duration."""
+    """The database from ``settings``, migrated, for a command's duration (in a private data directory:
+    a command run before the first `serve` must not leave a world-readable studio.db behind)."""
+    from . import secretbox
+
+    secretbox.make_private(settings)
     database = db.open_database(settings.database_url)
     try:
         database.connect(reuse_if_open=True)
@@ -132,13 +136,16 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
     settings = obj.settings(host=host, port=port, mode=mode, worker=worker)
     from waitress import create_server
 
-    from . import tasks
+    from . import mail, secretbox, tasks
     from .app import create_app
 
+    if settings.mode == "hosted" and not mail.configured(settings):
+        raise click.ClickException("NCS_SMTP_URL: hosted mode mails a link to confirm every sign-up; set "
+                                   "smtp_url (e.g. smtp://mail.example.org:587)")
+    secretbox.make_private(settings)  # before anything writes into the data directory
     app = create_app(settings)
     try:
-        server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
-                               ident="nanochat-studio", channel_timeout=120)
+        server = create_server(app, **waitress_options(settings))
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
                                    "Pick another with --port (0 = any free port).") from None
@@ -153,6 +160,7 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
 
     signal.signal(signal.SIGTERM, stop)
     click.echo(f"nanochat studio {__version__} ({settings.mode} mode, data in {settings.home})")
+    _print_setup_link(settings, url)
     click.echo(f"Serving on {url}", color=False)
     sys.stdout.flush()
     if open_browser:
@@ -164,6 +172,43 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
         if handle is not None:
             tasks.stop_consumer(handle)
         server.close()
+
+
+# The body waitress accepts: an upload of upload_max_bytes plus its multipart framing. The app refuses
+# more exactly (413 JSON); waitress's own limit (1 GiB by default) must not cut below what is advertised.
+BODY_SLACK = 1 << 20
+
+
+def waitress_options(settings: Settings) -> dict[str, Any]:
+    """How `serve` runs waitress. Threads come from the stream caps (settings). With no
+    ``trusted_proxy``, proxy headers reach the app as sent (waitress would otherwise delete them, and
+    the app could no longer tell that a loopback request came through a proxy); with one, waitress
+    believes that proxy's X-Forwarded-For/-Proto and removes the rest."""
+    options: dict[str, Any] = dict(host=settings.host, port=settings.port, threads=settings.threads,
+                                   ident="nanochat-studio", channel_timeout=120,
+                                   max_request_body_size=settings.upload_max_bytes + BODY_SLACK)
+    if settings.trusted_proxy:
+        options.update(trusted_proxy=settings.trusted_proxy, trusted_proxy_count=1,
+                       trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
+                       clear_untrusted_proxy_headers=True)
+    else:
+        options.update(clear_untrusted_proxy_headers=False)
+    return options
+
+
+def _print_setup_link(settings: Settings, url: str) -> None:
+    """Lab and hosted installs without an administrator print a one-time link that creates one."""
+    if settings.mode == "solo":
+        return
+    from . import bootstrap
+
+    with db.database.connection_context():
+        token = bootstrap.issue_setup_token()
+    if token:
+        base = settings.base_url.rstrip("/") + "/" if settings.base_url else url
+        click.echo("No administrator yet. Create one with this link (it works once):")
+        click.echo(f"  {base}account/setup?token={token}")
+        click.echo("  (or: nanochat-studio users create EMAIL --admin)")
 
 
 def _browse_host(host: str) -> str:
@@ -184,9 +229,10 @@ def _browse_host(host: str) -> str:
 def worker(obj: Context, metrics_port: int | None, metrics_host: str | None) -> None:
     """Run a queue consumer alone (trains jobs from the shared database and queue)."""
     settings = obj.settings()
-    from . import logs, tasks
+    from . import logs, secretbox, tasks
 
     logs.configure(settings)
+    secretbox.make_private(settings)
     with opened_store(settings):
         pass
     click.echo(f"worker: consuming {settings.queue_url}")
@@ -207,7 +253,10 @@ def worker(obj: Context, metrics_port: int | None, metrics_host: str | None) -> 
 @clean_errors
 def migrate(obj: Context) -> None:
     """Apply pending database migrations."""
+    from . import secretbox
+
     settings = obj.settings()
+    secretbox.make_private(settings)
     database = db.open_database(settings.database_url)
     try:
         applied = db.migrate(database)
@@ -275,6 +324,34 @@ def users_promote(obj: Context, email: str) -> None:
         user.is_approved = True
         user.save()
         click.echo(f"{user.email} is now an administrator")
+
+
+@users.command("disable")
+@click.argument("email")
+@pass_ctx
+@clean_errors
+def users_disable(obj: Context, email: str) -> None:
+    """Disable an account: its sessions end and its API keys stop working."""
+    from . import accounts
+
+    with opened_store(obj.settings()):
+        user = _user_by_email(email)
+        accounts.set_active(user, False)
+        click.echo(f"{user.email} is disabled and signed out everywhere")
+
+
+@users.command("enable")
+@click.argument("email")
+@pass_ctx
+@clean_errors
+def users_enable(obj: Context, email: str) -> None:
+    """Let a disabled account sign in again."""
+    from . import accounts
+
+    with opened_store(obj.settings()):
+        user = _user_by_email(email)
+        accounts.set_active(user, True)
+        click.echo(f"{user.email} can sign in again")
 
 
 def _user_by_email(email: str) -> Any:

@@ -26,9 +26,9 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from . import fetch
+from . import datafacts, expansion, fetch, secretbox, serverpaths
 from .errors import BadRequest, Forbidden, NotFound, TooLarge
-from .models import Dataset, TrainingJob, User
+from .models import Dataset, TrainingJob, User, parse_id
 from .settings import Settings
 from .storage import Storage, TooLargeError, dataset_prefix
 
@@ -87,10 +87,29 @@ class _Prepended:
 
 # -- uploads --------------------------------------------------------------------------------------------
 def used_bytes(user: User, exclude_id: int | None = None) -> int:
+    """The user's datasets as the quota counts them: gzip by what it expands to."""
     query = Dataset.select().where(Dataset.user == user)
     if exclude_id is not None:
         query = query.where(Dataset.id != exclude_id)
-    return sum(d.size_bytes for d in query)
+    return sum(d.counted_bytes for d in query)
+
+
+def _metered(name: str, stream: Any, settings: Settings, room: int) -> expansion.ExpansionMeter | None:
+    """For a .gz upload, a meter counting what it expands to, stopping past the smaller of
+    ``expanded_max_bytes`` and the quota's ``room`` (a decompression bomb stops there)."""
+    if not name.endswith(".gz"):
+        return None
+    return expansion.ExpansionMeter(stream, min(settings.expanded_max_bytes, max(0, room)))
+
+
+def _expansion_refusal(exc: Exception, settings: Settings, used: int, name: str) -> BadRequest:
+    if isinstance(exc, expansion.BadGzip):
+        return DatasetError(f"{name}: {exc}")
+    assert isinstance(exc, expansion.ExpansionTooLarge)
+    if exc.cap >= settings.expanded_max_bytes:
+        return TooLarge(f"{name} {exc}: the limit of what a gzipped dataset may expand to is "
+                        f"{settings.expanded_max_bytes:,} bytes (expanded_max_bytes)")
+    return QuotaExceeded(_quota_message(settings, used, f"{name}, which expands to more than {exc.cap:,} bytes"))
 
 
 def _quota_message(settings: Settings, used: int, adding: str) -> str:
@@ -122,12 +141,18 @@ def save_upload(user: User, filename: str, stream: IO[bytes], settings: Settings
     ds = Dataset.create(user=user, name=name, storage_key="", size_bytes=0, sha256="")
     key = f"{dataset_prefix(user.id, ds.id)}/{name}"
     limit = min(cap, quota - used)
+    source: Any = _Prepended(head, stream)
+    meter = _metered(name, source, settings, quota - used)
     try:
-        meta = storage.put_stream(_Prepended(head, stream), key, max_bytes=limit)
+        meta = storage.put_stream(meter or source, key, max_bytes=limit)
+        expanded = meter.finish() if meter is not None else 0
         # Another upload may have finished meanwhile; the quota holds for their sum.
         others = used_bytes(user, exclude_id=ds.id)
-        if others + meta["size"] > quota:
-            raise QuotaExceeded(_quota_message(settings, others, f"{meta['size']:,} bytes"))
+        if others + max(meta["size"], expanded) > quota:
+            raise QuotaExceeded(_quota_message(settings, others, f"{max(meta['size'], expanded):,} bytes"))
+    except (expansion.ExpansionTooLarge, expansion.BadGzip) as exc:
+        _forget(ds, storage)
+        raise _expansion_refusal(exc, settings, used, name) from None
     except TooLargeError:
         _forget(ds, storage)
         if limit == cap:
@@ -136,13 +161,17 @@ def save_upload(user: User, filename: str, stream: IO[bytes], settings: Settings
     except BaseException:
         _forget(ds, storage)
         raise
-    Dataset.update(storage_key=key, size_bytes=meta["size"], sha256=meta["sha256"]).where(
+    Dataset.update(storage_key=key, size_bytes=meta["size"], sha256=meta["sha256"], expanded_bytes=expanded).where(
         Dataset.id == ds.id).execute()
-    return Dataset.get_by_id(ds.id)
+    ds = Dataset.get_by_id(ds.id)
+    # The estimates need the trainer's own view of the data (vocabulary, tokens): a queued task prepares it.
+    datafacts.request_upload(ds, settings)
+    return ds
 
 
 def _forget(ds: Dataset, storage: Storage) -> None:
     storage.delete(dataset_prefix(ds.user_id, ds.id))
+    datafacts.forget_dataset(ds.id)
     ds.delete_instance()
 
 
@@ -152,9 +181,10 @@ def list_datasets(user: User) -> list[Dataset]:
                 .order_by(Dataset.created_at.desc(), Dataset.id.desc()))
 
 
-def get_dataset(user: User, dataset_id: int) -> Dataset:
+def get_dataset(user: User, dataset_id: int | str) -> Dataset:
     """The user's complete dataset ``dataset_id``; NotFound for anyone else's, or an unfinished one."""
-    ds = Dataset.get_or_none((Dataset.id == dataset_id) & (Dataset.user == user) & (Dataset.sha256 != ""))
+    pk = parse_id(dataset_id)
+    ds = None if pk is None else Dataset.get_or_none((Dataset.id == pk) & (Dataset.user == user) & (Dataset.sha256 != ""))
     if ds is None:
         raise NotFound(f"no dataset {dataset_id}")
     return ds
@@ -184,7 +214,7 @@ def _split(spec: Any) -> tuple[str, dict | None]:
 def _server_path(source: str, user: User, settings: Settings) -> str:
     if not (settings.allow_server_paths or user.is_admin):
         raise Forbidden("server paths as datasets are allowed only in solo mode or for admins")
-    path = os.path.normpath(source)
+    path = serverpaths.check(source, settings)  # never the data directory, a secret or a system file
     if not os.path.exists(path):
         raise DatasetError(f"the server path {path} does not exist")
     if not os.access(path, os.R_OK):
@@ -205,7 +235,7 @@ def validate_spec(spec: Any, user: User, settings: Settings, *, policy: fetch.Ne
     if source.startswith("ds:"):
         if not source[3:].isdigit():
             raise DatasetError("an uploaded dataset is named ds:<id>, with a numeric id")
-        ds = get_dataset(user, int(source[3:]))
+        ds = get_dataset(user, source[3:])
         return {"kind": "upload", "source": source, "dataset_id": ds.id, "name": ds.name, "sha256": ds.sha256}
     if source.startswith(("https://", "http://")):
         fetch.check_url(source, settings, policy=policy)
@@ -213,8 +243,9 @@ def validate_spec(spec: Any, user: User, settings: Settings, *, policy: fetch.Ne
     if source.startswith("s3://"):
         out = {"kind": "s3", "source": fetch.check_s3_url(source)}
         fetch.s3_options(creds, settings, policy=policy)  # validates; the options are built at run time
-        if creds:
-            out["credentials"] = {k: v for k, v in creds.items() if v not in (None, "")}
+        if creds:  # sealed: the row never holds them in clear (and they go when the job ends)
+            out[secretbox.SEALED_KEY] = secretbox.seal({k: v for k, v in creds.items() if v not in (None, "")},
+                                                       settings)
         return out
     if source.startswith("/"):
         return {"kind": "path", "source": _server_path(source, user, settings)}
@@ -240,16 +271,14 @@ def resolve_for_training(job: TrainingJob, settings: Settings, run_dir: str | os
     ``run_dir`` defaults to ``runs_dir/<job id>``. Raises DatasetError, NotFound, Forbidden and fetch's
     errors: all user errors, not to be retried.
     """
-    spec = job.config.get("dataset") if isinstance(job.config, dict) else None
-    if isinstance(spec, dict) and "kind" in spec:  # already normalised by validate_spec
-        spec = {"source": spec["source"], **({"credentials": spec["credentials"]} if spec.get("credentials") else {})}
+    spec = _unsealed_spec(job.config.get("dataset") if isinstance(job.config, dict) else None, settings)
     source, creds = _split(spec)
     user = User.get_by_id(job.user_id)
     data_dir = Path(run_dir or Path(settings.runs_dir) / str(job.id)) / "data"
     if source == "demo":
         return "demo", None
     if source.startswith("ds:") and source[3:].isdigit():
-        ds = get_dataset(user, int(source[3:]))
+        ds = get_dataset(user, source[3:])
         storage = Storage.from_settings(settings)
         if storage.is_local:
             path = storage.local_path(ds.storage_key)
@@ -263,6 +292,7 @@ def resolve_for_training(job: TrainingJob, settings: Settings, run_dir: str | os
         path = data_dir / _url_filename(source)
         if not _recorded(data_dir, source, None, path):
             got = fetch.download(source, path, settings, policy=policy)
+            _check_expansion(path, settings)
             _record(data_dir, source, got.sha256, got.size)
         return str(path), None
     if source.startswith("s3://"):
@@ -270,6 +300,31 @@ def resolve_for_training(job: TrainingJob, settings: Settings, run_dir: str | os
     if source.startswith("/"):
         return _server_path(source, user, settings), None
     raise DatasetError(f"job {job.id} has no usable dataset spec")
+
+
+def _unsealed_spec(spec: Any, settings: Settings) -> Any:
+    """A stored spec (normalised by validate_spec) as _split reads it: its credentials unsealed (or, in a
+    row stored before they were sealed, as they are). Raises DatasetError when they cannot be opened."""
+    if not (isinstance(spec, dict) and "kind" in spec):
+        return spec
+    creds = spec.get("credentials")
+    if spec.get(secretbox.SEALED_KEY):
+        try:
+            creds = secretbox.unseal(spec[secretbox.SEALED_KEY], settings)
+        except secretbox.SealError as exc:
+            raise DatasetError(str(exc)) from None
+    return {"source": spec["source"], **({"credentials": creds} if creds else {})}
+
+
+def _check_expansion(path: Path, settings: Settings) -> None:
+    """A fetched .gz must not expand past ``expanded_max_bytes`` (the trainer would read it all)."""
+    if path.name.endswith(".gz"):
+        try:
+            expansion.expanded_size(path, settings.expanded_max_bytes)
+        except (expansion.ExpansionTooLarge, expansion.BadGzip) as exc:
+            path.unlink(missing_ok=True)
+            raise DatasetError(f"{path.name} {exc}" if isinstance(exc, expansion.ExpansionTooLarge) else
+                               f"{path.name}: {exc}") from None
 
 
 def _url_filename(url: str) -> str:

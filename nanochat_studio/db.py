@@ -16,10 +16,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import peewee as pw
-from playhouse import migrate as pw_migrate
 from playhouse.db_url import connect as _connect_url
 
-from .models import ALL_MODELS, BILLING_MODELS, TrainingJob, User, database  # noqa: F401 - ``db.database`` is how callers reach the proxy
+from .models import ALL_MODELS, BILLING_MODELS, TrainingJob, database  # noqa: F401 - ``db.database`` is how callers reach the proxy
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +59,39 @@ def _m0001_initial(db: pw.Database) -> None:
     db.create_tables(ALL_MODELS, safe=True)
 
 
-def _m0002_email_verified_at(db: pw.Database) -> None:
-    """user.email_verified_at: when an account proved it owns its email. The same column as the security
-    branch's (issue 10); a fresh store already has it from step 1, an older one gets it here."""
-    table = User._meta.table_name
-    if "email_verified_at" not in {c.name for c in db.get_columns(table)}:
-        migrator = pw_migrate.SchemaMigrator.from_database(db)
-        pw_migrate.migrate(migrator.add_column(table, "email_verified_at", pw.DateTimeField(null=True)))
+def _add_missing_columns(db: pw.Database, table: str, columns: dict[str, pw.Field]) -> None:
+    """Add the columns ``table`` lacks. A store created after the column joined models.py has it already
+    (the first migration creates the tables as models.py declares them now)."""
+    from playhouse.migrate import SchemaMigrator, migrate as run
+
+    have = {c.name for c in db.get_columns(table)}
+    migrator = SchemaMigrator.from_database(db)
+    run(*[migrator.add_column(table, name, field) for name, field in columns.items() if name not in have])
+
+
+def _m0002_security_columns(db: pw.Database) -> None:
+    """users: email_verified_at (confirmation links) and session_version (revocable sessions);
+    datasets: expanded_bytes (gzip counted as it expands)."""
+    _add_missing_columns(db, "user", {"email_verified_at": pw.DateTimeField(null=True),
+                                      "session_version": pw.IntegerField(default=0)})
+    _add_missing_columns(db, "dataset", {"expanded_bytes": pw.BigIntegerField(default=0)})
+
+
+def _m0005_forget_finished_jobs_credentials(db: pw.Database) -> None:
+    """Finished jobs no longer need the S3 credentials they were submitted with: drop them."""
+    import json
+
+    final = ("completed", "failed", "cancelled")
+    rows = db.execute_sql(
+        'SELECT id, config FROM "training_job" WHERE status IN (%s)' % ",".join([db.param] * len(final)), final)
+    for job_id, raw in list(rows):
+        config = json.loads(raw) if raw else {}
+        spec = config.get("dataset")
+        if isinstance(spec, dict) and ("credentials" in spec or "sealed_credentials" in spec):
+            spec.pop("credentials", None)
+            spec.pop("sealed_credentials", None)
+            db.execute_sql(f'UPDATE "training_job" SET config = {db.param} WHERE id = {db.param}',
+                           (json.dumps(config, separators=(",", ":")), job_id))
 
 
 # The ledger is append-only below the ORM too: these triggers refuse UPDATE and DELETE of ledger rows (and
@@ -178,9 +203,10 @@ def _m0004_worker_registry_and_gpu_quarantine(db: pw.Database) -> None:
 
 MIGRATIONS: list[tuple[int, str, Callable[[pw.Database], None]]] = [
     (1, "initial tables", _m0001_initial),
-    (2, "user.email_verified_at", _m0002_email_verified_at),
+    (2, "users: email verification and session version; datasets: expanded bytes", _m0002_security_columns),
     (3, "billing: double-entry ledger, append-only", _m0003_billing_ledger),
     (4, "worker registry and GPU quarantine", _m0004_worker_registry_and_gpu_quarantine),
+    (5, "finished jobs forget their S3 credentials", _m0005_forget_finished_jobs_credentials),
 ]
 
 

@@ -1,10 +1,14 @@
 """What a training run will cost before it starts: size, tokens, steps, memory and wall time.
 
-The numbers come from the trainer's own formulas (``trainer.sizing``, pure Python) and from a short
-calibration run of the real trainer on this machine's device (``python -m trainer.calibrate``, started
-through runner.py and cached per device and shape in AppState). Until a calibration is cached the
-time is extrapolated from the nearest calibrated shape by FLOPs, or from a conservative FLOP rate, and
-the answer says so (``time.source``).
+The numbers come from the trainer's own rules (``trainer.sizing``, pure Python: shapes, parameter
+counts, the run's length and schedule), from what the trainer finds in the data (datafacts.py: its
+tokenizer's vocabulary and the token counts, learnt by preparing the data with the trainer's code),
+and from a short calibration run of the real trainer on this machine's device (``python -m
+trainer.calibrate``, started through runner.py and cached per device and shape in AppState): the time
+of a step and of what a run does besides (start-up, evaluations, samples, checkpoints) and the
+process's peak memory. Until a calibration is cached the time is extrapolated from the nearest
+calibrated shape by FLOPs, or from a conservative FLOP rate, and the answer says so (``time.source``);
+until the data's facts are known the plan says what it assumed (``data.note``, ``exact`` false).
 
 :func:`estimate_for` answers an estimate request (``GET /api/estimate``, the plan page): it checks the
 arguments (:func:`parse_args`, the job config's bounds), asks the app's :class:`Calibrator` for the
@@ -23,10 +27,10 @@ from typing import Any, Callable, Mapping
 from trainer import sizing
 from trainer.sizing import VAL_FRACTION
 
-from . import datasets, formats, jobs
+from . import datafacts, datasets, formats, jobs
 from .db import database
 from .errors import BadRequest, NotFound
-from .models import AppState, Dataset, TrainingJob, User
+from .models import AppState, Dataset, TrainingJob, User, parse_id
 from .runner import SpawnError
 
 log = logging.getLogger(__name__)
@@ -77,37 +81,42 @@ def _nearest_rate(device_name: str, flops_per_step: float) -> float | None:
 
 
 def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int | None = None,
-             defaults: dict[str, int] | None = None) -> dict[str, Any]:
-    """The plan for ``config`` on ``device`` ({"device", "device_name", "memory_bytes"}).
+             defaults: dict[str, int] | None = None, facts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plan for ``config`` on ``device`` ({"device", "device_name", "memory_bytes"}, and the probe's
+    "startup_s" and "base_rss_bytes" when known).
 
-    Raises ValueError for a shape the trainer would refuse (the message names the setting).
+    ``facts`` (datafacts.for_plan) are what the trainer finds in the data: with status "known" the
+    vocabulary, training tokens, parameters and steps are exactly the run's (``exact``); otherwise
+    the plan assumes a vocabulary and BYTES_PER_TOKEN and says so in ``data``. Wall time adds to the
+    steps what a run also spends (start-up, data preparation, evaluations, samples, checkpoints), each
+    from the calibration of this shape when there is one. Raises ValueError for a shape the trainer
+    would refuse (the message names the setting).
     """
     kind = device.get("device", "cpu")
     defaults = defaults or sizing.device_defaults(kind)
     seq_len = int(config.get("seq_len") or defaults["seq_len"])
     batch = int(config.get("batch_size") or defaults["batch_size"])
-    # The trainer sizes a new tokenizer's vocabulary from the data; unknown data gets a common size.
-    vocab = int(config.get("vocab_size") or (sizing.choose_vocab_size(data_bytes) if data_bytes else DEFAULT_VOCAB))
+    facts = dict(facts or {})
+    exact = facts.get("status") == "known"
+    if exact:
+        vocab = int(facts["vocab_size"])
+        train_tokens, val_tokens = int(facts["n_train_tokens"]), int(facts.get("n_val_tokens") or 0)
+        data_bytes = facts.get("raw_bytes") or data_bytes
+        est_tokens: int | None = train_tokens + val_tokens
+    else:
+        # The trainer sizes a new tokenizer's vocabulary from the data; unknown data gets a common size.
+        vocab = int(config.get("vocab_size") or (sizing.choose_vocab_size(data_bytes) if data_bytes else DEFAULT_VOCAB))
+        est_tokens = int(data_bytes / BYTES_PER_TOKEN) if data_bytes is not None else None
+        train_tokens = int(est_tokens * (1 - VAL_FRACTION)) if est_tokens is not None else None
+        val_tokens = est_tokens - train_tokens if est_tokens is not None and train_tokens is not None else None
     shape = sizing.shape_for(int(config["depth"]), vocab, seq_len)
     counts = sizing.param_counts(shape)
     params = counts["total"]
     tokens_per_step = batch * seq_len
-    # Rough until the tokenizer has seen the data; the trainer holds out VAL_FRACTION for validation.
-    est_tokens = int(data_bytes / BYTES_PER_TOKEN) if data_bytes is not None else None
-    train_tokens = int(est_tokens * (1 - VAL_FRACTION)) if est_tokens is not None else None
-    if config.get("max_steps"):
-        steps, budget = int(config["max_steps"]), "max_steps"
-    else:
-        # The trainer's own rule: ~20 tokens per parameter, but at most a few passes over the data.
-        wanted, budget = sizing.planned_tokens(params, data_tokens=train_tokens)
-        steps = max(1, math.ceil(wanted / tokens_per_step))
+    # The trainer's own rule (sizing.run_length): ~20 tokens per parameter, at most a few passes over the data.
+    steps, budget = sizing.run_length(params, tokens_per_step, train_tokens, max_steps=config.get("max_steps"))
     tokens = steps * tokens_per_step
     fpt = sizing.flops_per_token(shape)
-
-    mem = sizing.memory_estimate(shape, batch, device_kind=kind)
-    need, have = mem["total"], int(device.get("memory_bytes") or 0)
-    verdict = "unknown" if not have else ("fits" if need <= TIGHT_FRACTION * have
-                                            else "tight" if need <= have else "wont_fit")
 
     calib = cached_calibration(device.get("device_name", kind), shape, batch)
     if calib and calib.get("tokens_per_sec"):
@@ -116,22 +125,45 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
         rate = _nearest_rate(device.get("device_name", kind), fpt * tokens_per_step)
         source = "extrapolated" if rate else "rough"
         tps = (rate or FALLBACK_FLOPS.get(kind, FALLBACK_FLOPS["cpu"])) / fpt
-    seconds = tokens / tps if tps else None
+        calib = None
+    breakdown = _time_breakdown(config, steps, tokens_per_step / tps, calib, device, facts, data_bytes,
+                                sizing.eval_rows(val_tokens, batch, seq_len) if val_tokens is not None
+                                else sizing.EVAL_BATCHES * batch, batch, params)
+    seconds = sum(breakdown.values())
+
+    mem = sizing.memory_estimate(shape, batch, device_kind=kind)
+    # A run's token files are memory-mapped: the pages it reads count in its resident memory.
+    itemsize = 2 if vocab <= 1 << 16 else 4
+    data_pages = itemsize * (min(tokens, train_tokens if train_tokens is not None else tokens)
+                             + sizing.eval_rows(val_tokens or 0, batch, seq_len) * seq_len)
+    if calib and calib.get("peak_rss_bytes"):
+        peak_rss, peak_source = int(calib["peak_rss_bytes"]) + data_pages, "calibrated"
+    else:
+        peak_rss = int(device.get("base_rss_bytes") or ROUGH_BASE_RSS) + mem["total"] + data_pages
+        peak_source = "rough"
+    need, have = mem["total"], int(device.get("memory_bytes") or 0)
+    if kind == "cpu":
+        need = max(need, peak_rss)  # the device's memory is the machine's: the whole process counts
+    verdict = "unknown" if not have else ("fits" if need <= TIGHT_FRACTION * have
+                                            else "tight" if need <= have else "wont_fit")
 
     warnings: list[str] = []
-    data: dict[str, Any] = {"bytes": data_bytes, "est_tokens": est_tokens}
-    if train_tokens is not None:
-        data["epochs"] = round(tokens / train_tokens, 2) if train_tokens else None
+    data = datafacts.summary(facts, exact, data_bytes, est_tokens, train_tokens, val_tokens, vocab, tokens,
+                             assumed={"bytes_per_token": BYTES_PER_TOKEN, "val_fraction": VAL_FRACTION})
+    about = "" if exact else "about "
+    if facts.get("status") == "error":
+        warnings.append(f"This data cannot be used: {facts.get('message') or 'preparing it failed'}.")
+    if train_tokens is not None and est_tokens is not None:
         if train_tokens < tokens_per_step + 1:
-            warnings.append(f"The data holds about {_human(est_tokens)} tokens, fewer than one batch "
+            warnings.append(f"The data holds {about}{_human(est_tokens)} tokens, fewer than one batch "
                             f"({_human(tokens_per_step)}): the run would fail. Add data or shrink the batch.")
         elif budget == "data":
             ideal = sizing.default_training_tokens(params)
             warnings.append(f"The data is small for this size: a {_human(params)}-parameter model learns best "
-                            f"from about {_human(ideal)} tokens, but the data holds about "
+                            f"from about {_human(ideal)} tokens, but the data holds {about}"
                             f"{_human(train_tokens)}, so the run stops after {sizing.DEFAULT_MAX_EPOCHS:g} "
                             f"passes over it. Add data, or choose a smaller depth.")
-        elif tokens > sizing.DEFAULT_MAX_EPOCHS * train_tokens:
+        elif train_tokens and tokens > sizing.DEFAULT_MAX_EPOCHS * train_tokens:
             warnings.append(f"The run reads the data {tokens / train_tokens:.0f} times: a model repeats "
                             f"and memorises small data. Lower max steps or add data.")
     if verdict == "wont_fit":
@@ -152,11 +184,48 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
         "tokens_human": _human(tokens),
         "tokens_per_param": round(tokens / params, 2),
         "budget": budget,
-        "memory": {"needed_bytes": need, "device_bytes": have or None, "verdict": verdict, "breakdown": mem},
-        "time": {"seconds": seconds, "tokens_per_sec": tps, "source": source},
+        "exact": exact,
+        "memory": {"needed_bytes": mem["total"], "device_bytes": have or None, "verdict": verdict, "breakdown": mem,
+                   "peak_rss_bytes": peak_rss, "peak_source": peak_source},
+        "time": {"seconds": seconds, "tokens_per_sec": tps, "source": source,
+                 "breakdown": {k: round(v, 3) for k, v in breakdown.items()}},
         "device": device,
         "data": data,
         "warnings": warnings,
+    }
+
+
+# What a run spends besides its steps, when no calibration of the shape says: generous guesses for a
+# small CPU machine (every calibration replaces them with this machine's own figures).
+ROUGH_STARTUP_S = 5.0  # interpreter, torch and the trainer's imports, device set-up
+ROUGH_BASE_RSS = 400 << 20  # a process with torch loaded, before the model
+ROUGH_SAMPLE_S = 0.3  # one generation of sizing.SAMPLE_TOKENS tokens with a tiny model
+ROUGH_EXIT_S = 0.5  # a torch process's teardown after its last event
+COLD_PREPARE_BYTES_PER_S = 1.2e6  # training the tokenizer and tokenizing, data new to the cache
+WARM_PREPARE_BYTES_PER_S = 6e6  # hashing the data and finding its tokens in the cache
+
+
+def _time_breakdown(config: dict, steps: int, step_s: float, calib: dict | None, device: dict, facts: dict,
+                    data_bytes: int | None, eval_rows: int, batch: int, params: int) -> dict[str, float]:
+    """Seconds by part of a run, from the calibration of its shape (``calib``) when there is one."""
+    c = calib or {}
+    events = sizing.run_events(steps, checkpoint_every=int(config.get("checkpoint_every") or sizing.CHECKPOINT_EVERY))
+    if facts.get("warm_prepare_s") is not None:
+        prepare_s = float(facts["warm_prepare_s"])  # measured: the preparation left the tokens in the cache
+    elif facts.get("origin") == "run":
+        prepare_s = (data_bytes or 0) / WARM_PREPARE_BYTES_PER_S  # the earlier run left them there
+    else:
+        prepare_s = (data_bytes or 0) / COLD_PREPARE_BYTES_PER_S
+    eval_batch_s = c.get("eval_batch_s", step_s / 3)  # a forward pass is about a third of a training step
+    return {
+        "startup": float(c.get("startup_s") or device.get("startup_s") or ROUGH_STARTUP_S) + float(c.get("build_s", 0.0)),
+        "data": prepare_s,
+        "steps": steps * step_s + float(c.get("first_step_extra_s", 0.0)),
+        "evals": events["evals"] * eval_rows / batch * eval_batch_s,
+        "samples": events["samples"] * float(c.get("sample_s", ROUGH_SAMPLE_S)),
+        # weights and optimizer state, about 16 bytes a parameter, at a slow disk's 200 MB/s
+        "checkpoints": events["checkpoints"] * float(c.get("checkpoint_s", 0.05 + 16 * params / 200e6)),
+        "exit": float(device.get("exit_s", ROUGH_EXIT_S)),
     }
 
 
@@ -202,10 +271,11 @@ def data_bytes(spec: str, user: User) -> int | None:
     if spec == "demo":
         return sizing.DEMO_CORPUS_BYTES
     if spec.startswith("ds:") and spec[3:].isdigit():
-        ds = Dataset.get_or_none((Dataset.id == int(spec[3:])) & (Dataset.user == user))
+        pk = parse_id(spec[3:])  # None beyond 64 bits: no such dataset
+        ds = None if pk is None else Dataset.get_or_none((Dataset.id == pk) & (Dataset.user == user))
         if ds is None:
-            raise NotFound(f"no dataset {spec}")
-        return ds.size_bytes
+            raise NotFound(f"no dataset {spec[:40]}")
+        return ds.counted_bytes  # gzip: what it expands to, which is what the trainer reads
     return None
 
 
@@ -214,14 +284,22 @@ def estimate_for(args: Mapping[str, Any], user: User, calibrator: "Calibrator", 
     ``calibrating`` saying whether a timing run of its shape is under way. Raises BadRequest, NotFound."""
     config, spec = parse_args(args)
     dev = calibrator.device()
+    size = data_bytes(spec, user)  # first: NotFound for another user's upload
+    # What the trainer will find in the data; a missing preparation is queued when it can be.
+    facts = datafacts.for_plan(spec, user, config.get("vocab_size"), calibrator.prepare if calibrate else None)
     try:
-        plan = estimate(config, dev, data_bytes=data_bytes(spec, user))
+        plan = estimate(config, dev, data_bytes=size, facts=facts)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     plan["calibrating"] = False
     if calibrate and plan["time"]["source"] != "calibrated" and _worth_calibrating(plan, dev):
-        shape = sizing.shape_for(config["depth"], plan["vocab_size"], plan["seq_len"])
-        plan["calibrating"] = calibrator.request(dev["device_name"], shape, plan["batch_size"])
+        if facts.get("status") == "estimating" or facts.get("preparing"):
+            # The data's preparation first: a guessed vocabulary is not worth timing, and a timing run
+            # beside a preparation would measure both. Still "calibrating": the page asks again.
+            plan["calibrating"] = True
+        else:
+            shape = sizing.shape_for(config["depth"], plan["vocab_size"], plan["seq_len"])
+            plan["calibrating"] = calibrator.request(dev["device_name"], shape, plan["batch_size"])
     return plan
 
 
@@ -241,7 +319,8 @@ def record_for_job(job: TrainingJob, calibrator: "Calibrator") -> None:
         plan = estimate_for({**job.config, "dataset": spec}, job.user, calibrator, calibrate=False)
     except (BadRequest, NotFound):
         return
-    summary = {k: plan[k] for k in ("params", "tokens", "steps", "time", "memory")}
+    summary = {k: plan[k] for k in ("params", "tokens", "steps", "time", "memory", "vocab_size", "budget", "exact",
+                                    "data", "batch_size", "seq_len", "tokens_per_step")}
     TrainingJob.update(estimate=summary).where(TrainingJob.id == job.id).execute()
 
 
@@ -259,7 +338,8 @@ class Calibrator:
 
     ``probe()`` answers {"device", "device_name", "memory_bytes"} (runner.probe_device asks the trainer)
     and may raise SpawnError; ``run(shape, batch_size)`` times a shape on a free worker slot and answers
-    the calibration event's fields, or None when no slot was free (tasks.calibrate_on_a_slot).
+    the calibration event's fields, or None when no slot was free (tasks.calibrate_on_a_slot);
+    ``prepare(key)``, when given, queues the preparation of a dataset's facts (datafacts.py).
     Calibrations run one at a time on one thread, the newest request first; at most MAX_PENDING wait
     (older requests are dropped: the person planning has moved on), and a shape whose run gave no
     answer is not asked for again before RETRY_AFTER_S.
@@ -268,8 +348,11 @@ class Calibrator:
     MAX_PENDING = 4
     RETRY_AFTER_S = 60.0
 
-    def __init__(self, probe: Callable[[], dict], run: Callable[[Shape, int], dict | None]) -> None:
+    def __init__(self, probe: Callable[[], dict], run: Callable[[Shape, int], dict | None],
+                 prepare: Callable[[str], bool] | None = None) -> None:
         self._probe, self._run = probe, run
+        # queues the preparation of a dataset's facts by their datafacts key (tasks.enqueue_facts)
+        self.prepare = prepare
         self._device: dict[str, Any] | None = None
         self._probe_lock = threading.Lock()
         self._lock = threading.Lock()  # guards everything below
@@ -285,7 +368,13 @@ class Calibrator:
             if self._device is None:
                 cached = AppState.get_or_none(AppState.key == DEVICE_PROBE_KEY)
                 try:
+                    started = time.monotonic()
                     self._device = self._probe()
+                    if self._device.get("startup_s") is not None:
+                        # The probe is a trainer-like process: what its life took beyond getting ready is
+                        # the exit (torch's teardown) that every run also pays.
+                        lived = time.monotonic() - started
+                        self._device["exit_s"] = round(max(0.0, lived - float(self._device["startup_s"])), 3)
                     AppState.insert(key=DEVICE_PROBE_KEY, value=self._device).on_conflict(
                         conflict_target=[AppState.key], update={AppState.value: self._device}).execute()
                 except SpawnError:

@@ -281,20 +281,19 @@ class ModelPool:
 
     # -- one request -------------------------------------------------------------------------------------
     def _run(self, srv: ModelServer, model_row: Any, mode: str, payload: Any, sampling: dict) -> Iterator[Any]:
-        sock = None
         rid = f"r{next(self._ids)}"
         try:
             try:
                 yield from self._starting(srv, model_row)
-                sock = srv.connect(self.poll_s)
+                chan = srv.channel(self.poll_s)
             except InferenceError as e:
                 if e.permanent or srv.alive():
                     raise
                 # the server died between our check and the connect: one fresh start
                 yield from self._starting(srv, model_row)
-                sock = srv.connect(self.poll_s)
-            gen = srv.generate(sock, rid, mode, payload, sampling, read_timeout=self.read_timeout,
-                               heartbeat_s=self.heartbeat_s)
+                chan = srv.channel(self.poll_s)
+            gen = srv.generate(chan, rid, mode, payload, sampling, poll_s=self.poll_s,
+                               read_timeout=self.read_timeout, heartbeat_s=self.heartbeat_s)
             try:
                 for item in gen:
                     if isinstance(item, Final):
@@ -305,19 +304,13 @@ class ModelPool:
         except OSError as e:
             raise srv.crashed() if not srv.alive() else InferenceError(f"model server connection failed: {e}") from e
         finally:
-            if sock is not None:
-                sock.close()
             self._release(srv)
 
     # -- where checkpoints are -----------------------------------------------------------------------------
     def _storage_path(self, model_row: Any) -> str:
-        key = model_row.checkpoint_key
-        # a finished job's row points at its run directory until the upload to storage is done
-        if os.path.isabs(key) and os.path.isdir(key):
-            return key
-        from .storage import Storage
+        from .checkpoints import local_checkpoint_dir  # (imported late: checkpoints imports the models)
 
-        return Storage.from_settings(self.settings).local_path(key)
+        return local_checkpoint_dir(model_row, self.settings)
 
 
 def get_pool(app: Any) -> ModelPool:

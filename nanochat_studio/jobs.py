@@ -19,7 +19,7 @@ import peewee as pw
 
 from trainer import sizing
 
-from . import datasets, metrics, workers
+from . import datasets, metrics, secretbox, workers
 from .db import database
 from .errors import BadRequest, TooManyRequests
 from .models import JobEvent, TrainingJob, User, utcnow
@@ -93,6 +93,8 @@ def transition(job_id: int, to: str, *, expect: Iterable[str], attempt: int | No
             data = {"to": to, "from": sorted(expect), "reason": reason}
             data.update(event or {})
             _append_event(job_id, "state", data, None)
+            if to in FINAL:  # no attempt will read the dataset again: its credentials go
+                secretbox.scrub_job_credentials(job_id)
     return won
 
 

@@ -14,7 +14,9 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import socket
+import struct
 import threading
 import time
 from typing import Any, Iterator
@@ -97,6 +99,8 @@ class ModelServer:
         self.ready = False  # answered a ping since it was (re)started
         self.started_at = 0.0
         self.start_lock = threading.Lock()
+        self._channel: Channel | None = None
+        self._channel_lock = threading.Lock()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -112,6 +116,10 @@ class ModelServer:
     def stop(self, timeout: float = 5.0) -> None:
         proc, self.proc = self.proc, None
         self.ready = False
+        with self._channel_lock:
+            chan, self._channel = self._channel, None
+        if chan is not None:
+            chan.close()
         if proc is not None and proc.poll() is None:
             try:
                 os.killpg(proc.pid, 15)
@@ -140,6 +148,17 @@ class ModelServer:
             raise InferenceError(f"cannot reach the model server: {e}") from e
         return s
 
+    def channel(self, timeout: float) -> "Channel":
+        """The connection every generation request of this process shares (opened on first use, again
+        after the server restarted or the connection broke). Raises InferenceError."""
+        with self._channel_lock:
+            if self._channel is None or not self._channel.alive:
+                sock = self.connect(timeout)
+                sock.settimeout(None)  # the reader thread blocks; sends are bounded by SO_SNDTIMEO
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
+                self._channel = Channel(sock, name=f"model-{self.key}-reader")
+            return self._channel
+
     def op(self, msg: dict, timeout: float) -> dict:
         """One request-reply operation (ping, stats) on its own connection. Raises InferenceError."""
         s = self.connect(timeout)
@@ -154,25 +173,31 @@ class ModelServer:
         finally:
             s.close()
 
-    def generate(self, sock: socket.socket, rid: str, mode: str, payload: Any, sampling: dict, *,
-                 read_timeout: float, heartbeat_s: float) -> Iterator[Any]:
-        """Send generation request ``rid`` on ``sock`` (from :meth:`connect`, closed by the caller) and
-        yield str deltas (a :class:`Delta` when they carry log-probabilities or echo the prompt), None
-        after ``heartbeat_s`` of silence, then a Final. Keys of ``sampling`` other than the sampling
-        settings (``echo``, ``logprobs``) reach the server as they are. Closed early (or failing),
-        it asks the server to cancel the request. Raises InferenceError; OSError when the socket fails."""
+    def generate(self, chan: "Channel", rid: str, mode: str, payload: Any, sampling: dict, *,
+                 poll_s: float, read_timeout: float, heartbeat_s: float) -> Iterator[Any]:
+        """Send generation request ``rid`` on ``chan`` (from :meth:`channel`) and yield str deltas (a
+        :class:`Delta` when they carry log-probabilities or echo the prompt), None after ``heartbeat_s``
+        of silence, then a Final. Keys of ``sampling`` other than the sampling settings (``echo``,
+        ``logprobs``) reach the server as they are. Closed early (or failing), it asks the server to
+        cancel the request. Raises InferenceError; OSError when the connection fails."""
         done = False
+        replies = chan.register(rid)
         try:
             req = {"id": rid, "mode": mode, "sampling": sampling,
                    ("messages" if mode == "chat" else "prompt"): payload}
             t0 = time.monotonic()
-            sock.sendall((json.dumps(req) + "\n").encode())
-            lines = Lines(sock)
+            chan.send(req)
             ttft = None
             last_msg = last_yield = time.monotonic()
             pending: collections.deque = collections.deque()
             while True:
-                msg = pending.popleft() if pending else lines.read()
+                if pending:
+                    msg = pending.popleft()
+                else:
+                    try:
+                        msg = replies.get(timeout=poll_s)
+                    except queue.Empty:
+                        msg = None
                 now = time.monotonic()
                 if msg is None:
                     if now - last_msg > read_timeout:
@@ -186,24 +211,24 @@ class ModelServer:
                 if msg is False:
                     raise self.crashed()
                 last_msg = now
-                if msg.get("id") != rid:
-                    continue
                 if "delta" in msg:
                     echo = bool(msg.get("echo"))
                     if ttft is None and not echo:
                         ttft = now - t0
                     text, entries = msg["delta"], msg.get("logprobs")
-                    if not pending:
-                        # A reader slower than the model (a busy machine, a slow client) gets what has
-                        # piled up as one delta instead of paying per-event costs for each token.
-                        for more in lines.ready():
-                            if not pending and more.get("id") == rid and "delta" in more \
-                                    and bool(more.get("echo")) == echo:
-                                text += more["delta"]
-                                if more.get("logprobs") is not None:
-                                    entries = (entries or []) + more["logprobs"]
-                            else:
-                                pending.append(more)
+                    # A reader slower than the model (a busy machine, a slow client) gets what has
+                    # piled up as one delta instead of paying per-event costs for each token.
+                    while not pending:
+                        try:
+                            more = replies.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more is not False and "delta" in more and bool(more.get("echo")) == echo:
+                            text += more["delta"]
+                            if more.get("logprobs") is not None:
+                                entries = (entries or []) + more["logprobs"]
+                        else:
+                            pending.append(more)
                     last_yield = now
                     yield Delta(text, entries, echo) if entries is not None or echo else text
                 elif msg.get("done"):
@@ -216,9 +241,10 @@ class ModelServer:
                     permanent = bool(msg.get("permanent"))
                     raise InferenceError(str(msg["error"]), permanent=permanent, status=400 if permanent else 503)
         finally:
+            chan.unregister(rid)
             if not done:  # the caller stopped early (client gone) or we failed: stop generating
                 try:
-                    sock.sendall((json.dumps({"cancel": rid}) + "\n").encode())
+                    chan.send({"cancel": rid})
                 except OSError:
                     pass
 
@@ -235,6 +261,71 @@ class ModelServer:
         log.warning("model server for model %s stopped mid-request (%s)", self.key, what)
         return InferenceError(f"the model server stopped unexpectedly ({what}) while answering; "
                               "it will be restarted on your next request")
+
+
+class Channel:
+    """One connection to a model server shared by many requests: the server's protocol lets a client
+    send several requests on one connection, replies carrying their id. A reader thread hands every
+    line to the queue of the request it names (unbounded, so the server's sends never wait on a slow
+    HTTP client), and False to every queue when the connection ends. A connection per request cost a
+    connect and a thread in the server each time (~1-3 ms of a request's first token on a busy CPU)."""
+
+    def __init__(self, sock: socket.socket, name: str = "model-reader"):
+        self.sock = sock
+        self.alive = True
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._queues: dict[str, queue.SimpleQueue] = {}
+        threading.Thread(target=self._read, name=name, daemon=True).start()
+
+    def register(self, rid: str) -> queue.SimpleQueue:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._queues[rid] = q
+            if not self.alive:
+                q.put(False)
+        return q
+
+    def unregister(self, rid: str) -> None:
+        with self._lock:
+            self._queues.pop(rid, None)
+
+    def send(self, msg: dict) -> None:
+        """Raises OSError when the connection is gone."""
+        data = (json.dumps(msg) + "\n").encode()
+        with self._send_lock:
+            if not self.alive:
+                raise OSError("the connection to the model server is closed")
+            self.sock.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which ends the queues
+        except OSError:
+            pass
+
+    def _read(self) -> None:
+        lines = Lines(self.sock)
+        try:
+            while True:
+                msg = lines.read()
+                if msg is False or msg is None:
+                    return
+                with self._lock:
+                    q = self._queues.get(msg.get("id"))
+                if q is not None:  # (replies to a request that was given up are dropped)
+                    q.put(msg)
+        except ValueError:  # a line that is not JSON: the stream cannot be trusted any more
+            log.warning("model server sent a line that is not JSON; closing the connection")
+        finally:
+            with self._lock:
+                self.alive = False
+                for q in self._queues.values():
+                    q.put(False)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
 
 class Lines:

@@ -17,6 +17,24 @@ import peewee as pw
 database = pw.DatabaseProxy()
 
 
+MAX_ID = 2**63 - 1  # ids are 64-bit: a larger number names nothing (and overflows SQLite's integers)
+
+
+def parse_id(ident: Any) -> int | None:
+    """``ident`` (an int, or a string from a URL or a JSON body) as a row id, or None when it cannot be
+    one: not an integer, a bool, negative, zero or beyond 64 bits."""
+    if isinstance(ident, bool):
+        return None
+    if isinstance(ident, str):
+        text = ident.strip()
+        if not text.isdigit() or len(text) > 19:  # isdigit: no sign, no "1e3", no "١" (not ASCII)
+            return None
+        ident = int(text) if text.isascii() else None
+    if not isinstance(ident, int) or not 0 < ident <= MAX_ID:
+        return None
+    return ident
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
@@ -46,11 +64,8 @@ class BaseModel(pw.Model):
     def get_owned(cls, ident: Any, user: Any) -> Any:
         """``user``'s row ``ident`` (an int, or a string from a URL or a JSON body), or None for anyone
         else's, a missing one and a malformed id alike: the caller answers 404 for all three."""
-        try:
-            pk = int(ident)
-        except (TypeError, ValueError):
-            return None
-        return cls.owned_by(user).where(cls.id == pk).first()
+        pk = parse_id(ident)
+        return None if pk is None else cls.owned_by(user).where(cls.id == pk).first()
 
 
 class User(BaseModel):
@@ -62,12 +77,16 @@ class User(BaseModel):
     is_admin = pw.BooleanField(default=False)
     is_approved = pw.BooleanField(default=True)  # lab mode: admin approval gate
     is_active_flag = pw.BooleanField(default=True, column_name="is_active")
+    # Set when the person opened a confirmation link sent to ``email`` (or a provider vouched for it);
+    # None: nobody proved they read mail at this address. accounts.email_verified() reads it.
+    email_verified_at = pw.DateTimeField(null=True)
+    # Every signed-in session carries the number it was started with; bumping it ends them all
+    # (logout, a password change, "sign out everywhere", an admin disabling the account).
+    session_version = pw.IntegerField(default=0)
     # Cached balance in micro-credits; the ledger is the truth (billing.py recomputes and checks it).
     credit_balance = pw.BigIntegerField(default=0)
     created_at = pw.DateTimeField(default=utcnow)
     last_login_at = pw.DateTimeField(null=True)
-    # When the person proved they own ``email`` (None: not yet). Shared with the security branch (issue 10).
-    email_verified_at = pw.DateTimeField(null=True)
 
     class Meta:
         indexes = ((("oauth_provider", "oauth_id"), True),)
@@ -107,7 +126,14 @@ class Dataset(BaseModel):
     storage_key = pw.CharField(max_length=1024)
     size_bytes = pw.BigIntegerField(default=0)
     sha256 = pw.CharField(max_length=64, default="")
+    # What the bytes expand to when read (gzip): what the quota and estimates count. 0: not gzipped,
+    # the same as size_bytes.
+    expanded_bytes = pw.BigIntegerField(default=0)
     created_at = pw.DateTimeField(default=utcnow)
+
+    @property
+    def counted_bytes(self) -> int:
+        return max(self.size_bytes or 0, self.expanded_bytes or 0)
 
 
 class TrainingJob(BaseModel):

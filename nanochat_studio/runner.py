@@ -3,7 +3,7 @@
 Everything goes through :func:`spawn`: its own process group, and a parent-death signal so a child never
 outlives the thread that supervises it. This module owns the process side of a run: the worker's
 slots (:class:`Slot`), the run directory's lock (RUN_DIR/trainer.lock, inherited by the trainer), the trainer's
-command line and environment, helper runs (:func:`probe_device`, :func:`calibrate`) and
+command line and environment, helper runs (:func:`probe_device`, :func:`calibrate`, :func:`export_hf`) and
 :func:`start_model_server`. What a training attempt means for the job (events, progress, lease, outcome,
 the Model it leaves) is supervisor.py's, which starts its trainer through :func:`spawn`; inference.py
 is the only client of the model servers.
@@ -189,6 +189,27 @@ def calibrate(settings: Settings, shape: ModelShape, batch_size: int, *, timeout
     args = ["--depth", str(shape.depth), "--vocab-size", str(shape.vocab_size), "--seq-len", str(shape.seq_len),
             "--batch-size", str(batch_size)]
     return run_helper(settings, "trainer.calibrate", args, event="calibration", timeout=timeout, slot=slot)
+
+
+def export_hf(settings: Settings, checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+              timeout: float = 900) -> None:
+    """Write the transformers directory of a checkpoint with ``python -m trainer.export_hf`` (torch
+    lives there, never in this process). Call it from the thread that waits (the child dies with it).
+    Raises SpawnError."""
+    argv = [settings.trainer_python, "-m", "trainer.export_hf", str(checkpoint_dir), str(out_dir)]
+    try:
+        proc = spawn(argv, env=trainer_env(Slot("export", "cpu")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise SpawnError(f"cannot start trainer.export_hf: {exc}") from exc
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        proc.communicate()
+        raise SpawnError(f"trainer.export_hf took longer than {timeout:g} s") from None
+    if proc.returncode != 0:
+        tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        raise SpawnError(f"trainer.export_hf exited {proc.returncode}: {tail[0][:300]}")
 
 
 # --- the run directory's lock --------------------------------------------------------------------------

@@ -29,6 +29,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SECRET_KEY_FILE = "secret_key"
 GiB = 1 << 30
+# waitress threads that event streams can never hold (threads = max_streams + this, by default): pages,
+# /healthz and sign-ins still get answered while every stream slot is taken.
+THREADS_SPARE = 8
+THREADS_SPARE_MIN = 4
+SMTP_SCHEMES = ("smtp", "smtps", "smtp+insecure")
+RATE_LIMIT_SETTINGS = ("login_limit_per_account", "login_limit_per_address", "api_rate_limit",
+                       "api_key_rate_limit")
 
 
 class SettingsError(ValueError):
@@ -77,8 +84,19 @@ class Settings:
     metrics_token: str = _f("", "Bearer token that lets Prometheus read `/metrics` (and a worker's "
                             "`--metrics-port`) from another machine; without it they answer loopback only.",
                             secret=True)
+    trusted_proxy: str = _f("", "Address of the reverse proxy in front of `serve` (lab and hosted only): its "
+                            "X-Forwarded-For and X-Forwarded-Proto are believed, so rate limits see the real "
+                            "client address. Solo mode refuses it: behind a proxy, run lab.")
     # --- serving and the queue ---
-    threads: int = _f(24, "waitress threads; every open event stream holds one.", minimum=1, maximum=1024)
+    threads: int = _f(0, "waitress threads; 0 sizes them from the stream caps: max_streams plus "
+                      "threads that streams can never take.", minimum=0, maximum=1024,
+                      default_doc="0 (max_streams + 8)")
+    max_streams: int = _f(32, "Open event streams (job events, chat, model downloads) of all users together; "
+                          "one more answers 429.", minimum=1, maximum=1000)
+    max_streams_per_user: int = _f(6, "Open event streams of one user (or API key's owner); one more answers "
+                                   "429.", minimum=1, maximum=1000)
+    json_max_bytes: int = _f(1 << 20, "Largest request body of anything but a dataset upload, in bytes.",
+                             minimum=1024)
     worker: bool = _f(True, "Run the queue consumer inside `serve` (turn off when `worker` runs elsewhere).")
     worker_threads: int = _f(4, "huey consumer worker threads.", minimum=1, maximum=256)
     cpu_slots: int = _f(1, "Training jobs run at once on the CPU when there is no GPU.", minimum=1, maximum=256)
@@ -104,6 +122,8 @@ class Settings:
     max_queued_jobs: int = _f(10, "Waiting jobs per user before submissions get 429.", minimum=1)
     # --- data ---
     upload_max_bytes: int = _f(2 * GiB, "Largest single dataset upload, in bytes.", minimum=1)
+    expanded_max_bytes: int = _f(8 * GiB, "Largest size a gzipped dataset may expand to, in bytes; expanded "
+                                 "bytes are what the quota and estimates count.", minimum=1)
     user_quota_bytes: int = _f(20 * GiB, "Dataset storage per user, in bytes.", minimum=0)
     url_max_bytes: int = _f(5 * GiB, "Largest dataset fetched from an https URL, in bytes.", minimum=1)
     url_timeout_s: float = _f(600.0, "Time limit of one dataset download, in seconds.", env="NCS_URL_TIMEOUT",
@@ -112,11 +132,35 @@ class Settings:
                                   "(lab networks).")
     allow_server_paths: bool | None = _f(None, "Allow datasets given as paths on the server's disk.",
                                          default_doc="true in solo mode, else admins only")
+    server_path_roots: str = _f("", "Comma-separated directories that server-path datasets must lie in. Paths "
+                                "inside the data directory, system directories and hidden ones are refused "
+                                "either way.", default_doc="anywhere else")
     # --- chat ---
     inference_device: str = _f("auto", "Device of model servers: `auto`, `cpu`, `cuda`, `cuda:1`.")
     max_loaded_models: int = _f(2, "Model servers kept warm (least recently used is stopped).", minimum=1)
     model_idle_seconds: int = _f(600, "An unused model server stops after this many seconds.", minimum=1)
     chat_queue_limit: int = _f(16, "Waiting chat requests per model before 429.", minimum=1)
+    # --- sign-in, sessions and throttling ---
+    session_max_age_hours: float = _f(12.0, "A sign-in lasts this long, then the person signs in again.",
+                                      minimum=0.01)
+    login_limit_per_account: str = _f("10 per minute; 100 per hour", "Failed sign-ins per account "
+                                      "(flask-limiter syntax); beyond, 429 with Retry-After.")
+    login_limit_per_address: str = _f("30 per minute; 300 per hour", "Sign-in, sign-up and email attempts "
+                                      "per client address; beyond, 429 with Retry-After.")
+    api_rate_limit: str = _f("600 per minute", "Requests to /api and /v1 per user, all their keys and "
+                             "sessions together; beyond, 429 with Retry-After.")
+    api_key_rate_limit: str = _f("300 per minute", "Requests to /api and /v1 per API key.")
+    password_hash_concurrency: int = _f(2, "Password hashes computed at once (each scrypt takes ~32 MiB); "
+                                        "a sign-in that waits too long for one answers 429.", minimum=1,
+                                        maximum=64)
+    # --- email (verification links) ---
+    smtp_url: str = _f("", "Mail server: `smtp://host:587` (STARTTLS), `smtps://host:465` (TLS) or "
+                       "`smtp+insecure://host:25` (plain, a relay on this machine). Empty: links are "
+                       "logged instead (solo and lab); hosted mode needs it.", secret=True)
+    smtp_from: str = _f("", "From address of the studio's mail.", default_doc="studio@{base_url's host}")
+    smtp_username: str = _f("", "SMTP user name.", secret=True)
+    smtp_password: str = _f("", "SMTP password.", secret=True)
+    email_link_hours: float = _f(24.0, "How long an email confirmation link works.", minimum=0.01)
     # --- sign-in providers (off unless a client id is set) ---
     github_client_id: str = _f("", "GitHub OAuth app client id; empty turns GitHub sign-in off.")
     github_client_secret: str = _f("", "GitHub OAuth app client secret.", secret=True)
@@ -329,6 +373,7 @@ def load_settings(environ: Mapping[str, str] | None = None, toml_path: str | os.
         values["allow_server_paths"] = mode == "solo"
     _check_urls(values)
     _check_billing(values)
+    _check_serving(values)
     if not values.get("secret_key"):
         values["secret_key"] = _generated_secret(home)
     elif len(values["secret_key"]) < 16:
@@ -411,6 +456,38 @@ def _check_billing(values: dict[str, Any]) -> None:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError(f"NCS_STRIPE_API_BASE: expected http(s)://host[:port], got {base!r}")
         values["stripe_api_base"] = base.rstrip("/")
+def _check_serving(values: dict[str, Any]) -> None:
+    """Threads, proxies, rate-limit strings, mail and server-path roots: the checks across settings."""
+    max_streams = values.get("max_streams", Settings.max_streams)
+    threads = values.get("threads", 0)
+    if threads == 0:
+        values["threads"] = max_streams + THREADS_SPARE
+    elif threads < max_streams + THREADS_SPARE_MIN:
+        raise SettingsError(f"NCS_THREADS: {threads} threads leave too few for anything but streams; use at "
+                            f"least max_streams + {THREADS_SPARE_MIN} = {max_streams + THREADS_SPARE_MIN}, "
+                            "or 0 to size them from max_streams")
+    if values.get("trusted_proxy") and values.get("mode", "solo") == "solo":
+        raise SettingsError("NCS_TRUSTED_PROXY: solo mode trusts only this machine's own browser and cannot run "
+                            "behind a proxy (every visitor would be the owner); use lab mode")
+    for name in RATE_LIMIT_SETTINGS:
+        if name in values:
+            from limits import parse_many
+
+            try:
+                parse_many(values[name])
+            except ValueError:
+                raise SettingsError(f"NCS_{name.upper()}: expected limits like '10 per minute; 100 per hour', "
+                                    f"got {values[name]!r}") from None
+    smtp = values.get("smtp_url", "")
+    if smtp:
+        parts = urlsplit(smtp)
+        if parts.scheme not in SMTP_SCHEMES or not parts.hostname:
+            raise SettingsError(f"NCS_SMTP_URL: expected smtp://host:587, smtps://host:465 or "
+                                f"smtp+insecure://host:25, got {_mask('smtp_url', smtp)!r}")
+    roots = [r.strip() for r in values.get("server_path_roots", "").split(",") if r.strip()]
+    for root in roots:
+        if not os.path.isabs(root):
+            raise SettingsError(f"NCS_SERVER_PATH_ROOTS: {root!r} is not an absolute directory")
 
 
 # ------------------------------------------------------------------------------------- documentation

@@ -36,13 +36,12 @@ def heartbeat() -> str:
     return ": keep-alive\n\n"
 
 
-def last_event_id(default: int = 0) -> int:
-    """The id to resume after: the Last-Event-ID header (browser reconnects) or ``?since=`` (first load)."""
-    raw = request.headers.get("Last-Event-ID") or request.args.get("since") or ""
-    try:
-        return max(0, int(raw))
-    except ValueError:
-        return default
+def last_event_id() -> int:
+    """The id to resume after: the Last-Event-ID header (browser reconnects) or ``?since=`` (first load);
+    0 when neither is given. BadRequest (400) for anything but a non-negative 64-bit integer."""
+    from .inputs import event_id
+
+    return event_id(request.headers.get("Last-Event-ID") or request.args.get("since"))
 
 
 def with_heartbeats(frames: Callable[[], Iterable[str]], poll: Callable[[], Iterable[str] | None],

@@ -29,7 +29,7 @@ from typing import IO, Any, Iterator, Mapping
 
 import fsspec
 
-from .archive import GzipTar, archive_dirname, inline_member, model_card
+from .archive import GzipTar, archive_dirname, inline_member, model_card, public_config
 from .settings import Settings
 
 MARKER = "_COMMITTED.json"
@@ -404,11 +404,14 @@ class Storage:
         top = archive_dirname(model)
         # (archive name, storage key or None, size, sha256, inline bytes or None)
         members: list[tuple[str, str | None, int, str, bytes | None]] = []
-        for rel in ("model.safetensors", "config.json", "state.json"):
+        for rel in ("model.safetensors", "state.json"):
             if rel in files:
                 members.append((rel, f"{ckpt}/{rel}", files[rel]["size"], files[rel]["sha256"], None))
-        if "config.json" not in files:
-            members.append(inline_member("config.json", json.dumps(model.config or {}, indent=2)))
+        # config.json ships without the server's paths (the trainer wrote out, cache_dir, data as they
+        # were on this machine): checked against the manifest first, then rewritten.
+        run_config = self._verified_json(f"{ckpt}/config.json", files["config.json"]) if "config.json" in files \
+            else model.config or {}
+        members.insert(1, inline_member("config.json", json.dumps(public_config(run_config), indent=2)))
         for rel, size, sha, key in self._tokenizer_files(model, ckpt, files):
             members.append((f"tokenizer/{rel}", key, size, sha, None))
         # The trainer's manifest with its file list cut to what ships (optim.pt stays home).
@@ -442,6 +445,13 @@ class Storage:
                     raise IntegrityError(f"{key}: stored bytes do not match the manifest")
             yield from out.end_member(size)
         yield from out.close()
+
+    def _verified_json(self, key: str, entry: dict) -> Any:
+        with self.open(key) as f:
+            raw = f.read()
+        if len(raw) != entry["size"] or hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+            raise IntegrityError(f"{key}: stored bytes do not match the manifest")
+        return json.loads(raw)
 
     def _tokenizer_files(self, model: Any, ckpt: str, files: dict) -> list[tuple[str, int, str, str]]:
         tok = check_key(model.tokenizer_key or f"{ckpt}/tokenizer")

@@ -63,7 +63,16 @@ def _new_huey(url: str) -> Huey:
         """Claim a ready job and supervise it on a free local slot (this worker thread owns it)."""
         return run_next_job(job_id)
 
+    @huey.task(name="facts")
+    def facts(key: str) -> str | None:
+        """Prepare a dataset with the trainer's own code for the estimates (datafacts.py)."""
+        from . import datafacts
+
+        local = _local
+        return datafacts.compute(key, local.settings) if local is not None else None
+
     huey.ring = ring  # type: ignore[attr-defined]
+    huey.facts = facts  # type: ignore[attr-defined]
     return huey
 
 
@@ -236,6 +245,17 @@ def enqueue_job(job_id: int, settings: Settings | None = None) -> bool:
             if attempt == 2:
                 log.warning("could not ring the queue for job %s; the reconciler will", job_id, exc_info=True)
     return False
+
+
+def enqueue_facts(key: str, settings: Settings) -> bool:
+    """Queue the preparation of a dataset's facts (datafacts.compute) for whichever consumer is free;
+    never raises for a queue outage (the next estimate asks again once the request is stale)."""
+    try:
+        make_huey(settings).facts(key)  # type: ignore[attr-defined]
+        return True
+    except Exception:
+        log.warning("could not queue the facts of %s", key, exc_info=True)
+        return False
 
 
 def ring_if_ready(settings: Settings | None = None) -> bool:

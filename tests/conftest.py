@@ -62,6 +62,18 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _keep_the_umask() -> Iterator[None]:
+    """CLI commands run in-process (CliRunner) set the umask to 077 as `serve` does; give the next test
+    the one it started with."""
+    before = os.umask(0o022)
+    os.umask(before)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+@pytest.fixture(autouse=True)
 def _cheap_password_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Passwords are hashed with a cheap pbkdf2 in tests (the suite hashes hundreds, and scrypt costs
     ~0.1 s a hash here); test_auth.py checks that production stores scrypt hashes."""
@@ -269,13 +281,37 @@ def make_user(name: str, *, admin: bool = False) -> Any:
 
 
 def client_as(app: Any, user: Any) -> Any:
-    """A test client of ``app`` signed in as ``user``, from another machine (so solo mode adds nothing)."""
+    """A test client of ``app`` signed in as ``user``, from another machine (so solo mode adds nothing).
+    The session carries what auth.sign_in stamps (session version, sign-in time)."""
+    import time
+
+    from nanochat_studio import auth
+
     client = app.test_client()
     client.environ_base.update(REMOTE)
     with client.session_transaction() as session:
         session["_user_id"] = str(user.id)
         session["_fresh"] = True
+        session[auth.SESSION_VERSION_KEY] = user.session_version
+        session[auth.SESSION_STARTED_KEY] = time.time()
     return client
+
+
+@pytest.fixture
+def mailbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real SMTP server on loopback (STARTTLS, a login): ``mailbox.env`` are the settings that send to
+    it, ``mailbox.link(address)`` the link in the mail sent there. Its certificate is trusted through
+    SSL_CERT_FILE, as an operator's private CA would be."""
+    from mailserver import MailServer
+
+    directory = tmp_path / "smtp"
+    directory.mkdir()
+    server = MailServer(directory)
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_file))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -310,3 +346,31 @@ def browser() -> Iterator[Any]:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+# ------------------------------------------------------------------------------ tests/security's stores
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A store for one module's real `serve` subprocess(es) and the test process alike (tests/security):
+    a SQLite file, or a PostgreSQL database of its own (NCS_TEST_DB)."""
+    if TEST_DB == "postgres":
+        dbs = request.getfixturevalue("postgres_databases")
+        name = dbs.acquire()
+        try:
+            yield dbs.url(name)
+        finally:
+            if db.database.obj is not None and not db.database.is_closed():
+                db.database.close()
+            dbs.release(name)
+        return
+    yield f"sqlite:///{tmp_path_factory.mktemp('store')}/studio.db"
+
+
+@pytest.fixture
+def fresh_store_url(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A store of this test's own (the same kinds as store_url)."""
+    if TEST_DB == "postgres":
+        yield request.getfixturevalue("postgres")
+        return
+    yield f"sqlite:///{tmp_path}/own-store/studio.db"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import peewee as pw
 
-from nanochat_studio import auth, estimate
+from nanochat_studio import accounts, auth, estimate
 from nanochat_studio.db import database
 from nanochat_studio.models import ALL_MODELS, ApiKey, User
-from test_auth import REMOTE, csrf_token_of, register
+from test_auth import PASSWORD, REMOTE, csrf_token_of, join, login
 from test_auth import account_app_fixture  # noqa: F401 - the account_app fixture
 
 KEY_RE = re.compile(r'value="(ncs_[A-Za-z0-9_-]{20,})"')
@@ -30,8 +30,10 @@ def new_key_from_profile(client, name="laptop") -> str:
 
 
 def signed_up(app, email):
+    """A member's account (as a sign-up makes it) and a client signed in to it."""
     client = app.test_client()
-    register(client, email)
+    accounts.create_user(email, PASSWORD, first_becomes_admin=False)
+    login(client, email)
     return client, User.get(User.email == email)
 
 
@@ -175,10 +177,10 @@ def test_last_used_is_recorded_about_once_a_minute(account_app):
     assert ApiKey.get().last_used_at > first
 
 
-def test_creating_and_revoking_keys_need_the_csrf_token(account_app):
+def test_creating_and_revoking_keys_need_the_csrf_token(account_app, mailbox):
     app = account_app("hosted", csrf=True)
     alice = app.test_client()
-    register(alice, "alice@example.com", csrf_token=csrf_token_of(alice.get("/account/register")))
+    join(alice, mailbox, "alice@example.com", csrf_token=csrf_token_of(alice.get("/account/register")))
     assert alice.post("/account/keys", data={"key-name": "x"}).status_code == 400
     assert ApiKey.select().count() == 0
 
@@ -189,10 +191,10 @@ def test_creating_and_revoking_keys_need_the_csrf_token(account_app):
     assert ApiKey.get_by_id(key_id).revoked_at is None
 
 
-def test_a_key_writes_to_the_api_without_a_csrf_token_but_a_cookie_cannot(account_app):
+def test_a_key_writes_to_the_api_without_a_csrf_token_but_a_cookie_cannot(account_app, mailbox):
     app = account_app("hosted", csrf=True)
     alice = app.test_client()
-    register(alice, "alice@example.com", csrf_token=csrf_token_of(alice.get("/account/register")))
+    join(alice, mailbox, "alice@example.com", csrf_token=csrf_token_of(alice.get("/account/register")))
     token = csrf_token_of(alice.get("/account/profile"))
     key = KEY_RE.search(alice.post("/account/keys", data={"key-csrf_token": token}).get_data(as_text=True)).group(1)
 

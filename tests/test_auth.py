@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import threading
+from urllib.parse import urlsplit
 
 import pytest
 from flask import Blueprint, jsonify, request
 from flask_login import current_user
 
-from nanochat_studio import accounts, auth
+from nanochat_studio import accounts, auth, bootstrap
 from nanochat_studio.auth import admin_required, api_key_required, login_required
 from nanochat_studio.models import AppState, User
 
@@ -51,19 +52,34 @@ def probe_admin():
 
 
 @pytest.fixture(name="account_app")
-def account_app_fixture(make_app):
+def account_app_fixture(make_app, request):
     """``account_app(mode, csrf=False, **settings)``: conftest's app (store per NCS_TEST_DB) plus the probe
     routes. CSRF is off so tests post bare forms; the CSRF tests turn it on, as production has it.
+    Hosted apps send their mail to a real SMTP server on loopback (``hosted_mail``).
     (conftest hashes passwords with a cheap pbkdf2; the production scrypt has its own test below.)
     """
 
     def make(mode: str = "solo", csrf: bool = False, **overrides):
+        if mode == "hosted" and "environ" not in overrides:
+            overrides["environ"] = request.getfixturevalue("mailbox").env
         app = make_app(mode=mode, **overrides)
         app.config.update(WTF_CSRF_ENABLED=csrf)
         app.register_blueprint(probe)
         return app
 
     return make
+
+
+def join(client, mailbox, email, password=PASSWORD, name="", **fields):
+    """A hosted sign-up carried through: the form, then the link mailed to the address, then its password."""
+    response = register(client, email, password, name, **fields)
+    assert response.status_code == 200 and "Check your email" in page_text(response), page_text(response)
+    address = email.strip().lower()
+    link = mailbox.link(address, count=len(mailbox.to(address)))
+    data = {"password": password}
+    if "csrf_token" in fields:
+        data["csrf_token"] = csrf_token_of(client.get(urlsplit(link).path))
+    return client.post(urlsplit(link).path, data=data)
 
 
 def register(client, email, password=PASSWORD, name="", environ_base=None, **fields):
@@ -87,11 +103,12 @@ def page_text(response) -> str:
 
 # ------------------------------------------------------------------------------ local accounts
 
-def test_register_sign_in_and_sign_out_round_trip(account_app):
+def test_register_sign_in_and_sign_out_round_trip(account_app, mailbox):
     client = account_app("hosted").test_client()
-    response = register(client, "alice@example.com", name="Alice")
+    response = join(client, mailbox, "alice@example.com", name="Alice")
     assert response.status_code == 302
     assert whoami(client) == "alice@example.com"
+    assert accounts.email_verified(User.get(User.email == "alice@example.com"))
 
     assert client.post("/account/logout").status_code == 302
     assert whoami(client) is None
@@ -102,10 +119,10 @@ def test_register_sign_in_and_sign_out_round_trip(account_app):
     assert User.get(User.email == "alice@example.com").last_login_at is not None
 
 
-def test_passwords_are_stored_hashed_with_scrypt(account_app, monkeypatch):
+def test_passwords_are_stored_hashed_with_scrypt(account_app, mailbox, monkeypatch):
     client = account_app("hosted").test_client()
     monkeypatch.setattr(accounts, "PASSWORD_HASH_METHOD", "scrypt")  # the production setting
-    register(client, "alice@example.com")
+    join(client, mailbox, "alice@example.com")
     stored = User.get(User.email == "alice@example.com").password_hash
     assert PASSWORD not in stored and stored.startswith("scrypt:")
     client.post("/account/logout")
@@ -113,16 +130,16 @@ def test_passwords_are_stored_hashed_with_scrypt(account_app, monkeypatch):
     assert whoami(client) == "alice@example.com"
 
 
-def test_logout_is_not_a_get(account_app):
+def test_logout_is_not_a_get(account_app, mailbox):
     client = account_app("hosted").test_client()
-    register(client, "alice@example.com")
+    join(client, mailbox, "alice@example.com")
     assert client.get("/account/logout").status_code == 405
     assert whoami(client) == "alice@example.com"
 
 
-def test_wrong_password_and_unknown_email_get_the_same_refusal(account_app):
+def test_wrong_password_and_unknown_email_get_the_same_refusal(account_app, mailbox):
     client = account_app("hosted").test_client()
-    register(client, "alice@example.com")
+    join(client, mailbox, "alice@example.com")
     client.post("/account/logout")
 
     wrong = login(client, "alice@example.com", "not the password")
@@ -133,9 +150,9 @@ def test_wrong_password_and_unknown_email_get_the_same_refusal(account_app):
     assert whoami(client) is None
 
 
-def test_email_is_normalised(account_app):
+def test_email_is_normalised(account_app, mailbox):
     client = account_app("hosted").test_client()
-    register(client, "  Alice@Example.COM ")
+    join(client, mailbox, "  Alice@Example.COM ")
     assert User.get().email == "alice@example.com"
     client.post("/account/logout")
     login(client, "ALICE@example.com")
@@ -159,10 +176,23 @@ def test_bad_sign_up_forms_show_a_clear_error(account_app, email, password, conf
     assert User.select().count() == 0
 
 
-def test_a_taken_email_is_refused(account_app):
+def test_a_taken_email_gets_a_note_by_mail_and_the_page_does_not_tell(account_app, mailbox):
     client = account_app("hosted").test_client()
-    register(client, "alice@example.com")
+    join(client, mailbox, "alice@example.com")
     client.post("/account/logout")
+    response = register(client, "ALICE@example.com", password="another password 1")
+    # The same page as for a new address: the form does not say who has an account here.
+    assert response.status_code == 200 and "Check your email" in page_text(response)
+    note = mailbox.wait("alice@example.com", count=2)
+    assert "already has an account" in note.get_content() and "confirm-signup" not in note.get_content()
+    assert User.select().count() == 1
+    login(client, "alice@example.com", "another password 1")
+    assert whoami(client) is None  # the second sign-up changed nothing
+
+
+def test_a_lab_sign_up_with_a_taken_email_is_refused(account_app):
+    client = account_app("lab").test_client()
+    accounts.create_user("alice@example.com", PASSWORD)
     response = register(client, "ALICE@example.com")
     assert response.status_code == 400
     assert "An account with this email already exists." in page_text(response)
@@ -172,14 +202,17 @@ def test_a_taken_email_is_refused(account_app):
 # ----------------------------------------------------------------------------------------- modes
 
 @pytest.mark.parametrize("mode", ["lab", "hosted"])
-def test_the_first_account_becomes_admin_and_later_ones_do_not(account_app, mode):
+def test_the_first_web_sign_up_does_not_become_admin(account_app, mode, request):
     app = account_app(mode)
-    register(app.test_client(), "alice@example.com")
-    register(app.test_client(), "bob@example.com")
-    alice, bob = User.get(User.email == "alice@example.com"), User.get(User.email == "bob@example.com")
-    assert alice.is_admin and alice.is_approved
-    assert not bob.is_admin
-    assert AppState.get_by_id(accounts.FIRST_ADMIN_KEY).value == alice.id
+    if mode == "hosted":
+        join(app.test_client(), request.getfixturevalue("mailbox"), "mallory@example.com")
+    else:
+        register(app.test_client(), "mallory@example.com")
+    mallory = User.get(User.email == "mallory@example.com")
+    assert not mallory.is_admin
+    assert mallory.is_approved == (mode == "hosted")  # lab: waits for an administrator who does not exist yet
+    assert not bootstrap.admin_exists()
+    assert AppState.get_or_none(AppState.key == accounts.FIRST_ADMIN_KEY) is None
 
 
 def test_an_install_first_account_made_by_the_operator_is_admin_and_sign_ups_after_it_are_not(account_app):
@@ -192,15 +225,15 @@ def test_an_install_first_account_made_by_the_operator_is_admin_and_sign_ups_aft
     assert not mallory.is_admin and not mallory.is_approved
 
 
-def test_only_one_of_simultaneous_first_sign_ups_becomes_admin(account_app):
-    account_app("hosted")  # opens the database
+def test_only_one_of_simultaneous_first_accounts_made_by_the_operator_becomes_admin(account_app):
+    account_app("lab")  # opens the database
     barrier = threading.Barrier(6)
     failures = []
 
     def sign_up(i):
         barrier.wait()
         try:
-            accounts.register_user(f"user{i}@example.com", PASSWORD, mode="hosted")
+            accounts.create_user(f"user{i}@example.com", PASSWORD)  # the CLI's `users create`
         except Exception as exc:  # noqa: BLE001 - reported below
             failures.append(exc)
 
@@ -217,8 +250,9 @@ def test_only_one_of_simultaneous_first_sign_ups_becomes_admin(account_app):
 def test_lab_sign_ups_wait_for_an_admin(account_app):
     app = account_app("lab")
     alice, bob, charlie = app.test_client(), app.test_client(), app.test_client()
-    register(alice, "alice@example.com")
-    assert whoami(alice) == "alice@example.com"  # the first account is the admin, approved
+    accounts.create_user("alice@example.com", PASSWORD, is_admin=True)
+    login(alice, "alice@example.com")
+    assert whoami(alice) == "alice@example.com"
 
     response = register(bob, "bob@example.com")
     assert response.status_code == 302 and response.headers["Location"] == "/account/login"
@@ -243,7 +277,8 @@ def test_lab_sign_ups_wait_for_an_admin(account_app):
 def test_lab_invitation_skips_approval_once(account_app):
     app = account_app("lab")
     alice = app.test_client()
-    register(alice, "alice@example.com")
+    accounts.create_user("alice@example.com", PASSWORD, is_admin=True)
+    login(alice, "alice@example.com")
     response = alice.post("/account/admin/invites")
     assert response.status_code == 201
     link = re.search(r'value="(http://localhost/account/register\?invite=[^"]+)"', page_text(response)).group(1)
@@ -261,11 +296,12 @@ def test_lab_invitation_skips_approval_once(account_app):
     assert not User.select().where(User.email == "charlie@example.com").exists()
 
 
-def test_an_admin_can_promote(account_app):
+def test_an_admin_can_promote(account_app, mailbox):
     app = account_app("hosted")
     alice, bob = app.test_client(), app.test_client()
-    register(alice, "alice@example.com")
-    register(bob, "bob@example.com")
+    accounts.create_user("alice@example.com", PASSWORD, is_admin=True)
+    login(alice, "alice@example.com")
+    join(bob, mailbox, "bob@example.com")
     bob_id = User.get(User.email == "bob@example.com").id
     assert bob.post(f"/account/admin/users/{bob_id}/promote").status_code == 403
     alice.post(f"/account/admin/users/{bob_id}/promote")
@@ -305,17 +341,38 @@ def test_solo_mode_asks_anyone_elsewhere_to_sign_in(account_app, kwargs):
     assert response.headers["Location"] == "/account/login?next=/probe/page?tab%3D2"
 
 
-def test_solo_mode_accepts_loopback_forwarding(account_app):
+@pytest.mark.parametrize("headers", [
+    {"X-Forwarded-For": "127.0.0.1, ::1"}, {"X-Forwarded-For": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"},
+    {"Via": "1.1 localhost"}, {"X-Forwarded-Proto": "https"}, {"X-Forwarded-Host": "localhost"},
+    {"X-Forwarded-Anything": "1"}, {"True-Client-IP": "127.0.0.1"}, {"Origin": "https://studio.example.com"},
+    {"Origin": "null"}, {"Referer": "https://studio.example.com/jobs", "Sec-Fetch-Site": "same-origin"},
+], ids=lambda h: ",".join(h))
+def test_solo_mode_trusts_no_proxy_header_of_any_kind(account_app, headers):
+    # Even one naming loopback: a proxy on this machine says that too, for visitors from anywhere.
     client = account_app("solo").test_client()
-    response = client.get("/api/probe/me", headers={"X-Forwarded-For": "127.0.0.1, ::1", "Host": "localhost:8765"})
-    assert response.status_code == 200
+    assert client.get("/api/probe/me", headers={"Host": "localhost:8765"}).status_code == 200
+    assert client.get("/api/probe/me", headers={"Host": "localhost:8765", **headers}).status_code == 401
 
 
-def test_solo_owner_sets_a_password_to_sign_in_from_elsewhere(account_app):
-    app = account_app("solo")
+def test_solo_mode_keeps_the_owner_on_their_own_pages(account_app):
+    client = account_app("solo").test_client()
+    own_page = {"Host": "localhost:8765", "Origin": "http://localhost:8765",
+                "Referer": "http://127.0.0.1:8765/jobs", "Sec-Fetch-Site": "same-origin"}
+    assert client.get("/api/probe/me", headers=own_page).status_code == 200
+    # A link from another site is not a proxy: its Referer names that site, but the browser says so.
+    link = {"Host": "localhost:8765", "Referer": "http://news.example.com/", "Sec-Fetch-Site": "cross-site"}
+    assert client.get("/api/probe/me", headers=link).status_code == 200
+
+
+def test_solo_owner_sets_a_password_to_sign_in_from_elsewhere(account_app, mailbox):
+    app = account_app("solo", environ=mailbox.env)
     local, remote = app.test_client(), app.test_client()
     form = {"email": "owner@example.com", "name": "Owner", "new_password": PASSWORD, "confirm": PASSWORD}
     assert local.post("/account/profile", data=form).status_code == 302
+    assert accounts.solo_owner().email is None  # the address counts once the link mailed to it is opened
+    link = urlsplit(mailbox.link("owner@example.com")).path
+    assert local.post(link).status_code == 302
+    assert accounts.solo_owner().email == "owner@example.com"
 
     login(remote, "owner@example.com", environ_base=REMOTE)
     assert remote.get("/api/probe/me", environ_base=REMOTE).json["id"] == accounts.solo_owner().id
@@ -333,9 +390,9 @@ def test_solo_mode_has_no_sign_up(account_app):
     assert User.select().where(User.email == "mallory@example.com").count() == 0
 
 
-def test_a_disabled_account_loses_its_session(account_app):
+def test_a_disabled_account_loses_its_session(account_app, mailbox):
     client = account_app("hosted").test_client()
-    register(client, "alice@example.com")
+    join(client, mailbox, "alice@example.com")
     User.update(is_active_flag=False).where(User.email == "alice@example.com").execute()
     assert whoami(client) is None
 
@@ -360,18 +417,16 @@ def test_pages_redirect_to_sign_in_and_api_answers_401_json(account_app):
 )
 def test_next_refuses_anything_but_a_path_on_this_site(account_app, target):
     assert auth.safe_next(target) is None
-    client = account_app("hosted").test_client()
-    register(client, "alice@example.com")
-    client.post("/account/logout")
+    client = account_app("lab").test_client()
+    accounts.create_user("alice@example.com", PASSWORD)
     response = login(client, "alice@example.com", next=target)
     assert response.status_code == 302 and response.headers["Location"] == "/"
 
 
 def test_next_keeps_a_path_on_this_site(account_app):
     assert auth.safe_next("/jobs/3?tab=loss") == "/jobs/3?tab=loss"
-    client = account_app("hosted").test_client()
-    register(client, "alice@example.com")
-    client.post("/account/logout")
+    client = account_app("lab").test_client()
+    accounts.create_user("alice@example.com", PASSWORD)
     page = client.get("/account/login?next=/jobs/3%3Ftab%3Dloss")
     assert 'value="/jobs/3?tab=loss"' in page_text(page)
     response = login(client, "alice@example.com", next="/jobs/3?tab=loss")
@@ -384,11 +439,11 @@ def csrf_token_of(page) -> str:
     return re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page_text(page)).group(1)
 
 
-def test_sign_in_and_sign_out_forms_need_the_csrf_token(account_app):
+def test_sign_in_and_sign_out_forms_need_the_csrf_token(account_app, mailbox):
     app = account_app("hosted", csrf=True)
     client = app.test_client()
     token = csrf_token_of(client.get("/account/register"))
-    register(client, "alice@example.com", csrf_token=token)
+    join(client, mailbox, "alice@example.com", csrf_token=token)
     assert whoami(client) == "alice@example.com"
 
     assert client.post("/account/logout").status_code == 400

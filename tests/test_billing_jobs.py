@@ -16,7 +16,7 @@ import pytest
 from billing_helpers import hosted, ledger_checked, stripe_fake  # noqa: F401 - fixtures
 from billing_helpers import RATE, available, calibrate, client_as, in_threads, post_json, verified
 
-from nanochat_studio import billing, db, jobs, runner, supervisor
+from nanochat_studio import billing, db, estimate, jobs, runner, supervisor
 from nanochat_studio.billing import ledger, metering
 from nanochat_studio.db import database
 from nanochat_studio.models import JobBilling, JobEvent, LedgerTransaction, TrainingJob
@@ -246,6 +246,9 @@ def test_a_run_about_to_outspend_its_hold_pauses_and_resumes_after_a_top_up(host
     from nanochat_studio.billing import policy
 
     monkeypatch.setattr(policy, "MIN_HOLD_DEVICE_S", 1.0)
+    # An estimate under a second needs a run's fixed parts (start-up, the data, exit) near nothing too.
+    for name, value in [("ROUGH_STARTUP_S", 0.01), ("ROUGH_EXIT_S", 0.01), ("COLD_PREPARE_BYTES_PER_S", 1e12)]:
+        monkeypatch.setattr(estimate, name, value)
     app = hosted()
     alice = verified("alice", credits=0.012)  # 1.2 device-seconds
     calibrate(0.2, max_steps=40)  # the estimate is far too short: hold 1 s (the minimum)

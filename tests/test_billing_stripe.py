@@ -82,7 +82,7 @@ def test_an_unverified_account_cannot_buy_and_buying_can_be_off(hosted, make_app
 
 
 def test_100_concurrent_deliveries_of_one_event_and_a_second_event_give_one_top_up(hosted, stripe_fake):
-    app = hosted(threads=32)
+    app = hosted(threads=40)
     alice = verified("alice")
     server = LiveServer(app, threads=32)
     try:

@@ -1,5 +1,11 @@
-"""trainer.cpu_ops: every fast CPU path computes what the plain PyTorch code computes, gradients too."""
+"""trainer.cpu_ops: every fast CPU path computes what the plain PyTorch code computes, gradients too.
 
+The fast and plain paths sum in different orders (oneDNN or MKL, blocked or not, AVX-512 or AVX2:
+which one runs depends on the CPU), so they are compared to float32 rounding, never bit for bit; the
+only exact comparisons are of the fallback with the very torch call it makes.
+"""
+
+import os
 import platform
 import sys
 
@@ -12,6 +18,8 @@ from trainer.model import GPT, GPTConfig, apply_rotary
 
 pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
 
+# For values of order 1-10 summed over at most a few hundred terms: float32 rounding in another order is
+# ~1e-6 there (measured: at most 0.03 of this, on AVX-512 and AVX2 kernels, oneDNN on and off).
 TOL = dict(atol=1e-5, rtol=1e-4)
 
 
@@ -42,6 +50,8 @@ def assert_same(fast, plain):
 
 def test_onednn_is_found_on_x86_linux():
     # If the probe silently failed here, every other test in this file would only test the fallback.
+    if os.environ.get("TRAINER_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip("TRAINER_ONEDNN=0: the suite is being run on the fallback on purpose")
     if sys.platform.startswith("linux") and platform.machine() == "x86_64" and torch.backends.mkldnn.is_available():
         assert cpu_ops.enabled()
     else:

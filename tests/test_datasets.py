@@ -15,7 +15,7 @@ import threading
 import fsspec
 import pytest
 
-from nanochat_studio import datasets, fetch
+from nanochat_studio import datasets, fetch, secretbox
 from nanochat_studio.datasets import DatasetError, QuotaExceeded, resolve_for_training, save_upload, validate_spec
 from nanochat_studio.fetch import NetPolicy, TooLarge, URLRefused
 from nanochat_studio.models import Dataset, TrainingJob, User
@@ -154,7 +154,9 @@ def test_url_specs_go_through_the_guard(alice, settings):
 def test_s3_specs_take_only_the_users_own_credentials(alice, settings):
     assert validate_spec("s3://open-data/corpus/", alice, settings) == {"kind": "s3", "source": "s3://open-data/corpus"}
     spec = {"source": "s3://my-bucket/x", "credentials": {"key": "AK", "secret": "SK"}}
-    assert validate_spec(spec, alice, settings)["credentials"] == {"key": "AK", "secret": "SK"}
+    stored = validate_spec(spec, alice, settings)
+    assert "credentials" not in stored and "SK" not in repr(stored)  # sealed with the secret key
+    assert secretbox.unseal(stored["sealed_credentials"], settings) == {"key": "AK", "secret": "SK"}
     assert datasets.describe_spec(spec) == "s3://my-bucket/x"
     with pytest.raises(URLRefused):
         validate_spec({"source": "s3://my-bucket/x", "credentials": {"profile": "server"}}, alice, settings)
@@ -163,7 +165,8 @@ def test_s3_specs_take_only_the_users_own_credentials(alice, settings):
                       alice, settings)
 
 
-def test_server_paths_need_the_setting_or_an_admin(alice, admin, settings, tmp_path):
+def test_server_paths_need_the_setting_or_an_admin(alice, admin, settings, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("outside-home")  # the data directory itself is refused to anyone
     path = tmp_path / "corpus.txt"
     path.write_bytes(TEXT)
     with pytest.raises(datasets.Forbidden):
@@ -189,7 +192,8 @@ def test_resolve_hands_the_trainer_something_it_can_read(alice, bob, settings, t
     assert resolve_for_training(job_for(alice, normalised), settings) == (
         "s3://b-bucket/p", {"anon": False, "key": "AK", "secret": "SK"})
     assert resolve_for_training(job_for(alice, "s3://b-bucket/p"), settings) == ("s3://b-bucket/p", {"anon": True})
-    path = tmp_path / "corpus.txt"
+    path = tmp_path.parent / f"{tmp_path.name}-outside" / "corpus.txt"  # not in the data directory
+    path.parent.mkdir()
     path.write_bytes(TEXT)
     with pytest.raises(datasets.Forbidden):  # re-checked at run time, not only at submit
         resolve_for_training(job_for(alice, str(path)), settings)

@@ -138,3 +138,35 @@ def test_threads_of_one_process_share_the_store(any_url):
 def test_check_reports_an_unreachable_database(tmp_path):
     database = db.open_database("postgresql://nobody@127.0.0.1:1/none")
     assert db.check(database) is False
+
+
+def test_a_store_from_before_the_security_columns_gains_them_and_keeps_its_rows(any_url, monkeypatch):
+    database = db.open_database(any_url)
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS[:1])  # a store as the first release made it
+    db.migrate(database)
+    for table, column in (("user", "email_verified_at"), ("user", "session_version"), ("dataset", "expanded_bytes")):
+        database.execute_sql(f'ALTER TABLE "{table}" DROP COLUMN {column}')
+    database.execute_sql("INSERT INTO \"user\" (email, name, is_admin, is_approved, is_active, credit_balance, "
+                         "created_at) VALUES ('old@example.com', 'Old', 0 = 1, 1 = 1, 1 = 1, 0, '2025-01-01')")
+    monkeypatch.undo()
+    assert db.migrate(database) == [v for v, _, _ in db.MIGRATIONS][1:]
+    old = User.get(User.email == "old@example.com")
+    assert old.session_version == 0 and old.email_verified_at is None  # never confirmed: must confirm
+    database.close()
+
+
+def test_finished_jobs_lose_the_credentials_an_older_release_stored(any_url, monkeypatch):
+    from nanochat_studio.models import TrainingJob
+
+    database = db.open_database(any_url)
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS[:2])
+    db.migrate(database)
+    user = User.create(email="alice@example.com")
+    spec = {"kind": "s3", "source": "s3://bucket/data", "credentials": {"key": "AKIA", "secret": "s3cr3t"}}
+    done = TrainingJob.create(user=user, config={"depth": 1, "dataset": spec}, status="completed")
+    waiting = TrainingJob.create(user=user, config={"depth": 1, "dataset": spec}, status="queued")
+    monkeypatch.undo()
+    db.migrate(database)
+    assert TrainingJob.get_by_id(done.id).config["dataset"] == {"kind": "s3", "source": "s3://bucket/data"}
+    assert TrainingJob.get_by_id(waiting.id).config["dataset"]["credentials"]["secret"] == "s3cr3t"  # still needed
+    database.close()

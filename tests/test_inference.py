@@ -396,3 +396,19 @@ def test_many_concurrent_streams_of_a_real_model_all_finish_with_their_own_text(
     assert [got.get(i) for i in range(len(prompts))] == alone
     stats = pool.server_stats(m)
     assert stats["batched"] > stats["steps"]  # requests shared decoding steps
+
+
+def test_requests_share_one_connection_and_a_restart_opens_a_new_one(make_pool, tmp_path):
+    pool = make_pool()
+    m = row(1, scripted_checkpoint(tmp_path / "words", "Hello there."))
+    assert collect(pool.stream(m, "complete", "x"))[0] == "Hello there."
+    srv = pool._servers[m.id]
+    first = srv.channel(1.0)
+    streams = [pool.stream(m, "complete", "x") for _ in range(3)]  # open together, read one by one
+    assert [collect(s)[0] for s in streams] == ["Hello there."] * 3
+    assert srv.channel(1.0) is first and first.alive
+    pid = pool.server_pid(m)
+    os.kill(pid, signal.SIGKILL)
+    srv.proc.wait(10)
+    assert collect(pool.stream(m, "complete", "x"))[0] == "Hello there."
+    assert srv.channel(1.0) is not first and not first.alive and pool.server_pid(m) != pid

@@ -105,8 +105,8 @@ def test_submit_refuses_a_bad_dataset_with_the_dataset_rules(alice, settings, da
     assert TrainingJob.select().count() == 0
 
 
-def test_submit_accepts_every_dataset_kind(alice, bob, settings, tmp_path):
-    corpus = tmp_path / "corpus.txt"
+def test_submit_accepts_every_dataset_kind(alice, bob, settings, tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("outside-home") / "corpus.txt"  # server paths: not in the data directory
     corpus.write_text("hello world\n")
     ds = Dataset.create(user=alice, name="mine.txt", storage_key="users/1/datasets/1/mine.txt", sha256="a" * 64)
     for dataset, kind in (("demo", "demo"), ("s3://bucket/prefix", "s3"), (f"ds:{ds.id}", "upload"),
@@ -119,8 +119,8 @@ def test_submit_accepts_every_dataset_kind(alice, bob, settings, tmp_path):
         jobs.submit(bob, {"depth": 2, "dataset": f"ds:{ds.id}"}, settings)
 
 
-def test_server_paths_need_the_setting_or_an_admin(alice, settings, tmp_path):
-    corpus = tmp_path / "corpus.txt"
+def test_server_paths_need_the_setting_or_an_admin(alice, settings, tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("outside-home") / "corpus.txt"
     corpus.write_text("x")
     locked = dataclasses.replace(settings, allow_server_paths=False)
     with pytest.raises(Exception, match="allowed only in solo mode or for admins"):

@@ -38,7 +38,7 @@ def test_estimate_uses_the_trainers_own_formulas(app, alice):
     r = c.get("/api/estimate?depth=4&dataset=demo&max_steps=100")
     assert r.status_code == 200, r.get_json()
     e = r.get_json()
-    vocab = sizing.choose_vocab_size(sizing.DEMO_CORPUS_BYTES)
+    vocab = sizing.DEMO_FACTS["vocab_size"]  # what the trainer's tokenizer makes of the demo
     shape = sizing.shape_for(4, vocab, 256)
     assert e["params"] == sizing.param_counts(shape)["total"]
     assert e["steps"] == 100 and e["tokens"] == 100 * 8 * 256
@@ -49,18 +49,19 @@ def test_estimate_uses_the_trainers_own_formulas(app, alice):
 
 def test_estimate_prefers_a_cached_calibration(app, alice):
     c = client_as(app, alice)
-    shape = sizing.shape_for(2, sizing.choose_vocab_size(sizing.DEMO_CORPUS_BYTES), 256)
+    shape = sizing.shape_for(2, sizing.DEMO_FACTS["vocab_size"], 256)
     database.connect(reuse_if_open=True)
     estimate.store_calibration("test cpu", shape, 8, {"tokens_per_sec": 1000.0, "flops_per_sec": 1e10,
                                                      "flops_per_step": 1e9})
     e = c.get("/api/estimate?depth=2&dataset=demo&max_steps=10").get_json()
     assert e["time"]["source"] == "calibrated"
-    assert e["time"]["seconds"] == pytest.approx(10 * 8 * 256 / 1000.0)
+    assert e["time"]["breakdown"]["steps"] == pytest.approx(10 * 8 * 256 / 1000.0)
+    assert e["time"]["seconds"] == pytest.approx(sum(e["time"]["breakdown"].values()), rel=1e-3)
 
 
 def test_a_calibration_of_an_older_trainer_is_not_reused(app, alice, monkeypatch):
     c = client_as(app, alice)
-    shape = sizing.shape_for(2, sizing.choose_vocab_size(sizing.DEMO_CORPUS_BYTES), 256)
+    shape = sizing.shape_for(2, sizing.DEMO_FACTS["vocab_size"], 256)
     database.connect(reuse_if_open=True)
     with monkeypatch.context() as m:  # stored by the trainer before the last speed change
         m.setattr(sizing, "SPEED_REVISION", sizing.SPEED_REVISION - 1)
@@ -68,7 +69,7 @@ def test_a_calibration_of_an_older_trainer_is_not_reused(app, alice, monkeypatch
                                                          "flops_per_step": 1e9})
     e = c.get("/api/estimate?depth=2&dataset=demo&max_steps=10").get_json()
     assert e["time"]["source"] != "calibrated"
-    assert e["time"]["seconds"] != pytest.approx(10 * 8 * 256 / 1000.0)
+    assert e["time"]["breakdown"]["steps"] != pytest.approx(10 * 8 * 256 / 1000.0)
 
 
 def test_estimate_warns_when_the_model_will_not_fit_or_the_data_is_too_small(app, alice, monkeypatch):
@@ -82,9 +83,9 @@ def test_estimate_warns_when_the_model_will_not_fit_or_the_data_is_too_small(app
 
 def test_the_default_length_follows_the_trainers_data_limited_rule(app, alice):
     e = client_as(app, alice).get("/api/estimate?depth=4&dataset=demo").get_json()
-    train_tokens = int(sizing.DEMO_CORPUS_BYTES / estimate.BYTES_PER_TOKEN * (1 - estimate.VAL_FRACTION))
+    train_tokens = sizing.DEMO_FACTS["n_train_tokens"]
     wanted, budget = sizing.planned_tokens(e["params"], data_tokens=train_tokens)
-    assert budget == e["budget"] == "data"  # 20 tokens/param would read 2 MB a hundred times
+    assert budget == e["budget"] == "data"  # 20 tokens/param would read the demo's 16 MB five times
     assert e["steps"] == -(-wanted // e["tokens_per_step"])
     assert e["data"]["epochs"] == pytest.approx(sizing.DEFAULT_MAX_EPOCHS, rel=0.01)
     small = client_as(app, alice).get("/api/estimate?depth=4&dataset=demo&max_steps=50").get_json()

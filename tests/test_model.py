@@ -40,7 +40,11 @@ def test_last_only_gives_the_last_positions_logits():
     model = random_model()
     idx = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
-        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:], atol=1e-5, rtol=0)
+        # One row takes the decoding head (a matrix-vector product on a transposed copy), nine the
+        # training one: other kernels, other summation order. Logits are soft-capped at 15, where
+        # float32's spacing is ~1e-6: a few units of it apart (measured 3e-6); a wrong position or
+        # a missing cap would be off by ~1.
+        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:], atol=1e-4, rtol=0)
 
 
 def test_ignored_targets_do_not_count():
@@ -106,6 +110,10 @@ def test_cached_logits_equal_the_full_forward(n_kv_head, splits):
             pieces.append(model(idx[:, start:start + n], kv_cache=cache))
             start += n
         assert cache.pos == sum(splits)
+    # Cached chunks and the full forward run products of other shapes (single rows take MKL's
+    # matrix-vector kernels, longer chunks oneDNN's), so they agree to float32 rounding of logits
+    # capped at 15 (spacing ~1e-6), not bit for bit: measured at most 1.7e-5 on AVX-512 and AVX2
+    # kernels; a cache that drops or misplaces a key is off by ~1e-1 or more.
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=0)
 
 
@@ -173,7 +181,11 @@ def test_the_fused_cpu_loss_matches_the_plain_one_with_gradients(reduction):
     plain.backward()
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     for (name, p), g in zip(model.named_parameters(), fused_grads):
-        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+        # The chunked path sums each gradient in another order, so entries differ by float32
+        # rounding of the largest terms, not of themselves: the absolute tolerance scales with the
+        # tensor's largest gradient (with reduction="sum" they reach ~18; a fixed 1e-5 left a
+        # margin of only 1.5x there).
+        torch.testing.assert_close(g, p.grad, atol=1e-5 * float(p.grad.abs().max()), rtol=1e-4, msg=name)
     with torch.no_grad():  # evaluation: same loss, no gradients computed
         torch.testing.assert_close(model(idx, targets=targets, loss_reduction=reduction), plain, atol=1e-5, rtol=1e-5)
 

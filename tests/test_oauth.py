@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 import pytest
 import requests
 
+from nanochat_studio import accounts
 from nanochat_studio.models import User
 from oauth_provider import (
     GITHUB_CLIENT_ID,
@@ -22,7 +23,7 @@ from oauth_provider import (
     FakeProvider,
     signing_key,
 )
-from test_auth import login, register, whoami
+from test_auth import PASSWORD, join, login, register, whoami
 from test_auth import account_app_fixture  # noqa: F401 - the account_app fixture
 
 CALLBACKS = {name: [f"http://localhost/account/oauth/{name}/callback"] for name in ("github", "google")}
@@ -93,7 +94,8 @@ def test_sign_in_creates_an_account_keyed_by_provider_and_id(studio, provider, n
     assert whoami(client) == "octo@example.com"
     user = User.get()
     assert (user.oauth_provider, user.oauth_id, user.name) == (name, "4242", "Octo")
-    assert user.password_hash is None and user.is_admin  # the first account of a hosted install
+    assert user.password_hash is None and not user.is_admin  # nobody becomes admin by signing in first
+    assert accounts.email_verified(user)  # the provider vouched for the address
 
     # The authorization request used state and PKCE S256.
     query = provider.authorize_requests[-1]
@@ -131,10 +133,10 @@ def test_google_identity_comes_from_the_signed_id_token(studio, provider):
 
 
 @pytest.mark.parametrize("name", ["github", "google"])
-def test_a_verified_email_links_the_existing_local_account(studio, provider, name):
+def test_a_verified_email_links_the_existing_local_account(studio, provider, mailbox, name):
     app = studio()
     alice = app.test_client()
-    register(alice, "alice@example.com")
+    join(alice, mailbox, "alice@example.com")  # the address was confirmed here, by a link mailed to it
     alice_id = User.get().id
 
     client = app.test_client()
@@ -151,22 +153,39 @@ def test_a_verified_email_links_the_existing_local_account(studio, provider, nam
 
 
 @pytest.mark.parametrize("name", ["github", "google"])
-def test_an_unverified_email_never_links_an_existing_account(studio, provider, name):
+def test_an_unverified_email_never_links_an_existing_account(studio, provider, mailbox, name):
     app = studio()
-    register(app.test_client(), "alice@example.com")
+    join(app.test_client(), mailbox, "alice@example.com")
 
     mallory = app.test_client()
     provider.account = FakeAccount(id="666", email="alice@example.com", email_verified=False, name="Mallory")
     response = sign_in_with(mallory, provider, name)
     assert response.status_code == 302 and response.headers["Location"] == "/account/login"
     assert whoami(mallory) is None
-    assert "has not confirmed that this email is yours" in flashed(mallory)
+    assert "Sign in to that account first" in flashed(mallory)
     assert User.select().count() == 1 and User.get().oauth_provider is None
 
 
-def test_github_trusts_only_the_primary_verified_email(studio, provider):
+@pytest.mark.parametrize("name", ["github", "google"])
+def test_an_account_whose_email_was_never_confirmed_here_is_not_joined_by_it(studio, provider, name):
+    # The takeover the issue found: someone holds an address they never proved (a lab sign-up, an
+    # account from before confirmations); the address's real owner signs in with a provider that did
+    # verify it. Joining them would land the owner in the squatter's account: refused, with a way on.
+    app = studio("lab")
+    squatter = accounts.create_user("victim@example.com", PASSWORD)
+    assert not accounts.email_verified(squatter)
+    victim = app.test_client()
+    provider.account = FakeAccount(id="1001", email="victim@example.com", email_verified=True, name="Victim")
+    response = sign_in_with(victim, provider, name)
+    assert response.headers["Location"] == "/account/login"
+    assert whoami(victim) is None
+    assert "Sign in to that account first" in flashed(victim)
+    assert User.get_by_id(squatter.id).oauth_provider is None
+
+
+def test_github_trusts_only_the_primary_verified_email(studio, provider, mailbox):
     app = studio()
-    register(app.test_client(), "alice@example.com")
+    join(app.test_client(), mailbox, "alice@example.com")
     # alice@ verified but not primary; the primary is unverified: no link.
     provider.extra_github_emails = [{"email": "alice@example.com", "primary": False, "verified": True}]
     provider.account = FakeAccount(id="9", email="mallory@example.com", email_verified=False, name="Mallory")
@@ -177,10 +196,10 @@ def test_github_trusts_only_the_primary_verified_email(studio, provider):
     assert User.get(User.email == "alice@example.com").oauth_provider is None
 
 
-def test_linking_from_the_profile_needs_no_verified_email(studio, provider):
+def test_linking_from_the_profile_needs_no_verified_email(studio, provider, mailbox):
     app = studio()
     alice = app.test_client()
-    register(alice, "alice@example.com")
+    join(alice, mailbox, "alice@example.com")
     provider.account = FakeAccount(id="31", email="old-address@example.com", email_verified=False, name="Alice")
 
     start = alice.post("/account/oauth/github/link")

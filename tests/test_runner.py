@@ -123,8 +123,8 @@ def test_a_trainer_killed_by_sigkill_is_retried_from_its_checkpoint(alice, setti
                            "completed"]
 
 
-def test_a_bad_dataset_fails_as_a_user_error_without_retry(alice, settings, tmp_path):
-    empty = tmp_path / "empty.txt"
+def test_a_bad_dataset_fails_as_a_user_error_without_retry(alice, settings, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("data") / "empty.txt"  # a server path outside the data directory
     empty.write_text("")
     job = jobs.submit(alice, {"depth": 1, "dataset": str(empty), "max_steps": 5}, settings)
     job, status = claim_and_run(settings)
@@ -247,8 +247,8 @@ def test_the_real_trainer_completes_a_tiny_job_into_a_published_model(alice, set
 
 
 @pytest.mark.process
-def test_the_real_trainer_fails_an_empty_dataset_as_a_user_error(alice, settings, tmp_path):
-    empty = tmp_path / "empty.txt"
+def test_the_real_trainer_fails_an_empty_dataset_as_a_user_error(alice, settings, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("data") / "empty.txt"  # a server path outside the data directory
     empty.write_text("")
     real = dataclasses.replace(settings, trainer_module="trainer.train")
     job = jobs.submit(alice, {"depth": 1, "dataset": str(empty), "max_steps": 6}, real)

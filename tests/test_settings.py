@@ -59,10 +59,10 @@ def test_environment_values_are_parsed_by_type(tmp_path):
 
 def test_precedence_is_flags_then_environment_then_toml_then_defaults(tmp_path):
     toml = tmp_path / "studio.toml"
-    toml.write_text('port = 7000\nthreads = 8\nmode = "lab"\nstorage_options = {key = "k"}\n')
+    toml.write_text('port = 7000\nthreads = 48\nmode = "lab"\nstorage_options = {key = "k"}\n')
     env = {"NCS_CONFIG": str(toml), "NCS_PORT": "7100"}
     s = load(tmp_path, env)
-    assert (s.port, s.threads, s.mode, s.storage_options) == (7100, 8, "lab", {"key": "k"})
+    assert (s.port, s.threads, s.mode, s.storage_options) == (7100, 48, "lab", {"key": "k"})
     s = load(tmp_path, env, port=7200, mode=None)  # None: a flag not given
     assert (s.port, s.mode) == (7200, "lab")
     assert load(tmp_path, toml_path=toml).port == 7000
@@ -89,7 +89,13 @@ def test_a_missing_secret_file_names_the_variable(tmp_path):
     ({"NCS_PORT": "70000"}, "NCS_PORT"),
     ({"NCS_MODE": "party"}, "NCS_MODE"),
     ({"NCS_WORKER": "maybe"}, "NCS_WORKER"),
-    ({"NCS_THREADS": "0"}, "NCS_THREADS"),
+    ({"NCS_THREADS": "-1"}, "NCS_THREADS"),
+    ({"NCS_THREADS": "20"}, "NCS_THREADS"),  # below max_streams (32) + 4: streams could take them all
+    ({"NCS_TRUSTED_PROXY": "127.0.0.1"}, "NCS_TRUSTED_PROXY"),  # solo mode behind a proxy
+    ({"NCS_LOGIN_LIMIT_PER_ACCOUNT": "lots"}, "NCS_LOGIN_LIMIT_PER_ACCOUNT"),
+    ({"NCS_API_RATE_LIMIT": "10 per fortnight"}, "NCS_API_RATE_LIMIT"),
+    ({"NCS_SMTP_URL": "http://mail.example.org"}, "NCS_SMTP_URL"),
+    ({"NCS_SERVER_PATH_ROOTS": "data"}, "NCS_SERVER_PATH_ROOTS"),
     ({"NCS_STORAGE_OPTIONS": "[1, 2]"}, "NCS_STORAGE_OPTIONS"),
     ({"NCS_DATABASE_URL": "mysql://x/y"}, "NCS_DATABASE_URL"),
     ({"NCS_QUEUE_URL": "amqp://x"}, "NCS_QUEUE_URL"),
@@ -117,6 +123,20 @@ def test_toml_errors_name_the_file_and_the_key(tmp_path):
     wrong.write_text('port = "eighty"\n')
     with pytest.raises(SettingsError, match=r"^NCS_PORT: expected an integer .*wrong\.toml"):
         load(tmp_path, {"NCS_CONFIG": str(wrong)})
+
+
+def test_threads_are_sized_from_the_stream_caps(tmp_path):
+    s = load(tmp_path)
+    assert s.threads == s.max_streams + 8
+    s = load(tmp_path, {"NCS_MAX_STREAMS": "4"})
+    assert s.threads == 12
+    assert load(tmp_path, {"NCS_MAX_STREAMS": "4", "NCS_THREADS": "8"}).threads == 8  # 4 left over: allowed
+
+
+def test_a_trusted_proxy_is_for_lab_and_hosted(tmp_path):
+    assert load(tmp_path, {"NCS_MODE": "lab", "NCS_TRUSTED_PROXY": "10.0.0.2"}).trusted_proxy == "10.0.0.2"
+    with pytest.raises(SettingsError, match="use lab mode"):
+        load(tmp_path, {"NCS_TRUSTED_PROXY": "10.0.0.2"})
 
 
 def test_the_secret_key_is_generated_once_private_and_reused(tmp_path):

@@ -130,3 +130,65 @@ def test_the_tokenizer_uses_the_vocabulary_floor_from_here():
     with pytest.raises(ValueError):
         shape_for(2, sizing.MIN_VOCAB_SIZE - 1, 64)
     assert shape_for(2, sizing.MIN_VOCAB_SIZE, 64).vocab_size == sizing.MIN_VOCAB_SIZE
+
+
+# --- a run's length and schedule: the rule train.py follows and the estimates share ----------------------
+
+def test_run_length_is_max_steps_then_target_tokens_then_the_token_rule():
+    assert sizing.run_length(1_000_000, 2048, 430_000, max_steps=77) == (77, "max_steps")
+    assert sizing.run_length(1_000_000, 2048, 430_000, target_tokens=4097) == (3, "target_tokens")
+    assert sizing.run_length(1_000_000, 2048, 430_000) == (-(-1_720_000 // 2048), "data")
+    assert sizing.run_length(1_000_000, 2048, 10**9) == (-(-20_000_000 // 2048), "tokens_per_param")
+    assert sizing.run_length(1_000_000, 2048, None) == (-(-20_000_000 // 2048), "tokens_per_param")
+    assert sizing.run_length(10, 2048, 430_000) == (1, "tokens_per_param")  # at least one step
+    with pytest.raises(ValueError):
+        sizing.run_length(1000, 0, 10)
+
+
+def _loop_counts(total: int, eval_every: int, sample_every: int, checkpoint_every: int) -> dict:
+    # the conditions of trainer/train.py's loop, step by step
+    steps = range(1, total + 1)
+    return {"evals": sum(s % eval_every == 0 or s == total for s in steps),
+            "sample_rounds": sum(s % sample_every == 0 or s == total for s in steps),
+            "checkpoints": sum(s % checkpoint_every == 0 or s == total for s in steps)}
+
+
+@pytest.mark.parametrize("total", [1, 249, 250, 251, 500, 841, 1000, 6285])
+def test_run_events_count_what_the_training_loop_does(total):
+    got = sizing.run_events(total)
+    want = _loop_counts(total, sizing.EVAL_EVERY, sizing.SAMPLE_EVERY, sizing.CHECKPOINT_EVERY)
+    assert {k: got[k] for k in want} == want and got["samples"] == 2 * got["sample_rounds"]
+    assert sizing.run_events(total, checkpoint_every=7)["checkpoints"] == _loop_counts(total, 1, 1, 7)["checkpoints"]
+    assert sizing.run_events(total, sample_prompts=0)["samples"] == 0
+
+
+def test_the_schedule_defaults_are_the_trainers():
+    from trainer.config import TrainConfig
+
+    cfg = TrainConfig()
+    assert (cfg.eval_every, cfg.sample_every, cfg.checkpoint_every) == (
+        sizing.EVAL_EVERY, sizing.SAMPLE_EVERY, sizing.CHECKPOINT_EVERY)
+    assert len(cfg.sample_prompts) == 2 and cfg.eval_tokens is None
+
+
+@pytest.mark.parametrize("n_val", [1, 257, 5000, 180_370])
+def test_eval_rows_are_the_rows_an_evaluation_reads(tmp_path, n_val):
+    pytest.importorskip("torch")
+    import numpy as np
+
+    from trainer import data
+
+    path = tmp_path / "val.bin"
+    np.zeros(n_val, dtype=np.uint16).tofile(path)
+    rows = sum(x.shape[0] for x, _ in data.iter_val_batches(path, "uint16", 8, 256, sizing.EVAL_BATCHES))
+    assert sizing.eval_rows(n_val, 8, 256) == rows
+    assert sizing.eval_rows(0, 8, 256) == 0
+
+
+def test_the_default_cpu_plan_fits_the_demo_without_running_out_of_data():
+    defaults = sizing.device_defaults("cpu")
+    shape = shape_for(2, sizing.DEMO_FACTS["vocab_size"], defaults["seq_len"])
+    params = sizing.param_counts(shape)["total"]
+    _, budget = sizing.run_length(params, defaults["batch_size"] * defaults["seq_len"],
+                                  sizing.DEMO_FACTS["n_train_tokens"])
+    assert budget == "tokens_per_param"

@@ -33,10 +33,15 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+# Another instruction set for every kernel library torch uses (its own, MKL's, oneDNN's): on this
+# machine, the code paths a CPU without AVX-512 would take.
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
 def run_trainer(args, out, cache=None, module=("-m", "trainer.train"), timeout=300, python=sys.executable,
-                threads=1):
+                threads=1, env=None):
     argv = [python, *module, *TINY, "--out", str(out), *(["--cache-dir", str(cache)] if cache else []), *args]
-    env = dict(ENV, OMP_NUM_THREADS=str(threads))
+    env = dict(ENV, OMP_NUM_THREADS=str(threads), **(env or {}))
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     return proc.returncode, events_of(proc.stdout), proc.stderr
 
@@ -97,6 +102,11 @@ def straight(tmp_path_factory, cache):
     return events
 
 
+# Resuming is held to bit-identity (1e-6 on losses of ~3-6, below float32's spacing there). That holds
+# on any CPU because both runs are on the same one: the same kernels (chosen by instruction set,
+# thread count and shape, all equal), the same summation orders, the states restored exactly. Other
+# CPUs give other bits, the same in both runs; the two-thread test below checks that on a second
+# instruction set too. Comparisons of *different* paths (two processes, micro-batches) get tolerances.
 def test_stopping_and_resuming_gives_the_same_losses_as_a_straight_run(tmp_path, cache, straight):
     code, first, err = run_trainer([*PLAN, "--stop-at-step", "40"], tmp_path, cache)
     assert code == 0, err
@@ -112,18 +122,22 @@ def test_stopping_and_resuming_gives_the_same_losses_as_a_straight_run(tmp_path,
     assert straight[-1]["final_val_bpb"] == pytest.approx(second[-1]["final_val_bpb"], abs=1e-6)
 
 
-def test_resuming_is_exact_on_two_threads_too(tmp_path, cache):
+@pytest.mark.parametrize("kernels, depth, steps", [(None, 4, 10), (AVX2, 1, 30)], ids=["native-depth4", "avx2"])
+def test_resuming_is_exact_on_two_threads_too(tmp_path, cache, kernels, depth, steps):
     # Two threads take other code paths: multi-threaded products, and Muon's matrices orthogonalised
-    # side by side on single-threaded workers. Those must be just as repeatable.
-    plan = ["--max-steps", "30", "--checkpoint-every", "1000"]
-    code, straight, err = run_trainer(plan, tmp_path / "straight", cache, threads=2)
+    # side by side on single-threaded workers; from depth 4 (256 wide) Muon's float64 eigenbasis
+    # route runs too. Those must be just as repeatable, and so must the AVX2 kernels a CPU without
+    # AVX-512 runs.
+    plan = ["--max-steps", str(steps), "--checkpoint-every", "1000", "--depth", str(depth)]
+    code, straight, err = run_trainer(plan, tmp_path / "straight", cache, threads=2, env=kernels)
     assert code == 0, err
-    code, first, err = run_trainer([*plan, "--stop-at-step", "15"], tmp_path / "resumed", cache, threads=2)
+    code, first, err = run_trainer([*plan, "--stop-at-step", str(steps // 2)], tmp_path / "resumed", cache,
+                                   threads=2, env=kernels)
     assert code == 0, err
-    code, second, err = run_trainer([*plan, "--resume"], tmp_path / "resumed", cache, threads=2)
+    code, second, err = run_trainer([*plan, "--resume"], tmp_path / "resumed", cache, threads=2, env=kernels)
     assert code == 0, err
     a, b = steps_losses(straight), steps_losses(first) | steps_losses(second)
-    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
 
@@ -202,11 +216,13 @@ def test_flags_override_the_config_file_and_web_app_keys_are_accepted(tmp_path):
 
 
 def test_without_a_length_a_small_corpus_is_read_at_most_four_times(tmp_path, cache):
-    # Depth 2 on the demo corpus: twenty tokens per parameter would read its ~720K tokens ~15 times.
-    from trainer import data
-    n_train = data.prepare_dataset("demo", cache, vocab_size=512).n_train_tokens
+    # Depth 2 on 2 MB of demo stories: twenty tokens per parameter would read its ~450K tokens ~13 times.
+    from trainer import data, demo
+    small = demo.write_corpus(tmp_path / "stories.txt", 2_000_000)
+    n_train = data.prepare_dataset(str(small), cache, vocab_size=512).n_train_tokens
     tokens_per_step = 4 * 32
-    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1"], tmp_path / "capped", cache)
+    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1", "--data", str(small)],
+                                    tmp_path / "capped", cache)
     assert code == 0, err
     start = events[0]
     assert start["budget"] == "data"
@@ -215,7 +231,7 @@ def test_without_a_length_a_small_corpus_is_read_at_most_four_times(tmp_path, ca
     uncapped = math.ceil(20 * start["params"] / tokens_per_step)
     assert start["total_steps"] < uncapped
 
-    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1", "--max-epochs", "0"],
+    code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1", "--max-epochs", "0", "--data", str(small)],
                                     tmp_path / "uncapped", cache)
     assert code == 0, err
     assert events[0]["budget"] == "tokens_per_param" and events[0]["total_steps"] == uncapped
@@ -245,6 +261,11 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert double[0]["world_size"] == 2
     a, b = steps_losses(single), steps_losses(double)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    # Not bit-identical on any CPU: each process multiplies half the rows (other GEMM blocking) and
+    # gloo sums the two halves' gradients, so sums run in another order. Losses near 6 have a float32
+    # spacing of ~5e-7; measured at most 2 of those apart over 4 steps (AVX-512 and AVX2 kernels,
+    # oneDNN on and off). 1e-5 allows 20, while a rank that read other rows than its half of the
+    # batch would be off at step 1 already (a loss over other tokens: ~1e-1 apart).
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
@@ -254,6 +275,8 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, cache, straight)
     assert code == 0, err
     assert events[0]["grad_accum_steps"] == 4
     a, b = steps_losses(straight), steps_losses(events)
+    # Four one-row passes sum the gradient in another order than one four-row pass: float32 rounding,
+    # as for the two gloo processes above (measured at most 2 float32 steps of ~5e-7 apart).
     for step in range(1, 6):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 

@@ -284,7 +284,11 @@ class TorchBackend:
             entry = self._entry(logits, token, s.logprobs) if s.logprobs is not None else None
         s.completion_tokens += 1
         if token in s.stop_ids:
-            self._end(s, "stop")
+            # The stop token gets its entry too (no text, "special": true): a client that asked for one
+            # token with its log-probabilities (lm-eval's scoring requests) counts on one entry per token.
+            if entry is not None:
+                entry["special"] = True
+            self._end(s, "stop", entry)
             return
         text = s.decoder.decode(self.tokenizer.decode_bytes([token]))
         s.emit(text, entry)
@@ -299,10 +303,12 @@ class TorchBackend:
         else:
             s.todo = [token]
 
-    def _end(self, s: TorchSequence, reason: str) -> None:
+    def _end(self, s: TorchSequence, reason: str, stop_entry: dict | None = None) -> None:
         tail = s.decoder_tail()
         if tail:
             s.emit(tail)
+        if stop_entry is not None and not s.done:
+            s.emit("", stop_entry)
         s.finish(reason)
 
     def _score_rows(self, s: TorchSequence, start: int, logits) -> None:
@@ -330,6 +336,10 @@ class TorchBackend:
             info = self._token_text[token] = (raw.decode("utf-8", errors="replace"), list(raw))
         return info
 
+    def _alternative(self, token: int, logprob: float) -> tuple[str, float, list[int]]:
+        text, raw = self._token_info(token)
+        return text, _finite(logprob), raw
+
     def _bare_entry(self, token: int) -> dict:
         text, raw = self._token_info(token)
         return {"token": token, "text": text, "bytes": raw, "logprob": None, "top": None}
@@ -350,7 +360,7 @@ class TorchBackend:
         for r, token in enumerate(tokens):
             entry = self._bare_entry(token)
             entry["logprob"] = _finite(chosen[r])
-            entry["top"] = ([[i, self._token_info(i)[0], _finite(v)] for i, v in zip(top_ids[r], top_vals[r])]
+            entry["top"] = ([[i, *self._alternative(i, v)] for i, v in zip(top_ids[r], top_vals[r])]
                             if n else [])
             out.append(entry)
         return out

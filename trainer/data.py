@@ -33,10 +33,11 @@ from trainer.sizing import VAL_FRACTION
 # DataError and iter_documents are part of this module's interface (the trainer and tests import
 # them from here); the readers themselves live in sources.py.
 from trainer.sources import CHUNK_SIZE, DataError, content_hash, iter_documents  # noqa: F401
+from trainer.sources import _format_of, _open_source
 from trainer.tokenizer import Tokenizer, choose_vocab_size
 
 TOKENIZER_SAMPLE_BYTES = 64 << 20  # train the tokenizer on at most this much text
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries are keyed by content and file formats, not by path
 
 
 def _log_stderr(message: str) -> None:
@@ -59,16 +60,46 @@ class PreparedData:
     source: str
     from_cache: bool = False
     n_val_bytes: int = 0
+    raw_bytes: int = 0  # bytes of the source's files as stored (compressed ones included)
 
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def _source_identity(source: str) -> str:
-    if source == "demo" or "://" in source:
+def _source_identity(source: str, storage_options: dict | None) -> str:
+    """What, besides the content hash, decides the documents a source yields: the reader of each file
+    (by extension). Not the path: the same bytes read the same way share one cache entry wherever
+    they lie, so a dataset prepared once (the web app does it when a dataset is added) is found by
+    every later run, even one that reads a fresh copy of the file from its own run directory."""
+    if source == "demo":
         return source
-    return str(Path(source).resolve())
+    _fs, paths = _open_source(source, storage_options)
+    kinds = sorted({kind + (".gz" if gz else "") for kind, gz in map(_format_of, paths)})
+    return "files:" + ",".join(kinds)
+
+
+def _hash_source(source: str, storage_options: dict | None, chunk_size: int, cache_dir: Path) -> tuple[str, int]:
+    """content_hash, remembered in the cache for the demo: the corpus is a function of the generator's
+    code, its size and Python's random module, and hashing means generating all 16 MB of it again
+    (seconds, on every run). Files are always hashed: they can change under the same name."""
+    if source != "demo":
+        return content_hash(source, storage_options, chunk_size)
+    from trainer import demo, sources
+
+    key = _digest({"code": hashlib.sha256(Path(demo.__file__).read_bytes()).hexdigest(),
+                   "bytes": sources.DEMO_BYTES, "python": list(sys.version_info[:2])})
+    memo = cache_dir / f"demo-{key}.json"
+    try:
+        got = json.loads(memo.read_text())
+        return str(got["sha256"]), int(got["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    sha, size = content_hash(source, storage_options, chunk_size)
+    tmp = cache_dir / f".demo-{key}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"sha256": sha, "bytes": size}))
+    os.replace(tmp, memo)
+    return sha, size
 
 
 def _digest(doc: dict) -> str:
@@ -156,8 +187,8 @@ def prepare_dataset(source: str, cache_dir: str | os.PathLike, *, tokenizer: Tok
         raise ValueError("val_fraction must be in [0, 1)")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    data_sha256, raw_bytes = content_hash(source, storage_options, chunk_size)
-    identity = _source_identity(source)
+    data_sha256, raw_bytes = _hash_source(source, storage_options, chunk_size, cache_dir)
+    identity = _source_identity(source, storage_options)
     if tokenizer is None and tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists():
         tokenizer = Tokenizer.load(tokenizer_dir)
     if tokenizer is None:
@@ -224,7 +255,7 @@ def prepare_dataset(source: str, cache_dir: str | os.PathLike, *, tokenizer: Tok
                         tokenizer_dir=tok_dir, n_train_tokens=meta["n_train_tokens"],
                         n_val_tokens=meta["n_val_tokens"], dtype=meta["dtype"],
                         data_sha256=data_sha256, n_bytes=meta["n_bytes"], source=source,
-                        from_cache=from_cache, n_val_bytes=meta["n_val_bytes"])
+                        from_cache=from_cache, n_val_bytes=meta["n_val_bytes"], raw_bytes=raw_bytes)
 
 
 def _train_tokenizer(source, storage_options, chunk_size, vocab_size, sample_bytes, log) -> Tokenizer:

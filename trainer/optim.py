@@ -47,19 +47,15 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
     Each step maps X to (a I + b A + c A^2) X with A = X X^T, i.e. every singular value s to
     s (a + b s^2 + c s^4), leaving the singular vectors alone. On CUDA that iteration runs as is,
-    in bfloat16 (fast, and good enough: the iteration is self-correcting).
+    in bfloat16 (fast, and good enough: the iteration is self-correcting); elsewhere in float32.
 
-    On CPU (float32) it is cheaper to apply the same polynomial in the eigenbasis of the small
-    Gram matrix: with X wide (m <= n, a tall matrix is transposed), G = X X^T = U diag(s^2) U^T,
-    and five steps turn X into U diag(f) U^T X, where f is the product of each step's factor
-    (a + b s^2 + c s^4), run on the m eigenvalues as scalars. One symmetric eigendecomposition
-    (LAPACK, ~23 m^3 flops' worth of time here) and three products cost 4 m^2 n + 25 m^3 against
-    5 (4 m^2 n + 2 m^3) for the iteration: 25-40% less time for the MLP's 1:4 matrices, measured
-    4% of a whole depth-4 step and 8% at depth 6. Same result in exact arithmetic. In float32 it
-    works with squared singular values, so where X has tiny ones it is less exact than the
-    iteration (against float64, for low-rank gradients: up to 4e-4 of the largest entry against
-    8e-5), still far below what an update needs (GPUs run the iteration in bfloat16, ~1e-2).
-    Should the eigendecomposition ever fail to converge, the iteration runs instead.
+    On CPU, for clearly wide or tall matrices of 256 rows or more (the MLP's 1:4 and the fused
+    QKV's 3:1 from depth 4 on), the same polynomial is applied in the eigenbasis of the small Gram
+    matrix instead (:func:`_spectral`): one float64 eigendecomposition and a few products in place
+    of ``steps`` rounds of products. It computes what the iteration computes, to the iteration's own
+    float32 accuracy (the tests hold both to a float64 reference of the iteration); where that
+    cannot be promised (many steps on a very wide matrix) or the eigendecomposition fails, the
+    iteration runs instead.
     """
     if g.ndim != 2:
         raise ValueError(f"newton_schulz wants a matrix, got shape {tuple(g.shape)}")
@@ -69,7 +65,9 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
         x = x.mT
     # Scale so the spectral norm is at most 1 (the Frobenius norm bounds it from above).
     x = x / (x.norm() + eps)
-    out = _spectral(x, steps) if x.device.type == "cpu" and SPECTRAL else None
+    out = None
+    if SPECTRAL and x.device.type == "cpu" and x.dtype == torch.float32:
+        out = _spectral(x, steps)
     if out is None:
         out = _iterate(x, steps)
     if tall:
@@ -90,19 +88,71 @@ def _iterate(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
+# The eigenbasis route. With X wide (m x n, m <= n) and G = X X^T = U diag(s^2) U^T, `steps` rounds
+# of the iteration turn X into U diag(f) U^T X, where f is the product of every round's factor
+# a + b s^2 + c s^4, computed on the m eigenvalues as scalars.
+#
+# Why float64. The route works with squared singular values, and an eigendecomposition is accurate
+# to a fraction of the largest eigenvalue, not of each one: in float32 an eigenvalue is off by
+# ~eps32 ||G|| (measured ~2 eps32 ||G||), so squared singular values below ~1e-6 are wrong by large
+# factors. The polynomial is steepest where it lifts s from its linear regime (f ~ a^steps) to
+# ~1, around s ~ 2 / a^steps: there an eigenvalue error d moves the output by up to 0.15 a^(2 steps) d.
+# For five steps that is ~3e-2 ||G|| in float32 (measured against float64 on real training
+# gradients: 3e-3 to 5e-2, where the float32 iteration is off by 1e-5), and for ten steps the error
+# exceeds the value itself: a singular value that eigh underestimates gets f(s_est) s_true > 1,
+# 1.4 on a 64 x 64 Gaussian matrix on an Intel Xeon, ~50 on a real gradient on an AMD EPYC. In float64
+# (Gram matrix of the float32 X, eigh, and the m x m product U diag(f) U^T) the same error is
+# ~n eps64, below the float32 iteration's own rounding (~eps32 a^steps) for up to ~12 steps; only
+# the last product, Q X, is float32, as the iteration's are.
+#
+# Eigenvalues below that rounding floor cannot be told apart from zero; they are set to zero, so
+# their whole subspace gets f = a^steps, the linear regime's factor: exact to first order there
+# (the guard below keeps the second-order error under the iteration's own rounding) and blind to how
+# eigh mixed their eigenvectors.
+#
+# Why only for wide or tall matrices of 256 rows or more. The float64 eigendecomposition costs what
+# ~35 m^3 float32 flops do; five rounds of the iteration cost 20 m^2 n + 10 m^3. Measured on one
+# thread, the route's time over the iteration's (AMD EPYC here / an Intel Xeon with AMX):
+# 256 x 1024 0.79 / 0.79, 384 x 1536 0.73 / 0.67, 512 x 2048 0.66 / 0.62; 256 x 768 ~1.0 / 0.87,
+# 384 x 1152 0.79 / 0.77; 1:2 and square 1.0-2.3; and at 128 rows (depth 2) 1.1-2.2 whatever the
+# shape, the decomposition's fixed costs dominating. So: the MLP's 1:4 and the fused QKV's 3:1 from
+# depth 4 on. A rule of shapes, not a timing probe: the route must not differ between the runs a
+# resume joins.
+SPECTRAL_MIN_RATIO = 2.5  # use the route when n >= this * m ...
+SPECTRAL_MIN_ROWS = 256  # ... and m >= this
+_EPS32 = torch.finfo(torch.float32).eps
+_EPS64 = torch.finfo(torch.float64).eps
+_STEEPEST = 0.15  # max over s of s |d f / d(s^2)|, divided by a^(2 steps) (the same for any steps)
+
+
+def _spectral_applies(m: int, n: int, steps: int) -> bool:
+    a = _NS_COEFFS[0]
+    # the route's rounding (eigenvalues off by up to ~n eps64, ||X||_F = 1, times the polynomial's
+    # steepest slope) must stay below the float32 iteration's (eps32, amplified by up to a^steps)
+    return (m >= SPECTRAL_MIN_ROWS and n >= SPECTRAL_MIN_RATIO * m
+            and n * _EPS64 * _STEEPEST * a ** (2 * steps) <= _EPS32 * a ** steps)
+
+
 def _spectral(x: torch.Tensor, steps: int) -> torch.Tensor | None:
+    """The iteration's result through the float64 eigenbasis (see above), or None where it does not apply."""
+    m, n = x.shape
+    if not _spectral_applies(m, n, steps):
+        return None
     a, b, c = _NS_COEFFS
+    x64 = x.double()
     try:
-        s2, u = torch.linalg.eigh(cpu_ops.mm_nt(x, x))
+        s2, u = torch.linalg.eigh(x64 @ x64.mT)
     except RuntimeError:  # torch.linalg.LinAlgError: did not converge
         return None
-    s2 = s2.clamp_(min=0.0)  # a Gram matrix has no negative eigenvalues; rounding can make tiny ones
+    s2 = torch.where(s2 > n * _EPS64, s2, 0.0)  # below the rounding floor: zero (also any negative one)
     factor = torch.ones_like(s2)
     for _ in range(steps):
         step = s2.square().mul_(c).add_(s2, alpha=b).add_(a)  # a + b s^2 + c s^4
         factor.mul_(step)
         s2.mul_(step.square())
-    q = cpu_ops.mm_nt(u * factor, u)  # U diag(f) U^T
+    # U diag(f) U^T in float64, rounded once: forming it from float32 eigenvectors would round each
+    # of them first, and f reaches a^steps (measured 5-10x less exact)
+    q = ((u * factor) @ u.mT).float()
     return q @ x
 
 

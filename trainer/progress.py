@@ -10,8 +10,11 @@ Events and their fields (extra fields are allowed; these are guaranteed):
 ``start``      config (dict), params (int), flops_per_token (int), total_steps (int),
                total_tokens (int), device (str), world_size (int), resumed_from_step (int|None);
                the trainer also sends budget ("tokens_per_param" | "data" | "max_steps" |
-               "target_tokens": what set the run's length), data_source (str) and data_sha256 (str,
-               the content hash of the training text, shown on the model card)
+               "target_tokens": what set the run's length), data_source (str), data_sha256 (str,
+               the content hash of the training text, shown on the model card), vocab_size (int, the
+               tokenizer's), n_train_tokens and n_val_tokens (int, the prepared split), data_bytes
+               (int, UTF-8 bytes of the text tokenized) and tokens_per_step (int): the facts an
+               estimate needs, so the job page can set the plan beside what the trainer decided
 ``step``       step, total_steps, loss, lr, tokens_per_sec, mfu (float|None), elapsed_s, eta_s
 ``eval``       step, val_loss, val_bpb
 ``sample``     step, samples: list of {"prompt": str, "text": str}
@@ -25,8 +28,18 @@ Events and their fields (extra fields are allowed; these are guaranteed):
 
 ``python -m trainer.calibrate`` speaks the same contract with one more event:
 
-``calibration`` device, device_name, memory_bytes (total memory of the device), and when a shape was
-               timed: shape (dict), tokens_per_sec, step_s, peak_memory_bytes (None where unknown)
+``calibration`` device, device_name, memory_bytes (total memory of the device), base_rss_bytes (the
+               process's resident memory once torch is loaded), and when a shape was timed: shape
+               (dict), tokens_per_sec, step_s, first_step_extra_s, eval_batch_s, sample_s (one
+               generation of SAMPLE_TOKENS), checkpoint_s, startup_s (process start to ready),
+               peak_memory_bytes (CUDA: the allocator's peak; None where unknown) and peak_rss_bytes
+               (the process's resident peak; None off Linux)
+
+``python -m trainer.facts`` (prepare a dataset the way the trainer will) adds:
+
+``facts``      data_sha256, raw_bytes, vocab_size, n_train_tokens, n_val_tokens, and n_bytes,
+               prepare_s (this preparation, cold or not), warm_prepare_s (a preparation that finds
+               the cache filled, what a run pays), from_cache (bool)
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from typing import IO, Any
 
 SCHEMA_VERSION = 1
 
-EVENTS = ("start", "step", "eval", "sample", "checkpoint", "done", "error", "calibration")
+EVENTS = ("start", "step", "eval", "sample", "checkpoint", "done", "error", "calibration", "facts")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "start": ("config", "params", "flops_per_token", "total_steps", "total_tokens", "device"),
     "step": ("step", "total_steps", "loss", "lr", "tokens_per_sec", "elapsed_s", "eta_s"),
@@ -49,6 +62,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "done": ("step", "final_loss"),
     "error": ("kind", "code", "message"),
     "calibration": ("device", "device_name", "memory_bytes"),
+    "facts": ("data_sha256", "raw_bytes", "vocab_size", "n_train_tokens", "n_val_tokens"),
 }
 
 ERROR_KINDS = ("user", "infrastructure")

@@ -36,11 +36,13 @@ Requests:
   (prompt tokens that were put in front, such as <|bos|>, are not echoed).
 - ``logprobs``: null (off) or N in 0..20: every generated token (and every echoed prompt token)
   comes with an ENTRY, on the delta that carries its text:
-  ``{"token": id, "text": "...", "bytes": [..], "logprob": -1.2, "top": [[id, text, logprob], ...N],
+  ``{"token": id, "text": "...", "bytes": [..], "logprob": -1.2, "top": [[id, text, logprob, bytes], ...N],
   "offset": characters of this request's text before this token}``. Log-probabilities are of the
   model's own distribution (temperature 1), not of the sampling settings. The first token of a
   prompt has no prediction: its logprob and top are null. Tokens past a stop string are dropped
-  with their text; stop tokens (<|bos|>, <|assistant_end|>) are counted but have no entry.
+  with their text; a stop token (<|bos|>, <|assistant_end|>) has an entry marked ``"special": true``
+  that adds no text (a client asking for one token's log-probability gets it, whatever the token).
+  Each alternative of ``top`` also carries the token's bytes: ``[id, text, logprob, bytes]``.
   ``echo`` and ``logprobs`` may also be given inside ``sampling``.
 
 Closing a connection cancels every request it sent.

@@ -117,10 +117,12 @@ _LOGIT_COPIES_EAGER = 3.0
 _LOGIT_COPIES_COMPILED = 1.5
 
 
-# Bumped whenever a trainer change moves its speed noticeably (kernels, optimizer work): the web
-# app keys its cached timing runs by it, so an upgrade re-times the plan page's estimates instead of
-# quoting the old trainer's speed. 2: trainer/cpu_ops.py and the eigenbasis Muon (CPU ~1.4x faster).
-SPEED_REVISION = 2
+# Bumped whenever a trainer change moves its speed noticeably (kernels, optimizer work) or the
+# calibration measures something new: the web app keys its cached timing runs by it, so an upgrade
+# re-times the plan page's estimates instead of quoting the old trainer's speed. 2: trainer/cpu_ops.py
+# and the eigenbasis Muon (CPU ~1.4x faster). 3: calibrations also time a run's fixed costs
+# (start-up, evaluation, samples, checkpoints) and report the process's peak memory.
+SPEED_REVISION = 3
 
 
 def memory_estimate(shape: ModelShape, batch_size: int, device_kind: str = "cpu",
@@ -200,7 +202,15 @@ DEVICE_DEFAULTS = {
 }
 
 # The built-in demo corpus's size in bytes (trainer/demo.py writes it; trainer/sources.py reads it).
-DEMO_CORPUS_BYTES = 2_000_000
+# Big enough that the default CPU plan (depth 2, batch 8 x 256) trains on twenty tokens per parameter
+# within DEFAULT_MAX_EPOCHS passes (4 x 3.44M training tokens >= 20 x 644K), so a newcomer's first run
+# is not cut short by the data and its plan shows no warning.
+DEMO_CORPUS_BYTES = 16_000_000
+# What trainer/data.py makes of the demo with the default vocabulary. The corpus is fixed by its seed
+# and the tokenizer's training is deterministic, so the web app's first estimate needs no preparation;
+# tests/test_sizing.py prepares the demo and compares every number.
+DEMO_FACTS = {"raw_bytes": 15_912_291, "vocab_size": 978, "n_train_tokens": 3_444_204, "n_val_tokens": 180_370,
+              "data_sha256": "123900b12a7ca28dfc8a5d2607ba22db5ebfd3d603d3e44792d11204ac6d39bb"}
 
 
 def device_defaults(device_kind: str) -> dict:
@@ -224,3 +234,59 @@ def choose_vocab_size(num_bytes: int) -> int:
         size *= 2
         threshold *= 4
     return size
+
+
+# ---- what a run does: its length and the work between steps ------------------------------------
+# trainer/train.py decides a run's length with run_length and evaluates, samples and checkpoints on
+# the schedule run_events counts; the web app's estimates call the same two functions, so a plan made
+# from the same facts (the tokenizer's vocabulary, the training split's tokens) is the run.
+
+# TrainConfig's defaults for the schedule (trainer/config.py; tests/test_sizing.py keeps them equal).
+EVAL_EVERY = 250
+EVAL_BATCHES = 8  # validation batches per evaluation when eval_tokens is not set
+SAMPLE_EVERY = 500
+SAMPLE_TOKENS = 64  # tokens generated per sample prompt (train.make_samples)
+CHECKPOINT_EVERY = 500
+
+
+def run_length(params: int, tokens_per_step: int, n_train_tokens: int | None, *, max_steps: int | None = None,
+               target_tokens: int | None = None, tokens_per_param: int = 20,
+               max_epochs: float | None = DEFAULT_MAX_EPOCHS) -> tuple[int, str]:
+    """(total steps, budget): ``max_steps`` if set, else ``target_tokens``, else :func:`planned_tokens`
+    (20 tokens per parameter capped at ``max_epochs`` passes over ``n_train_tokens``), in whole steps
+    of ``tokens_per_step``. ``budget`` names which of "max_steps", "target_tokens", "data" and
+    "tokens_per_param" set it. Raises ValueError for a non-positive step size."""
+    if tokens_per_step < 1:
+        raise ValueError("tokens_per_step must be positive")
+    if max_steps:
+        return int(max_steps), "max_steps"
+    if target_tokens:
+        target, budget = int(target_tokens), "target_tokens"
+    else:
+        target, budget = planned_tokens(params, tokens_per_param, n_train_tokens, max_epochs)
+    return max(1, math.ceil(target / tokens_per_step)), budget
+
+
+def _occurrences(total_steps: int, every: int) -> int:
+    # the trainer acts at every multiple of ``every`` and at the last step (once, if it is a multiple)
+    return total_steps // every + (1 if total_steps % every else 0)
+
+
+def run_events(total_steps: int, *, eval_every: int = EVAL_EVERY, sample_every: int = SAMPLE_EVERY,
+               checkpoint_every: int = CHECKPOINT_EVERY, sample_prompts: int = 2) -> dict:
+    """How many evaluations, sample rounds (of ``sample_prompts`` generations each) and checkpoints a
+    fresh run of ``total_steps`` steps makes on the trainer's schedule."""
+    if total_steps < 1 or min(eval_every, sample_every, checkpoint_every) < 1:
+        raise ValueError("steps and intervals must be positive")
+    return {"evals": _occurrences(total_steps, eval_every),
+            "sample_rounds": _occurrences(total_steps, sample_every) if sample_prompts else 0,
+            "samples": _occurrences(total_steps, sample_every) * sample_prompts,
+            "checkpoints": _occurrences(total_steps, checkpoint_every)}
+
+
+def eval_rows(n_val_tokens: int, batch_size: int, seq_len: int, max_batches: int = EVAL_BATCHES) -> int:
+    """Rows of ``seq_len`` one evaluation reads: ``max_batches`` batches, or fewer when the validation
+    split runs out (data.iter_val_batches, one process)."""
+    if n_val_tokens < 1:
+        return 0
+    return max(0, min(max_batches * batch_size, (n_val_tokens - 1) // seq_len))

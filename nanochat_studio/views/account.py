@@ -15,10 +15,10 @@ from requests import RequestException
 from wtforms import HiddenField, PasswordField, StringField
 from wtforms.validators import EqualTo, InputRequired, Length, Optional
 
-from .. import accounts, auth
-from ..accounts import AccountError
+from .. import accounts, auth, confirmations, limits, mail
+from ..accounts import AccountError, HashingBusy
 from ..auth import admin_required, login_required
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, NotFound, TooManyRequests
 from ..models import ApiKey, User
 from . import current_settings
 
@@ -98,11 +98,18 @@ def login() -> Any:
         return redirect(target)
     error = None
     if form.validate_on_submit():
+        limits.attempt_from_address()  # 429 past the address's attempts
+        limits.check_account(form.email.data)  # 429 once the account's failed attempts are used up
         try:
             user = accounts.authenticate(form.email.data, form.password.data)
             auth.sign_in(user)
             return redirect(target)
+        except HashingBusy as exc:
+            raise TooManyRequests(str(exc), headers={"Retry-After": "2"}) from None
         except AccountError as exc:
+            limits.account_failed(form.email.data)
+            current_app.logger.info("sign-in refused for %r from %s: %s", form.email.data[:320],
+                                    limits.client_address(), exc)
             error = str(exc)
     status = 400 if request.method == "POST" else 200
     return render_template("account/login.html", form=form, error=error, next=form.next.data), status
@@ -110,9 +117,24 @@ def login() -> Any:
 
 @bp.post("/logout")
 def logout() -> Any:
+    # Ends every session of the account, not only this browser's: a copy of this cookie (taken before
+    # the logout) must stop working too, and the session version is per account.
     _require_form(ActionForm())
-    logout_user()
+    if current_user.is_authenticated and auth.bearer_token() is None:
+        auth.sign_out_everywhere(current_user._get_current_object())
+    else:
+        logout_user()
     flash("You are signed out.", "info")
+    return redirect(url_for("account.login"))
+
+
+@bp.post("/sessions/end")
+@login_required
+def end_sessions() -> Any:
+    """Sign out everywhere: every browser signed in to this account, this one included."""
+    _require_form(ActionForm())
+    auth.sign_out_everywhere(current_user._get_current_object())
+    flash("You are signed out everywhere. Sign in again here.", "info")
     return redirect(url_for("account.login"))
 
 
@@ -128,21 +150,51 @@ def register() -> Any:
         form.next.data = request.args.get("next", "")
     error = None
     if form.validate_on_submit():
+        limits.attempt_from_address()
         try:
+            if mode == "hosted":  # nothing is created until the link mailed to the address is opened
+                return _start_signup(form)
             user = accounts.register_user(
                 form.email.data, form.password.data, form.name.data or "", mode=mode, invite=form.invite.data or None
             )
+        except HashingBusy as exc:
+            raise TooManyRequests(str(exc), headers={"Retry-After": "2"}) from None
         except AccountError as exc:
             error = str(exc)
         else:
+            _mail_confirmation(user)
             if not user.is_approved:
                 flash("Thanks! An administrator must approve your account before you can sign in.", "info")
                 return redirect(url_for("account.login"))
             auth.sign_in(user)
-            flash("Welcome! Your account is ready." + (" You are its administrator." if user.is_admin else ""), "info")
+            flash("Welcome! Your account is ready.", "info")
             return redirect(auth.safe_next(form.next.data) or _home())
     status = 400 if request.method == "POST" else 200
     return render_template("account/register.html", form=form, error=error), status
+
+
+def _start_signup(form: RegisterForm) -> Any:
+    settings = current_settings()
+    try:
+        confirmations.start_signup(settings, form.email.data, form.password.data, form.name.data or "",
+                                   form.invite.data or None, _external)
+    except mail.MailError as exc:
+        current_app.logger.error("sign-up mail failed: %s", exc)
+        raise AccountError("The confirmation mail could not be sent. Try again later.") from None
+    hours = f"{settings.email_link_hours:g} hours"
+    return render_template("account/check_email.html", address=accounts.normalize_email(form.email.data),
+                           hours=hours, mail_configured=mail.configured(settings))
+
+
+def _mail_confirmation(user: User) -> None:
+    """A lab sign-up's address gets a link too (it must be confirmed before GitHub or Google can join
+    this account by it); a failure to send is logged, not shown: the account exists either way."""
+    if not user.email:
+        return
+    try:
+        confirmations.send_email_confirmation(current_settings(), user, user.email, _external)
+    except (mail.MailError, AccountError) as exc:
+        current_app.logger.error("confirmation mail to %s failed: %s", user.email, exc)
 
 
 # ----------------------------------------------------------------------------- GitHub and Google
@@ -242,17 +294,30 @@ def update_profile() -> Any:
     if not form.validate_on_submit():
         return _render_profile(profile_form=form, status=400)
     user = current_user._get_current_object()
+    new_email = None
+    if form.new_password.data or (form.email.data and form.email.data.strip().lower() != (user.email or "")):
+        limits.attempt_from_address()  # a password check or a mail: counted before anything changes
     try:
         if form.email.data and form.email.data.strip().lower() != (user.email or ""):
-            accounts.set_email(user, form.email.data)
+            # The address becomes the account's only when the link mailed to it is opened.
+            new_email = accounts.check_email_free(form.email.data, user)
         if form.new_password.data:
             accounts.set_password(user, form.new_password.data, form.current_password.data)
+            auth.stamp_session(user)  # every other session ended; this one goes on
+            confirmations.notify_password_changed(current_settings(), user)
+    except HashingBusy as exc:
+        raise TooManyRequests(str(exc), headers={"Retry-After": "2"}) from None
     except AccountError as exc:
         return _render_profile(profile_form=form, error=str(exc), status=400)
     name = (form.name.data or "").strip()
     if name != user.name:
         User.update(name=name).where(User.id == user.id).execute()
-    flash("Your profile is saved.", "info")
+    flash("Your profile is saved." + (" Other browsers signed in to it are signed out." if form.new_password.data
+                                      else ""), "info")
+    if new_email:
+        from .confirm import send_link
+
+        send_link(user, new_email)
     return redirect(url_for("account.profile"))
 
 
@@ -317,6 +382,29 @@ def promote_user(user_id: int) -> Any:
     user = _user_or_404(user_id)
     User.update(is_admin=True, is_approved=True).where(User.id == user.id).execute()
     flash(f"{user.email or user.name} is an administrator now.", "info")
+    return redirect(url_for("account.admin_users"))
+
+
+@bp.post("/admin/users/<int:user_id>/disable")
+@admin_required
+def disable_user(user_id: int) -> Any:
+    _require_form(ActionForm())
+    user = _user_or_404(user_id)
+    if user.id == current_user.id:
+        flash("You cannot disable your own account.", "error")
+    else:
+        accounts.set_active(user, False)
+        flash(f"{user.email or user.name} is disabled: signed out everywhere, API keys refused.", "info")
+    return redirect(url_for("account.admin_users"))
+
+
+@bp.post("/admin/users/<int:user_id>/enable")
+@admin_required
+def enable_user(user_id: int) -> Any:
+    _require_form(ActionForm())
+    user = _user_or_404(user_id)
+    accounts.set_active(user, True)
+    flash(f"{user.email or user.name} can sign in again.", "info")
     return redirect(url_for("account.admin_users"))
 
 

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from flask import Blueprint, current_app, jsonify, request, stream_with_context, url_for
 from flask_login import current_user
 
-from .. import admission, billing, datasets, estimate, jobs, sse, tasks
+from .. import admission, billing, datasets, estimate, jobs, limits, sse, tasks
+from ..archive import public_config, public_source
 from ..auth import login_required
+from ..checkpoints import hf_archive
 from ..db import database
 from ..errors import BadRequest, Conflict
+from ..inputs import json_object
 from ..mirror import log_tail
 from ..models import Model, TrainingJob
 from ..settings import Settings
@@ -27,6 +30,7 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 
 EVENT_PAGE = 1000  # events read per query when replaying a stream
 MAX_LIST = 200
+DOWNLOAD_FORMATS = ("checkpoint", "hf")  # ours (trainer.sample loads it), transformers' (export_hf)
 
 
 # --- serializers (the pages use them too) ------------------------------------------------------------
@@ -87,16 +91,17 @@ def model_json(model: Model) -> dict[str, Any]:
         "step": model.step,
         "is_snapshot": model.is_snapshot,
         "params": model.params,
-        "config": model.config,
+        "config": public_config(model.config),
         "metrics": model.metrics,
         "samples": model.samples,
-        "data_source": model.data_source,
+        "data_source": public_source(model.data_source or ""),
         "data_sha256": model.data_sha256,
         "size_bytes": model.size_bytes,
         "created_at": _iso(model.created_at),
         "urls": {
             "self": url_for("api.get_model", model_id=model.id),
             "download": url_for("api.download_model", model_id=model.id),
+            "download_hf": url_for("api.download_model", model_id=model.id, format="hf"),
             "chat": _chat_url(model),
         },
     }
@@ -107,10 +112,7 @@ def _chat_url(model: Model) -> str:
 
 
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("send a JSON object with Content-Type: application/json")
-    return body
+    return json_object()
 
 
 # --- estimate ------------------------------------------------------------------------------------------
@@ -185,6 +187,7 @@ def job_log(job_id: int):
 
 @bp.get("/jobs/<int:job_id>/events")
 @login_required
+@limits.streaming
 def job_events(job_id: int):
     """The job's events as SSE, replayed from Last-Event-ID, then live until the job ends."""
     job = own(TrainingJob, job_id)
@@ -245,13 +248,25 @@ def get_model(model_id: int):
 
 @bp.get("/models/<int:model_id>/download")
 @login_required
+@limits.streaming
 def download_model(model_id: int):
+    """The model as a ``.tar.gz``: our checkpoint layout, or with ``?format=hf`` a directory that
+    transformers loads (``AutoModelForCausalLM.from_pretrained``, no remote code)."""
     model = own(Model, model_id)
+    fmt = request.args.get("format", "checkpoint")
+    if fmt not in DOWNLOAD_FORMATS:
+        raise BadRequest("format must be " + " or ".join(f"'{f}'" for f in DOWNLOAD_FORMATS))
+    if fmt == "hf":
+        name, stream = hf_archive(model, current_settings())
+        return _archive_response(name, stream)
     storage = Storage.from_settings(current_settings())
     from ..archive import archive_dirname
 
     name = archive_dirname(model) + ".tar.gz"
-    stream = storage.stream_model_archive(model)
+    return _archive_response(name, storage.stream_model_archive(model))
+
+
+def _archive_response(name: str, stream: Iterator[bytes]):
     resp = current_app.response_class(stream_with_context(stream), mimetype="application/gzip")
     resp.headers["Content-Disposition"] = f'attachment; filename="{name}"'
     resp.headers["Cache-Control"] = "no-store"

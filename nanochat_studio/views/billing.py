@@ -16,7 +16,7 @@ from flask_login import current_user
 from .. import accounts, tasks
 from ..auth import login_required
 from ..billing import checkout, ledger
-from ..errors import AppError, BadRequest
+from ..errors import AppError, BadRequest, NotFound
 from ..models import ApiKey, TrainingJob
 from . import current_billing, current_settings, own
 
@@ -185,6 +185,8 @@ def resume_form(job_id: int) -> Any:
     try:
         _resume(job_id)
         flash(f"Job #{job_id} is queued again; it continues from its last checkpoint.", "success")
+    except NotFound:
+        raise  # another user's job answers like a missing one: 404, not a redirect to its page
     except AppError as exc:
         flash(exc.message, "error")
     return redirect(url_for("jobs.show", job_id=job_id))

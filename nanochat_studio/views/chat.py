@@ -23,11 +23,12 @@ from typing import Any, Iterator
 from flask import Blueprint, current_app, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from .. import chat, sse
+from .. import chat, limits, sse
 from ..auth import login_required
 from ..checkpoints import snapshot_model
 from ..errors import BadRequest, Conflict, NotFound
 from ..inference import Final, InferenceError, get_pool
+from ..inputs import json_object
 from ..models import ChatMessage, ChatSession, Model, TrainingJob, utcnow
 from . import current_settings, own
 
@@ -84,10 +85,9 @@ def compare():
 
 @bp.post("/api/chat")
 @login_required
+@limits.streaming
 def api_chat():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("send a JSON object")
+    body = json_object()
     model = own(Model, body.get("model_id"))
     req = chat.parse_chat_request(body)
     session = None
@@ -171,7 +171,7 @@ def list_sessions():
 @bp.post("/api/chat/sessions")
 @login_required
 def create_session():
-    body = request.get_json(silent=True) or {}
+    body = json_object()
     model = own(Model, body.get("model_id"))
     title = body.get("title") or "New chat"
     if not isinstance(title, str) or len(title) > 200:
@@ -191,7 +191,7 @@ def get_session(session_id: int):
 @login_required
 def rename_session(session_id: int):
     s = own(ChatSession, session_id)
-    body = request.get_json(silent=True) or {}
+    body = json_object()
     title = body.get("title")
     if not isinstance(title, str) or not title.strip() or len(title) > 200:
         raise BadRequest("title must be a non-empty string of at most 200 characters", param="title")

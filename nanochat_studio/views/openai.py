@@ -1,12 +1,17 @@
-"""OpenAI-compatible API: ``GET /v1/models`` and ``POST /v1/chat/completions`` (streaming and not).
+"""OpenAI-compatible API: ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``
+(streaming and not).
 
 Any OpenAI client works: ``OpenAI(base_url="http://127.0.0.1:8765/v1", api_key="ncs_...")``. A bearer
 API key is required in every mode, solo included (a machine interface may be exposed). Errors come in
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (errors.render_error under /v1/).
 
-Supported: messages (text content, or a list of text parts), stream, stream_options.include_usage, stop
-(a string or up to 4), max_tokens / max_completion_tokens, temperature, top_p, seed, n=1, and top_k as an
-extension. Model ids are the studio's model ids as strings ("7"), listed by /v1/models.
+Chat supports: messages (text content, or a list of text parts), stream, stream_options.include_usage, stop
+(a string or up to 4), max_tokens / max_completion_tokens, temperature, top_p, seed, n=1, logprobs and
+top_logprobs (0..20), and top_k as an extension. Completions (the legacy API, what evaluation harnesses
+call): prompt as a string, a list of strings, token ids or a list of token-id lists (one choice per
+prompt), echo, logprobs (0..20), max_tokens (0 with echo scores the prompt), and the same sampling
+settings; see nanochat_studio/completions.py. Model ids are the studio's model ids as strings ("7"),
+listed by /v1/models.
 """
 
 from __future__ import annotations
@@ -15,23 +20,27 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify
 from flask_login import current_user
 
-from .. import sse
+from .. import limits, sse
 from ..auth import api_key_required
-from ..chat import open_stream, parse_messages, parse_sampling
+from ..chat import open_stream, parse_messages, parse_sampling, parse_stop
+from ..completions import (Choice, chat_logprobs, finish_reason, parse_chat_logprobs, parse_completion_request,
+                           parse_stream, refuse_unsupported, run_batch, usage)
 from ..errors import AppError, BadRequest, NotFound
 from ..inference import Final, InferenceError, get_pool
+from ..inputs import json_object
 from ..models import Model
 
 bp = Blueprint("openai", __name__)
 
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "audio",
-               "prediction", "logit_bias")
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "prediction", "logit_bias")
 
 
 def _model_for(name: Any) -> Model:
+    if isinstance(name, int) and not isinstance(name, bool):
+        name = str(name)  # lm-eval's model_args turn model=7 into the number 7
     if not isinstance(name, str) or not name:
         raise BadRequest("model is required", param="model", code="invalid_value")
     model = Model.get_owned(name.removeprefix("model-"), current_user.id)
@@ -72,18 +81,11 @@ def _text_of(content: Any, i: int) -> Any:
 
 @bp.post("/v1/chat/completions")
 @api_key_required
+@limits.streaming
 def chat_completions():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("The body must be a JSON object.", code="invalid_json")
+    body = json_object()
     model = _model_for(body.get("model"))
-    n = body.get("n", 1)
-    if n is not None and n != 1:
-        raise BadRequest("Only n=1 is supported: this server generates one choice per request.", param="n",
-                         code="unsupported_value")
-    for key in UNSUPPORTED:
-        if body.get(key):
-            raise BadRequest(f"'{key}' is not supported by this server.", param=key, code="unsupported_parameter")
+    refuse_unsupported(body, UNSUPPORTED)
     raw = body.get("messages")
     if isinstance(raw, list):
         raw = [dict(m, content=_text_of(m.get("content"), i), role="system" if m.get("role") == "developer"
@@ -93,28 +95,21 @@ def chat_completions():
         sampling = parse_sampling(body, max_tokens_key="max_completion_tokens")
     else:
         sampling = parse_sampling(body)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise BadRequest("stop must be a string or a list of up to 4 non-empty strings", param="stop")
+    stop = parse_stop(body.get("stop"))
     if stop:
         sampling["stop"] = stop
-    stream_flag = body.get("stream") or False
-    if not isinstance(stream_flag, bool):
-        raise BadRequest("stream must be true or false", param="stream")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise BadRequest("stream_options must be an object", param="stream_options")
-    include_usage = bool(opts.get("include_usage"))
+    logprobs = parse_chat_logprobs(body)
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
+    stream_flag, include_usage = parse_stream(body)
 
     stream = open_stream(get_pool(current_app), model, "chat", messages, sampling)  # 429 here, before anything is sent
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if stream_flag:
-        return _event_stream(_chunks(stream, cid, created, str(model.id), include_usage))
+        return _event_stream(_chunks(stream, cid, created, str(model.id), include_usage, logprobs is not None))
     parts: list[str] = []
+    entries: list[dict] = []
     final: Final | None = None
     try:
         for item in stream:
@@ -122,21 +117,33 @@ def chat_completions():
                 final = item
             elif item is not None:
                 parts.append(item)
+                entries.extend(getattr(item, "logprobs", None) or [])
     except InferenceError as e:
-        if e.status == 400:
-            raise BadRequest(e.message, code="model_rejected_request") from None
-        err = AppError(e.message, code="model_unavailable")
-        err.status = 503  # the model server failed or could not load; a retry may work
-        raise err from None
+        raise _model_error(e) from None
     finally:
         stream.close()
     return jsonify({
         "id": cid, "object": "chat.completion", "created": created, "model": str(model.id),
         "system_fingerprint": None,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
-                     "finish_reason": _reason(final), "logprobs": None}],
-        "usage": _usage(final),
+                     "finish_reason": finish_reason(final),
+                     "logprobs": None if logprobs is None else {"content": chat_logprobs(entries), "refusal": None}}],
+        "usage": usage([final]),
     })
+
+
+def _model_error(e: InferenceError) -> AppError:
+    """A model server's failure, before anything was sent, as the HTTP error to answer with."""
+    if e.status == 400:
+        return BadRequest(e.message, code="model_rejected_request")
+    err = AppError(e.message, code="model_unavailable")
+    err.status = 503  # the model server failed or could not load; a retry may work
+    return err
+
+
+def _stream_error(e: InferenceError) -> str:
+    kind = "invalid_request_error" if e.permanent else "server_error"
+    return sse.format_event({"error": {"message": e.message, "type": kind, "param": None, "code": "model_error"}})
 
 
 def _event_stream(frames: Iterator[str]) -> Response:
@@ -148,20 +155,14 @@ def _event_stream(frames: Iterator[str]) -> Response:
     return resp
 
 
-def _reason(final: Final | None) -> str:
-    return "length" if final is not None and final.finish_reason == "length" else "stop"
-
-
-def _usage(final: Final | None) -> dict:
-    p, c = (final.prompt_tokens, final.completion_tokens) if final else (0, 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def _chunks(stream: Iterator[Any], cid: str, created: int, model: str, include_usage: bool) -> Iterator[str]:
-    def chunk(delta: dict, finish: str | None = None) -> str:
+def _chunks(stream: Iterator[Any], cid: str, created: int, model: str, include_usage: bool,
+            logprobs: bool) -> Iterator[str]:
+    def chunk(delta: dict, finish: str | None = None, entries: list | None = None) -> str:
         data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": {"content": chat_logprobs(entries), "refusal": None}
+                             if logprobs and entries is not None else None}]}
         if include_usage:
             data["usage"] = None
         return sse.format_event(data)
@@ -175,19 +176,92 @@ def _chunks(stream: Iterator[Any], cid: str, created: int, model: str, include_u
                     yield sse.heartbeat()
                 elif isinstance(item, Final):
                     final = item
-                else:
-                    yield chunk({"content": item})
+                elif item or getattr(item, "logprobs", None):
+                    yield chunk({"content": str(item)}, entries=getattr(item, "logprobs", None) or [])
         except InferenceError as e:
-            kind = "invalid_request_error" if e.permanent else "server_error"
-            yield sse.format_event({"error": {"message": e.message, "type": kind, "param": None,
-                                              "code": "model_error"}})
+            yield _stream_error(e)
             yield sse.format_event("[DONE]")
             return
-        yield chunk({}, _reason(final))
+        yield chunk({}, finish_reason(final))
         if include_usage:
             yield sse.format_event({"id": cid, "object": "chat.completion.chunk", "created": created,
                                     "model": model, "system_fingerprint": None, "choices": [],
-                                    "usage": _usage(final)})
+                                    "usage": usage([final])})
         yield sse.format_event("[DONE]")
     finally:
         stream.close()  # a client that hung up stops the generation
+
+
+# --- legacy completions ----------------------------------------------------------------------------------
+
+@bp.post("/v1/completions")
+@api_key_required
+@limits.streaming
+def completions():
+    body = json_object()
+    model = _model_for(body.get("model"))
+    req = parse_completion_request(body)
+    pool = get_pool(current_app)
+
+    def open_one(i: int) -> Iterator[Any]:
+        return pool.stream(model, "complete", req.prompts[i], req.server_sampling(req.prompts[i]))
+
+    # the first prompt is admitted here, so a busy server answers 429 before anything is sent
+    first = open_stream(pool, model, "complete", req.prompts[0], req.server_sampling(req.prompts[0]))
+    items = run_batch(first, open_one, len(req.prompts))
+    choices = [Choice(i, p, req.echo, req.logprobs is not None) for i, p in enumerate(req.prompts)]
+    cid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if req.stream:
+        return _event_stream(_completion_chunks(items, choices, cid, created, str(model.id), req.include_usage))
+    try:
+        for i, item in items:
+            if isinstance(item, InferenceError):
+                raise _model_error(item)
+            if isinstance(item, Final):
+                choices[i].final = item
+            elif item is not None:
+                choices[i].add(item)
+    finally:
+        items.close()
+    return jsonify({
+        "id": cid, "object": "text_completion", "created": created, "model": str(model.id),
+        "system_fingerprint": None,
+        "choices": [{"index": c.index, "text": "".join(c.text), "logprobs": c.logprobs_json(),
+                     "finish_reason": finish_reason(c.final)} for c in choices],
+        "usage": usage([c.final for c in choices]),
+    })
+
+
+def _completion_chunks(items: Iterator[tuple[int, Any]], choices: list[Choice], cid: str, created: int,
+                       model: str, include_usage: bool) -> Iterator[str]:
+    def chunk(i: int, text: str, logprobs: dict | None, finish: str | None) -> str:
+        data = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": None,
+                "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        if include_usage:
+            data["usage"] = None
+        return sse.format_event(data)
+
+    try:
+        for i, item in items:
+            if item is None:
+                yield sse.heartbeat()
+            elif isinstance(item, InferenceError):
+                yield _stream_error(item)
+                yield sse.format_event("[DONE]")
+                return
+            elif isinstance(item, Final):
+                choices[i].final = item
+                yield chunk(i, "", None, finish_reason(item))
+            else:
+                text, entries = choices[i].add(item)
+                if text or entries:
+                    yield chunk(i, text, choices[i].logprobs_json(entries), None)
+        if include_usage:
+            yield sse.format_event({"id": cid, "object": "text_completion", "created": created, "model": model,
+                                    "system_fingerprint": None, "choices": [],
+                                    "usage": usage([c.final for c in choices])})
+        yield sse.format_event("[DONE]")
+    finally:
+        items.close()  # a client that hung up stops every prompt's generation

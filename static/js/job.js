@@ -63,6 +63,7 @@
   // -- state ----------------------------------------------------------------------------------------
   function showJob(job) {
     if (!job) return;
+    showRunTime(job);
     const badge = $("#status");
     badge.textContent = job.status;
     badge.className = "badge status-" + job.status;
@@ -120,6 +121,29 @@
     $("#no-samples").hidden = true;
   }
 
+  // -- plan and run: the estimate the job was submitted with beside what the trainer decided ------------
+  const ACTUAL = { vocab_size: "vocab_size", params: "params", train_tokens: "n_train_tokens",
+                   steps: "total_steps", tokens: "total_tokens", budget: "budget" };
+  function showActual(key, value) {
+    const row = root.querySelector(`#plan-vs-run tr[data-key="${key}"]`);
+    if (!row || value === undefined || value === null) return;
+    const est = row.querySelector(".est").dataset.value;
+    const cell = row.querySelector(".act");
+    // exact figures in full (the point is that they match); the time as the server writes durations
+    cell.textContent = key === "seconds" ? duration(value)
+      : typeof value === "number" ? value.toLocaleString("en-US") : String(value);
+    const same = key === "seconds" ? null : String(est) === String(value);
+    row.classList.toggle("differs", same === false);
+    row.classList.toggle("matches", same === true);
+  }
+  function showPlanFromStart(d) {
+    for (const [key, field] of Object.entries(ACTUAL)) showActual(key, d[field]);
+  }
+  function showRunTime(job) {
+    if (job.status !== "completed" || !job.started_at || !job.finished_at) return;
+    showActual("seconds", (Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000);
+  }
+
   const handlers = {
     state(d) {
       addHistory(`${d.from || "–"} → ${d.to}${d.reason ? ": " + d.reason : ""}`, d.time);
@@ -127,6 +151,7 @@
     },
     start(d) {
       if (d.params) setText("#params", count(d.params));
+      showPlanFromStart(d);
       addHistory(d.resumed_from_step ? `trainer resumed from step ${d.resumed_from_step}` :
                  `trainer started on ${d.device}`, d.time);
     },
@@ -150,8 +175,11 @@
 
   // -- the stream ------------------------------------------------------------------------------------
   let source = null;
+  let ended = false;
   function connect() {
-    source = new EventSource(eventsUrl);
+    // A reconnect made here (not by EventSource itself) resumes after the last event seen.
+    const last = root.dataset.lastEventId;
+    source = new EventSource(last ? `${eventsUrl}${eventsUrl.includes("?") ? "&" : "?"}since=${encodeURIComponent(last)}` : eventsUrl);
     for (const name of Object.keys(handlers)) {
       source.addEventListener(name, (e) => {
         let d;
@@ -160,11 +188,13 @@
         root.dataset.lastEventId = e.lastEventId || root.dataset.lastEventId || "";
       });
     }
-    source.addEventListener("end", () => { source.close(); setText("#live", "finished"); redraw(); });
+    source.addEventListener("end", () => { ended = true; source.close(); setText("#live", "finished"); redraw(); });
     source.onopen = () => setText("#live", "live");
     source.onerror = () => {
       // EventSource reconnects by itself and sends Last-Event-ID; just say so.
-      if (source.readyState !== EventSource.CLOSED) setText("#live", "reconnecting…");
+      if (source.readyState !== EventSource.CLOSED) { setText("#live", "reconnecting…"); return; }
+      // Refused (429: too many streams open): EventSource gives up, so try again in a while.
+      if (!ended) { setText("#live", "waiting for a free stream…"); setTimeout(connect, 5000 + Math.random() * 5000); }
     };
   }
 

@@ -61,13 +61,16 @@
       rough: "a rough guess until the timing run finishes…",
     }[e.time.source] || "";
     $("e-time-note").textContent = src;
+    $("e-data-note").textContent = (e.data && e.data.note) || "";
     showCost(e.cost);
     const ul = $("e-warnings");
     ul.textContent = "";
     for (const w of e.warnings) { const li = document.createElement("li"); li.textContent = w; ul.appendChild(li); }
     // A calibration runs in the background; ask again until the time is measured.
     clearTimeout(calibrationTimer);
-    if (e.time.source !== "calibrated" && e.calibrating) calibrationTimer = setTimeout(refresh, 2000);
+    // So does the data's preparation (its vocabulary and token counts): ask again until it is known.
+    const estimating = e.data && e.data.status === "estimating";
+    if ((e.time.source !== "calibrated" && e.calibrating) || estimating) calibrationTimer = setTimeout(refresh, 2000);
   }
 
   // Billing's quote (null when nothing is charged): the cost, what a start holds, what is available.

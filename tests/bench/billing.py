@@ -62,7 +62,7 @@ def make_app(home: str, mode: str, database_url: str | None):
     env = {"NCS_HOME": home, **({"NCS_DATABASE_URL": database_url} if database_url else {})}
     settings = load_settings(environ=env, mode=mode, stripe_secret_key=SECRET_KEY, stripe_webhook_secret=WEBHOOK_SECRET,
                              stripe_api_base=FAKE.url, credit_packs=PACKS, prices={"cpu": 0.0001},
-                             max_queued_jobs=1_000_000, worker=False, gpus="none", threads=32, log_level="warning")
+                             max_queued_jobs=1_000_000, worker=False, gpus="none", threads=40, log_level="warning")
     app = create_app(settings)
     app.config.update(WTF_CSRF_ENABLED=False)
     app.extensions["ncs_calibrator"] = estimate.Calibrator(probe=lambda: dict(DEVICE), run=lambda s, b: None)
@@ -73,7 +73,7 @@ def start_serve(home: str, database_url: str | None) -> tuple[subprocess.Popen, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("NCS_")}
     env.update(NCS_HOME=home, NCS_MODE="hosted", NCS_STRIPE_SECRET_KEY=SECRET_KEY,
                NCS_STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET, NCS_STRIPE_API_BASE=FAKE.url,
-               NCS_CREDIT_PACKS=json.dumps(PACKS), NCS_THREADS="32", NCS_LOG_LEVEL="error", NCS_GPUS="none")
+               NCS_CREDIT_PACKS=json.dumps(PACKS), NCS_THREADS="40", NCS_LOG_LEVEL="error", NCS_GPUS="none")
     if database_url:
         env["NCS_DATABASE_URL"] = database_url
     proc = subprocess.Popen([sys.executable, "-m", "nanochat_studio", "serve", "--port", "0", "--no-worker"],
