@@ -50,6 +50,8 @@ class Cluster:
             "NCS_LEASE_SECONDS": "3", "NCS_RECONCILE_SECONDS": "0.5", "NCS_RETRY_BACKOFF_SECONDS": "0.2",
             "NCS_TERM_GRACE_SECONDS": "20", "NCS_MAX_QUEUED_JOBS": "100", "NCS_MAX_RUNNING_JOBS": "8",
             "NCS_ALLOWED_HOSTS": "*", "NCS_THREADS": str(web_threads), "NCS_LOG_FORMAT": "text",
+            # one user watches a job with a browser and eight SSE clients at once (test_scaleout.py)
+            "NCS_MAX_STREAMS_PER_USER": "16",
             **(env or {}),
         })
         self.web_machine = lab.machine("web")
