@@ -20,7 +20,7 @@ from tests.netlab import Lab
 
 pytestmark = [
     pytest.mark.process,
-    pytest.mark.slow,  # about a minute: three processes, forty-odd trainers and their mirrors on 2 cores
+    pytest.mark.slow,  # 1.5-2 minutes: three processes, forty-odd trainers and their mirrors on 2 cores
     pytest.mark.skipif(TEST_DB == "postgres", reason="it runs its own PostgreSQL in both passes; once is enough"),
     pytest.mark.skipif(not Path("/usr/lib/postgresql/15/bin/initdb").exists(), reason="no PostgreSQL server"),
 ]

@@ -111,7 +111,8 @@ def main() -> None:
                       "clients": args.clients, "seconds": args.seconds,
                       "p50_ms": many["p50_ms"], "p99_ms": many["p99_ms"], "rps": many["rps"], "errors": many["errors"],
                       "single_client_p50_ms": one["p50_ms"], "single_client_p99_ms": one["p99_ms"],
-                      "single_client_rps": one["rps"], "p99_ratio_to_single_client": round(many["p99_ms"] / one["p99_ms"], 1),
+                      "single_client_rps": one["rps"],
+                      "p99_ratio_to_single_client": round(many["p99_ms"] / one["p99_ms"], 1),
                       "load_1m_before": round(load_before, 2), "load_1m_after": round(os.getloadavg()[0], 2)}))
 
 
