@@ -314,7 +314,9 @@ def test_checkpoints_are_mirrored_to_s3_by_default_and_restored_elsewhere(alice,
     machine_a = dataclasses.replace(settings, runs_dir=str(tmp_path / "a-runs"), **remote)
     machine_b = dataclasses.replace(settings, runs_dir=str(tmp_path / "b-runs"), home=str(tmp_path / "b-home"),
                                     **remote)
-    job = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 16, "checkpoint_every": 4}, machine_a)
+    # 20 s of training on A: its mirror sidecar has time to start and upload on a loaded machine before the
+    # run would end (a finished job's mirror is forgotten). B then runs the rest quickly.
+    job = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 200, "checkpoint_every": 4}, machine_a)
     store = Storage(remote["storage_url"], remote["storage_options"])
     prefix = f"users/{alice.id}/runs/{job.id}/checkpoints"
     thread, box = in_thread(claim_and_run, machine_a)
@@ -322,6 +324,8 @@ def test_checkpoints_are_mirrored_to_s3_by_default_and_restored_elsewhere(alice,
     os.kill(fake_log(machine_a, job)[0]["pid"], signal.SIGKILL)
     thread.join(30)
     step = int(store.list_committed(prefix)[-1].rsplit("_", 1)[1])
+    assert step < 200
+    monkeypatch.setenv("FAKE_STEP_S", "0.005")
     time.sleep(0.25)
     job, status = claim_and_run(machine_b)
     assert status == "completed" and fake_log(machine_b, job)[0]["resumed_from"] == step
