@@ -1,17 +1,17 @@
 """How a trainer's checkpoint becomes a Model: the one owner of where a run's checkpoints are, which of
 them are finished, the Model a run leaves (finished or cancelled), a snapshot taken mid-run, and the
-mirror that copies a running trainer's checkpoints into storage for another worker.
+job's checkpoints mirrored in storage (uploaded by mirror.py's sidecar, restored by another worker).
 
 A checkpoint directory is finished once the trainer has written its ``manifest.json`` (always last).
-A Model row first points at its checkpoint in the run directory; :func:`publish_model` then copies it
-into storage (verified against the trainer's manifest) and points the row there. storage.py stays the
-only fsspec user.
+The checkpoint a run leaves is uploaded by :func:`publish_run_checkpoint` (verified against the
+trainer's manifest) before the job becomes final, and its Model row points there from the start.
+storage.py stays the only fsspec user.
 
 It also owns where a model's checkpoint is on this machine (:func:`local_checkpoint_dir`) and the
 transformers download (:func:`hf_archive`).
 
 Errors: :func:`snapshot_model` raises ``Conflict`` (409) while a job has no finished checkpoint;
-:func:`publish_model` raises ``StorageError`` or ``OSError`` when the copy fails.
+:func:`publish_run_checkpoint` raises ``StorageError`` or ``OSError`` when the copy fails.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +29,7 @@ from .archive import archive_dirname, stream_dir
 from .errors import AppError, Conflict, NotFound
 from .models import Model, TrainingJob
 from .settings import Settings
-from .storage import MARKER, Storage, StorageError, user_prefix
+from .storage import MARKER, KeyNotFound, Storage, StorageError, model_prefix, user_prefix
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +67,25 @@ def final_checkpoint(run_dir: Path, reported: str | None = None) -> Path | None:
 # --- the Model a run leaves ------------------------------------------------------------------------------
 
 
-def create_run_model(job: TrainingJob, checkpoint: Path, *, facts: dict[str, Any], progress: dict[str, Any],
-                     cancelled: bool) -> Model:
-    """The Model a finished (or cancelled) run leaves, pointing at ``checkpoint`` in the run directory.
+def create_run_model(job: TrainingJob, checkpoint: Path, *, key: str | None, facts: dict[str, Any],
+                     progress: dict[str, Any], cancelled: bool) -> Model:
+    """The Model a finished (or cancelled) run leaves: at ``key`` in storage (:func:`publish_run_checkpoint`
+    put it there), or at ``checkpoint`` in the run directory when that upload failed (usable on this
+    machine only).
 
     ``facts`` are what the supervisor gathered from the trainer's events (``start``, ``done``, ``params``,
     ``samples``, ``data_sha256``); ``progress`` is the job's last progress. Call it in the transaction
-    that ends the job, and :func:`publish_model` after it (the upload may be slow).
+    that ends the job.
     """
     done = facts.get("done") or {}
     start = facts.get("start") or {}
     step = done.get("step", progress.get("checkpoint_step") or progress.get("step") or 0)
-    tokenizer = checkpoint / "tokenizer"
+    where = key or str(checkpoint)
     name = job.name or f"job {job.id}"
     return Model.create(
         user=job.user_id, job=job.id, name=name + (f" (cancelled at step {step})" if cancelled else ""),
-        step=step or 0, checkpoint_key=str(checkpoint),
-        tokenizer_key=str(tokenizer if tokenizer.exists() else checkpoint),
+        step=step or 0, checkpoint_key=where,
+        tokenizer_key=f"{where}/tokenizer" if (checkpoint / "tokenizer").exists() else where,
         params=int(facts.get("params") or 0), config=start.get("config") or job.config,
         metrics={"final_loss": done.get("final_loss", progress.get("loss")),
                  "final_val_bpb": done.get("final_val_bpb", progress.get("val_bpb")),
@@ -95,14 +96,17 @@ def create_run_model(job: TrainingJob, checkpoint: Path, *, facts: dict[str, Any
     )
 
 
-def publish_model(model: Model, settings: Settings) -> str:
-    """Copy the model's checkpoint from the run directory into storage and point the row there;
-    returns the storage key. Raises StorageError or OSError (the row then still points at the run
-    directory, usable on this machine)."""
-    key = Storage.from_settings(settings).publish_checkpoint(model.user_id, model.id, model.checkpoint_key)
-    tokenizer = f"{key}/tokenizer" if model.tokenizer_key.endswith("/tokenizer") else key
-    Model.update(checkpoint_key=key, tokenizer_key=tokenizer).where(Model.id == model.id).execute()
-    return key
+def run_model_key(job: TrainingJob, attempt: int, checkpoint: Path) -> str:
+    """Where the Model a run leaves keeps its checkpoint, named by the job and the attempt (the row that
+    points there is made only once the upload is done; an attempt fenced out meanwhile deletes its own)."""
+    return f"{user_prefix(job.user_id)}/models/job-{int(job.id)}-a{int(attempt)}/checkpoints/{checkpoint.name}"
+
+
+def publish_run_checkpoint(job: TrainingJob, attempt: int, checkpoint: Path, settings: Settings) -> str:
+    """Upload the checkpoint a run left into storage, verified against the trainer's manifest, BEFORE
+    the job becomes final: so its Model never points at this machine's disk, and no event of the job
+    comes after its final state. Returns the key. Raises StorageError or OSError."""
+    return Storage.from_settings(settings).put_checkpoint(checkpoint, run_model_key(job, attempt, checkpoint))
 
 
 def local_checkpoint_dir(model: Any, settings: Settings) -> str:
@@ -147,11 +151,27 @@ def hf_archive(model: Model, settings: Settings) -> tuple[str, Iterator[bytes]]:
 def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
     """A read-only copy of ``job``'s newest finished checkpoint as a new Model (is_snapshot=True).
 
-    The copy goes into storage (verified against the trainer's manifest), so the trainer pruning its
-    own checkpoints afterwards does not touch it. Raises Conflict when no checkpoint is ready yet.
+    The newest checkpoint mirrored into storage is copied there (whichever machine trains the job);
+    without a mirror (one machine, local storage) the run directory's newest is uploaded, verified
+    against the trainer's manifest. Either way the trainer pruning its own checkpoints later does not
+    touch the copy. Raises Conflict when no checkpoint is ready yet.
     """
-    run_dir = Path(job.output_path) if job.output_path and os.path.isdir(job.output_path) else run_dir_for(job, settings)
     store = Storage.from_settings(settings)
+    mirrored = CheckpointMirror(store, job.user_id, job.id)
+    for _ in range(3):  # the mirror may replace its newest while we copy it: take the next newest then
+        key = mirrored.newest()
+        if key is None:
+            break
+        config = _stored_json(store, f"{key}/config.json")
+        model = _snapshot_row(job, step_of(key), config)
+        target = f"{model_prefix(job.user_id, model.id)}/checkpoints/{key.rsplit('/', 1)[-1]}"
+        try:
+            manifest = store.copy_dir(key, target)
+        except KeyNotFound:
+            model.delete_instance()
+            continue
+        return _snapshot_done(model, target, manifest["total_bytes"])
+    run_dir = Path(job.output_path) if job.output_path and os.path.isdir(job.output_path) else run_dir_for(job, settings)
     for ckpt in finished_checkpoints(run_dir):
         try:
             manifest = json.loads((ckpt / MANIFEST).read_text())
@@ -163,9 +183,7 @@ def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
             config = json.loads((ckpt / "config.json").read_text())
         except (OSError, ValueError):
             pass
-        model = Model.create(user=job.user_id, job=job.id, name=f"{job.name or f'job {job.id}'} @ step {step}",
-                             step=step, is_snapshot=True, checkpoint_key="", tokenizer_key="",
-                             config=config.get("train") or job.config, metrics={"snapshot_of_step": step})
+        model = _snapshot_row(job, step, config)
         try:
             key = store.publish_checkpoint(job.user_id, model.id, ckpt)
         except (StorageError, OSError):
@@ -173,86 +191,94 @@ def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
             model.delete_instance()
             continue
         size = sum(info.get("size", 0) for info in manifest.get("files", {}).values())
-        Model.update(checkpoint_key=key, tokenizer_key=f"{key}/tokenizer", size_bytes=size).where(
-            Model.id == model.id).execute()
-        return Model.get_by_id(model.id)
+        return _snapshot_done(model, key, size)
     raise Conflict("this job has no finished checkpoint yet; try again after its first checkpoint")
+
+
+def _snapshot_row(job: TrainingJob, step: int, config: dict) -> Model:
+    return Model.create(user=job.user_id, job=job.id, name=f"{job.name or f'job {job.id}'} @ step {step}",
+                        step=step, is_snapshot=True, checkpoint_key="", tokenizer_key="",
+                        config=config.get("train") or job.config, metrics={"snapshot_of_step": step})
+
+
+def _snapshot_done(model: Model, key: str, size: int) -> Model:
+    Model.update(checkpoint_key=key, tokenizer_key=f"{key}/tokenizer", size_bytes=size).where(
+        Model.id == model.id).execute()
+    return Model.get_by_id(model.id)
+
+
+def _stored_json(store: Storage, key: str) -> dict:
+    try:
+        with store.open(key) as f:
+            value = json.loads(f.read(1 << 20))
+    except (KeyNotFound, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # --- mirroring a running trainer's checkpoints -------------------------------------------------------------
 
 
+def mirror_enabled(settings: Settings) -> bool:
+    """Whether running jobs mirror their checkpoints and log into storage (mirror.py's sidecar does it):
+    the ``mirror_checkpoints`` setting, or by default whenever storage is remote."""
+    if settings.mirror_checkpoints is not None:
+        return bool(settings.mirror_checkpoints)
+    return not Storage.from_settings(settings).is_local
+
+
+def step_of(name: str) -> int:
+    """The step of a checkpoint directory named ``step_NNNNNNN`` (-1 for any other name)."""
+    head, _, digits = name.rpartition("/")[2].partition("_")
+    return int(digits) if head == "step" and digits.isdigit() else -1
+
+
 class CheckpointMirror:
-    """Copies the checkpoints a trainer writes into storage (newest wins, one upload at a time), so a
-    worker on another machine can resume the job; restores the newest into a run directory with none.
-    On by default with remote storage (the ``mirror_checkpoints`` setting forces it either way)."""
+    """The job's checkpoints in storage (``users/<u>/runs/<job>/checkpoints/step_N``): uploaded by the
+    job's mirror sidecar (mirror.py) as the trainer writes them, newest kept; restored into the run
+    directory of the worker that resumes the job; forgotten once the job is final."""
 
     def __init__(self, store: Storage, user_id: int, job_id: int):
         self.store = store
         self.prefix = f"{user_prefix(user_id)}/runs/{job_id}/checkpoints"
-        self._pending: Path | None = None
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closing = False
 
     @classmethod
     def for_job(cls, settings: Settings, job: TrainingJob) -> "CheckpointMirror | None":
-        wanted = settings.mirror_checkpoints
-        if wanted is False:
+        if not mirror_enabled(settings):
             return None
-        store = Storage.from_settings(settings)
-        if wanted is None and store.is_local:
-            return None
-        return cls(store, job.user_id, job.id)
+        return cls(Storage.from_settings(settings), job.user_id, job.id)
 
-    def push(self, checkpoint_dir: Path) -> None:
-        with self._cv:
-            self._pending = checkpoint_dir
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=f"mirror-{self.prefix}", daemon=True)
-                self._thread.start()
-            self._cv.notify()
+    def newest(self) -> str | None:
+        """The key of the newest committed checkpoint, or None."""
+        keys = [k for k in self.store.list_committed(self.prefix) if step_of(k) >= 0]
+        return max(keys, key=step_of) if keys else None
 
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while self._pending is None and not self._closing:
-                    self._cv.wait()
-                path, self._pending = self._pending, None
-                if path is None:
-                    return
-            try:
-                key = f"{self.prefix}/{path.name}"
-                self.store.put_dir(path, key)
-                for older in self.store.list_committed(self.prefix):
-                    if older != key:
-                        self.store.delete(older)
-            except Exception:  # the trainer may have rotated it away meanwhile; the next one will do
-                log.warning("mirroring checkpoint %s failed", path, exc_info=True)
-
-    def close(self) -> None:
-        """Finish the pending upload (the checkpoint a stopping trainer just wrote)."""
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join()
+    def upload(self, checkpoint_dir: Path) -> str:
+        """Upload one finished checkpoint (verified against its manifest.json), then drop the older ones
+        and any upload that died half-way. Returns its key. Raises StorageError or OSError (the trainer
+        may have pruned it meanwhile)."""
+        key = self.store.put_checkpoint(checkpoint_dir, f"{self.prefix}/{checkpoint_dir.name}")
+        for other in self.store.list_keys(self.prefix):
+            if 0 <= step_of(other) < step_of(key):  # never a newer one: another attempt's, still wanted
+                self.store.delete(other)
+        return key
 
     def restore(self, run_dir: Path) -> str | None:
-        """Copy the newest mirrored checkpoint into ``run_dir`` if it has no finished checkpoint."""
-        if finished_checkpoints(run_dir):
+        """Copy the newest mirrored checkpoint into ``run_dir`` when it is newer than every finished
+        checkpoint there (this worker ran an earlier attempt, and another went further since); its key."""
+        key = self.newest()
+        local = finished_checkpoints(run_dir)
+        if key is None or (local and step_of(local[0].name) >= step_of(key)):
             return None
-        keys = self.store.list_committed(self.prefix)
-        if not keys:
-            return None
-        src = Path(self.store.local_path(keys[-1]))
-        dst = run_dir / "checkpoints" / keys[-1].rsplit("/", 1)[-1]
+        src = Path(self.store.local_path(key))
+        dst = run_dir / "checkpoints" / key.rsplit("/", 1)[-1]
         tmp = dst.with_name(f".restore-{dst.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(MARKER))
+        shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
-        return keys[-1]
+        return key
 
     def forget(self) -> None:
-        for key in self.store.list_committed(self.prefix):
-            self.store.delete(key)
+        """Delete every mirrored checkpoint of the job (it is final: its Model has its own copy)."""
+        self.store.delete(self.prefix)

@@ -111,8 +111,9 @@ class Settings:
                                   minimum=0.05)
     term_grace_seconds: float = _f(120.0, "How long a stopped trainer may take to checkpoint before it is "
                                    "killed.", minimum=0)
-    mirror_checkpoints: bool | None = _f(None, "Copy a running job's checkpoints into storage so a worker on "
-                                         "another machine can resume it: `true`, `false` or `auto`.",
+    mirror_checkpoints: bool | None = _f(None, "Copy a running job's checkpoints and log tail into storage (a "
+                                         "sidecar process per job), so the web and a worker on other machines "
+                                         "need no shared disk: `true`, `false` or `auto`.",
                                          default_doc="auto: on when storage_url is remote")
     gpu_probe_seconds: float = _f(600.0, "A GPU quarantined after a device error gets a health probe this long "
                                   "after, and again as often until one passes; 0 leaves it to an admin.",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import re
@@ -123,6 +124,7 @@ class Storage:
         return f"{self._path(key)}/{MARKER}"
 
     def _read_marker(self, key: str) -> dict | None:
+        self.fs.invalidate_cache(self._marker(key))  # another process may have committed it since
         try:
             with self.fs.open(self._marker(key), "rb") as f:
                 return json.loads(f.read())
@@ -167,9 +169,11 @@ class Storage:
         return {"size": size, "sha256": digest}
 
     def open(self, key: str, mode: str = "rb") -> IO[bytes]:
-        """Open a stored file for reading (KeyNotFound if absent)."""
+        """Open a stored file for reading (KeyNotFound if absent), as it is now: another process may
+        have rewritten it since this one listed its directory."""
         if mode != "rb":
             raise ValueError("storage files are opened read-only; use put_*")
+        self.fs.invalidate_cache(self._path(key))
         try:
             return self.fs.open(self._path(key), "rb")
         except FileNotFoundError as e:
@@ -260,11 +264,17 @@ class Storage:
         (IntegrityError, and nothing stays published).
         """
         local = Path(local_ckpt_dir)
+        return self.put_checkpoint(local, f"{model_prefix(user_id, model_id)}/checkpoints/{check_key(local.name)}")
+
+    def put_checkpoint(self, local_ckpt_dir: str | os.PathLike, key: str) -> str:
+        """Upload a finished trainer checkpoint under ``key`` (put_dir), checked against the trainer's
+        own manifest.json: StorageError when it has none (still being written), IntegrityError (and
+        nothing stays published) when the bytes differ. Returns ``key``."""
+        local = Path(local_ckpt_dir)
         trainer_manifest = local / "manifest.json"
         if not trainer_manifest.is_file():
             raise StorageError(f"{local} is not a finished checkpoint (no manifest.json)")
         expected = trainer_sha256s(json.loads(trainer_manifest.read_text()))
-        key = f"{model_prefix(user_id, model_id)}/checkpoints/{check_key(local.name)}"
         manifest = self.put_dir(local, key)
         bad = [rel for rel, sha in expected.items() if manifest["files"].get(rel, {}).get("sha256") != sha]
         if bad:
@@ -272,15 +282,42 @@ class Storage:
             raise IntegrityError(f"checkpoint {local} does not match its manifest.json: {', '.join(bad)}")
         return key
 
-    def list_committed(self, prefix: str) -> list[str]:
-        """Keys of committed directories directly under ``prefix`` (e.g. a model's checkpoints), sorted."""
+    def copy_dir(self, src: str, dst: str) -> dict:
+        """Copy the committed directory ``src`` to the new key ``dst`` (server-side on S3: no bytes pass
+        through here), its marker last; returns the manifest. KeyNotFound when ``src`` is absent or goes
+        away meanwhile (nothing is committed at ``dst`` then)."""
+        files = self.manifest(src)["files"]
+        try:
+            for rel, info in files.items():
+                target = f"{self._path(dst)}/{rel}"
+                if self.is_local:
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                self.fs.copy(f"{self._path(src)}/{rel}", target)
+                self.fs.invalidate_cache(target)
+                if int(self.fs.size(target)) != info["size"]:  # replaced while we copied
+                    raise IntegrityError(f"{src}/{rel}: the copy's size differs from the manifest")
+        except (FileNotFoundError, IntegrityError) as e:
+            self.delete(dst)
+            raise KeyNotFound(src) from e
+        manifest = _manifest(files)
+        self.put_stream(io.BytesIO(json.dumps(manifest, indent=1).encode()), f"{dst}/{MARKER}")
+        return manifest
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys directly under ``prefix``, committed or not, sorted (read fresh: another process may
+        have written them)."""
         base = self._path(prefix)
+        self.fs.invalidate_cache(base)
         try:
             children = self.fs.ls(base, detail=False)
         except FileNotFoundError:
             return []
         keys = [f"{check_key(prefix)}/{c.rstrip('/').rsplit('/', 1)[-1]}" for c in children]
-        return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith(".") and self._read_marker(k))
+        return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith("."))
+
+    def list_committed(self, prefix: str) -> list[str]:
+        """Keys of committed directories directly under ``prefix`` (e.g. a model's checkpoints), sorted."""
+        return [k for k in self.list_keys(prefix) if self._read_marker(k)]
 
     # -- local copies ------------------------------------------------------------------------------------
     def local_path(self, key: str) -> str:

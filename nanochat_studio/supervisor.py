@@ -6,7 +6,8 @@ trainer through ``runner.spawn`` (runner.py stays the only code that spawns proc
 trainer's JSON-lines event file into JobEvents and progress, renews the lease, honours cancel and
 shutdown with SIGTERM (the trainer checkpoints and exits 75), maps the exit code to the job's outcome
 with ``trainer.progress.outcome_of_exit``, and has the Model a finished run leaves created and published
-(checkpoints.py owns how a checkpoint becomes a Model, and mirrors checkpoints to storage).
+(checkpoints.py owns how a checkpoint becomes a Model). With a mirror (remote storage), a sidecar
+process (mirror.py) copies the run's checkpoints and log into storage, and outlives a supervisor that dies.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import peewee as pw
 from trainer import progress
 
 from . import billing, datasets, jobs, logs, metrics, quarantine
-from .checkpoints import CheckpointMirror, create_run_model, final_checkpoint, publish_model, run_dir_for
+from .checkpoints import CheckpointMirror, create_run_model, final_checkpoint, publish_run_checkpoint, run_dir_for
 from .db import database
-from .models import Model, TrainingJob
+from .mirror import Sidecar, run_prefix, wait_for_previous
+from .models import TrainingJob
 from .runner import Slot, acquire_run_lock, signal_group, spawn, trainer_argv, trainer_env
 from .settings import Settings
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,6 @@ class _Supervisor:
         elif kind == "checkpoint":
             p["checkpoint_step"] = data.get("step")
             self.facts["checkpoint"] = data.get("path")
-            if self.mirror is not None and self._checkpoint_dir() is not None:
-                self.mirror.push(self._checkpoint_dir())
         elif kind == "done":
             self.facts["done"] = data
             self.facts["checkpoint"] = data.get("checkpoint") or self.facts.get("checkpoint")
@@ -162,16 +163,33 @@ class _Supervisor:
                                reason="a trainer from an earlier attempt still holds the run directory",
                                backoff_base=self.backoff)
         try:
-            return self._run_locked(lock_fd, log_path)
+            status = self._run_locked(lock_fd, log_path)
         finally:
             os.close(lock_fd)
+        if status in jobs.FINAL and self.mirror is not None:
+            try:
+                self.mirror.forget()  # nothing resumes a final job; a finished one's Model has its own copy
+            except Exception:
+                log.warning("job %s: deleting its mirrored checkpoints failed", self.job.id, exc_info=True)
+        return status
+
+    def _restore(self) -> str | None:
+        """With a mirror: wait for an earlier attempt's sidecar to finish its upload (the checkpoint its
+        trainer wrote on SIGTERM after its supervisor died), then copy the newest mirrored checkpoint
+        here if it is newer than this run directory's own."""
+        if self.mirror is None:
+            return None
+        waited = wait_for_previous(self.mirror.store, run_prefix(self.job.user_id, self.job.id), self.attempt)
+        if waited > 1:
+            log.info("job %s waited %.1f s for the previous attempt's mirror", self.job.id, waited)
+        return self.mirror.restore(self.run_dir)
 
     def _run_locked(self, lock_fd: int, log_path: Path) -> str | None:
         job = self.job
         try:
             with self._heartbeats():  # a download can outlast the lease
                 data, storage_options = datasets.resolve_for_training(job, self.settings, self.run_dir)
-                restored = self.mirror.restore(self.run_dir) if self.mirror is not None else None
+                restored = self._restore()
         except Exception as exc:  # fetch's errors carry an HTTP status: 4xx is the user's to fix
             status = getattr(exc, "status", None)
             outcome = "user_error" if isinstance(status, int) and 400 <= status < 500 else "infrastructure"
@@ -205,6 +223,7 @@ class _Supervisor:
         events_path = self.run_dir / f"events-{self.attempt}.jsonl"
         with open(log_path, "ab") as stderr, open(events_path, "ab") as stdout, open(events_path, "rb") as tail:
             tail.seek(0, os.SEEK_END)
+            log_offset = stderr.tell()  # this attempt's lines start here
             self.relay = logs.LineRelay(log_path, job.id)  # its stderr reaches the process log too
             try:
                 proc = spawn(argv, env=trainer_env(self.slot), cwd=self.run_dir, stdout=stdout,
@@ -215,11 +234,16 @@ class _Supervisor:
                                    backoff_base=self.backoff)
             with open(self.run_dir / "trainers.txt", "a") as fh:
                 fh.write(f"{job.id} attempt={self.attempt} pid={proc.pid} start={time.time():.3f}\n")
+            sidecar = self._start_sidecar(log_path, log_offset, proc.pid)
             try:
                 rc, term_reason = self._supervise(proc, tail)
-                if self.mirror is not None:
+                if sidecar is not None:
+                    # Its last checkpoint matters only if the job may resume from it: not after a completed
+                    # run (it is uploaded as the Model), a cancel or the user's error.
+                    outcome = progress.outcome_of_exit(rc)
+                    keep = outcome not in ("completed", "user_error") and term_reason != "cancel"
                     with self._heartbeats():
-                        self.mirror.close()
+                        sidecar.finish(keep, timeout=self.settings.term_grace_seconds + 300)
             except BaseException:
                 # Never leave a trainer running unsupervised: stop it (it checkpoints), then let the
                 # reconciler requeue the job once our lease runs out.
@@ -232,9 +256,21 @@ class _Supervisor:
                     proc.wait()
                 raise
             finally:
+                if sidecar is not None:
+                    sidecar.release()  # on an error: it outlives us, and uploads once the trainer is gone
                 self.relay.pump(final=True)
                 self.relay.close()
         return self._conclude(rc, term_reason)
+
+    def _start_sidecar(self, log_path: Path, log_offset: int, trainer_pid: int) -> Sidecar | None:
+        if self.mirror is None:
+            return None
+        try:
+            return Sidecar.start(self.settings, self.job, self.attempt, self.run_dir, log_path, log_offset,
+                                 trainer_pid)
+        except OSError:  # training goes on; only another machine's resume would miss its checkpoints
+            log.exception("job %s: cannot start its mirror", self.job.id)
+            return None
 
     def _read_lines(self, tail: Any) -> bool:
         """Handle every complete line written since the last call; whether there were any."""
@@ -320,12 +356,7 @@ class _Supervisor:
         if outcome == "completed":
             return self._complete(fields)
         if term_reason == "cancel":
-            with database.atomic():
-                status = jobs.finish(job_id, attempt, "cancelled", reason="cancelled by its owner", **fields)
-                model = self._create_model(cancelled=True) if status and self._checkpoint_dir() else None
-            if model is not None:
-                self._publish(model)
-            return status
+            return self._end_with_model("cancelled", fields, reason="cancelled by its owner")
         if term_reason == "out_of_credits" and outcome == "preempted":  # it checkpointed and stopped
             return jobs.finish(job_id, attempt, "out_of_credits", reason=self.meter.pause_reason(), **fields)
         message = (self.error or {}).get("message", "")
@@ -370,32 +401,34 @@ class _Supervisor:
         if self._checkpoint_dir() is None:
             return jobs.finish(self.job.id, self.attempt, "infrastructure", backoff_base=self.backoff,
                                reason="the trainer exited 0 without a final checkpoint", **fields)
-        with database.atomic():
-            status = jobs.finish(self.job.id, self.attempt, "completed", **fields)
-            model = self._create_model(cancelled=False) if status else None
-        if model is not None:
-            self._publish(model)
-            if self.mirror is not None:
-                self.mirror.forget()  # the model has its own published copy now
-        return status
+        return self._end_with_model("completed", fields)
 
     def _checkpoint_dir(self) -> Path | None:
         return final_checkpoint(self.run_dir, self.facts.get("checkpoint"))
 
-    def _create_model(self, cancelled: bool) -> Model:
+    def _end_with_model(self, outcome: str, fields: dict, reason: str = "") -> str | None:
+        """End the job (completed, or cancelled) with the Model its last checkpoint makes, if any. The
+        upload comes first, then one transaction: the final state, the Model row and the ``publish``
+        event. So the row never points at this machine's disk (unless the upload failed), and a job's
+        event stream never grows after its final state (SSE clients stop there)."""
         ckpt = self._checkpoint_dir()
-        assert ckpt is not None
-        return create_run_model(TrainingJob.get_by_id(self.job.id), ckpt, facts=self.facts, progress=self.progress,
-                                cancelled=cancelled)
-
-    def _publish(self, model: Model) -> None:
-        try:
-            key = publish_model(model, self.settings)
-        except Exception as exc:  # the model stays usable from the run directory on this machine
-            log.exception("publishing the checkpoint of job %s failed", self.job.id)
-            self.emit("publish", {"ok": False, "error": str(exc)})
-            return
-        self.emit("publish", {"ok": True, "key": key})
+        key, error = None, None
+        if ckpt is not None:
+            try:
+                with self._heartbeats():  # a large upload can outlast the lease
+                    key = publish_run_checkpoint(self.job, self.attempt, ckpt, self.settings)
+            except Exception as exc:  # the model stays usable from the run directory on this machine
+                log.exception("publishing the checkpoint of job %s failed", self.job.id)
+                error = str(exc)
+        with database.atomic():
+            status = jobs.finish(self.job.id, self.attempt, outcome, reason=reason, **fields)
+            if status and ckpt is not None:
+                create_run_model(TrainingJob.get_by_id(self.job.id), ckpt, key=key, facts=self.facts,
+                                 progress=self.progress, cancelled=outcome == "cancelled")
+                self.emit("publish", {"ok": True, "key": key} if key else {"ok": False, "error": error})
+        if not status and key:  # fenced out while uploading: the job went on without this attempt
+            Storage.from_settings(self.settings).delete(key.rsplit("/", 2)[0])
+        return status
 
 
 def run_training(job: TrainingJob, slot: Slot, settings: Settings, on_event: EventCallback | None = None, *,

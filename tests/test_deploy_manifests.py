@@ -72,6 +72,9 @@ def compose_problems(doc: dict) -> list[str]:
         options = json.loads(env.get("NCS_STORAGE_OPTIONS", "{}"))
         if urlsplit(options.get("endpoint_url", "")).hostname not in services:
             problems.append(f"{name}: storage endpoint_url points at no service")
+    # No shared disk: the web reads runs (log tails, checkpoints) from storage, which workers mirror.
+    named = {name: {v.split(":")[0] for v in services.get(name, {}).get("volumes", [])} for name in ("web", "worker")}
+    problems += [f"web and worker share volume {v}" for v in sorted(named["web"] & named["worker"])]
     worker = services.get("worker", {})
     devices = worker.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     if not any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices):
@@ -118,6 +121,7 @@ def test_compose_wires_web_worker_and_their_services(tmp_path):
     (lambda d: d["services"]["worker"].update(depend_on={}), "unknown key depend_on"),
     (lambda d: d["services"]["web"].update(ports=["8765:8765"]), "beyond loopback"),
     (lambda d: d["services"]["web"]["environment"].update(NCS_QUEUE_URL="redis://cache:6379/0"), "no service"),
+    (lambda d: d["services"]["worker"].update(volumes=d["services"]["web"]["volumes"]), "share volume"),
 ])
 def test_compose_check_catches_a_broken_copy(mutate, expected):
     doc = compose_file()
@@ -209,6 +213,10 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     pdbs = by_kind.get("PodDisruptionBudget", {}).values()
     covered = {n for n, lab in labels.items() for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= lab.items()}
     problems += [f"{n}: no PodDisruptionBudget" for n in sorted(set(labels) - covered)]
+    # No shared disk between web and workers: a claim both mount, or a node's own directory, would be one.
+    disks = {n: {v.get("persistentVolumeClaim", {}).get("claimName") or ("hostPath" if "hostPath" in v else None)
+                 for v in d["spec"]["template"]["spec"]["volumes"]} - {None} for n, d in deployments.items()}
+    problems += [f"web and worker share the disk {d}" for d in sorted(disks["studio-web"] & disks["studio-worker"])]
     secret_keys = {k for s in by_kind.get("Secret", {}).values() for k in s["stringData"]}
     for d in deployments.values():
         pod = d["spec"]["template"]["spec"]
@@ -243,6 +251,8 @@ def k8s_pod(docs: list[dict], name: str) -> dict:
     (lambda ds: ds.remove(k8s_doc(ds, "PodDisruptionBudget", "studio-worker")), "studio-worker: no PodDisruption"),
     (lambda ds: k8s_pod(ds, "studio-worker")["containers"][0].update(args=["nanochat-studio", "wrker"]), "no command"),
     (lambda ds: k8s_doc(ds, "ConfigMap", "nanochat-studio")["data"].update(NCS_QUEU_URL="x"), "NCS_QUEU_URL"),
+    (lambda ds: [k8s_pod(ds, n)["volumes"].__setitem__(-1, {"name": "tmp", "persistentVolumeClaim": {
+        "claimName": "studio-runs"}}) for n in ("studio-web", "studio-worker")], "share the disk studio-runs"),
 ])
 def test_manifest_check_catches_a_broken_copy(mutate, expected):
     docs = load_yaml(PKG / "k8s" / "studio.yaml")

@@ -20,6 +20,7 @@ from ..checkpoints import hf_archive
 from ..db import database
 from ..errors import BadRequest, Conflict
 from ..inputs import json_object
+from ..mirror import log_tail
 from ..models import Model, TrainingJob
 from ..settings import Settings
 from ..storage import Storage
@@ -27,7 +28,6 @@ from . import current_billing, current_calibrator, current_settings, own
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
-LOG_TAIL_BYTES = 64 << 10
 EVENT_PAGE = 1000  # events read per query when replaying a stream
 MAX_LIST = 200
 DOWNLOAD_FORMATS = ("checkpoint", "hf")  # ours (trainer.sample loads it), transformers' (export_hf)
@@ -181,17 +181,8 @@ def cancel_job(job_id: int):
 @bp.get("/jobs/<int:job_id>/log")
 @login_required
 def job_log(job_id: int):
-    job = own(TrainingJob, job_id)
-    text = ""
-    if job.log_path and os.path.exists(job.log_path):
-        with open(job.log_path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - LOG_TAIL_BYTES))
-            text = fh.read().decode("utf-8", errors="replace")
-            if size > LOG_TAIL_BYTES:
-                text = text.split("\n", 1)[-1]  # drop the cut first line
-    return jsonify({"text": text})
+    """The job log's tail, from storage (the worker's sidecar mirrors it), whichever machine trains it."""
+    return jsonify({"text": log_tail(own(TrainingJob, job_id), current_settings())})
 
 
 @bp.get("/jobs/<int:job_id>/events")
