@@ -204,7 +204,7 @@ def concurrent_here(port: int, body: dict, n: int) -> dict:
             barrier.wait()
             started = time.perf_counter()
             ttft, tps, tokens, finish = stream_http(port, "/api/chat", body, {})
-            out[i] = (ttft, tps, tokens, finish, time.perf_counter() - started)
+            out[i] = (ttft, tps, tokens, finish, time.perf_counter() - started, started + ttft)
         except Exception as e:  # reported, not raised: the summary says how many failed
             errors.append(repr(e))
 
@@ -222,6 +222,7 @@ def concurrent_here(port: int, body: dict, n: int) -> dict:
         "ttft_p50_ms": pct(ttfts, 50) if done else None, "ttft_p95_ms": pct(ttfts, 95) if done else None,
         "ttft_max_ms": max(ttfts) if done else None, "first_finish_s": min(o[4] for o in done) if done else None,
         "wall_s": wall, "aggregate_tps": sum(o[2] for o in done) / wall,
+        "t0": t0, "first_at": sorted(o[5] for o in done),  # perf_counter is the system's monotonic clock: other processes can place their events
         "per_stream_tps_min": min(o[1] for o in done) if done else None,
     }
 
@@ -273,6 +274,22 @@ def summarise(results: dict, levels: list[int]) -> None:
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
 
 
+def bench_app(home: Path, streams: int, pool_kw: dict):
+    """make_chat_app's app with its stream caps and API rate limits set for ``streams`` clients of one
+    user at once (the defaults, 6 streams a user, would answer most of a 16-stream level with 429)."""
+    from nanochat_studio.app import create_app
+    from nanochat_studio.inference import ModelPool
+    from nanochat_studio.settings import load_settings
+
+    settings = load_settings(environ={
+        "NCS_HOME": str(home), "NCS_MAX_STREAMS": str(streams + 4), "NCS_MAX_STREAMS_PER_USER": str(streams + 4),
+        "NCS_API_RATE_LIMIT": "100000 per minute", "NCS_API_KEY_RATE_LIMIT": "100000 per minute"}, mode="solo")
+    app = create_app(settings)
+    app.config.update(TESTING=True, WTF_CSRF_ENABLED=False, NCS_SETTINGS=settings)
+    app.extensions["model_pool"] = ModelPool(settings, device="cpu", **pool_kw)
+    return app
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
@@ -294,7 +311,7 @@ def main() -> int:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
-    from chat_fixtures import LiveServer, add_model, make_chat_app
+    from chat_fixtures import LiveServer, add_model
 
     from nanochat_studio import accounts, auth
 
@@ -306,9 +323,8 @@ def main() -> int:
 
         base_ckpt = shutil.copytree(ckpt, work / "baseline-ckpt")
         pool_kw["start_server"] = starter(args.baseline, str(base_ckpt))
-    app = make_chat_app(work / "home", mode="solo", **pool_kw)
-    server = LiveServer(app, threads=max(levels) + 8)
-    app.extensions["model_pool"].max_streams = max(levels) + 4  # what settings.threads would allow for this server
+    app = bench_app(work / "home", max(levels), pool_kw)
+    server = LiveServer(app, threads=app.config["NCS_SETTINGS"].threads)
     owner = accounts.solo_owner()
     model = add_model(owner, ckpt, name=f"bench depth {args.depth}")
     _, key = auth.create_api_key(owner, "bench")
