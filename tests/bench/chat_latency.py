@@ -330,7 +330,9 @@ def main() -> int:
     _, key = auth.create_api_key(owner, "bench")
     pool = app.extensions["model_pool"]
     results: dict = {"depth": args.depth, "tokens": args.tokens, "runs": args.runs, "rounds": args.rounds,
-                     "max_active": args.max_active, "threads": int(os.environ["OMP_NUM_THREADS"])}
+                     "max_active": args.max_active, "threads": int(os.environ["OMP_NUM_THREADS"]),
+                     # the machine is shared: the load says how much of it this run had
+                     "cpus": os.cpu_count(), "load_at_start": [round(x, 2) for x in os.getloadavg()]}
     base = None
     if args.baseline:
         base = {"server": server, "body": None, "model": add_model(owner, base_ckpt, name="baseline")}
@@ -385,6 +387,9 @@ def main() -> int:
             results["baseline_sweep"] = sweep(base["server"].port, base["body"], levels, args.rounds, "baseline")
         summarise(results, levels)
         results["server_stats"] = pool.server_stats(model)
+        results["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        print(f"load average (1, 5, 15 min) at start {results['load_at_start']}, at end {results['load_at_end']} "
+              f"on {results['cpus']} CPUs (other work shares them)")
         print(f"cold start (spawn + load + first answer): {results['cold_start_s']} s")
     finally:
         server.close()
