@@ -1,7 +1,7 @@
 """Chat latency and throughput through the whole HTTP path, from one stream to 32 at once.
 
     OMP_NUM_THREADS=1 python tests/bench/chat_latency.py [--depth 4] [--tokens 64] [--runs 15]
-        [--levels 1,4,16,32] [--rounds 3] [--baseline /work/main]
+        [--levels 1,4,16,32] [--rounds 5] [--baseline /work/main]
 
 One run, one model, one prompt. (1) One stream, three ways: direct (trainer.sample in this process), the
 model server through ModelPool (no HTTP), and HTTP: POST /api/chat (SSE) and POST /v1/chat/completions
@@ -305,7 +305,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--runs", type=int, default=15, help="measured runs per path (after one warm-up); fewer swing by +-10%% on a shared CPU")
     ap.add_argument("--levels", default="1,4,16,32", help="numbers of simultaneous streams to one model")
-    ap.add_argument("--rounds", type=int, default=3, help="repeats of each level (medians reported)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="repeats of each level (medians reported; 3 left the one-stream level, the ratios' "
+                         "denominator, swinging by 30%% on the shared CPU)")
     ap.add_argument("--max-active", type=int, default=32, help="requests one model server decodes together")
     ap.add_argument("--baseline", metavar="PATH", help="a checkout whose model server to sweep side by side")
     args = ap.parse_args()
