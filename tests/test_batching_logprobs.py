@@ -62,3 +62,27 @@ def test_alternatives_carry_their_bytes(backend):
         for token, text, logprob, raw in e["top"]:
             assert bytes(raw) == backend.tokenizer.decode_bytes([token])
             assert text == bytes(raw).decode("utf-8", errors="replace") and logprob <= 0
+
+
+def test_newcomers_arriving_together_are_prefilled_in_one_step_and_answer_as_alone(tmp_path):
+    # 16 arrivals: one batched forward gives every one its first token (TTFT is one step, not 16), and
+    # greedy text (picked in one argmax for all rows) is what each request decodes alone
+    backend = TorchBackend(str(cached_tiny_checkpoint(tmp_path / "ck")), "cpu", max_active=16,
+                           prefill_tokens=1024)
+    prompts = [f"Once upon a time {'there was ' * (i % 3)}a fox {i}" for i in range(16)]
+    greedy = {"max_tokens": 12, "temperature": 0}
+    alone = [run(backend, backend.open("complete", p, greedy))[0] for p in prompts]
+    seqs = [backend.open("complete", p, greedy) for p in prompts]
+    texts = [""] * len(seqs)
+    assert sum(s.prompt_tokens for s in seqs) <= backend.prefill_tokens  # all fit one step's prefill budget
+    backend.step(seqs)
+    assert all(s.completion_tokens == 1 for s in seqs)
+    steps = 1
+    while not all(s.done for s in seqs):
+        backend.step([s for s in seqs if not s.done])
+        steps += 1
+        assert steps <= 13
+    for i, s in enumerate(seqs):
+        texts[i] = "".join(t for t, _, _ in s.take_output())
+        backend.release(s)
+    assert texts == alone

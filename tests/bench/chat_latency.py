@@ -1,7 +1,7 @@
 """Chat latency and throughput through the whole HTTP path, from one stream to 32 at once.
 
     OMP_NUM_THREADS=1 python tests/bench/chat_latency.py [--depth 4] [--tokens 64] [--runs 15]
-        [--levels 1,4,16,32] [--rounds 3] [--baseline /work/main]
+        [--levels 1,4,16,32] [--rounds 5] [--baseline /work/main]
 
 One run, one model, one prompt. (1) One stream, three ways: direct (trainer.sample in this process), the
 model server through ModelPool (no HTTP), and HTTP: POST /api/chat (SSE) and POST /v1/chat/completions
@@ -204,7 +204,7 @@ def concurrent_here(port: int, body: dict, n: int) -> dict:
             barrier.wait()
             started = time.perf_counter()
             ttft, tps, tokens, finish = stream_http(port, "/api/chat", body, {})
-            out[i] = (ttft, tps, tokens, finish, time.perf_counter() - started)
+            out[i] = (ttft, tps, tokens, finish, time.perf_counter() - started, started + ttft)
         except Exception as e:  # reported, not raised: the summary says how many failed
             errors.append(repr(e))
 
@@ -222,6 +222,7 @@ def concurrent_here(port: int, body: dict, n: int) -> dict:
         "ttft_p50_ms": pct(ttfts, 50) if done else None, "ttft_p95_ms": pct(ttfts, 95) if done else None,
         "ttft_max_ms": max(ttfts) if done else None, "first_finish_s": min(o[4] for o in done) if done else None,
         "wall_s": wall, "aggregate_tps": sum(o[2] for o in done) / wall,
+        "t0": t0, "first_at": sorted(o[5] for o in done),  # perf_counter is the system's monotonic clock: other processes can place their events
         "per_stream_tps_min": min(o[1] for o in done) if done else None,
     }
 
@@ -273,6 +274,22 @@ def summarise(results: dict, levels: list[int]) -> None:
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
 
 
+def bench_app(home: Path, streams: int, pool_kw: dict):
+    """make_chat_app's app with its stream caps and API rate limits set for ``streams`` clients of one
+    user at once (the defaults, 6 streams a user, would answer most of a 16-stream level with 429)."""
+    from nanochat_studio.app import create_app
+    from nanochat_studio.inference import ModelPool
+    from nanochat_studio.settings import load_settings
+
+    settings = load_settings(environ={
+        "NCS_HOME": str(home), "NCS_MAX_STREAMS": str(streams + 4), "NCS_MAX_STREAMS_PER_USER": str(streams + 4),
+        "NCS_API_RATE_LIMIT": "100000 per minute", "NCS_API_KEY_RATE_LIMIT": "100000 per minute"}, mode="solo")
+    app = create_app(settings)
+    app.config.update(TESTING=True, WTF_CSRF_ENABLED=False, NCS_SETTINGS=settings)
+    app.extensions["model_pool"] = ModelPool(settings, device="cpu", **pool_kw)
+    return app
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
@@ -288,13 +305,15 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--runs", type=int, default=15, help="measured runs per path (after one warm-up); fewer swing by +-10%% on a shared CPU")
     ap.add_argument("--levels", default="1,4,16,32", help="numbers of simultaneous streams to one model")
-    ap.add_argument("--rounds", type=int, default=3, help="repeats of each level (medians reported)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="repeats of each level (medians reported; 3 left the one-stream level, the ratios' "
+                         "denominator, swinging by 30%% on the shared CPU)")
     ap.add_argument("--max-active", type=int, default=32, help="requests one model server decodes together")
     ap.add_argument("--baseline", metavar="PATH", help="a checkout whose model server to sweep side by side")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
-    from chat_fixtures import LiveServer, add_model, make_chat_app
+    from chat_fixtures import LiveServer, add_model
 
     from nanochat_studio import accounts, auth
 
@@ -306,15 +325,16 @@ def main() -> int:
 
         base_ckpt = shutil.copytree(ckpt, work / "baseline-ckpt")
         pool_kw["start_server"] = starter(args.baseline, str(base_ckpt))
-    app = make_chat_app(work / "home", mode="solo", **pool_kw)
-    server = LiveServer(app, threads=max(levels) + 8)
-    app.extensions["model_pool"].max_streams = max(levels) + 4  # what settings.threads would allow for this server
+    app = bench_app(work / "home", max(levels), pool_kw)
+    server = LiveServer(app, threads=app.config["NCS_SETTINGS"].threads)
     owner = accounts.solo_owner()
     model = add_model(owner, ckpt, name=f"bench depth {args.depth}")
     _, key = auth.create_api_key(owner, "bench")
     pool = app.extensions["model_pool"]
     results: dict = {"depth": args.depth, "tokens": args.tokens, "runs": args.runs, "rounds": args.rounds,
-                     "max_active": args.max_active, "threads": int(os.environ["OMP_NUM_THREADS"])}
+                     "max_active": args.max_active, "threads": int(os.environ["OMP_NUM_THREADS"]),
+                     # the machine is shared: the load says how much of it this run had
+                     "cpus": os.cpu_count(), "load_at_start": [round(x, 2) for x in os.getloadavg()]}
     base = None
     if args.baseline:
         base = {"server": server, "body": None, "model": add_model(owner, base_ckpt, name="baseline")}
@@ -369,6 +389,9 @@ def main() -> int:
             results["baseline_sweep"] = sweep(base["server"].port, base["body"], levels, args.rounds, "baseline")
         summarise(results, levels)
         results["server_stats"] = pool.server_stats(model)
+        results["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        print(f"load average (1, 5, 15 min) at start {results['load_at_start']}, at end {results['load_at_end']} "
+              f"on {results['cpus']} CPUs (other work shares them)")
         print(f"cold start (spawn + load + first answer): {results['cold_start_s']} s")
     finally:
         server.close()
