@@ -13,7 +13,9 @@ The stories asked about are short (five sentences) and built from a fixed plan, 
 exactly one fact for an answer: the intro names the hero, the animal and the home; three events in a
 random order (finding an object, going somewhere, asking a friend for help) and an ending with a
 feeling. Every answer sentence is one the checker accepts: the demo grammar's own sentences, plus a
-few answer forms (:data:`ANSWER_GRAMMAR`).
+few answer forms (:data:`ANSWER_GRAMMAR`). Answers repeat the story's own words around the fact ("Tom
+lived in the forest." for "... named Tom who lived in the forest."): a two-layer model answers by
+finding the same words in the story and copying what follows them.
 
 :func:`score` judges a reply against an item: *correct* when the reply's first sentence, minus the
 question's words, holds the fact and no other word of the fact's kind (another place, another name);
@@ -35,7 +37,7 @@ from trainer import demo
 ANSWER_GRAMMAR: dict[str, list[list[str]]] = dict(demo.GRAMMAR) | {
     "<reply>": [["<sentence>"], ["<answer>"]],
     "<answer>": [s.split() for s in (
-        "the story is about <hero> .", "<hero> is <a_animal> .", "<hero> lives in <place> .",
+        "the story is about <hero> .", "<hero> is <a_animal> .", "<hero> lived in <place> .",
         "<friend> helped <hero> .", "hello !", "hi !", "do you want to hear a story ?",
         "i am fine , thank you !", "i am a little model that knows many stories .", "goodbye !",
         "you are welcome !", "here is a story .", "i like stories about <place_noun> .")],
@@ -112,7 +114,7 @@ def make_story(rng: random.Random) -> Story:
 
 def _event_answer(s: Story, event: str) -> QA:
     if event == "find":
-        return QA("after", "", s.obj, "object", _sentence(f"{s.hero} {s.verb[0]} the {s.obj} ."))
+        return QA("after", "", s.obj, "object", _sentence(f"{s.hero} {s.verb[0]} {demo._article(s.obj)} {s.obj} ."))
     if event == "move":
         return QA("after", "", s.dest, "place", _sentence(f"{s.hero} {s.moved} to the {s.dest} ."))
     if event == "help":
@@ -121,7 +123,7 @@ def _event_answer(s: Story, event: str) -> QA:
 
 
 def _event_phrase(s: Story, event: str) -> str:
-    return {"find": f"{s.verb[0]} the {s.obj}", "move": f"{s.moved} to the {s.dest}",
+    return {"find": f"{s.verb[0]} {demo._article(s.obj)} {s.obj}", "move": f"{s.moved} to the {s.dest}",
             "help": f"asked {s.friend} for help"}[event]
 
 
@@ -131,8 +133,9 @@ def questions(s: Story) -> list[QA]:
     out = [
         QA("who", "Who is the story about?", h, "name", f"The story is about {h}."),
         QA("animal", f"What animal is {h}?", s.animal, "animal", f"{h} is {demo._article(s.animal)} {s.animal}."),
-        QA("home", f"Where does {h} live?", s.home, "place", f"{h} lives in the {s.home}."),
-        QA("what", f"What did {h} {s.verb[1]}?", s.obj, "object", _sentence(f"{h} {s.verb[0]} the {s.obj} .")),
+        QA("home", f"Where did {h} live?", s.home, "place", f"{h} lived in the {s.home}."),
+        QA("what", f"What did {h} {s.verb[1]}?", s.obj, "object",
+           _sentence(f"{h} {s.verb[0]} {demo._article(s.obj)} {s.obj} .")),
         QA("helper", f"Who helped {h}?", s.friend, "name", f"{s.friend} helped {h}."),
         QA("where", f"Where did {h} go?", s.dest, "place", f"{h} {s.moved} to the {s.dest}."),
         QA("feeling", f"How did {h} feel in the end?", s.emotion, "emotion", f"In the end, {h} was {s.emotion}."),
@@ -187,7 +190,7 @@ def _qa_conversation(rng: random.Random) -> list[dict]:
     msgs = [{"role": "user", "content": prompt(s.text, first.question)},
             {"role": "assistant", "content": first.reply}]
     last_event = {"find": "find", "move": "move", "helper": "help"}.get(first.kind)
-    for q in qs[1:1 + rng.choice((0, 0, 1, 2))]:
+    for q in qs[1:1 + rng.choice((1, 2, 3, 4))]:  # follow-ups: more practice finding facts per story
         if last_event is not None and rng.random() < 0.4:
             # "what happened next?" means the event after the one in the previous answer
             i = s.order.index(last_event)
