@@ -10,14 +10,18 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from test_train import ENV, REPO, TINY, events_of, only, steps_losses
-from trainer import chat_template, demo, demo_chat, progress
-from trainer.chat_data import (ChatLoader, Conversation, check_messages, prepare_chat, read_conversations,
-                               render_with_mask)
-from trainer.sources import DataError
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import ENV, REPO, TINY, events_of, only, steps_losses  # noqa: E402
+
+from trainer import chat_template, demo, demo_chat, progress  # noqa: E402
+from trainer.chat_data import (ChatLoader, Conversation, check_messages, prepare_chat,  # noqa: E402
+                               read_conversations, render_with_mask)
+from trainer.sources import DataError  # noqa: E402
 
 pytestmark = pytest.mark.trainer
 
@@ -239,7 +243,7 @@ def test_init_from_chat_tunes_a_checkpoint_as_the_same_run_would(tmp_path, cache
     from trainer import checkpoint as ckpt
     config = ckpt.read_config(events[-1]["checkpoint"])
     assert config["kind"] == "chat" and config["init_from"] == base_ckpt
-    assert (ckpt.Path(events[-1]["checkpoint"]) / "tokenizer" / "tokenizer.json").is_file()
+    assert (Path(events[-1]["checkpoint"]) / "tokenizer" / "tokenizer.json").is_file()
 
 
 # --- the demo conversation set and `trainer.demo qa` -----------------------------------------------------
@@ -284,3 +288,27 @@ def test_the_qa_command_prints_fresh_questions_for_any_seed():
     assert not any(demo_chat.prompt(x["story"], x["question"]) in train_stories for x in lines)
     assert subprocess.run([sys.executable, "-m", "trainer.demo", "qa", "--n", "-1"], capture_output=True,
                           env=ENV, cwd=REPO).returncode == 2
+
+
+# --- the model server renders with the template and stops at the assistant's end -------------------------
+
+def test_the_model_server_renders_chat_with_the_template_and_stops_at_assistant_end(tmp_path, monkeypatch):
+    from chat_fixtures import cached_tiny_checkpoint
+
+    from trainer import sample
+    from trainer.batching import TorchBackend
+    backend = TorchBackend(str(cached_tiny_checkpoint(tmp_path / "ck")), "cpu", max_active=2)
+    tok = backend.tokenizer
+    msgs = [{"role": "user", "content": "Who is the story about?"}]
+    seq = backend.open("chat", msgs, {"max_tokens": 8, "temperature": 0})
+    assert seq.todo == tok.render_chat(msgs) + [tok.special_id(chat_template.REPLY_START)]
+    assert tok.decode(seq.todo) == chat_template.render(msgs, add_generation_prompt=True)
+    word = tok.encode(" Tom")[0]
+    picks = iter([word, tok.special_id(chat_template.REPLY_END), word])
+    monkeypatch.setattr(sample, "_pick", lambda *a, **k: next(picks))
+    text = ""
+    while not seq.done:
+        backend.step([seq])
+        text += "".join(t for t, _, _ in seq.take_output())
+    backend.release(seq)
+    assert seq.finish_reason == "stop" and seq.completion_tokens == 2 and text == tok.decode([word])
