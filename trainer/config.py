@@ -70,7 +70,7 @@ class TrainConfig:
     chat_data: str | None = None  # "demo", a JSONL file/directory (.gz too) or fsspec URL of conversations
     init_from: str | None = None  # a checkpoint directory: chat-tune it (no pretraining)
     chat_steps: int | None = None  # None: chat_epochs passes over the training conversations
-    chat_epochs: float = 1.0
+    chat_epochs: float = 2.0
     chat_lr_scale: float = 0.5  # the chat stage's learning rates, as a fraction of pretraining's
     chat_warmup_ratio: float = 0.0
     chat_warmdown_ratio: float = 0.5
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the shape and tokenizer are the checkpoint's)")
     p.add_argument("--chat-steps", type=int, help="steps of the chat stage (default: --chat-epochs passes over "
                    "the training conversations, packed into rows of --seq-len)")
-    p.add_argument("--chat-epochs", type=float, help="default length of the chat stage in passes (default 1)")
+    p.add_argument("--chat-epochs", type=float, help="default length of the chat stage in passes (default 2)")
     p.add_argument("--chat-lr-scale", type=float,
                    help="chat-stage learning rates as a fraction of the pretraining ones (default 0.5)")
     p.add_argument("--chat-warmup-ratio", type=float)
