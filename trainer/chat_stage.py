@@ -97,16 +97,21 @@ def build_optimizers(cfg, model, device_type: str):
 
 
 class StageEmitter:
-    """Pretraining's events as the two-stage run tells them: ``stage`` on every step, eval, sample and
+    """Pretraining's events with ``stage`` ("pretrain"), and, with a chat stage, as the two-stage run tells them: ``stage`` on every step, eval, sample and
     checkpoint; the start event's totals and ``stages`` cover both stages; pretraining's own ``done``
     is held back (the run goes on), and kept to tell a finished pretraining from a stop."""
 
-    def __init__(self, emit, chat: ChatRun, pre_steps: int, tokens_per_step: int):
+    def __init__(self, emit, chat: ChatRun | None, pre_steps: int, tokens_per_step: int):
         self.emit, self.chat, self.pre_steps, self.tokens_per_step = emit, chat, pre_steps, tokens_per_step
         self.stage = "pretrain"
         self.pre_done: dict | None = None
 
     def __call__(self, event: str, **fields) -> None:
+        if self.chat is None:  # a run without a chat stage: its events only say which stage they are
+            if event in ("step", "eval", "sample", "checkpoint"):
+                fields.setdefault("stage", self.stage)
+            self.emit(event, **fields)
+            return
         if event == "start":
             fields["total_steps"] = self.pre_steps + self.chat.steps
             fields["total_tokens"] = fields["total_tokens"] + self.chat.steps * self.tokens_per_step

@@ -284,14 +284,13 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     from trainer import data, optim
     from trainer.model import GPT, GPTConfig
 
+    from trainer import chat_stage
     log = lambda msg: _log(rt.master, msg)  # noqa: E731
     chat = None
-    if cfg.chat_data is not None:  # a chat stage (trainer/chat_stage.py): its data is checked before any step
-        from trainer import chat_stage
-        if cfg.init_from is not None:
-            return chat_stage.from_checkpoint(cfg, rt, emit)
+    if cfg.init_from is not None:  # the chat stage alone (trainer/chat_stage.py)
+        return chat_stage.from_checkpoint(cfg, rt, emit)
     plan = plan_run(cfg, rt, log)
-    if cfg.chat_data is not None:
+    if cfg.chat_data is not None:  # the chat stage's data is checked before any step
         chat = chat_stage.prepare(cfg, rt, plan.prepared.tokenizer, plan.seq, plan.batch, plan.micro, log)
     torch.manual_seed(cfg.seed)
     gpt_config = GPTConfig.from_shape(plan.shape)
@@ -317,8 +316,7 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
 
     peak = peak_flops(rt.device)
     tokenizer = plan.prepared.tokenizer
-    if chat is not None:
-        emit = chat_stage.StageEmitter(emit, chat, plan.total_steps, plan.tokens_per_step)
+    emit = chat_stage.StageEmitter(emit, chat, plan.total_steps, plan.tokens_per_step)  # adds "stage"
     emit("start", config=resolved, params=params, flops_per_token=model.flops_per_token(),
          total_steps=plan.total_steps, total_tokens=plan.total_steps * plan.tokens_per_step, device=str(rt.device),
          world_size=rt.world_size, resumed_from_step=start_step if plan.resumed_from is not None else None,
