@@ -4,6 +4,7 @@ then fresh-seed questions about new stories, answered greedily through the train
     OMP_NUM_THREADS=2 python tests/bench/demo_chat.py                   # depth 2 (the issue's target)
     python tests/bench/demo_chat.py --depth 2 3 4 --questions 200
     python tests/bench/demo_chat.py --checkpoint runs/x/checkpoints/step_0007000   # score a checkpoint only
+    python tests/bench/demo_chat.py --base runs/d2/checkpoints/step_0006285  # chat stage after a finished pretraining
 
 For each depth it runs ``python -m trainer.train --depth D --device cpu --chat-data demo`` (the trainer's
 defaults for everything else, as the default demo job), times the training (the sum of both stages'
@@ -58,9 +59,11 @@ def ask(checkpoint: str, n: int, seed: int, show: int = 3) -> dict:
             "ask_s": round(time.perf_counter() - t0, 1)}
 
 
-def train(depth: int, out: Path, extra: list[str]) -> dict:
+def train(depth: int, out: Path, extra: list[str], base: str | None = None) -> dict:
     argv = [sys.executable, "-m", "trainer.train", "--depth", str(depth), "--device", "cpu", "--chat-data", "demo",
             "--out", str(out), *extra]
+    if base:  # the chat stage alone, after this run's pretraining (the same steps as one two-stage run)
+        argv += ["--init-from", base]
     print(f"depth {depth}: {' '.join(argv[1:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
@@ -71,7 +74,13 @@ def train(depth: int, out: Path, extra: list[str]) -> dict:
         raise SystemExit(f"the trainer exited {proc.returncode}")
     start, done = events[0], events[-1]
     stage = next(e for e in events if e["event"] == "stage")
-    pre_elapsed = max(e["elapsed_s"] for e in events if e["event"] == "step" and e.get("stage") == "pretrain")
+    if base:
+        saved = json.loads((Path(base) / "state.json").read_text())
+        pre_elapsed = float(saved["elapsed_s"])
+        stage = dict(stage, step=saved["step"])
+        done = dict(done, elapsed_s=done["elapsed_s"] + pre_elapsed)
+    else:
+        pre_elapsed = max(e["elapsed_s"] for e in events if e["event"] == "step" and e.get("stage") == "pretrain")
     return {"depth": depth, "checkpoint": done["checkpoint"], "pretrain_steps": stage["step"],
             "chat_steps": stage["steps"], "params": start["params"],
             "train_minutes": round(done["elapsed_s"] / 60, 2), "pretrain_minutes": round(pre_elapsed / 60, 2),
@@ -87,6 +96,8 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/ncs-bench-demo-chat")
     p.add_argument("--checkpoint", help="score this checkpoint only (no training)")
     p.add_argument("--trainer-args", default="", help="extra trainer flags, e.g. '--chat-steps 800'")
+    p.add_argument("--base", help="a pretraining checkpoint of the default demo job at this depth: run only the "
+                   "chat stage from it (--init-from) and count its pretraining time from its state.json")
     args = p.parse_args()
     load0 = os.getloadavg()
     print(f"load average at start: {load0[0]:.2f} on {os.cpu_count()} CPUs; "
@@ -97,7 +108,7 @@ def main() -> None:
         results.append(r)
         print(f"  accuracy {r['accuracy']:.1%}, grammatical {r['grammatical']:.1%}  {r['by_kind']}", flush=True)
     for depth in ([] if args.checkpoint else args.depth):
-        r = train(depth, Path(args.out) / f"d{depth}", args.trainer_args.split())
+        r = train(depth, Path(args.out) / f"d{depth}", args.trainer_args.split(), args.base)
         r |= ask(r["checkpoint"], args.questions, args.seed)
         results.append(r)
         print(f"depth {depth}: {r['train_minutes']} min of training ({r['pretrain_minutes']} pretraining "
