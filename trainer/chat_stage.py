@@ -174,7 +174,10 @@ def from_checkpoint(cfg, rt, emit) -> int:
     log = lambda msg: _log(rt.master, msg)  # noqa: E731
     base = Path(cfg.init_from)
     try:
-        ckpt.verify(base)
+        if (base / ckpt.MANIFEST).exists():  # a trainer checkpoint: check it whole; a copy without one
+            ckpt.verify(base)               # (config.json, weights, tokenizer/) is taken as it is
+        elif not (base / "model.safetensors").is_file():
+            raise OSError("no model.safetensors in it")
         base_config = ckpt.read_config(base)
         fields = {f.name for f in dataclasses.fields(GPTConfig)}
         model_config = GPTConfig(**{k: v for k, v in base_config["model"].items() if k in fields})
@@ -206,7 +209,11 @@ def from_checkpoint(cfg, rt, emit) -> int:
         chat.loader.load_state(state["chat_loader"])
         log(f"resumed from {resumed_from} at step {state['step']}")
     else:
-        ckpt.load_checkpoint(base, model, None, rt.device, restore_rng_state=False)
+        from safetensors.torch import load_file
+        try:
+            model.load_state_dict(load_file(str(base / "model.safetensors"), device=str(rt.device)), strict=True)
+        except (OSError, RuntimeError) as e:
+            raise UsageError(f"--init-from {base}: its weights do not load: {e}") from None
     model.train()
     train_model = ddp = model
     if rt.world_size > 1:
