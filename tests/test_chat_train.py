@@ -225,6 +225,28 @@ def test_stopping_and_resuming_in_the_chat_stage_is_exact(tmp_path, cache, strai
     assert only(straight, "eval")[-1]["val_loss"] == pytest.approx(only(second, "eval")[-1]["val_loss"], abs=1e-6)
 
 
+def test_sigterm_in_the_chat_stage_checkpoints_exits_75_and_resume_finishes_exactly(tmp_path, cache, straight):
+    import signal
+    argv = [sys.executable, "-m", "trainer.train", *CHAT_TINY, "--out", str(tmp_path), "--cache-dir", str(cache), *PLAN]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        event = progress.parse_line(line)
+        if event and event["event"] == "step" and event["step"] >= 12:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == progress.EXIT_PREEMPTED, err
+    events = events_of("".join(lines) + rest)
+    stopped = only(events, "checkpoint")[-1]
+    assert stopped["stage"] == "chat" and 12 <= stopped["step"] < 20 and not only(events, "done")
+    code, resumed, err = chat_run([*PLAN, "--resume"], tmp_path, cache)
+    assert code == 0, err
+    assert resumed[0]["resumed_from_step"] == stopped["step"] and resumed[-1]["step"] == 20
+    assert abs(straight[-1]["final_loss"] - resumed[-1]["final_loss"]) <= 1e-6
+
+
 def test_init_from_chat_tunes_a_checkpoint_as_the_same_run_would(tmp_path, cache, straight):
     base_ckpt = only(straight, "checkpoint")[0]["path"]  # pretraining's last step, 10
     code, events, err = chat_run(["--init-from", base_ckpt, "--chat-data", "demo", "--chat-steps", "10",
