@@ -12,6 +12,7 @@ tokenizer's ``chat_template``. A chat-tuning stage and the model server render t
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 BOS = "<|bos|>"
@@ -57,3 +58,42 @@ def render(messages: Sequence[dict], add_generation_prompt: bool = False) -> str
     if add_generation_prompt:
         out.append(REPLY_START)
     return "".join(out)
+
+
+_TURN = re.compile(r"<\|(system|user|assistant)_start\|>(.*?)<\|\1_end\|>", re.S)
+
+
+def parse(text: str) -> list[dict]:
+    """The messages of a rendered conversation (the inverse of :func:`render`, without a generation
+    prompt). Raises ValueError for text that is not one."""
+    if not text.startswith(BOS):
+        raise ValueError("a rendered conversation starts with " + BOS)
+    messages, pos = [], len(BOS)
+    for m in _TURN.finditer(text, pos):
+        if m.start() != pos:
+            break
+        messages.append({"role": m.group(1), "content": m.group(2)})
+        pos = m.end()
+    if pos != len(text):
+        raise ValueError(f"not a rendered conversation from character {pos}: {text[pos:pos + 40]!r}")
+    return messages
+
+
+def parse_ids(tokenizer, ids: Sequence[int]) -> list[dict]:
+    """The messages of ``tokenizer.render_chat``'s ids. Unlike text, ids are never ambiguous: content
+    that spells out a special token was encoded as ordinary text, not as the token."""
+    starts = {tokenizer.special_id(s): (role, tokenizer.special_id(e)) for role, (s, e) in ROLES.items()}
+    if not ids or ids[0] != tokenizer.bos_id:
+        raise ValueError("rendered ids start with " + BOS)
+    messages, i = [], 1
+    while i < len(ids):
+        if ids[i] not in starts:
+            raise ValueError(f"token {i} ({ids[i]}) does not start a turn")
+        role, end = starts[ids[i]]
+        try:
+            j = list(ids).index(end, i + 1)
+        except ValueError:
+            raise ValueError(f"the {role} turn at token {i} never ends") from None
+        messages.append({"role": role, "content": tokenizer.decode(ids[i + 1:j])})
+        i = j + 1
+    return messages

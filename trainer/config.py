@@ -69,6 +69,14 @@ class TrainConfig:
     dtype: str = "auto"  # products in "float32" or "bfloat16"; auto measures (trainer/precision.py)
     seed: int = 42
     resume: bool = False
+    # chat stage (trainer/chat_stage.py): after pretraining in the same run, or alone from --init-from
+    chat_data: str | None = None  # "demo", a JSONL file/directory (.gz too) or fsspec URL of conversations
+    init_from: str | None = None  # a checkpoint directory: chat-tune it (no pretraining)
+    chat_steps: int | None = None  # None: chat_epochs passes over the training conversations
+    chat_epochs: float = 2.0
+    chat_lr_scale: float = 0.5  # the chat stage's learning rates, as a fraction of pretraining's
+    chat_warmup_ratio: float = 0.0
+    chat_warmdown_ratio: float = 0.5
     # bookkeeping from the web app, echoed in the start event
     name: str = ""
     job_id: int | None = None
@@ -126,7 +134,30 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UsageError("storage_options must be a JSON object")
     if not isinstance(cfg.resume, bool):
         raise UsageError("resume must be true or false")
+    _validate_chat(cfg)
     return cfg
+
+
+def _validate_chat(cfg: TrainConfig) -> None:
+    for name in ("chat_data", "init_from"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, str) or not v):
+            raise UsageError(f"{name} must be a non-empty string")
+    if cfg.init_from is not None and cfg.chat_data is None:
+        raise UsageError("init_from needs chat_data: --init-from chat-tunes a checkpoint on conversations")
+    v = cfg.chat_steps
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise UsageError(f"chat_steps must be a positive integer, got {v!r}")
+    for name in ("chat_epochs", "chat_lr_scale", "chat_warmup_ratio", "chat_warmdown_ratio"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                or (name != "chat_lr_scale" and name != "chat_epochs" and v > 1):
+            raise UsageError(f"{name} must be a number {'between 0 and 1' if 'ratio' in name else '>= 0'}, got {v!r}")
+        setattr(cfg, name, float(v))
+    if cfg.chat_epochs <= 0:
+        raise UsageError("chat_epochs must be positive")
+    if cfg.chat_warmup_ratio + cfg.chat_warmdown_ratio > 1:
+        raise UsageError("chat_warmup_ratio + chat_warmdown_ratio must not exceed 1")
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -192,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-prompts", type=json.loads, help='JSON list, e.g. \'["Once upon"]\'')
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--keep-checkpoints", type=int)
+    # chat stage
+    p.add_argument("--chat-data", help='conversations to chat-tune on after pretraining: "demo" (the built-in '
+                   'set), a JSONL file of {"messages": [...]} lines (.gz too), a directory of them or an fsspec URL')
+    p.add_argument("--init-from", help="chat-tune this checkpoint directory (with --chat-data; no pretraining: "
+                   "the shape and tokenizer are the checkpoint's)")
+    p.add_argument("--chat-steps", type=int, help="steps of the chat stage (default: --chat-epochs passes over "
+                   "the training conversations, packed into rows of --seq-len)")
+    p.add_argument("--chat-epochs", type=float, help="default length of the chat stage in passes (default 2)")
+    p.add_argument("--chat-lr-scale", type=float,
+                   help="chat-stage learning rates as a fraction of the pretraining ones (default 0.5)")
+    p.add_argument("--chat-warmup-ratio", type=float)
+    p.add_argument("--chat-warmdown-ratio", type=float, help="linear decay to 0 over this last share (default 0.5)")
     # runtime
     p.add_argument("--out", help="run directory: checkpoints/, cache/")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])

@@ -1,6 +1,7 @@
 """The built-in demo corpus: short stories from a small grammar of our own, and a checker for it.
 
     python -m trainer.demo out.txt --bytes 2000000 --seed 0
+    python -m trainer.demo qa --n 5 --seed 1      # fresh story questions (trainer/demo_chat.py)
 
 The grammar is data (GRAMMAR below): nonterminals in <angle brackets> map to alternatives, each a
 sequence of words and nonterminals. Stories are generated from it with a seeded random.Random, and
@@ -239,6 +240,11 @@ def coherence(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["qa"]:  # python -m trainer.demo qa --n N --seed S: questions (trainer/demo_chat.py)
+        from trainer import demo_chat
+        return demo_chat.main_qa(argv[1:])
     parser = argparse.ArgumentParser(description="Write the demo story corpus.")
     parser.add_argument("path")
     parser.add_argument("--bytes", type=int, default=DEMO_CORPUS_BYTES, help="about this many bytes")

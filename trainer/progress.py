@@ -21,6 +21,11 @@ Events and their fields (extra fields are allowed; these are guaranteed):
 ``sample``     step, samples: list of {"prompt": str, "text": str}
 ``checkpoint`` step, path
 ``done``       step, final_loss, final_val_bpb (float|None), elapsed_s, checkpoint (path|None)
+``stage``      stage ("chat"), step (the last step before it: pretraining's last, 0 after --init-from),
+               steps (the stage's), n_conversations, n_val_conversations: a chat stage begins
+               (trainer/chat_stage.py). With a chat stage, step/eval/sample/checkpoint events carry
+               ``stage`` ("pretrain" | "chat"), steps count across both stages, the start event's
+               total_steps covers both and ``stages`` lists them, and ``done`` has chat_tuned: true.
 ``error``      kind ("user" | "infrastructure"), code (a short slug), message. A fault of the device
                itself has code ``device`` (kind "infrastructure") and also ``fault``: one of
                DEVICE_FAULTS ("oom", "cuda", "lost", "ecc", "nccl"), and ``device_index`` (the CUDA index
@@ -54,7 +59,7 @@ from typing import IO, Any
 
 SCHEMA_VERSION = 1
 
-EVENTS = ("start", "step", "eval", "sample", "checkpoint", "done", "error", "calibration", "facts")
+EVENTS = ("start", "step", "eval", "sample", "checkpoint", "done", "error", "calibration", "facts", "stage")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "start": ("config", "params", "flops_per_token", "total_steps", "total_tokens", "device"),
     "step": ("step", "total_steps", "loss", "lr", "tokens_per_sec", "elapsed_s", "eta_s"),
@@ -65,6 +70,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "error": ("kind", "code", "message"),
     "calibration": ("device", "device_name", "memory_bytes"),
     "facts": ("data_sha256", "raw_bytes", "vocab_size", "n_train_tokens", "n_val_tokens"),
+    "stage": ("stage", "step", "steps"),
 }
 
 ERROR_KINDS = ("user", "infrastructure")

@@ -257,7 +257,8 @@ def describe_run(cfg: TrainConfig, rt: Runtime, plan: Plan, model_config: dict, 
     run_config = {"model": model_config, "shape": plan.shape.to_dict(), "train": resolved,
                   "data": {"source": prepared.source, "sha256": prepared.data_sha256,
                            "n_train_tokens": prepared.n_train_tokens, "n_val_tokens": prepared.n_val_tokens},
-                  "tokenizer_fingerprint": prepared.tokenizer.fingerprint(), "params": params}
+                  "tokenizer_fingerprint": prepared.tokenizer.fingerprint(), "params": params,
+                  "kind": "base", "chat_tuned": False}  # the chat stage saves "chat" (trainer/chat_loop.py)
     return resolved, run_config
 
 
@@ -287,15 +288,20 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainer import data, optim, precision
+    from trainer import chat_stage, data, optim, precision
     from trainer.checkpoint import read_config
     from trainer.model import GPT, GPTConfig
 
     log = lambda msg: _log(rt.master, msg)  # noqa: E731
+    chat = None
+    if cfg.init_from is not None:  # the chat stage alone (trainer/chat_stage.py)
+        return chat_stage.from_checkpoint(cfg, rt, emit)
     plan = plan_run(cfg, rt, log)
     if cfg.dtype == "auto" and plan.resumed_from is not None:  # a resumed run keeps its checkpoint's dtype
         saved = read_config(plan.resumed_from).get("train", {}).get("dtype")
         rt.dtype = precision.kept(rt.dtype, saved, rt.device.type, log)
+    if cfg.chat_data is not None:  # the chat stage's data is checked before any step
+        chat = chat_stage.prepare(cfg, rt, plan.prepared.tokenizer, plan.seq, plan.batch, plan.micro, log)
     torch.manual_seed(cfg.seed)
     gpt_config = GPTConfig.from_shape(plan.shape)
     model = GPT(gpt_config).to(rt.device)  # built (and initialised) on the CPU: the same on every device
@@ -321,6 +327,7 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
 
     peak = peak_flops(rt.device)
     tokenizer = plan.prepared.tokenizer
+    emit = chat_stage.StageEmitter(emit, chat, plan.total_steps, plan.tokens_per_step)  # adds "stage"
     emit("start", config=resolved, params=params, flops_per_token=model.flops_per_token(),
          total_steps=plan.total_steps, total_tokens=plan.total_steps * plan.tokens_per_step, device=str(rt.device),
          world_size=rt.world_size, resumed_from_step=start_step if plan.resumed_from is not None else None,
@@ -335,6 +342,8 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
               optimizers=optimizers, loader=loader, run_config=run_config, peak=peak, step=start_step,
               tokens_seen=int(state.get("tokens_seen", 0)), elapsed_before=float(state.get("elapsed_s", 0.0)),
               last_loss=state.get("last_loss"), last_bpb=state.get("last_val_bpb"), last_ckpt=plan.resumed_from)
+    if chat is not None:
+        return chat_stage.after_pretraining(run, chat, emit, state)
     return train_loop(run)
 
 

@@ -1,0 +1,178 @@
+"""The chat stage's loop: steps on masked conversation batches, validation on held-out conversations,
+chat samples and checkpoints, under the same stop rules as pretraining (trainer/loop.py).
+
+``chat_stage.py`` builds a :class:`~trainer.chat_stage.ChatRun` and calls :func:`chat_loop`, which
+returns the contract's exit code.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+
+from trainer import progress
+
+
+def _lr_and_momentum(run) -> None:
+    from trainer import optim
+    cfg, k = run.cfg, run.step - run.first_step  # k: chat steps taken so far
+    optim.set_lr(run.optimizers, optim.lr_multiplier(k, run.steps, cfg.chat_warmup_ratio, cfg.chat_warmdown_ratio, 0.0))
+    optim.set_muon_momentum(run.optimizers, optim.muon_momentum(k))
+
+
+def _train_step(run) -> float:
+    """One optimizer step: the mean loss over every assistant token of this process's rows."""
+    from trainer import optim
+    rt = run.rt
+    _lr_and_momentum(run)
+    batches = [run.loader.next_batch(rt.device) for _ in range(run.accum)]
+    # Each micro-batch's summed loss over the step's count of assistant tokens: the step's mean, whatever
+    # the split (a micro-batch may hold none, where a per-micro-batch mean would be 0/0).
+    n_targets = max(1, sum(int((y >= 0).sum()) for _, y in batches))
+    step_loss = 0.0
+    for k, (x, y) in enumerate(batches):
+        sync = run.ddp.no_sync() if run.ddp is not run.model and k < run.accum - 1 else nullcontext()
+        with sync:
+            with rt.autocast():
+                loss = run.train_model(x, y, loss_reduction="sum") / n_targets
+            loss.backward()
+        step_loss = step_loss + loss.detach()
+    optim.clip_grad_norm(run.model.parameters(), run.cfg.grad_clip)
+    for opt in run.optimizers:
+        opt.step()
+    run.model.zero_grad(set_to_none=True)
+    return float(step_loss)
+
+
+def evaluate(run, max_rows: int) -> tuple[float, float]:
+    """(val_loss, val_bpb) on the assistant tokens of the held-out conversations (at most ``max_rows``
+    packed rows, split between ranks); bits per byte leave out <|assistant_end|> (it is 0 bytes)."""
+    import torch
+    rt, model = run.rt, run.model
+    x_all, y_all = run.data.rows(None)
+    x_all, y_all = x_all[:max_rows], y_all[:max_rows]
+    token_bytes = torch.as_tensor(run.tokenizer.token_byte_lengths(), dtype=torch.float32, device=rt.device)
+    loss_sum = ntok = nats = nbytes = 0.0
+    model.eval()
+    with torch.no_grad():
+        for lo in range(rt.rank * run.micro, len(x_all), run.micro * rt.world_size):
+            x = torch.from_numpy(x_all[lo:lo + run.micro]).to(rt.device)
+            y = torch.from_numpy(y_all[lo:lo + run.micro]).to(rt.device)
+            with rt.autocast():
+                losses = model(x, y, loss_reduction="none").float().view(-1)
+            y = y.reshape(-1)
+            valid = y >= 0
+            b = token_bytes[y.clamp(min=0)] * valid
+            loss_sum += float((losses * valid).sum())
+            ntok += float(valid.sum())
+            nats += float((losses * (b > 0)).sum())
+            nbytes += float(b.sum())
+    model.train()
+    loss_sum, ntok, nats, nbytes = rt.all_reduce_sum(loss_sum, ntok, nats, nbytes)
+    return (loss_sum / ntok if ntok else float("nan"),
+            nats / (math.log(2) * nbytes) if nbytes else float("nan"))
+
+
+def make_samples(run, n: int = 2) -> list[dict]:
+    """Greedy replies to the first user turns of held-out conversations, without disturbing the RNG."""
+    import torch
+    from trainer import sample
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(run.rt.device) if run.rt.device.type == "cuda" else None
+    out = []
+    run.model.eval()
+    try:
+        with run.rt.autocast():
+            for prompt in run.val_prompts[:n]:
+                text = "".join(sample.chat(run.model, run.tokenizer, [{"role": "user", "content": prompt}],
+                                           max_tokens=64, temperature=0.0))
+                out.append({"prompt": prompt, "text": text})
+    finally:
+        run.model.train()
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, run.rt.device)
+    return out
+
+
+def save(run):
+    """Checkpoint the current step (rank 0 writes; every rank waits)."""
+    from trainer import checkpoint as ckpt
+    run.rt.barrier()
+    path = None
+    if run.rt.master:
+        state = {"step": run.step, "total_steps": run.total_steps, "tokens_seen": run.tokens_seen,
+                 "elapsed_s": run.elapsed(), "loader": run.pre_loader_state, "chat_loader": run.loader.state(),
+                 "stage": "chat", "chat_step": run.step - run.first_step, "chat_steps": run.steps,
+                 "last_loss": run.last_loss, "last_val_bpb": run.last_bpb, "data_sha256": run.data_sha256}
+        config = dict(run.run_config, kind="chat", chat_tuned=True,
+                      chat={"data": run.cfg.chat_data, "steps": run.steps, "first_step": run.first_step,
+                            "n_conversations": run.n_conversations, "n_val_conversations": run.n_val_conversations})
+        path = ckpt.save_checkpoint(run.out, run.step, run.model, run.optimizers, state, run.tokenizer_dir,
+                                    config, keep=run.cfg.keep_checkpoints)
+        run.emit("checkpoint", step=run.step, path=str(path), stage="chat")
+    run.rt.barrier()
+    run.last_ckpt = path
+    return path
+
+
+def chat_loop(run) -> int:
+    """Step through the chat stage until its end, a SIGTERM/SIGINT or --stop-at-step."""
+    cfg, rt, emit, log = run.cfg, run.rt, run.emit, run.log
+    tokens_per_step = run.batch * run.data.seq_len
+    eval_rows = max(1, (cfg.eval_tokens or 8 * tokens_per_step) // run.data.seq_len)
+    diverge_limit = 3 * math.log(run.tokenizer.vocab_size) + 5
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    emit("stage", stage="chat", step=run.first_step, steps=run.steps, n_conversations=run.n_conversations,
+         n_val_conversations=run.n_val_conversations)
+    start_step, total = run.step, run.total_steps
+    run.t_start = t_window = time.perf_counter()
+    tokens_window = 0
+    while run.step < total:
+        step_loss = _train_step(run)
+        run.step += 1
+        step = run.step
+        run.tokens_seen += tokens_per_step
+        tokens_window += tokens_per_step
+        loss_sum, stop_votes = rt.all_reduce_sum(step_loss, float(stop["signal"] is not None))
+        run.last_loss = last_loss = loss_sum / rt.world_size
+        if not math.isfinite(last_loss) or last_loss > diverge_limit:
+            from trainer.loop import Diverged
+            raise Diverged(f"the chat-stage loss reached {last_loss:.4g} at step {step}; try a lower "
+                           "--chat-lr-scale or a smaller --grad-clip")
+        if step % cfg.log_every == 0 or step == total or step == start_step + 1:
+            now = time.perf_counter()
+            tps = tokens_window / max(now - t_window, 1e-9)
+            t_window, tokens_window = now, 0
+            eta = (now - run.t_start) / (step - start_step) * (total - step)
+            lr = run.optimizers[-1].param_groups[0]["lr"]
+            emit("step", step=step, total_steps=total, loss=last_loss, lr=lr, tokens_per_sec=tps, mfu=None,
+                 elapsed_s=run.elapsed(), eta_s=eta, tokens_seen=run.tokens_seen, stage="chat")
+            if step % max(cfg.log_every, 10) == 0 or step == total:
+                log(f"chat step {step:6d}/{total} loss {last_loss:.4f} lr {lr:.4g} {tps:,.0f} tok/s eta {eta:.0f}s")
+        if step % cfg.eval_every == 0 or step == total:
+            val_loss, run.last_bpb = evaluate(run, eval_rows)
+            emit("eval", step=step, val_loss=val_loss, val_bpb=run.last_bpb, stage="chat")
+            log(f"chat step {step:6d} val_loss {val_loss:.4f} (assistant tokens)")
+        if rt.master and (step % cfg.sample_every == 0 or step == total) and run.val_prompts:
+            emit("sample", step=step, samples=make_samples(run), stage="chat")
+        stopping = stop_votes > 0 or step == cfg.stop_at_step
+        if step % cfg.checkpoint_every == 0 or step == total or stopping:
+            save(run)
+        if stop_votes > 0:
+            log(f"stopped by a signal at step {step}; --resume continues from {run.last_ckpt}")
+            return progress.EXIT_PREEMPTED
+        if step == cfg.stop_at_step:
+            log(f"stopped at step {step} as asked; --resume continues from {run.last_ckpt}")
+            return progress.EXIT_OK
+    emit("done", step=run.step, final_loss=run.last_loss, final_val_bpb=run.last_bpb, elapsed_s=run.elapsed(),
+         checkpoint=str(run.last_ckpt) if run.last_ckpt else None, tokens_seen=run.tokens_seen, chat_tuned=True)
+    return progress.EXIT_OK
