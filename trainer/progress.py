@@ -52,7 +52,7 @@ from typing import IO, Any
 
 SCHEMA_VERSION = 1
 
-EVENTS = ("start", "step", "eval", "sample", "checkpoint", "done", "error", "calibration", "facts")
+EVENTS = ("start", "step", "eval", "sample", "checkpoint", "done", "error", "calibration", "facts", "stage")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "start": ("config", "params", "flops_per_token", "total_steps", "total_tokens", "device"),
     "step": ("step", "total_steps", "loss", "lr", "tokens_per_sec", "elapsed_s", "eta_s"),
@@ -63,6 +63,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "error": ("kind", "code", "message"),
     "calibration": ("device", "device_name", "memory_bytes"),
     "facts": ("data_sha256", "raw_bytes", "vocab_size", "n_train_tokens", "n_val_tokens"),
+    "stage": ("stage", "step", "steps"),  # the chat stage begins (issue 12's contract)
 }
 
 ERROR_KINDS = ("user", "infrastructure")

@@ -78,8 +78,9 @@ def job_json(job: TrainingJob, settings: Settings) -> dict[str, Any]:
 def _public_config(config: dict) -> dict:
     """The config without secrets: S3 credentials are stored for the trainer, never shown."""
     out = dict(config or {})
-    if isinstance(out.get("dataset"), dict):
-        out["dataset"] = datasets.describe_spec(out["dataset"])
+    for key in ("dataset", "chat_data"):  # chat_data: the conversations of a chat stage (chattune.py)
+        if isinstance(out.get(key), dict):
+            out[key] = datasets.describe_spec(out[key])
     return out
 
 
