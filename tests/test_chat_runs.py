@@ -1,0 +1,108 @@
+"""Chat-tuning runs through the real supervisor and a real trainer subprocess (tests/fake_trainer.py,
+speaking issue 12's contract): both stages in one run leave a chat model, a chat-tune of a model starts
+from its published checkpoint with no pretraining data, and bad conversations fail as the user's error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nanochat_studio import datasets, jobs
+from nanochat_studio.checkpoints import local_checkpoint_dir
+from nanochat_studio.models import JobEvent, Model, TrainingJob
+from nanochat_studio.storage import Storage
+from tests.test_jobs import alice, settings, store  # noqa: F401  (fixtures)
+from tests.test_runner import claim_and_run, fake_log
+
+CONVERSATION = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+
+
+def events(job, kind: str) -> list[dict]:
+    return [e.data for e in JobEvent.select().where((JobEvent.job == job.id) & (JobEvent.kind == kind))
+            .order_by(JobEvent.seq)]
+
+
+def upload(user, settings, name: str, data: bytes):
+    import io
+
+    return datasets.save_upload(user, name, io.BytesIO(data), settings)
+
+
+def test_a_job_with_chat_runs_both_stages_and_leaves_a_chat_model(alice, settings):
+    job = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 6, "checkpoint_every": 4, "chat": True,
+                              "chat_steps": 3, "name": "both"}, settings)
+    job, status = claim_and_run(settings)
+    assert status == "completed"
+    begin = fake_log(settings, job)[0]
+    assert begin["chat_data"] == "demo" and begin["init_from"] is None and begin["has_data"]
+    assert "init_from_model" not in begin["keys"]
+    start = events(job, "start")[0]
+    assert start["total_steps"] == 9 and start["stages"] == [{"stage": "pretrain", "steps": 6},
+                                                             {"stage": "chat", "steps": 3}]
+    assert [(d["step"], d["stage"]) for d in events(job, "step")] == [
+        (1, "pretrain"), (2, "pretrain"), (3, "pretrain"), (4, "pretrain"), (5, "pretrain"), (6, "pretrain"),
+        (7, "chat"), (8, "chat"), (9, "chat")]
+    (stage,) = events(job, "stage")
+    assert stage["stage"] == "chat" and stage["step"] == 6 and stage["steps"] == 3
+    job = TrainingJob.get_by_id(job.id)
+    assert job.progress["stage"] == "chat" and job.progress["stage_from_step"] == 6
+    assert job.progress["chat_val_loss"] > 0 and job.progress["val_bpb"] > 0  # each stage its own curve
+    model = Model.get(Model.job == job)
+    assert model.kind == "chat" and model.step == 9
+
+
+def test_a_job_without_chat_leaves_a_base_model(alice, settings):
+    jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 4}, settings)
+    job, status = claim_and_run(settings)
+    assert status == "completed"
+    assert fake_log(settings, job)[0]["chat_data"] is None and not events(job, "stage")
+    assert Model.get(Model.job == job).kind == "base"
+
+
+def test_chat_tuning_a_model_starts_from_its_published_checkpoint_without_pretraining(alice, settings):
+    jobs.submit(alice, {"depth": 2, "dataset": "demo", "max_steps": 4, "name": "base"}, settings)
+    _, status = claim_and_run(settings)
+    base = Model.get(Model.name == "base")
+    assert status == "completed" and base.kind == "base"
+    chats = upload(alice, settings, "chats.jsonl", (json.dumps(CONVERSATION) + "\n").encode() * 10)
+    job = jobs.submit(alice, {"init_from_model": base.id, "chat_data": f"ds:{chats.id}", "chat_steps": 2,
+                              "name": "tuned"}, settings)
+    assert job.config["depth"] == 2
+    job, status = claim_and_run(settings)
+    assert status == "completed"
+    begin = fake_log(settings, job)[0]
+    # the model's checkpoint as storage keeps it, handed over as --init-from; no --data, no shape flags
+    assert begin["init_from"] == local_checkpoint_dir(base, settings)
+    assert Path(begin["init_from"], "config.json").is_file()
+    assert not begin["has_data"] and "depth" not in begin["keys"] and "vocab_size" not in begin["keys"]
+    assert begin["chat_data"].endswith("chats.jsonl") and Path(begin["chat_data"]).is_file()
+    assert events(job, "start")[0]["stages"] == [{"stage": "chat", "steps": 2}]
+    assert events(job, "stage")[0]["step"] == 0
+    tuned = Model.get(Model.job == job)
+    assert tuned.kind == "chat" and tuned.step == 2 and tuned.config["depth"] == 2
+    assert Model.get_by_id(base.id).kind == "base"  # the base model is left as it was
+
+
+def test_a_model_deleted_before_its_chat_tune_runs_fails_the_job_as_the_users_error(alice, settings):
+    base = Model.create(user=alice, name="gone soon", checkpoint_key="/nowhere", tokenizer_key="t",
+                        config={"depth": 1})
+    job = jobs.submit(alice, {"init_from_model": base.id, "chat": True}, settings)
+    base.delete_instance()
+    job, status = claim_and_run(settings)
+    assert status == "failed"
+    job = TrainingJob.get_by_id(job.id)
+    assert job.error_kind == "user" and "no longer exists" in job.status_reason and job.attempt == 1
+
+
+def test_conversations_the_trainer_refuses_fail_the_job_without_a_retry(alice, settings):
+    chats = upload(alice, settings, "chats.jsonl", (json.dumps(CONVERSATION) + "\n").encode() * 3)
+    job = jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 2, "chat_data": f"ds:{chats.id}"},
+                      settings)
+    # The upload check reads the first lines only; the trainer reads them all (here: as if line 1 broke).
+    stored = Path(Storage.from_settings(settings).local_path(chats.storage_key))
+    stored.write_text('{"text": "no messages"}\n')
+    job, status = claim_and_run(settings)
+    assert status == "failed"
+    job = TrainingJob.get_by_id(job.id)
+    assert job.error_kind == "user" and job.attempt == 1
+    assert "line 1: no messages" in events(job, "error")[0]["message"]
