@@ -117,3 +117,52 @@ def test_chat_tuning_a_model_takes_its_shape_and_refuses_pretraining_settings(ap
     assert [s["stage"] for s in job["estimate"]["stages"]] == ["chat"]
     assert job["estimate"]["steps"] == 12
     assert c.get(f"/jobs/{job['id']}").status_code == 200  # the page of a job with no pretraining data
+
+
+def csrf(client, url: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', client.get(url).get_data(as_text=True)).group(1)
+
+
+def test_the_plan_page_chat_tunes_the_demo_job_by_default_and_on_chosen_conversations(app, alice):
+    c = client_as(app, alice)
+    html = c.get("/train").get_data(as_text=True)
+    assert re.search(r'<input id="chat" type="checkbox" name="chat" value="on" checked', html)
+    token = csrf(c, "/train")
+    r = c.post("/train", data={"csrf_token": token, "depth": "1", "source": "demo", "max_steps": "5", "chat": "on",
+                               "chat_data": "demo"})
+    assert r.status_code == 302
+    assert TrainingJob.get().config["chat_data"] == {"kind": "demo", "source": "demo"}
+    chats = upload(c, "chats.jsonl", CHATS)
+    r = c.post("/train", data={"csrf_token": token, "depth": "1", "source": "demo", "max_steps": "5", "chat": "on",
+                               "chat_data": str(chats["id"])})
+    assert r.status_code == 302
+    assert TrainingJob.select().order_by(TrainingJob.id.desc()).get().config["chat_data"]["source"] == chats["spec"]
+    assert f'<option value="{chats["id"]}"' in c.get("/train").get_data(as_text=True)  # offered as conversations
+    r = c.post("/train", data={"csrf_token": token, "depth": "1", "source": "demo", "max_steps": "5"})
+    assert r.status_code == 302 and "chat_data" not in TrainingJob.select().order_by(TrainingJob.id.desc()).get().config
+    prose = upload(c, "prose.jsonl", b'{"text": "x"}\n')
+    r = c.post("/train", data={"csrf_token": token, "depth": "1", "source": "demo", "chat": "on",
+                               "chat_data": str(prose["id"])})
+    assert r.status_code == 400 and "no &#34;messages&#34; list" in r.get_data(as_text=True)
+
+
+def test_chat_tune_this_model_from_its_page(app, alice):
+    c = client_as(app, alice)
+    model = base_model(alice, data_source="demo")
+    page = c.get(f"/models/{model.id}").get_data(as_text=True)
+    assert "Chat-tune this model" in page and 'class="badge kind-base">base<' in page
+    assert "kind-base" in c.get("/models").get_data(as_text=True)
+    token = csrf(c, f"/models/{model.id}")
+    assert c.post(f"/models/{model.id}/chat-tune", data={"chat_data": "demo"}).status_code == 400  # no CSRF token
+    r = c.post(f"/models/{model.id}/chat-tune", data={"csrf_token": token, "chat_data": "demo"})
+    assert r.status_code == 302, r.get_data(as_text=True)[:500]
+    job = TrainingJob.get()
+    assert job.name == "base (chat)" and job.config["init_from_model"] == model.id
+    assert job.config["chat_data"] == {"kind": "demo", "source": "demo"} and "dataset" not in job.config
+    show = c.get(r.headers["Location"]).get_data(as_text=True)
+    assert f"chat-tunes <a href=\"/models/{model.id}\">model #{model.id}</a>" in show
+    bad = c.post(f"/models/{model.id}/chat-tune", data={"csrf_token": token, "chat_data": "nonsense"})
+    assert bad.status_code == 400 and "Choose the conversations" in bad.get_data(as_text=True)
+    chat_model = base_model(alice, kind="chat")
+    page = c.get(f"/models/{chat_model.id}").get_data(as_text=True)
+    assert "Chat-tune this model" not in page and 'class="badge kind-chat">chat<' in page

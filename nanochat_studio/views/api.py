@@ -91,6 +91,7 @@ def model_json(model: Model) -> dict[str, Any]:
         "job_id": model.job_id,
         "step": model.step,
         "is_snapshot": model.is_snapshot,
+        "kind": model.kind,  # "base" or "chat" (chat-tuned)
         "params": model.params,
         "config": public_config(model.config),
         "metrics": model.metrics,
