@@ -290,5 +290,5 @@
   connect();
   pollLog();
   logTimer = setInterval(pollLog, 3000);
-  window.__jobPage = { loss: loss, jobId: jobId };  // read by the browser test
+  window.__jobPage = { loss: loss, jobId: jobId, lossChart: () => lossChart };  // read by the browser tests
 })();
