@@ -81,3 +81,48 @@ def test_both_stages_share_one_chart_with_the_boundary_and_separate_validation_c
     finally:
         page.close()
         server.stop()
+
+
+def test_the_plan_page_estimates_the_chat_stage_and_chat_tunes_the_demo_by_default(app, browser):
+    import io
+
+    from nanochat_studio import datasets
+    from test_jobs_api import fake_calibrator
+
+    fake_calibrator(app)
+    database.connect(reuse_if_open=True)
+    ds = datasets.save_upload(accounts.solo_owner(), "prose.txt", io.BytesIO(b"Once upon a time. " * 2000),
+                              app.config["NCS_SETTINGS"])
+    database.close()
+    server = Server(app)
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(f"http://127.0.0.1:{server.port}/train")
+        assert page.is_checked("#chat")
+        wait_for(page, "!document.getElementById('e-chat-row').hidden")
+        assert " steps · " in page.text_content("#e-chat")
+        note = page.text_content("#e-chat-note")
+        assert note.startswith("Pretraining ") and "then chat-tuning" in note and "assumes one pass" in note
+        # other data: chat-tuning is a choice, off until made; the plan then has one stage
+        page.check("input[name=source][value=upload]")
+        page.select_option("#dataset-id", str(ds.id))
+        assert not page.is_checked("#chat")
+        wait_for(page, "document.getElementById('e-chat-row').hidden")
+        page.check("#chat")
+        wait_for(page, "!document.getElementById('e-chat-row').hidden")
+        page.check("input[name=source][value=demo]")  # a choice made stays made
+        assert page.is_checked("#chat")
+        page.click("button:has-text('Start training')")
+        page.wait_for_url(f"http://127.0.0.1:{server.port}/jobs/*")
+        with database.connection_context():
+            from nanochat_studio.models import TrainingJob
+
+            job = TrainingJob.select().order_by(TrainingJob.id.desc()).get()
+            assert job.config["chat_data"] == {"kind": "demo", "source": "demo"}
+            assert [s["stage"] for s in job.estimate["stages"]] == ["pretrain", "chat"]
+        assert errors == []
+    finally:
+        page.close()
+        server.stop()
