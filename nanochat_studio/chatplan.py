@@ -85,8 +85,10 @@ def model_args(ask: ChatAsk, args: Mapping[str, Any]) -> dict[str, Any]:
     assert ask.model is not None
     cfg = ask.model.config or {}
     out: dict[str, Any] = {"depth": chattune.model_depth(ask.model) or 1, "max_steps": 1}
-    for key in ("seq_len", "batch_size", "vocab_size"):
-        value = args.get(key) or cfg.get(key)
+    # The trainer's rows: the model's context unless asked, and the device's default batch unless asked
+    # (trainer/chat_stage.py from_checkpoint); the vocabulary is the model's tokenizer's.
+    for key, value in (("seq_len", args.get("seq_len") or cfg.get("seq_len")), ("batch_size", args.get("batch_size")),
+                       ("vocab_size", cfg.get("vocab_size"))):
         if value:
             out[key] = value
     out["dataset"] = "demo" if ask.model.data_source == "demo" else FROM_MODEL_DATA

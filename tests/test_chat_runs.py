@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from nanochat_studio import datasets, jobs
 from nanochat_studio.checkpoints import local_checkpoint_dir
 from nanochat_studio.models import JobEvent, Model, TrainingJob
@@ -106,3 +108,44 @@ def test_conversations_the_trainer_refuses_fail_the_job_without_a_retry(alice, s
     job = TrainingJob.get_by_id(job.id)
     assert job.error_kind == "user" and job.attempt == 1
     assert "line 1: no messages" in events(job, "error")[0]["message"]
+
+
+# --- the real trainer (issue 12's trainer side): skipped until trainer/config.py has the chat stage ------
+
+def _trainer_has_chat_stage() -> bool:
+    import dataclasses as dc
+
+    from trainer.config import TrainConfig
+
+    return {"chat_data", "init_from", "chat_steps"} <= {f.name for f in dc.fields(TrainConfig)}
+
+
+def _real(settings):
+    import dataclasses as dc
+
+    return dc.replace(settings, trainer_module="trainer.train")
+
+
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.skipif(not _trainer_has_chat_stage(), reason="the trainer has no chat stage yet")
+def test_the_real_trainer_pretrains_then_chat_tunes_then_chat_tunes_the_result_again(alice, settings, tmp_path):
+    real = _real(settings)
+    jobs.submit(alice, {"depth": 1, "dataset": "demo", "max_steps": 4, "batch_size": 4, "seq_len": 128,
+                        "chat": True, "chat_steps": 3, "name": "both"}, real)
+    job, status = claim_and_run(real)
+    job = TrainingJob.get_by_id(job.id)
+    assert status == "completed", job.status_reason + Path(job.log_path).read_text()[-3000:]
+    assert [d["stage"] for d in events(job, "step")] == ["pretrain"] * 4 + ["chat"] * 3
+    assert events(job, "stage")[0]["step"] == 4 and events(job, "start")[0]["total_steps"] == 7
+    assert job.progress["chat_val_loss"] > 0
+    tuned = Model.get(Model.job == job)
+    assert tuned.kind == "chat" and tuned.step == 7
+    chats = upload(alice, settings, "chats.jsonl", (json.dumps(CONVERSATION) + "\n").encode() * 40)
+    jobs.submit(alice, {"init_from_model": tuned.id, "chat_data": f"ds:{chats.id}", "chat_steps": 2,
+                        "name": "again"}, real)
+    job, status = claim_and_run(real)
+    job = TrainingJob.get_by_id(job.id)
+    assert status == "completed", job.status_reason + Path(job.log_path).read_text()[-3000:]
+    assert events(job, "start")[0]["stages"] == [{"stage": "chat", "steps": 2}]
+    assert Model.get(Model.job == job).kind == "chat"

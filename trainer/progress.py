@@ -63,7 +63,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "error": ("kind", "code", "message"),
     "calibration": ("device", "device_name", "memory_bytes"),
     "facts": ("data_sha256", "raw_bytes", "vocab_size", "n_train_tokens", "n_val_tokens"),
-    "stage": ("stage", "step", "steps"),  # the chat stage begins (issue 12's contract)
+    "stage": ("stage", "step", "steps"),
 }
 
 ERROR_KINDS = ("user", "infrastructure")
