@@ -141,9 +141,9 @@ def test_the_real_trainer_pretrains_then_chat_tunes_then_chat_tunes_the_result_a
     assert job.progress["chat_val_loss"] > 0
     tuned = Model.get(Model.job == job)
     assert tuned.kind == "chat" and tuned.step == 7
-    chats = upload(alice, settings, "chats.jsonl", (json.dumps(CONVERSATION) + "\n").encode() * 40)
+    chats = upload(alice, settings, "chats.jsonl", (json.dumps(CONVERSATION) + "\n").encode() * 400)
     jobs.submit(alice, {"init_from_model": tuned.id, "chat_data": f"ds:{chats.id}", "chat_steps": 2,
-                        "name": "again"}, real)
+                        "batch_size": 4, "name": "again"}, real)
     job, status = claim_and_run(real)
     job = TrainingJob.get_by_id(job.id)
     assert status == "completed", job.status_reason + Path(job.log_path).read_text()[-3000:]
