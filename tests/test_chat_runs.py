@@ -149,3 +149,25 @@ def test_the_real_trainer_pretrains_then_chat_tunes_then_chat_tunes_the_result_a
     assert status == "completed", job.status_reason + Path(job.log_path).read_text()[-3000:]
     assert events(job, "start")[0]["stages"] == [{"stage": "chat", "steps": 2}]
     assert Model.get(Model.job == job).kind == "chat"
+
+
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.skipif(not _trainer_has_chat_stage(), reason="the trainer has no chat stage yet")
+def test_the_plans_chat_length_for_the_demo_is_near_the_trainers_own(tmp_path):
+    """chatplan.py's rule was measured at seq_len 256; at 128 (another packing) it must still be close."""
+    import subprocess
+    import sys
+
+    from nanochat_studio import chatplan
+    from nanochat_studio.runner import trainer_env
+    from trainer import progress
+
+    out = subprocess.run([sys.executable, "-m", "trainer.train", "--data", "demo", "--depth", "1", "--max-steps", "1",
+                          "--stop-at-step", "1", "--seq-len", "128", "--batch-size", "4", "--chat-data", "demo",
+                          "--device", "cpu", "--compile", "false", "--out", str(tmp_path / "run")],
+                         env=trainer_env(), capture_output=True, timeout=600)
+    start = next(r for r in map(progress.parse_line, out.stdout.splitlines()) if r and r["event"] == "start")
+    trainer_steps = next(s["steps"] for s in start["stages"] if s["stage"] == "chat")
+    planned = chatplan.default_steps(chatplan.DEMO_CHAT_CONTENT_BYTES, 4, 128)
+    assert abs(planned - trainer_steps) / trainer_steps < 0.15, (planned, trainer_steps)
