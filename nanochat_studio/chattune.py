@@ -91,8 +91,10 @@ def validate(part: dict[str, Any], rest: dict[str, Any], user: User, settings: S
         model = source_model(part["init_from_model"], user)
         clean["init_from_model"] = model.id
         depth = model_depth(model)
-        if depth is not None:
-            clean["depth"] = depth
+        if depth is None:  # every run records it; without it no plan, memory check or page can size the run
+            raise _error(f"model {model.id} does not record the depth it was trained at, so it cannot be "
+                         "chat-tuned here", "init_from_model")
+        clean["depth"] = depth  # the checkpoint's, for plans and pages (the trainer takes the checkpoint's)
     return clean
 
 
@@ -216,8 +218,3 @@ def trainer_config(config: dict[str, Any], fields: dict[str, Any]) -> dict[str, 
     out.update(fields)
     return out
 
-
-def describe(job_config: dict[str, Any]) -> str:
-    """One line for pages: what the job's chat stage trains on ("" without one)."""
-    spec = job_config.get("chat_data")
-    return "" if spec is None else datasets.describe_spec(spec)

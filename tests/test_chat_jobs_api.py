@@ -109,6 +109,8 @@ def test_chat_tuning_a_model_takes_its_shape_and_refuses_pretraining_settings(ap
     refused(c, {"init_from_model": model.id, "chat": True, "dataset": "demo"}, 400, "dataset", "does not apply")
     refused(c, {"init_from_model": model.id, "chat": True, "depth": 3}, 400, "depth", "does not apply")
     refused(c, {"init_from_model": model.id, "chat": True, "max_steps": 9}, 400, "max_steps", "use 'chat_steps'")
+    shapeless = Model.create(user=alice, name="old", checkpoint_key="k", tokenizer_key="t", config={})
+    refused(c, {"init_from_model": shapeless.id, "chat": True}, 400, "init_from_model", "does not record the depth")
     chats = upload(c, "chats.jsonl", CHATS)
     r = post_json(c, "/api/jobs", {"init_from_model": model.id, "chat_data": chats["spec"], "chat_steps": 12})
     assert r.status_code == 201, r.get_json()
