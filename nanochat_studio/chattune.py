@@ -69,6 +69,10 @@ def validate(part: dict[str, Any], rest: dict[str, Any], user: User, settings: S
     if chat:
         clean["chat_data"] = dict(DEMO_SPEC)
     elif spec is not None:
+        if all(isinstance(x, dict) and x.get("credentials") for x in (spec, rest.get("dataset"))):
+            # the trainer reads both with one set of storage options (--storage-options)
+            raise _error("the data and the conversations cannot each bring their own S3 credentials: put them "
+                         "where one set reaches both, or upload the conversations", "chat_data")
         clean["chat_data"] = conversation_spec(spec, user, settings)
     if "chat_steps" in part:
         steps, (lo, hi) = part["chat_steps"], CHAT_STEPS_BOUNDS

@@ -56,6 +56,8 @@ def refused(client, body: dict, status: int, param: str, words: str) -> None:
     ({"depth": 1, "dataset": "demo", "chat": True, "chat_steps": 0}, "chat_steps", "between 1 and"),
     ({"depth": 1, "dataset": "demo", "chat": True, "chat_steps": "5"}, "chat_steps", "must be an integer"),
     ({"chat": True}, "depth", "'depth' is required"),
+    ({"depth": 1, "dataset": {"source": "s3://a/b", "credentials": {"key": "k", "secret": "s"}},
+      "chat_data": {"source": "s3://a/c", "credentials": {"key": "k2", "secret": "s2"}}}, "chat_data", "one set"),
 ])
 def test_bad_chat_settings_answer_400_naming_the_field(app, alice, body, param, words):
     refused(client_as(app, alice), body, 400, param, words)
