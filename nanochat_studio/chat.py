@@ -157,7 +157,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
 
 
 def is_chat_tuned(model: Model) -> bool:
-    """Whether the model learned the chat format. Pretraining alone does not teach it."""
+    """Whether the model learned the chat format (its kind is "chat"). Pretraining alone does not teach
+    it. A row whose kind was never set (made outside a run) may still say so in its config."""
+    if getattr(model, "kind", "base") == "chat":
+        return True
     cfg, metrics = model.config or {}, model.metrics or {}
     return bool(cfg.get("chat_tuned") or cfg.get("sft") or metrics.get("chat_tuned"))
 

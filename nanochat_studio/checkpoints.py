@@ -66,6 +66,28 @@ def final_checkpoint(run_dir: Path, reported: str | None = None) -> Path | None:
 
 # --- the Model a run leaves ------------------------------------------------------------------------------
 
+KINDS = ("base", "chat")
+
+
+def checkpoint_kind(config: dict[str, Any] | None, done: dict[str, Any] | None = None) -> str:
+    """A checkpoint's kind from its run config (config.json's top-level ``kind``: "chat" once a chat-stage
+    step was taken; absent in checkpoints of trainers before the chat stage: "base"). A ``done`` event
+    saying ``chat_tuned`` counts too, for a checkpoint whose config could not be read."""
+    kind = (config or {}).get("kind")
+    if kind in KINDS:
+        return kind
+    return "chat" if (done or {}).get("chat_tuned") else "base"
+
+
+def read_checkpoint_config(checkpoint: Path) -> dict[str, Any]:
+    """The run config a trainer saved with ``checkpoint`` ({} when it is missing or unreadable)."""
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 
 def create_run_model(job: TrainingJob, checkpoint: Path, *, key: str | None, facts: dict[str, Any],
                      progress: dict[str, Any], cancelled: bool) -> Model:
@@ -84,6 +106,7 @@ def create_run_model(job: TrainingJob, checkpoint: Path, *, key: str | None, fac
     name = job.name or f"job {job.id}"
     return Model.create(
         user=job.user_id, job=job.id, name=name + (f" (cancelled at step {step})" if cancelled else ""),
+        kind=checkpoint_kind(read_checkpoint_config(checkpoint), done),
         step=step or 0, checkpoint_key=where,
         tokenizer_key=f"{where}/tokenizer" if (checkpoint / "tokenizer").exists() else where,
         params=int(facts.get("params") or 0), config=start.get("config") or job.config,
@@ -178,11 +201,7 @@ def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
             step = int(manifest.get("step") or ckpt.name.split("_", 1)[1])
         except (OSError, ValueError):
             continue
-        config = {}
-        try:
-            config = json.loads((ckpt / "config.json").read_text())
-        except (OSError, ValueError):
-            pass
+        config = read_checkpoint_config(ckpt)
         model = _snapshot_row(job, step, config)
         try:
             key = store.publish_checkpoint(job.user_id, model.id, ckpt)
@@ -197,7 +216,7 @@ def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
 
 def _snapshot_row(job: TrainingJob, step: int, config: dict) -> Model:
     return Model.create(user=job.user_id, job=job.id, name=f"{job.name or f'job {job.id}'} @ step {step}",
-                        step=step, is_snapshot=True, checkpoint_key="", tokenizer_key="",
+                        step=step, is_snapshot=True, kind=checkpoint_kind(config), checkpoint_key="", tokenizer_key="",
                         config=config.get("train") or job.config, metrics={"snapshot_of_step": step})
 
 

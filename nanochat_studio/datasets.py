@@ -261,8 +261,9 @@ def describe_spec(spec: Any) -> str:
 
 
 def resolve_for_training(job: TrainingJob, settings: Settings, run_dir: str | os.PathLike | None = None, *,
-                         policy: fetch.NetPolicy | None = None) -> tuple[str, dict | None]:
-    """``(data, storage_options)`` for the trainer's ``--data`` for ``job``, re-checked for its owner now.
+                         policy: fetch.NetPolicy | None = None, key: str = "dataset") -> tuple[str, dict | None]:
+    """``(data, storage_options)`` for the trainer's ``--data`` for ``job``, re-checked for its owner now
+    (``key="chat_data"``: the same for its ``--chat-data``, prepared in ``run_dir/chat_data/``).
 
     ``"demo"``; a local path (an upload on local storage, or one copied from remote storage into
     ``run_dir/data/``; an https file downloaded there once, reused by later attempts); an ``s3://`` URL
@@ -271,10 +272,10 @@ def resolve_for_training(job: TrainingJob, settings: Settings, run_dir: str | os
     ``run_dir`` defaults to ``runs_dir/<job id>``. Raises DatasetError, NotFound, Forbidden and fetch's
     errors: all user errors, not to be retried.
     """
-    spec = _unsealed_spec(job.config.get("dataset") if isinstance(job.config, dict) else None, settings)
+    spec = _unsealed_spec(job.config.get(key) if isinstance(job.config, dict) else None, settings)
     source, creds = _split(spec)
     user = User.get_by_id(job.user_id)
-    data_dir = Path(run_dir or Path(settings.runs_dir) / str(job.id)) / "data"
+    data_dir = Path(run_dir or Path(settings.runs_dir) / str(job.id)) / ("data" if key == "dataset" else key)
     if source == "demo":
         return "demo", None
     if source.startswith("ds:") and source[3:].isdigit():

@@ -94,6 +94,21 @@ def _m0005_forget_finished_jobs_credentials(db: pw.Database) -> None:
                            (json.dumps(config, separators=(",", ":")), job_id))
 
 
+def _m0006_model_kind(db: pw.Database) -> None:
+    """models: ``kind`` ("base" | "chat"). Rows made before it are chat models when their config says
+    they were chat-tuned (what chat.is_chat_tuned read before the column existed)."""
+    import json
+
+    _add_missing_columns(db, "model", {"kind": pw.CharField(max_length=8, default="base")})
+    for model_id, raw_config, raw_metrics in list(db.execute_sql('SELECT id, config, metrics FROM "model"')):
+        config = json.loads(raw_config) if raw_config else {}
+        metrics = json.loads(raw_metrics) if raw_metrics else {}
+        tuned = (config.get("kind") == "chat" or config.get("chat_tuned") or config.get("sft")
+                 or metrics.get("chat_tuned"))
+        if tuned:
+            db.execute_sql(f'UPDATE "model" SET kind = {db.param} WHERE id = {db.param}', ("chat", model_id))
+
+
 # The ledger is append-only below the ORM too: these triggers refuse UPDATE and DELETE of ledger rows (and
 # TRUNCATE on PostgreSQL), and any change of an account's identity. Only an account's cached balance may
 # change (billing/ledger.py does it in the transaction that inserts the postings). `billing audit`
@@ -207,6 +222,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[pw.Database], None]]] = [
     (3, "billing: double-entry ledger, append-only", _m0003_billing_ledger),
     (4, "worker registry and GPU quarantine", _m0004_worker_registry_and_gpu_quarantine),
     (5, "finished jobs forget their S3 credentials", _m0005_forget_finished_jobs_credentials),
+    (6, "models: kind (base or chat)", _m0006_model_kind),
 ]
 
 

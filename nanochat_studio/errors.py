@@ -98,7 +98,8 @@ def render_error(err: AppError) -> Any:
         body = {"error": {"message": err.message, "type": err.openai_type, "param": err.param, "code": err.code}}
         response = jsonify(body)
     elif path.startswith(API_PREFIX):
-        response = jsonify({"error": {**err.details, "code": err.code, "message": err.message}})
+        param = {"param": err.param} if err.param else {}  # the field that is wrong, when one is
+        response = jsonify({"error": {**err.details, "code": err.code, "message": err.message, **param}})
     else:
         try:
             html = render_template("errors/error.html", error=err)

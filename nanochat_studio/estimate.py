@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 from trainer import sizing
 from trainer.sizing import VAL_FRACTION
 
-from . import datafacts, datasets, formats, jobs
+from . import chatplan, datafacts, datasets, formats, jobs
 from .db import database
 from .errors import BadRequest, NotFound
 from .models import AppState, Dataset, TrainingJob, User, parse_id
@@ -284,15 +284,22 @@ def data_bytes(spec: str, user: User) -> int | None:
 def estimate_for(args: Mapping[str, Any], user: User, calibrator: "Calibrator", *, calibrate: bool = True) -> dict:
     """The plan for the config in ``args`` (a query string or a job config) on the app's device, with
     ``calibrating`` saying whether a timing run of its shape is under way. Raises BadRequest, NotFound."""
+    ask = chatplan.parse(args, user)  # a chat stage (chatplan.py); NotFound for another user's model
+    if ask is not None and ask.model is not None:
+        args = chatplan.model_args(ask, args)  # chat-tuning a model: its shape, no pretraining
     config, spec = parse_args(args)
     dev = calibrator.device()
-    size = data_bytes(spec, user)  # first: NotFound for another user's upload
+    known = spec != chatplan.FROM_MODEL_DATA
+    size = data_bytes(spec, user) if known else None  # first: NotFound for another user's upload
     # What the trainer will find in the data; a missing preparation is queued when it can be.
-    facts = datafacts.for_plan(spec, user, config.get("vocab_size"), calibrator.prepare if calibrate else None)
+    facts = datafacts.for_plan(spec, user, config.get("vocab_size"),
+                               calibrator.prepare if calibrate else None) if known else {}
     try:
         plan = estimate(config, dev, data_bytes=size, facts=facts)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
+    if ask is not None:
+        chatplan.add_stage(plan, ask, user)
     plan["calibrating"] = False
     if calibrate and plan["time"]["source"] != "calibrated" and _worth_calibrating(plan, dev):
         if facts.get("status") == "estimating" or facts.get("preparing"):
@@ -322,7 +329,8 @@ def record_for_job(job: TrainingJob, calibrator: "Calibrator") -> None:
     except (BadRequest, NotFound):
         return
     summary = {k: plan[k] for k in ("params", "tokens", "steps", "time", "memory", "vocab_size", "budget", "exact",
-                                    "data", "batch_size", "seq_len", "tokens_per_step")}
+                                    "data", "batch_size", "seq_len", "tokens_per_step", "stages", "chat")
+               if k in plan}  # stages, chat: a chat stage's (chatplan.py)
     TrainingJob.update(estimate=summary).where(TrainingJob.id == job.id).execute()
 
 

@@ -19,7 +19,7 @@ import peewee as pw
 
 from trainer import sizing
 
-from . import datasets, metrics, secretbox, workers
+from . import chattune, datasets, metrics, secretbox, workers
 from .db import database
 from .errors import BadRequest, TooManyRequests
 from .models import JobEvent, TrainingJob, User, utcnow
@@ -154,13 +154,15 @@ def validate_config(config: Any, user: User, settings: Settings) -> dict[str, An
     dataset's own errors come from datasets.validate_spec: 400, 403 for a server path, 404)."""
     if not isinstance(config, dict):
         raise JobConfigError("the job config must be a JSON object")
+    config, chat_part = chattune.split(config)  # chattune.py owns the chat stage's keys
     unknown = sorted(set(config) - set(INT_BOUNDS) - set(_FLOAT_KEYS) - set(_STR_KEYS) - {"dataset"})
     if unknown:
-        allowed = ", ".join(sorted([*INT_BOUNDS, *_FLOAT_KEYS, *_STR_KEYS, "dataset"]))
+        allowed = ", ".join(sorted([*INT_BOUNDS, *_FLOAT_KEYS, *_STR_KEYS, "dataset", *chattune.KEYS]))
         raise JobConfigError(f"unknown config key(s): {', '.join(unknown)} (allowed: {allowed})")
-    for key in _REQUIRED:
+    chat = chattune.validate(chat_part, config, user, settings)
+    for key in (() if chattune.is_from_model(chat_part) else _REQUIRED):  # a model's checkpoint is its shape
         if key not in config:
-            raise JobConfigError(f"'{key}' is required")
+            raise JobConfigError(f"'{key}' is required", param=key)
     clean: dict[str, Any] = {}
     for key, value in config.items():
         if key == "dataset":
@@ -188,7 +190,9 @@ def validate_config(config: Any, user: User, settings: Settings) -> dict[str, An
     if "checkpoint_every" in clean and "max_steps" in clean and clean["checkpoint_every"] > clean["max_steps"]:
         raise JobConfigError("'checkpoint_every' cannot exceed 'max_steps'")
     # datasets.py owns what a dataset may be (and the URL guard); it answers a normalised spec dict.
-    clean["dataset"] = datasets.validate_spec(config["dataset"], user, settings)
+    if "dataset" in config:
+        clean["dataset"] = datasets.validate_spec(config["dataset"], user, settings)
+    clean.update(chat)
     return clean
 
 

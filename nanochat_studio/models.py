@@ -188,6 +188,9 @@ class Model(BaseModel):
     name = pw.CharField(max_length=120)
     step = pw.IntegerField(default=0)
     is_snapshot = pw.BooleanField(default=False)  # a read-only copy taken mid-training
+    # "base" (pretrained on raw text) or "chat" (chat-tuned: it answers in the chat template), from the
+    # checkpoint's config at publish time (checkpoints.py)
+    kind = pw.CharField(max_length=8, default="base")
     checkpoint_key = pw.CharField(max_length=1024)  # storage key of the checkpoint directory
     tokenizer_key = pw.CharField(max_length=1024)
     params = pw.BigIntegerField(default=0)

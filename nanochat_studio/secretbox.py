@@ -60,17 +60,21 @@ def unseal(token: str, settings: Settings) -> dict[str, Any]:
 
 
 def scrub_job_credentials(job_id: int) -> bool:
-    """Delete the dataset credentials of job ``job_id`` from its row; True if there were any."""
+    """Delete the dataset credentials of job ``job_id`` from its row (those of its pretraining data and
+    of its chat-tuning conversations); True if there were any."""
     from .models import TrainingJob
 
     row = TrainingJob.get_or_none(TrainingJob.id == job_id)
     config = dict(row.config or {}) if row is not None else {}
-    spec = config.get("dataset")
-    if not isinstance(spec, dict) or not ({SEALED_KEY, "credentials"} & set(spec)):
-        return False
-    config["dataset"] = {k: v for k, v in spec.items() if k not in (SEALED_KEY, "credentials")}
-    TrainingJob.update(config=config).where(TrainingJob.id == job_id).execute()
-    return True
+    found = False
+    for key in ("dataset", "chat_data"):
+        spec = config.get(key)
+        if isinstance(spec, dict) and ({SEALED_KEY, "credentials"} & set(spec)):
+            config[key] = {k: v for k, v in spec.items() if k not in (SEALED_KEY, "credentials")}
+            found = True
+    if found:
+        TrainingJob.update(config=config).where(TrainingJob.id == job_id).execute()
+    return found
 
 
 # --------------------------------------------------------------------------------------------- files

@@ -27,7 +27,7 @@ import peewee as pw
 
 from trainer import progress
 
-from . import billing, datasets, jobs, logs, metrics, quarantine
+from . import billing, chattune, datasets, jobs, logs, metrics, quarantine
 from .checkpoints import CheckpointMirror, create_run_model, final_checkpoint, publish_run_checkpoint, run_dir_for
 from .db import database
 from .mirror import Sidecar, run_prefix, wait_for_previous
@@ -108,8 +108,15 @@ class _Supervisor:
             for key in ("step", "total_steps", "loss", "tokens_per_sec", "eta_s", "elapsed_s", "lr", "mfu"):
                 p[key] = data.get(key)
             self.figures.step(data.get("tokens_per_sec"), data.get("mfu"))
+            if data.get("stage"):
+                p["stage"] = data["stage"]
         elif kind == "eval":
-            p.update(val_bpb=data.get("val_bpb"), val_loss=data.get("val_loss"))
+            if data.get("stage") == "chat":  # held-out conversations: its own curve, not pretraining's
+                p["chat_val_loss"] = data.get("val_loss")
+            else:
+                p.update(val_bpb=data.get("val_bpb"), val_loss=data.get("val_loss"))
+        elif kind == "stage":  # the chat stage begins after step data["step"]
+            p.update(stage=data.get("stage"), stage_from_step=data.get("step"), stage_steps=data.get("steps"))
         elif kind == "sample":
             self.facts["samples"] = data.get("samples")
         elif kind == "checkpoint":
@@ -120,7 +127,7 @@ class _Supervisor:
             self.facts["checkpoint"] = data.get("checkpoint") or self.facts.get("checkpoint")
         elif kind == "error":
             self.error = data
-        if kind in ("start", "step", "eval", "checkpoint", "done"):
+        if kind in ("start", "step", "eval", "checkpoint", "done", "stage"):
             jobs.update_progress(self.job.id, self.attempt, p)
 
     @contextlib.contextmanager
@@ -188,7 +195,10 @@ class _Supervisor:
         job = self.job
         try:
             with self._heartbeats():  # a download can outlast the lease
-                data, storage_options = datasets.resolve_for_training(job, self.settings, self.run_dir)
+                data, storage_options = (None, None) if job.config.get("dataset") is None else \
+                    datasets.resolve_for_training(job, self.settings, self.run_dir)  # none: chat-tuning a model
+                chat_fields, chat_options = chattune.prepare(job, self.settings, self.run_dir)
+                storage_options = storage_options or chat_options
                 restored = self._restore()
         except Exception as exc:  # fetch's errors carry an HTTP status: 4xx is the user's to fix
             status = getattr(exc, "status", None)
@@ -203,6 +213,7 @@ class _Supervisor:
         config = {k: v for k, v in job.config.items() if k not in ("dataset", "gpus")}
         config.update(data=data, device=self.slot.device, job_id=job.id, name=job.name,
                       cache_dir=str(data_cache_dir(self.settings)))
+        config = chattune.trainer_config(config, chat_fields)  # --chat-data, --init-from, --chat-steps
         if storage_options:
             config["storage_options"] = storage_options  # may hold the user's S3 secret: a 0600 file
         config_path = self.run_dir / "job.json"

@@ -167,7 +167,8 @@ def test_errors_answer_in_the_callers_language(client, kind, status):
     assert f"{kind} happened" in page.get_data(as_text=True)
     api = client.get(f"/api/probe/raise/{kind}")
     assert api.status_code == status
-    assert api.json == {"error": {"code": RAISES[kind].code, "message": f"{kind} happened"}}
+    named = {"param": "prompt"} if kind == "bad" else {}  # the field at fault, when the error names one
+    assert api.json == {"error": {"code": RAISES[kind].code, "message": f"{kind} happened", **named}}
     v1 = client.get(f"/v1/probe/raise/{kind}")
     assert v1.status_code == status
     assert v1.json == {"error": {"message": f"{kind} happened", "type": RAISES[kind].openai_type,

@@ -78,8 +78,9 @@ def job_json(job: TrainingJob, settings: Settings) -> dict[str, Any]:
 def _public_config(config: dict) -> dict:
     """The config without secrets: S3 credentials are stored for the trainer, never shown."""
     out = dict(config or {})
-    if isinstance(out.get("dataset"), dict):
-        out["dataset"] = datasets.describe_spec(out["dataset"])
+    for key in ("dataset", "chat_data"):  # chat_data: the conversations of a chat stage (chattune.py)
+        if isinstance(out.get(key), dict):
+            out[key] = datasets.describe_spec(out[key])
     return out
 
 
@@ -90,6 +91,7 @@ def model_json(model: Model) -> dict[str, Any]:
         "job_id": model.job_id,
         "step": model.step,
         "is_snapshot": model.is_snapshot,
+        "kind": model.kind,  # "base" or "chat" (chat-tuned)
         "params": model.params,
         "config": public_config(model.config),
         "metrics": model.metrics,

@@ -9,7 +9,7 @@ from flask_login import current_user
 
 from trainer import sizing
 
-from .. import datasets, formats, jobs
+from .. import chattune, datasets, formats, jobs
 from ..auth import login_required
 from ..errors import AppError
 from ..models import Model, TrainingJob
@@ -69,7 +69,29 @@ def config_from_form(form) -> tuple[dict[str, Any], list[str]]:
         config["dataset"] = value
     else:
         errors.append("Choose where the data comes from.")
-    return config, errors
+    chat_errors = chat_from_form(form, config)
+    return config, errors + chat_errors
+
+
+def chat_from_form(form, config: dict[str, Any]) -> list[str]:
+    """The chat stage a form asks for (the plan page's "Chat-tune after pretraining", a model page's
+    "Chat-tune this model"): ``chat`` (the demo conversations) or ``chat_data`` (an upload of the user's),
+    added to ``config``; what is wrong with it."""
+    if form.get("chat") not in ("on", "1", "true"):
+        return []
+    conversations = (form.get("chat_data") or "demo").strip()
+    if conversations == "demo":
+        config["chat"] = True
+    elif conversations.isdigit():
+        config["chat_data"] = f"ds:{conversations}"
+    else:
+        return ["Choose the conversations to chat-tune on: the demo set or a .jsonl file you uploaded."]
+    return []
+
+
+def conversation_datasets(user) -> list:
+    """The user's uploads that can be conversations (JSONL); chattune.py checks their lines on use."""
+    return [d for d in datasets.list_datasets(user) if d.name.lower().endswith(chattune.CHAT_EXTENSIONS)]
 
 
 @bp.route("/train", methods=["GET", "POST"])
@@ -77,11 +99,12 @@ def config_from_form(form) -> tuple[dict[str, Any], list[str]]:
 def plan():
     dev = current_calibrator().device()
     form: dict[str, Any] = {"depth": request.args.get("depth") or START_DEPTH.get(dev["device"], 4),
-                            "source": "demo"}
+                            "source": "demo", "chat": "on"}  # the demo job pretrains, then chat-tunes
     errors: list[str] = []
     if request.method == "POST":
         form = request.form.to_dict()
         form["advanced"] = any(form.get(k) for k in ADVANCED)
+        form["sent"] = True  # the page shows the choices as sent (plan.js then leaves the chat box alone)
         config, errors = config_from_form(request.form)
         if not errors:
             try:
@@ -97,6 +120,7 @@ def plan():
     status = 400 if errors else 200
     return render_template("jobs/plan.html", form=form, errors=errors, device=dev, defaults=defaults,
                            datasets=datasets.list_datasets(current_user),
+                           conversations=conversation_datasets(current_user),
                            allow_server_paths=_allow_server_paths()), status
 
 
@@ -113,7 +137,7 @@ def show(job_id: int):
     job = own(TrainingJob, job_id)
     info = job_json(job, current_settings())
     info["final"] = job.status in jobs.FINAL
-    shape = sizing.shape_for(job.config["depth"], job.config.get("vocab_size") or 8192,
+    shape = sizing.shape_for(job.config.get("depth") or 1, job.config.get("vocab_size") or 8192,
                              job.config.get("seq_len") or 256)
     info["params_human"] = formats.count((job.estimate or {}).get("params") or sizing.param_counts(shape)["total"])
     return render_template("jobs/show.html", job=job, info=info, final_states=sorted(jobs.FINAL))
@@ -129,5 +153,28 @@ def models():
 @bp.get("/models/<int:model_id>")
 @login_required
 def model_page(model_id: int):
-    return render_template("models/show.html", model=model_json(own(Model, model_id)))
+    model = own(Model, model_id)
+    return render_template("models/show.html", model=model_json(model),
+                           conversations=conversation_datasets(current_user), errors=[]), 200
+
+
+@bp.post("/models/<int:model_id>/chat-tune")
+@login_required
+def chat_tune(model_id: int):
+    """"Chat-tune this model": a job that starts from the model's checkpoint and trains the chat stage
+    alone, on the demo conversations or the user's own (chattune.py checks them)."""
+    model = own(Model, model_id)
+    config: dict[str, Any] = {"init_from_model": model.id,
+                              "name": (request.form.get("name") or "").strip() or f"{model.name} (chat)"[:120]}
+    errors = chat_from_form({**request.form.to_dict(), "chat": "on"}, config)
+    if not errors:
+        try:
+            job = submit_job(config)
+        except (AppError, ValueError) as exc:
+            errors.append(str(getattr(exc, "message", None) or exc))
+        else:
+            flash(f"Submitted job #{job.id}: chat-tuning {model.name}.", "success")
+            return redirect(url_for("jobs.show", job_id=job.id))
+    return render_template("models/show.html", model=model_json(model),
+                           conversations=conversation_datasets(current_user), errors=errors), 400
 

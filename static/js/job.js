@@ -18,7 +18,9 @@
   }
 
   // -- charts ---------------------------------------------------------------------------------------
-  const loss = { step: [], train: [], valStep: [], val: [], bpb: [] };
+  // chatStep/chatVal: the chat stage's validation loss (held-out conversations), its own curve;
+  // boundary: the last pretraining step of a run that chat-tunes after it (0: a chat-tune of a model).
+  const loss = { step: [], train: [], valStep: [], val: [], bpb: [], chatStep: [], chatVal: [], boundary: null };
   let lossChart = null, bpbChart = null, dirty = false;
 
   function chartWidth(el) { return Math.max(280, el.clientWidth - 8); }
@@ -32,8 +34,10 @@
       scales: { x: { time: false } },
       series: [{ label: "step" },
                { label: "train loss", stroke: "#3b82f6", width: 1.5, spanGaps: true },
-               { label: "val loss", stroke: "#f59e0b", width: 2, spanGaps: true, points: { show: true } }],
-    }, [[], [], []], le);
+               { label: "val loss", stroke: "#f59e0b", width: 2, spanGaps: true, points: { show: true } },
+               { label: "chat val loss", stroke: "#a855f7", width: 2, spanGaps: true, points: { show: true } }],
+      hooks: { draw: [drawBoundary] },
+    }, [[], [], [], []], le);
     bpbChart = new uPlot({
       width: chartWidth(be), height: 200, axes: axes,
       scales: { x: { time: false } },
@@ -45,12 +49,35 @@
       bpbChart.setSize({ width: chartWidth(be), height: 200 });
     });
   }
-  // Train loss is logged every step and val loss now and then: merge them on one x axis.
+  // Where pretraining ends and chat-tuning begins: a dashed line across the loss chart.
+  function drawBoundary(u) {
+    if (loss.boundary === null || !u.data[0].length) return;
+    const x = u.valToPos(loss.boundary, "x", true);
+    const ctx = u.ctx;
+    ctx.save();
+    ctx.strokeStyle = "#a855f7"; ctx.fillStyle = "#a855f7"; ctx.lineWidth = 1.5;
+    ctx.setLineDash([5, 4]);
+    ctx.beginPath(); ctx.moveTo(x, u.bbox.top); ctx.lineTo(x, u.bbox.top + u.bbox.height); ctx.stroke();
+    ctx.font = `${12 * devicePixelRatio}px sans-serif`;
+    ctx.fillText("chat-tuning →", x + 4 * devicePixelRatio, u.bbox.top + 14 * devicePixelRatio);
+    ctx.restore();
+  }
+  // Train loss is logged every step and the val losses now and then: merge them on one x axis.
   function lossData() {
-    const xs = Array.from(new Set(loss.step.concat(loss.valStep))).sort((a, b) => a - b);
-    const t = new Map(loss.step.map((s, i) => [s, loss.train[i]]));
-    const v = new Map(loss.valStep.map((s, i) => [s, loss.val[i]]));
-    return [xs, xs.map((s) => (t.has(s) ? t.get(s) : null)), xs.map((s) => (v.has(s) ? v.get(s) : null))];
+    const xs = Array.from(new Set(loss.step.concat(loss.valStep, loss.chatStep))).sort((a, b) => a - b);
+    const at = (steps, values) => { const m = new Map(steps.map((s, i) => [s, values[i]])); return xs.map((s) => (m.has(s) ? m.get(s) : null)); };
+    return [xs, at(loss.step, loss.train), at(loss.valStep, loss.val), at(loss.chatStep, loss.chatVal)];
+  }
+  function markStage(boundary) {
+    if (boundary === null || boundary === undefined || loss.boundary === boundary) return;
+    loss.boundary = boundary;
+    const note = $("#stage-note");
+    if (note) {
+      note.textContent = boundary ? `Pretraining ran to step ${boundary}; chat-tuning from step ${boundary + 1} on.`
+                                  : "Chat-tuning only: this run starts from a trained model.";
+      note.hidden = false;
+    }
+    dirty = true;
   }
   function redraw() {
     if (!dirty) return;
@@ -91,6 +118,8 @@
     }
     if (p.loss !== undefined) setText("#loss", decimal(p.loss, 3));
     if (p.val_bpb !== undefined && p.val_bpb !== null) setText("#bpb", decimal(p.val_bpb, 3));
+    if (p.stage) { setText("#stage", p.stage === "chat" ? "chat-tuning" : "pretraining"); $("#stage-stat").hidden = false; }
+    if (p.chat_val_loss !== undefined && p.chat_val_loss !== null) { setText("#chat-val", decimal(p.chat_val_loss, 3)); $("#chat-val-stat").hidden = false; }
     if (p.tokens_per_sec !== undefined) setText("#tps", count(p.tokens_per_sec));
     if (p.mfu !== undefined) setText("#mfu", p.mfu === null ? "–" : decimal(100 * p.mfu, 1) + "%");
     if (p.elapsed_s !== undefined) setText("#elapsed", duration(p.elapsed_s));
@@ -152,6 +181,8 @@
     start(d) {
       if (d.params) setText("#params", count(d.params));
       if (d.dtype) setText("#dtype", d.dtype);  // what the trainer's products run in (--dtype)
+      const stages = d.stages || [];  // a chat stage's start: where its boundary will be
+      if (stages.some((s) => s.stage === "chat")) markStage(stages.filter((s) => s.stage === "pretrain").reduce((n, s) => n + s.steps, 0));
       showPlanFromStart(d);
       addHistory(d.resumed_from_step ? `trainer resumed from step ${d.resumed_from_step}` :
                  `trainer started on ${d.device}`, d.time);
@@ -161,8 +192,19 @@
       showProgress(d);
     },
     eval(d) {
+      if (d.stage === "chat") {  // held-out conversations: the chat stage's own validation curve
+        loss.chatStep.push(d.step); loss.chatVal.push(d.val_loss); dirty = true;
+        setText("#chat-val", decimal(d.val_loss, 3)); $("#chat-val-stat").hidden = false;
+        return;
+      }
       loss.valStep.push(d.step); loss.val.push(d.val_loss); loss.bpb.push(d.val_bpb); dirty = true;
       if (d.val_bpb !== null) setText("#bpb", decimal(d.val_bpb, 3));
+    },
+    stage(d) {
+      markStage(d.step);
+      showProgress({ stage: d.stage });
+      addHistory(`chat-tuning began after step ${d.step}: ${d.steps} steps on ${count(d.n_conversations || 0)} conversations` +
+                 (d.n_val_conversations ? ` (${count(d.n_val_conversations)} held out)` : ""), d.time);
     },
     sample: addSamples,
     checkpoint(d) {
@@ -249,5 +291,5 @@
   connect();
   pollLog();
   logTimer = setInterval(pollLog, 3000);
-  window.__jobPage = { loss: loss, jobId: jobId };  // read by the browser test
+  window.__jobPage = { loss: loss, jobId: jobId, lossChart: () => lossChart };  // read by the browser tests
 })();

@@ -12,7 +12,13 @@
   function source() { return (form.querySelector('input[name="source"]:checked') || {}).value || "demo"; }
   function showSourceDetails() {
     for (const el of form.querySelectorAll(".source-detail")) el.hidden = el.dataset.source !== source();
+    // Chat-tuning is on by default for the demo (its conversations are about the demo's stories); for
+    // other data it is the person's choice, kept once they have made it.
+    if ($("chat") && !chatTouched) $("chat").checked = source() === "demo";
   }
+  let chatTouched = !!($("chat") && $("chat").dataset.chosen);  // a form sent back with errors: as sent
+  if ($("chat")) $("chat").addEventListener("change", () => { chatTouched = true; });
+  if ($("chat-data")) $("chat-data").addEventListener("change", () => { chatTouched = true; $("chat").checked = true; });
 
   function params() {
     const p = new URLSearchParams();
@@ -24,6 +30,10 @@
     if (s === "s3" && form.s3.value) p.set("dataset", form.s3.value);
     if (s === "path" && form.path && form.path.value) p.set("dataset", form.path.value);
     for (const k of ["max_steps", "seq_len", "batch_size", "vocab_size"]) if (form[k].value) p.set(k, form[k].value);
+    if ($("chat") && $("chat").checked) {  // the chat stage after pretraining (chatplan.py estimates it)
+      const conv = $("chat-data").value;
+      if (conv === "demo") p.set("chat", "1"); else p.set("chat_data", "ds:" + conv);
+    }
     return p;
   }
 
@@ -46,6 +56,7 @@
     $("e-tokens").textContent = e.tokens_human;
     $("e-ratio").textContent = e.tokens_per_param;
     $("e-steps").textContent = e.steps.toLocaleString() + ` × ${e.batch_size}×${e.seq_len}`;
+    showChat(e.chat, e.stages);
     const m = e.memory;
     const verdict = { fits: "fits", tight: "tight", wont_fit: "will not fit", unknown: "" }[m.verdict] || "";
     $("e-memory").textContent = size(m.needed_bytes) + (verdict ? " · " + verdict : "");
@@ -72,6 +83,16 @@
     // So does the data's preparation (its vocabulary and token counts): ask again until it is known.
     const estimating = e.data && e.data.status === "estimating";
     if ((e.time.source !== "calibrated" && e.calibrating) || estimating) calibrationTimer = setTimeout(refresh, 2000);
+  }
+
+  // The chat stage: its steps and time beside pretraining's, and what its length assumes.
+  function showChat(chat, stages) {
+    $("e-chat-row").hidden = $("e-chat-note").hidden = !chat;
+    if (!chat) return;
+    const pre = (stages || []).find((s) => s.stage === "pretrain");
+    $("e-chat").textContent = `${chat.steps.toLocaleString()} steps · ${duration(chat.seconds)}`;
+    $("e-chat-note").textContent = (pre ? `Pretraining ${pre.steps.toLocaleString()} steps, then chat-tuning ` +
+      `${chat.steps.toLocaleString()}. ` : "") + `Chat length assumes ${chat.assumes}.`;
   }
 
   // Billing's quote (null when nothing is charged): the cost, what a start holds, what is available.

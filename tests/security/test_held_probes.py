@@ -64,6 +64,7 @@ def _unchanged(world: dict) -> None:
     alice = User.get_by_id(world["people"]["alice"].id)
     assert alice.is_approved and not alice.is_admin and alice.is_active
     assert Model.select().where(Model.user == alice.id).count() == 1  # no snapshot made for anyone
+    assert TrainingJob.select().where(TrainingJob.config.contains('"init_from_model"')).count() == 0
 
 
 # endpoint -> (method, id of whose thing, how the request is sent, statuses that mean "refused")
@@ -83,6 +84,7 @@ MATRIX: dict[str, tuple[str, str, str, tuple[int, ...]]] = {
     "chat.page": ("GET", "model", "browser", (404,)),
     "jobs.show": ("GET", "job", "browser", (404,)),
     "jobs.model_page": ("GET", "model", "browser", (404,)),
+    "jobs.chat_tune": ("POST", "model", "form", (404,)),  # chat-tuning starts from one's own model only
     # Keys are revoked among one's own only: the answer is the profile again, alice's key untouched.
     "account.revoke_key": ("POST", "key", "form", (302,)),
     "account.approve_user": ("POST", "alice", "form", (403,)),
