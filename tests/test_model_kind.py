@@ -71,8 +71,8 @@ def test_a_run_model_takes_the_kind_its_checkpoint_wrote(tmp_path):
     ckpt = tmp_path / "step_0000003"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"train": {"depth": 1}, "kind": "chat", "chat_tuned": True}))
-    model = create_run_model(job, ckpt, facts={"done": {"step": 3}}, progress={}, cancelled=False)
+    model = create_run_model(job, ckpt, key=None, facts={"done": {"step": 3}}, progress={}, cancelled=False)
     assert model.kind == "chat" and chat.is_chat_tuned(model) and chat.default_mode(model) == "chat"
     (ckpt / "config.json").write_text(json.dumps({"train": {"depth": 1}, "kind": "base"}))
-    base = create_run_model(job, ckpt, facts={"done": {"step": 3}}, progress={}, cancelled=False)
+    base = create_run_model(job, ckpt, key=None, facts={"done": {"step": 3}}, progress={}, cancelled=False)
     assert base.kind == "base" and not chat.is_chat_tuned(base) and chat.default_mode(base) == "complete"
