@@ -101,9 +101,18 @@ def log_tail(job: TrainingJob, settings: Settings) -> str:
     """The job log's last LOG_TAIL_BYTES as text: storage's copy when the job's sidecar wrote one
     (whichever machine ran it), else this machine's run directory (one machine, mirroring off)."""
     data = b""
+    store = Storage.from_settings(settings)
     try:
-        with Storage.from_settings(settings).open(f"{run_prefix(job.user_id, job.id)}/log.txt") as f:
-            data = f.read(LOG_TAIL_BYTES)
+        for attempt in range(3):
+            try:
+                with store.open(f"{run_prefix(job.user_id, job.id)}/log.txt") as f:
+                    data = f.read(LOG_TAIL_BYTES)
+                break
+            except KeyNotFound:
+                raise
+            except OSError:  # the sidecar replaced the object between our open and read (s3fs: FileExpired)
+                if attempt == 2:
+                    raise
     except KeyNotFound:
         if job.log_path and os.path.exists(job.log_path):
             with open(job.log_path, "rb") as fh:
