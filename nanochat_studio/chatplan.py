@@ -1,16 +1,19 @@
 """The chat stage's share of a plan: its steps, tokens and time, beside pretraining's (estimate.py).
 
 The trainer's rule for the stage's length (trainer/chat_stage.py, ``--chat-steps`` unset): ``chat_epochs``
-(1) passes over the training conversations packed whole into rows of ``seq_len + 1`` tokens, ``batch``
-rows a step: ``ceil(rows / batch)``. The trainer counts the rows after tokenizing; before a run the app
-does not tokenize conversations, so the plan ASSUMES (and says so in ``chat.assumes``):
+(trainer/config.py DEFAULT_CHAT_EPOCHS) passes over the training conversations packed whole into rows of
+``seq_len + 1`` tokens, ``batch`` rows a step: ``ceil(epochs * rows / batch)``. The trainer counts the rows
+after tokenizing; before a run the app does not tokenize conversations, so the plan works them out:
 
-- the conversations' text: the demo set's measured size (DEMO_CHAT_CONTENT_BYTES), or for a JSONL file
-  JSONL_CONTENT_SHARE of its bytes (the rest is JSON syntax and role names);
-- its tokens: the demo corpus' bytes per token (sizing.DEMO_FACTS), plus each turn's special tokens;
-- FRAMING_SHARE more tokens for the turns' special tokens, rows PACKING_EFFICIENCY full (whole
-  conversations leave padding; measured on the demo set at seq_len 256), VAL_SHARE held out (the
-  trainer holds out every 20th conversation);
+- the built-in demo set: its conversations are generated here exactly as the trainer generates them
+  (trainer/demo_chat.py, seed 42), each message's tokens are its bytes over DEMO_CHAT_BYTES_PER_TOKEN
+  plus its two turn tokens, and the trainer's packing is replayed (every 20th conversation held out,
+  a conversation with a turn longer than the context left out, whole conversations a row). That holds
+  at any ``seq_len``: how full rows are depends on it (at 128 nearly one conversation a row, at 256 two);
+- a JSONL file: JSONL_CONTENT_SHARE of its bytes is text (the rest is JSON syntax and role names), at
+  the demo corpus' bytes per token (sizing.DEMO_FACTS), FRAMING_SHARE more tokens for the turns' special
+  tokens, rows PACKING_EFFICIENCY full (as the demo set packs at 256), VAL_SHARE held out; the plan says
+  so in ``chat.assumes``;
 - a chat step costs what a pretraining step of the same shape and batch costs (same rows of tokens),
   evaluations a forward pass over the held-out conversations every ``sizing.EVAL_EVERY`` steps.
 
@@ -24,23 +27,31 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import functools
+import random
+
 from trainer import sizing
+from trainer.config import DEFAULT_CHAT_EPOCHS
 
 from . import chattune, datasets, formats
 from .errors import BadRequest
 from .models import Model, User
 
-# The built-in set: 12,000 generated conversations (trainer/chat_data.py DEMO_CONVERSATIONS) whose message
-# texts total this many bytes, measured with trainer.demo_chat.conversations(seed=42, n=12000).
-DEMO_CHAT_CONTENT_BYTES = 3_534_602
-JSONL_CONTENT_SHARE = 0.71  # the demo set written as JSONL: 4,988,895 bytes for those 3,534,602
+# The built-in set (trainer/demo_chat.py, N_CONVERSATIONS of them, seed 42): its message texts total this
+# many bytes (tests/test_chat_runs.py checks it against the generator).
+DEMO_CHAT_CONTENT_BYTES = 4_352_675
+# Bytes per token of the demo set's messages under the demo tokenizer (vocabulary 978), fitted to the
+# trainer's own count: its "chat stage" log line at seq_len 256 says 7,524 rows (this replay: 7,573), at
+# 128 11,116 rows (replay: 10,980); seed 42, 11,400 training conversations.
+DEMO_CHAT_BYTES_PER_TOKEN = 3.4
+DEMO_SEED = 42  # trainer/config.py's default seed: the set a default run reads
+JSONL_CONTENT_SHARE = 0.71  # the demo set written as JSONL is this share message text
 BYTES_PER_TOKEN = sizing.DEMO_FACTS["raw_bytes"] / (sizing.DEMO_FACTS["n_train_tokens"] + sizing.DEMO_FACTS["n_val_tokens"])
-FRAMING_SHARE = 0.10  # <|bos|> and each turn's start and end tokens: ~8 per demo conversation of ~90
-# How full the packed rows are, measured: the trainer packs the demo set's 11,400 training conversations
-# into 4,937 rows of 256 (its log, depth 2, seed 42), where the figures above count 841,370 tokens.
+FRAMING_SHARE = 0.10  # <|bos|> and each turn's start and end tokens: ~13 per demo conversation of ~100
+# How full packed rows are for a JSONL set (unknown conversation lengths): the demo set's at seq_len 256.
 PACKING_EFFICIENCY = 0.663
 VAL_SHARE = 1 / 20
-CHAT_EPOCHS = 1.0  # trainer/config.py chat_epochs' default
+CHAT_EPOCHS = DEFAULT_CHAT_EPOCHS
 UNKNOWN_DATA_STEPS = 300
 
 
@@ -115,11 +126,45 @@ def conversation_bytes(spec: str, user: User) -> int | None:
 
 
 def default_steps(content_bytes: int, batch: int, seq_len: int) -> int:
-    """The trainer's default chat length for conversations of ``content_bytes`` bytes of text (see the
+    """The trainer's default chat length for a JSONL set with ``content_bytes`` bytes of text (see the
     module docstring for what is assumed)."""
     tokens = content_bytes / BYTES_PER_TOKEN * (1 + FRAMING_SHARE) * (1 - VAL_SHARE)
     rows = math.ceil(tokens / (seq_len + 1) / PACKING_EFFICIENCY)
     return max(1, math.ceil(CHAT_EPOCHS * rows / batch))
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_message_bytes() -> tuple[tuple[int, ...], ...]:
+    """Each demo conversation's message lengths in bytes, in the trainer's order (~0.4 s, once)."""
+    from trainer import demo_chat
+    return tuple(tuple(len(m["content"].encode()) for m in c)
+                 for c in demo_chat.conversations(DEMO_SEED, demo_chat.N_CONVERSATIONS))
+
+
+@functools.lru_cache(maxsize=64)
+def demo_rows(seq_len: int) -> int:
+    """The rows of ``seq_len + 1`` tokens the trainer packs the demo set's training conversations into
+    (trainer/chat_data.py prepare_chat and ChatData.rows, replayed on estimated token counts)."""
+    kept = []
+    for message_bytes in _demo_message_bytes():
+        turns = [round(b / DEMO_CHAT_BYTES_PER_TOKEN) + 2 for b in message_bytes]
+        if max(turns) > seq_len:  # drop_long: the trainer leaves such a demo conversation out
+            continue
+        kept.append(1 + sum(turns))  # <|bos|>, then each turn with its start and end tokens
+    train = [n for i, n in enumerate(kept) if i % 20 != 19]  # every 20th held out (VAL_EVERY)
+    random.Random(0).shuffle(train)  # the trainer packs in a shuffled order; any order packs alike
+    width, rows, used = seq_len + 1, 0, 0
+    for n in train:
+        n = min(n, width)
+        if used + n > width and used:
+            rows, used = rows + 1, 0
+        used += n
+    return rows + (used > 0)
+
+
+def demo_steps(batch: int, seq_len: int) -> int:
+    """The trainer's default chat length for the built-in set."""
+    return max(1, math.ceil(CHAT_EPOCHS * demo_rows(seq_len) / batch))
 
 
 def add_stage(plan: dict[str, Any], ask: ChatAsk, user: User) -> dict[str, Any]:
@@ -130,6 +175,8 @@ def add_stage(plan: dict[str, Any], ask: ChatAsk, user: User) -> dict[str, Any]:
     content = conversation_bytes(ask.spec, user)
     if ask.steps is not None:
         steps, how = ask.steps, "chat_steps"
+    elif ask.spec == "demo":
+        steps, how = demo_steps(batch, seq_len), "demo"
     elif content is not None:
         steps, how = default_steps(content, batch, seq_len), "data"
     else:
@@ -167,8 +214,11 @@ def add_stage(plan: dict[str, Any], ask: ChatAsk, user: User) -> dict[str, Any]:
 def _assumes(how: str) -> str:
     if how == "chat_steps":
         return "the steps you asked for, each costing a pretraining step of the same shape"
+    if how == "demo":
+        return (f"{CHAT_EPOCHS:g} passes over the built-in conversations, packed as the trainer packs them "
+                f"(about {DEMO_CHAT_BYTES_PER_TOKEN:.1f} bytes a token); a step costs a pretraining step")
     if how == "unknown":
         return f"{UNKNOWN_DATA_STEPS} steps: the conversations' size is only known once the run reads them"
-    return (f"one pass over the conversations, about {BYTES_PER_TOKEN:.1f} bytes a token, rows "
+    return (f"{CHAT_EPOCHS:g} passes over the conversations, about {BYTES_PER_TOKEN:.1f} bytes a token, rows "
             f"{PACKING_EFFICIENCY:.0%} full, every 20th conversation held out; a step costs a pretraining step")
 

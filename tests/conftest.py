@@ -44,10 +44,15 @@ def pytest_report_header(config: Any) -> str:
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     """Under NCS_TEST_DB=postgres, leave out the trainer's own tests: they never open the store, so a
-    second pass would only repeat them (CI runs them on the SQLite pass)."""
+    second pass would only repeat them (CI runs them on the SQLite pass). Leave out the slow ones too
+    (long CPU training runs, ~5 minutes together): what they ask of the store (submit, claim, events,
+    publish) the quick tests ask of PostgreSQL as well, and the two passes must fit CI's time.
+    NCS_TEST_PG_SLOW=1 keeps them."""
     if TEST_DB != "postgres":
         return
-    kept = [item for item in items if item.get_closest_marker("trainer") is None]
+    keep_slow = os.environ.get("NCS_TEST_PG_SLOW") == "1"
+    kept = [item for item in items if item.get_closest_marker("trainer") is None
+            and (keep_slow or item.get_closest_marker("slow") is None)]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept

@@ -104,7 +104,7 @@ def test_the_plan_page_estimates_the_chat_stage_and_chat_tunes_the_demo_by_defau
         wait_for(page, "!document.getElementById('e-chat-row').hidden")
         assert " steps · " in page.text_content("#e-chat")
         note = page.text_content("#e-chat-note")
-        assert note.startswith("Pretraining ") and "then chat-tuning" in note and "assumes one pass" in note
+        assert note.startswith("Pretraining ") and "then chat-tuning" in note and "assumes 5 passes over the built-in conversations" in note
         # other data: chat-tuning is a choice, off until made; the plan then has one stage
         page.check("input[name=source][value=upload]")
         page.select_option("#dataset-id", str(ds.id))

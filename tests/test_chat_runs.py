@@ -5,6 +5,7 @@ from its published checkpoint with no pretraining data, and bad conversations fa
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -151,11 +152,30 @@ def test_the_real_trainer_pretrains_then_chat_tunes_then_chat_tunes_the_result_a
     assert Model.get(Model.job == job).kind == "chat"
 
 
+def test_the_plans_demo_set_is_the_trainers():
+    """The plan's figures of the built-in set are the generator's, and its epochs the trainer's default."""
+    from nanochat_studio import chatplan
+    from trainer import demo_chat
+    from trainer.config import TrainConfig
+
+    convs = demo_chat.conversations(chatplan.DEMO_SEED, demo_chat.N_CONVERSATIONS)
+    assert sum(len(m["content"].encode()) for c in convs for m in c) == chatplan.DEMO_CHAT_CONTENT_BYTES
+    assert chatplan.CHAT_EPOCHS == TrainConfig().chat_epochs == TrainConfig.__dataclass_fields__["chat_epochs"].default
+    assert chatplan.DEMO_SEED == TrainConfig().seed
+    # rows grow as they shorten, but not in proportion: at 128 nearly one conversation a row (11,400
+    # training conversations), at 512 several
+    assert 10_000 < chatplan.demo_rows(128) < 11_400 and chatplan.demo_rows(128) < 1.6 * chatplan.demo_rows(256)
+    assert chatplan.demo_rows(256) > 2 * chatplan.demo_rows(512) > 4 * chatplan.demo_rows(1024)
+    assert chatplan.demo_steps(8, 256) == math.ceil(chatplan.CHAT_EPOCHS * chatplan.demo_rows(256) / 8)
+
+
 @pytest.mark.slow
 @pytest.mark.process
 @pytest.mark.skipif(not _trainer_has_chat_stage(), reason="the trainer has no chat stage yet")
-def test_the_plans_chat_length_for_the_demo_is_near_the_trainers_own(tmp_path):
-    """chatplan.py's rule was measured at seq_len 256; at 128 (another packing) it must still be close."""
+@pytest.mark.parametrize("seq_len,batch", [(128, 4), (256, 8)])
+def test_the_plans_chat_length_for_the_demo_is_near_the_trainers_own(tmp_path, seq_len, batch):
+    """The plan replays the trainer's packing of the demo set: its step count is within 5% of the trainer's
+    at two row lengths that pack differently (one conversation a row at 128, two at 256)."""
     import subprocess
     import sys
 
@@ -164,10 +184,10 @@ def test_the_plans_chat_length_for_the_demo_is_near_the_trainers_own(tmp_path):
     from trainer import progress
 
     out = subprocess.run([sys.executable, "-m", "trainer.train", "--data", "demo", "--depth", "1", "--max-steps", "1",
-                          "--stop-at-step", "1", "--seq-len", "128", "--batch-size", "4", "--chat-data", "demo",
-                          "--device", "cpu", "--compile", "false", "--out", str(tmp_path / "run")],
+                          "--stop-at-step", "1", "--seq-len", str(seq_len), "--batch-size", str(batch),
+                          "--chat-data", "demo", "--device", "cpu", "--compile", "false", "--out", str(tmp_path / "run")],
                          env=trainer_env(), capture_output=True, timeout=600)
     start = next(r for r in map(progress.parse_line, out.stdout.splitlines()) if r and r["event"] == "start")
     trainer_steps = next(s["steps"] for s in start["stages"] if s["stage"] == "chat")
-    planned = chatplan.default_steps(chatplan.DEMO_CHAT_CONTENT_BYTES, 4, 128)
-    assert abs(planned - trainer_steps) / trainer_steps < 0.15, (planned, trainer_steps)
+    planned = chatplan.demo_steps(batch, seq_len)
+    assert abs(planned - trainer_steps) / trainer_steps < 0.05, (planned, trainer_steps)

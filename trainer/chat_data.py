@@ -32,7 +32,6 @@ from trainer import chat_template
 from trainer.sources import DataError, _open_source
 
 VAL_EVERY = 20  # every 20th conversation is held out for validation (5%, as for text)
-DEMO_CONVERSATIONS = 12_000  # size of the built-in set (trainer/demo_chat.py)
 MAX_TURN_CHARS = 1 << 20  # a turn longer than this is refused before tokenizing
 
 
@@ -84,7 +83,7 @@ def read_conversations(spec: str, storage_options: dict | None = None, seed: int
     if spec == "demo":
         from trainer import demo_chat
         return [Conversation(c, f"demo conversation {i + 1}")
-                for i, c in enumerate(demo_chat.conversations(seed, DEMO_CONVERSATIONS))]
+                for i, c in enumerate(demo_chat.conversations(seed, demo_chat.N_CONVERSATIONS))]
     fs, paths = _open_source(spec, storage_options)
     out: list[Conversation] = []
     for path in paths:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16")  # trainer/precision.py says what each means
+# Passes over the training conversations when --chat-steps is unset (the app plans with it: chatplan.py).
+# Depth-2 demo bench (tests/bench/demo_chat.py): 2 passes left objects and feelings uncopied; 5 answer them.
+DEFAULT_CHAT_EPOCHS = 5.0
 
 # The --help headline: train.py's own, which is what the user ran.
 DESCRIPTION = "Train a small GPT from scratch, speaking the JSON-lines contract of trainer/progress.py."
@@ -73,7 +76,7 @@ class TrainConfig:
     chat_data: str | None = None  # "demo", a JSONL file/directory (.gz too) or fsspec URL of conversations
     init_from: str | None = None  # a checkpoint directory: chat-tune it (no pretraining)
     chat_steps: int | None = None  # None: chat_epochs passes over the training conversations
-    chat_epochs: float = 2.0
+    chat_epochs: float = DEFAULT_CHAT_EPOCHS
     chat_lr_scale: float = 0.5  # the chat stage's learning rates, as a fraction of pretraining's
     chat_warmup_ratio: float = 0.0
     chat_warmdown_ratio: float = 0.5
@@ -230,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the shape and tokenizer are the checkpoint's)")
     p.add_argument("--chat-steps", type=int, help="steps of the chat stage (default: --chat-epochs passes over "
                    "the training conversations, packed into rows of --seq-len)")
-    p.add_argument("--chat-epochs", type=float, help="default length of the chat stage in passes (default 2)")
+    p.add_argument("--chat-epochs", type=float, help=f"default length of the chat stage in passes (default {DEFAULT_CHAT_EPOCHS:g})")
     p.add_argument("--chat-lr-scale", type=float,
                    help="chat-stage learning rates as a fraction of the pretraining ones (default 0.5)")
     p.add_argument("--chat-warmup-ratio", type=float)

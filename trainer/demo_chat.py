@@ -221,6 +221,9 @@ def _small_talk(rng: random.Random) -> list[dict]:
     return msgs
 
 
+N_CONVERSATIONS = 12_000  # the size of the built-in set the chat stage reads (chat_data.read_conversations)
+
+
 def conversations(seed: int, n: int) -> list[list[dict]]:
     """``n`` conversations (lists of messages), the same for the same seed: 80% questions about a
     story, 12% story requests, 8% small talk."""
