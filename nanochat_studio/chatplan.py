@@ -9,7 +9,7 @@ after tokenizing; before a run the app does not tokenize conversations, so the p
   (trainer/demo_chat.py, seed 42), each message's tokens are its bytes over DEMO_CHAT_BYTES_PER_TOKEN
   plus its two turn tokens, and the trainer's packing is replayed (every 20th conversation held out,
   a conversation with a turn longer than the context left out, whole conversations a row). That holds
-  at any ``seq_len``: how full rows are depends on it (at 128 nearly one conversation a row, at 256 two);
+  at any ``seq_len``: how full rows are depends on it (at 128 nearly one conversation a row, at 256 about 1.5);
 - a JSONL file: JSONL_CONTENT_SHARE of its bytes is text (the rest is JSON syntax and role names), at
   the demo corpus' bytes per token (sizing.DEMO_FACTS), FRAMING_SHARE more tokens for the turns' special
   tokens, rows PACKING_EFFICIENCY full (as the demo set packs at 256), VAL_SHARE held out; the plan says
@@ -23,12 +23,11 @@ A dataset whose size is not known before the run (a URL, s3) gets UNKNOWN_DATA_S
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Mapping
-
-import functools
-import random
 
 from trainer import sizing
 from trainer.config import DEFAULT_CHAT_EPOCHS
@@ -48,7 +47,8 @@ DEMO_SEED = 42  # trainer/config.py's default seed: the set a default run reads
 JSONL_CONTENT_SHARE = 0.71  # the demo set written as JSONL is this share message text
 BYTES_PER_TOKEN = sizing.DEMO_FACTS["raw_bytes"] / (sizing.DEMO_FACTS["n_train_tokens"] + sizing.DEMO_FACTS["n_val_tokens"])
 FRAMING_SHARE = 0.10  # <|bos|> and each turn's start and end tokens: ~13 per demo conversation of ~100
-# How full packed rows are for a JSONL set (unknown conversation lengths): the demo set's at seq_len 256.
+# How full packed rows are for a JSONL set (unknown conversation lengths): measured on the demo set at
+# seq_len 256 before its answers were lengthened (4,937 rows); a rough figure for other sets, said as such.
 PACKING_EFFICIENCY = 0.663
 VAL_SHARE = 1 / 20
 CHAT_EPOCHS = DEFAULT_CHAT_EPOCHS
