@@ -50,7 +50,7 @@ FRAMING_SHARE = 0.10  # <|bos|> and each turn's start and end tokens: ~13 per de
 # How full packed rows are for a JSONL set (unknown conversation lengths): measured on the demo set at
 # seq_len 256 before its answers were lengthened (4,937 rows); a rough figure for other sets, said as such.
 PACKING_EFFICIENCY = 0.663
-VAL_SHARE = 1 / 20
+VAL_SHARE = 1 / 20  # trainer/chat_data.py VAL_EVERY
 CHAT_EPOCHS = DEFAULT_CHAT_EPOCHS
 UNKNOWN_DATA_STEPS = 300
 
@@ -145,21 +145,16 @@ def _demo_message_bytes() -> tuple[tuple[int, ...], ...]:
 def demo_rows(seq_len: int) -> int:
     """The rows of ``seq_len + 1`` tokens the trainer packs the demo set's training conversations into
     (trainer/chat_data.py prepare_chat and ChatData.rows, replayed on estimated token counts)."""
+    from trainer.chat_data import VAL_EVERY, pack
     kept = []
     for message_bytes in _demo_message_bytes():
         turns = [round(b / DEMO_CHAT_BYTES_PER_TOKEN) + 2 for b in message_bytes]
         if max(turns) > seq_len:  # drop_long: the trainer leaves such a demo conversation out
             continue
         kept.append(1 + sum(turns))  # <|bos|>, then each turn with its start and end tokens
-    train = [n for i, n in enumerate(kept) if i % 20 != 19]  # every 20th held out (VAL_EVERY)
+    train = [n for i, n in enumerate(kept) if i % VAL_EVERY != VAL_EVERY - 1]  # the held-out ones go
     random.Random(0).shuffle(train)  # the trainer packs in a shuffled order; any order packs alike
-    width, rows, used = seq_len + 1, 0, 0
-    for n in train:
-        n = min(n, width)
-        if used + n > width and used:
-            rows, used = rows + 1, 0
-        used += n
-    return rows + (used > 0)
+    return len(pack(train, seq_len + 1))
 
 
 def demo_steps(batch: int, seq_len: int) -> int:

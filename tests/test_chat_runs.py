@@ -175,7 +175,7 @@ def test_the_plans_demo_set_is_the_trainers():
 @pytest.mark.parametrize("seq_len,batch", [(128, 4), (256, 8)])
 def test_the_plans_chat_length_for_the_demo_is_near_the_trainers_own(tmp_path, seq_len, batch):
     """The plan replays the trainer's packing of the demo set: its step count is within 5% of the trainer's
-    at two row lengths that pack differently (one conversation a row at 128, two at 256)."""
+    at two row lengths that pack differently (nearly one conversation a row at 128, ~1.5 at 256)."""
     import subprocess
     import sys
 

@@ -128,6 +128,25 @@ def render_with_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[i
     return ids, mask
 
 
+def pack(lengths: list[int], width: int) -> list[list[int]]:
+    """Whole conversations a row, in the given order: for each row of ``width`` tokens, the indices of the
+    conversations it holds (one longer than a row is cut to it and fills a row alone). The app's plan
+    replays this on estimated lengths (nanochat_studio/chatplan.py)."""
+    rows: list[list[int]] = []
+    row: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        n = min(n, width)
+        if used + n > width and row:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
 @dataclass
 class ChatData:
     """Tokenized conversations, split into training and validation."""
@@ -146,24 +165,13 @@ class ChatData:
         convs = self.val if epoch is None else [self.train[i] for i in
                                                 np.random.default_rng([self.seed, epoch]).permutation(len(self.train))]
         width = self.seq_len + 1
-        rows_ids, rows_mask, ids, mask = [], [], [], []
-
-        def close():
+        rows_ids, rows_mask = [], []
+        for row in pack([len(c_ids) for c_ids, _ in convs], width):
+            ids = [convs[i][0][:width] for i in row]
+            mask = [convs[i][1][:width] for i in row]
             pad = width - sum(len(a) for a in ids)
             rows_ids.append(np.concatenate(ids + [np.full(pad, self.pad_id, np.int64)]))
             rows_mask.append(np.concatenate(mask + [np.zeros(pad, np.int64)]))
-            ids.clear()
-            mask.clear()
-        used = 0
-        for c_ids, c_mask in convs:
-            if used + len(c_ids) > width and ids:
-                close()
-                used = 0
-            ids.append(c_ids[:width])
-            mask.append(c_mask[:width])
-            used += len(ids[-1])
-        if ids:
-            close()
         tokens, m = np.stack(rows_ids), np.stack(rows_mask)
         y = np.where(m[:, 1:] == 1, tokens[:, 1:], -1)
         return tokens[:, :-1].copy(), y
