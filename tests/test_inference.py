@@ -104,7 +104,7 @@ def test_a_request_the_model_rejects_is_a_permanent_error(make_pool, tmp_path):
     with pytest.raises(InferenceError) as e:
         collect(pool.stream(m, "complete", "hello", {"temperature": -1}))
     assert e.value.permanent and "temperature" in e.value.message
-    _, final = collect(pool.stream(m, "complete", "hello", {"max_tokens": 3}))  # the server is still fine
+    _, final = collect(pool.stream(m, "complete", "hello", {"max_tokens": 3, "temperature": 0}))  # the server is still fine
     assert final.completion_tokens == 3
 
 
@@ -115,7 +115,7 @@ def test_it_recovers_after_the_server_is_killed_between_requests(make_pool, tmp_
     pid = pool.server_pid(m)
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
-    _, final = collect(pool.stream(m, "complete", "A", {"max_tokens": 4}))
+    _, final = collect(pool.stream(m, "complete", "A", {"max_tokens": 4, "temperature": 0}))
     assert final.completion_tokens == 4
     assert pool.server_pid(m) not in (None, pid)
 
@@ -153,7 +153,7 @@ def test_a_hung_server_times_out_instead_of_hanging(make_pool, tmp_path):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _, final = collect(pool.stream(m, "chat", HI, {"max_tokens": 2}))
+    _, final = collect(pool.stream(m, "chat", HI, {"max_tokens": 2, "temperature": 0}))
     assert final.completion_tokens == 2
 
 
@@ -211,7 +211,7 @@ def test_past_the_queue_limit_requests_get_toobusy(make_pool, tmp_path):
     assert e.value.status == 429 and "limit" in e.value.message
     a.close()
     b.close()  # never started: still gives its place back
-    _, final = collect(pool.stream(m, "chat", HI, {"max_tokens": 2}))
+    _, final = collect(pool.stream(m, "chat", HI, {"max_tokens": 2, "temperature": 0}))
     assert final.completion_tokens == 2
 
 

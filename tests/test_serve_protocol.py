@@ -219,8 +219,13 @@ def test_a_prompt_too_long_to_score_is_refused_but_generation_crops_it(server, c
     ids = [5] * (model.config.sequence_len + 10)
     got = client.one(mode="complete", prompt=ids, echo=True, logprobs=0, sampling={"max_tokens": 0})
     assert "context" in got["end"]["error"]
-    got = client.one(mode="complete", prompt=ids, sampling={"max_tokens": 3})
-    assert got["end"]["completion_tokens"] == 3 and got["end"]["prompt_tokens"] == model.config.sequence_len
+    got = client.one(mode="complete", prompt=ids, sampling={"max_tokens": 3, "seed": 7})
+    end = got["end"]
+    assert "error" not in end and end["prompt_tokens"] == model.config.sequence_len
+    # the tiny model may sample a stop token (<|bos|>) before its third token: that ends the text early
+    # with finish_reason "stop" (seen in CI); otherwise it runs to the length limit
+    assert (end["finish_reason"], end["completion_tokens"]) == ("length", 3) \
+        or (end["finish_reason"] == "stop" and 0 <= end["completion_tokens"] <= 3)
 
 
 def test_chat_logprobs(client):
