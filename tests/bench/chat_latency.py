@@ -13,6 +13,8 @@ unmeasured warm-up round (the first batch of a new size pays one-time costs in t
 whether any stream starved (got its first token only after another had finished). (3) With
 --baseline PATH (a checkout of this project, e.g. main): the same sweep against that checkout's model
 server (its trainer/serve.py started from PATH behind a second app), measured in this same run.
+(4) The same levels straight to the model server's Unix socket (one connection, no web app, no HTTP),
+so the sweep's losses split into the server's and the web path's.
 Greedy decoding (temperature 0) with a fixed max_tokens so every path generates the same tokens.
 Targets (issue 5): first-token overhead under 50 ms once warm; HTTP tokens/s at least 0.9x direct.
 Targets (issue 14): 16 streams reach >= 6x the aggregate tokens/s of one; TTFT p95 with 16 streams
@@ -252,6 +254,53 @@ def sweep(port: int, body: dict, levels: list[int], rounds: int, label: str) -> 
     return out
 
 
+def socket_level(path: str, body: dict, n: int) -> dict:
+    """n requests at once on one connection to the model server: its own aggregate tokens/s and TTFTs."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(300)
+    s.connect(path)
+    sampling = {"max_tokens": body["max_tokens"], "temperature": body["temperature"]}
+    t0 = time.perf_counter()
+    s.sendall(b"".join((json.dumps({"id": str(i), "mode": "complete", "prompt": body["prompt"],
+                                    "sampling": sampling}) + "\n").encode() for i in range(n)))
+    buf, first, done, tokens = b"", {}, 0, 0
+    while done < n:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            raise RuntimeError("the model server closed the connection")
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "delta" in msg:
+                first.setdefault(msg["id"], time.perf_counter() - t0)
+            elif msg.get("done") or "error" in msg:
+                done += 1
+                tokens += msg.get("completion_tokens", 0)
+    wall = time.perf_counter() - t0
+    s.close()
+    ttfts = [t * 1000 for t in first.values()]
+    return {"aggregate_tps": tokens / wall, "ttft_p50_ms": pct(ttfts, 50), "ttft_p95_ms": pct(ttfts, 95)}
+
+
+def server_sweep(path: str, body: dict, levels: list[int], rounds: int) -> dict:
+    """``socket_level`` per level, levels interleaved, after one warm-up round; medians."""
+    for n in levels:
+        socket_level(path, body, n)
+    runs: dict[int, list[dict]] = {n: [] for n in levels}
+    for _ in range(rounds):
+        for n in levels:
+            runs[n].append(socket_level(path, body, n))
+    out = {}
+    for n, rs in runs.items():
+        out[str(n)] = {k: round(statistics.median(r[k] for r in rs), 1) for k in rs[0]}
+        print(f"server   {n:3d} streams (socket, no HTTP): {out[str(n)]['aggregate_tps']:7.0f} tokens/s together, "
+              f"TTFT p50 {out[str(n)]['ttft_p50_ms']} ms, p95 {out[str(n)]['ttft_p95_ms']} ms")
+    return out
+
+
 def summarise(results: dict, levels: list[int]) -> None:
     """The issue's ratios, from the sweeps of this run."""
     ours = results["sweep"]
@@ -262,6 +311,12 @@ def summarise(results: dict, levels: list[int]) -> None:
               for n in levels if n != 1}
     ratios.update({f"ttft_p95_{n}_vs_1": round(ours[str(n)]["ttft_p95_ms"] / one["ttft_p50_ms"], 2)
                    for n in levels if n != 1})
+    server = results.get("server_sweep")
+    if server and "1" in server:
+        ratios.update({f"server_aggregate_{n}_vs_1": round(server[str(n)]["aggregate_tps"] / server["1"]["aggregate_tps"], 2)
+                       for n in levels if n != 1})
+        ratios.update({f"server_ttft_p95_{n}_vs_1": round(server[str(n)]["ttft_p95_ms"] / server["1"]["ttft_p50_ms"], 2)
+                       for n in levels if n != 1})
     base = results.get("baseline_sweep")
     if base and "1" in base:
         ratios["one_stream_vs_baseline"] = round(one["aggregate_tps"] / base["1"]["aggregate_tps"], 3)
@@ -387,6 +442,7 @@ def main() -> int:
         results["sweep"] = sweep(server.port, sse_body, levels, args.rounds, "ours")
         if base is not None:
             results["baseline_sweep"] = sweep(base["server"].port, base["body"], levels, args.rounds, "baseline")
+        results["server_sweep"] = server_sweep(pool._servers[model.id].socket_path, sse_body, levels, args.rounds)
         summarise(results, levels)
         results["server_stats"] = pool.server_stats(model)
         results["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
