@@ -16,6 +16,10 @@ power of two, so no run rebuilds its cache. Paths, each timed --repeats times, i
   from PATH in this process. Without the flag no ratio to it is printed.
 The bound: bytes a token must read (every block matrix and the head) divided by the read bandwidth
 measured here over a buffer of that size (it sits in cache as the weights do), best of many passes.
+The products floor: the token's matrix-vector products alone (every block matrix and the head, in the
+(in, out) layout the engine decodes from, one after another as a token meets them), no other op: the
+time no decode path of these weights can beat on this CPU with torch's kernels. The sum above runs
+hot in one buffer; the products stream 17 matrices through the caches, which is what decoding pays.
 Human lines, then LAST one line of JSON.
 """
 
@@ -99,6 +103,23 @@ def read_bandwidth(nbytes: int, passes: int = 200) -> float:
     return buf.numel() * 4 / best
 
 
+def products_rate(model: GPT, tokens: int) -> float:
+    """Tokens/s of the products alone: x @ W for every matrix a token meets, in order, for ``tokens``
+    tokens in a row (timed as a whole, as the paths' runs are)."""
+    mats = []
+    for blk in model.blocks:
+        for lin in (blk.attn.c_qkv, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj):
+            mats.append(lin.weight.detach().t().contiguous())
+    mats.append(model.lm_head.weight.detach().t().contiguous())
+    xs = {m.size(0): torch.randn(1, m.size(0)) for m in mats}
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            for m in mats:
+                torch.mm(xs[m.size(0)], m)
+        return tokens / (time.perf_counter() - t0)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--depth", type=int, default=4)
@@ -135,20 +156,25 @@ def main() -> int:
         paths["nanochat"] = nanochat_engine(args.nanochat, cfg, prompt, args.new)
     for run in paths.values():
         time_tokens(run(8))  # warm-up: allocator, kernels
+    products_rate(model, 8)
     same = list(paths["engine"]()) == list(paths["forward"]())
     results: dict[str, list] = {k: [] for k in paths}
-    bandwidth = []
+    bandwidth, floor = [], []
     for _ in range(args.repeats):  # interleaved, so a busy moment slows every path alike
         for name, run in paths.items():
             results[name].append(time_tokens(run()))
         bandwidth.append(read_bandwidth(weight_bytes))
+        floor.append(products_rate(model, args.new))
     best = {k: max(r[1] for r in v) for k, v in results.items()}
     best_cpu = {k: max(r[3] for r in v) for k, v in results.items()}
     ttft = {k: min(r[0] for r in v) for k, v in results.items()}
     bw = max(bandwidth)
     bound = bw / weight_bytes
 
+    products = max(floor)
     print(f"read bandwidth over {weight_bytes / 1e6:.1f} MB: {bw / 1e9:.1f} GB/s -> bound {bound:.0f} tokens/s")
+    print(f"products floor: the matrix-vector products alone run {products:.0f} tokens/s "
+          f"({products * weight_bytes / 1e9:.1f} GB/s through the weights)")
     for name, tps in best.items():
         print(f"{name:9s}: {tps:8.1f} tokens/s ({tps / bound:.0%} of the bound), first token {ttft[name] * 1000:.1f} ms; "
               f"{best_cpu[name]:8.1f} tokens per CPU second")
@@ -159,6 +185,8 @@ def main() -> int:
            "uncached_tokens_per_s": round(best["uncached"], 1),
            "engine_vs_forward": round(best["engine"] / best["forward"], 2),
            "engine_fraction_of_bound": round(best["engine"] / bound, 3),
+           "products_floor_tokens_per_s": round(products, 1),
+           "engine_fraction_of_products_floor": round(best["engine"] / products, 3),
            "cache_speedup": round(best["engine"] / best["uncached"], 2),
            "ttft_ms": round(ttft["engine"] * 1000, 2), "greedy_same_as_forward": same,
            "engine_tokens_per_cpu_s": round(best_cpu["engine"], 1),
