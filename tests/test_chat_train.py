@@ -171,6 +171,14 @@ def test_a_bad_conversation_file_exits_65_before_any_step(tmp_path, base, cache,
         assert events[-1]["code"] == code and "chats.jsonl line 2" in events[-1]["message"]
 
 
+def test_a_diverging_chat_stage_stops_as_a_user_error_naming_its_flag(tmp_path, base, cache):
+    rc, events, err = chat_run(["--init-from", base, "--chat-data", "demo", "--chat-steps", "20",
+                                "--chat-lr-scale", "1e38", "--grad-clip", "0"], tmp_path / "run", cache)
+    assert rc == progress.EXIT_DIVERGED, err
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "user" and events[-1]["code"] == "diverged"
+    assert "chat-stage loss" in events[-1]["message"] and "--chat-lr-scale" in events[-1]["message"]
+
+
 def test_init_from_needs_a_checkpoint_and_chat_data(tmp_path, cache):
     rc, events, _ = chat_run(["--init-from", str(tmp_path), "--chat-data", "demo"], tmp_path / "a", cache)
     assert rc == progress.EXIT_USAGE and "not a usable checkpoint" in events[-1]["message"]

@@ -8,11 +8,10 @@ returns the contract's exit code.
 from __future__ import annotations
 
 import math
-import signal
-import time
 from contextlib import nullcontext
 
 from trainer import progress
+from trainer.loop import Stage, run_steps
 
 
 def _lr_and_momentum(run) -> None:
@@ -119,60 +118,24 @@ def save(run):
 
 
 def chat_loop(run) -> int:
-    """Step through the chat stage until its end, a SIGTERM/SIGINT or --stop-at-step."""
-    cfg, rt, emit, log = run.cfg, run.rt, run.emit, run.log
+    """Step through the chat stage until its end, a SIGTERM/SIGINT or --stop-at-step (trainer/loop.py's
+    run_steps with this stage's step, evaluation, samples and checkpoint); the contract's exit code."""
+    cfg = run.cfg
     tokens_per_step = run.batch * run.data.seq_len
     eval_rows = max(1, (cfg.eval_tokens or 8 * tokens_per_step) // run.data.seq_len)
-    diverge_limit = 3 * math.log(run.tokenizer.vocab_size) + 5
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    emit("stage", stage="chat", step=run.first_step, steps=run.steps, n_conversations=run.n_conversations,
-         n_val_conversations=run.n_val_conversations)
-    start_step, total = run.step, run.total_steps
-    run.t_start = t_window = time.perf_counter()
-    tokens_window = 0
-    while run.step < total:
-        step_loss = _train_step(run)
-        run.step += 1
-        step = run.step
-        run.tokens_seen += tokens_per_step
-        tokens_window += tokens_per_step
-        loss_sum, stop_votes = rt.all_reduce_sum(step_loss, float(stop["signal"] is not None))
-        run.last_loss = last_loss = loss_sum / rt.world_size
-        if not math.isfinite(last_loss) or last_loss > diverge_limit:
-            from trainer.loop import Diverged
-            raise Diverged(f"the chat-stage loss reached {last_loss:.4g} at step {step}; try a lower "
-                           "--chat-lr-scale or a smaller --grad-clip")
-        if step % cfg.log_every == 0 or step == total or step == start_step + 1:
-            now = time.perf_counter()
-            tps = tokens_window / max(now - t_window, 1e-9)
-            t_window, tokens_window = now, 0
-            eta = (now - run.t_start) / (step - start_step) * (total - step)
-            lr = run.optimizers[-1].param_groups[0]["lr"]
-            emit("step", step=step, total_steps=total, loss=last_loss, lr=lr, tokens_per_sec=tps, mfu=None,
-                 elapsed_s=run.elapsed(), eta_s=eta, tokens_seen=run.tokens_seen, stage="chat")
-            if step % max(cfg.log_every, 10) == 0 or step == total:
-                log(f"chat step {step:6d}/{total} loss {last_loss:.4f} lr {lr:.4g} {tps:,.0f} tok/s eta {eta:.0f}s")
-        if step % cfg.eval_every == 0 or step == total:
-            val_loss, run.last_bpb = evaluate(run, eval_rows)
-            emit("eval", step=step, val_loss=val_loss, val_bpb=run.last_bpb, stage="chat")
-            log(f"chat step {step:6d} val_loss {val_loss:.4f} (assistant tokens)")
-        if rt.master and (step % cfg.sample_every == 0 or step == total) and run.val_prompts:
-            emit("sample", step=step, samples=make_samples(run), stage="chat")
-        stopping = stop_votes > 0 or step == cfg.stop_at_step
-        if step % cfg.checkpoint_every == 0 or step == total or stopping:
-            save(run)
-        if stop_votes > 0:
-            log(f"stopped by a signal at step {step}; --resume continues from {run.last_ckpt}")
-            return progress.EXIT_PREEMPTED
-        if step == cfg.stop_at_step:
-            log(f"stopped at step {step} as asked; --resume continues from {run.last_ckpt}")
-            return progress.EXIT_OK
-    emit("done", step=run.step, final_loss=run.last_loss, final_val_bpb=run.last_bpb, elapsed_s=run.elapsed(),
-         checkpoint=str(run.last_ckpt) if run.last_ckpt else None, tokens_seen=run.tokens_seen, chat_tuned=True)
+    run.emit("stage", stage="chat", step=run.first_step, steps=run.steps, n_conversations=run.n_conversations,
+             n_val_conversations=run.n_val_conversations)
+    stage = Stage(
+        total_steps=run.total_steps, tokens_per_step=tokens_per_step, train_step=lambda: _train_step(run),
+        evaluate=lambda: evaluate(run, eval_rows),
+        samples=(lambda: make_samples(run)) if run.val_prompts else None,
+        save=lambda: save(run), vocab_size=run.tokenizer.vocab_size,
+        diverged_hint="try a lower --chat-lr-scale or a smaller --grad-clip",
+        name="chat", loss_name="chat-stage loss", eval_note="(assistant tokens)")
+    code = run_steps(run, stage)
+    if code is not None:
+        return code
+    run.emit("done", step=run.step, final_loss=run.last_loss, final_val_bpb=run.last_bpb,
+             elapsed_s=run.elapsed(), checkpoint=str(run.last_ckpt) if run.last_ckpt else None,
+             tokens_seen=run.tokens_seen, chat_tuned=True)
     return progress.EXIT_OK

@@ -155,16 +155,34 @@ def _train_step(run: Run) -> float:
     return float(step_loss)
 
 
-def train_loop(run: Run) -> int:
-    """Step until the plan's end, a SIGTERM/SIGINT or --stop-at-step; the contract's exit code."""
-    import torch
-    cfg, rt, plan, emit, log = run.cfg, run.rt, run.plan, run.emit, run.log
-    tokenizer = plan.prepared.tokenizer
-    start_step, total_steps, tokens_per_step = run.step, plan.total_steps, plan.tokens_per_step
-    flops_per_token = run.model.flops_per_token()
-    token_bytes = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float32, device=rt.device)
-    eval_batches = max(1, (cfg.eval_tokens or 8 * tokens_per_step) // tokens_per_step)
-    diverge_limit = 3 * math.log(tokenizer.vocab_size) + 5  # well above the loss of a uniform guess
+@dataclass
+class Stage:
+    """What a stage of training brings to :func:`run_steps`, the one step loop both stages share
+    (pretraining here, chat tuning in trainer/chat_loop.py): its step function, evaluation, samples and
+    checkpoint, and how its events and log lines are labelled."""
+    total_steps: int  # the global step the stage ends at
+    tokens_per_step: int
+    train_step: Callable[[], float]  # one optimizer step; this process's loss
+    evaluate: Callable[[], tuple[float, float]]  # (val_loss, val_bpb)
+    samples: Callable[[], list[dict] | None] | None  # None: the stage emits no samples
+    save: Callable[[], Path | None]
+    vocab_size: int  # sets the loss beyond which the run has diverged
+    diverged_hint: str  # the Diverged message's advice
+    name: str | None = None  # the events' "stage" field and the log lines' prefix (pretraining has none)
+    loss_name: str = "loss"  # as the Diverged message names it
+    mfu: Callable[[float], float | None] = lambda tokens_per_sec: None
+    eval_note: str | None = None  # the eval log line's tail; None: the val_bpb figure
+
+
+def run_steps(run, stage: Stage) -> int | None:
+    """Step until ``stage.total_steps``, a SIGTERM/SIGINT or --stop-at-step, logging, evaluating,
+    sampling and checkpointing on the config's cadence. The contract's exit code when it stopped early,
+    None when it reached the stage's end (the caller emits "done")."""
+    cfg, rt, emit, log = run.cfg, run.rt, run.emit, run.log
+    start_step, total = run.step, stage.total_steps
+    label = f"{stage.name} " if stage.name else ""
+    tag = {"stage": stage.name} if stage.name else {}
+    diverge_limit = 3 * math.log(stage.vocab_size) + 5  # well above the loss of a uniform guess
 
     stop = {"signal": None}
 
@@ -173,53 +191,76 @@ def train_loop(run: Run) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    run.t_start = time.perf_counter()
-    t_window, tokens_window = time.perf_counter(), 0
-    while run.step < total_steps:
-        step_loss = _train_step(run)
+    run.t_start = t_window = time.perf_counter()
+    tokens_window = 0
+    while run.step < total:
+        step_loss = stage.train_step()
         run.step += 1
         step = run.step
-        run.tokens_seen += tokens_per_step
-        tokens_window += tokens_per_step
+        run.tokens_seen += stage.tokens_per_step
+        tokens_window += stage.tokens_per_step
         # One collective per step: the mean loss over ranks and whether any rank was told to stop.
-        last_loss, stop_votes = rt.all_reduce_sum(step_loss, float(stop["signal"] is not None))
-        run.last_loss = last_loss = last_loss / rt.world_size
+        loss_sum, stop_votes = rt.all_reduce_sum(step_loss, float(stop["signal"] is not None))
+        run.last_loss = last_loss = loss_sum / rt.world_size
         if not math.isfinite(last_loss) or last_loss > diverge_limit:
-            raise Diverged(f"the loss reached {last_loss:.4g} at step {step}; try a lower learning rate "
-                           "(--matrix-lr, --embedding-lr) or a smaller --grad-clip")
+            raise Diverged(f"the {stage.loss_name} reached {last_loss:.4g} at step {step}; {stage.diverged_hint}")
 
-        if step % cfg.log_every == 0 or step == total_steps or step == start_step + 1:
+        if step % cfg.log_every == 0 or step == total or step == start_step + 1:
             now = time.perf_counter()
             tps = tokens_window / max(now - t_window, 1e-9)
             t_window, tokens_window = now, 0
-            mfu = flops_per_token * tps / (run.peak * rt.world_size) if run.peak else None
-            eta = (now - run.t_start) / (step - start_step) * (total_steps - step)
+            mfu = stage.mfu(tps)
+            eta = (now - run.t_start) / (step - start_step) * (total - step)
             lr = run.optimizers[-1].param_groups[0]["lr"]
-            emit("step", step=step, total_steps=total_steps, loss=last_loss, lr=lr, tokens_per_sec=tps,
-                 mfu=mfu, elapsed_s=run.elapsed(), eta_s=eta, tokens_seen=run.tokens_seen)
-            if step % max(cfg.log_every, 10) == 0 or step == total_steps:
-                log(f"step {step:6d}/{total_steps} loss {last_loss:.4f} lr {lr:.4g} {tps:,.0f} tok/s"
+            emit("step", step=step, total_steps=total, loss=last_loss, lr=lr, tokens_per_sec=tps, mfu=mfu,
+                 elapsed_s=run.elapsed(), eta_s=eta, tokens_seen=run.tokens_seen, **tag)
+            if step % max(cfg.log_every, 10) == 0 or step == total:
+                log(f"{label}step {step:6d}/{total} loss {last_loss:.4f} lr {lr:.4g} {tps:,.0f} tok/s"
                     + (f" mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" eta {eta:.0f}s")
-        if step % cfg.eval_every == 0 or step == total_steps:
-            val_loss, run.last_bpb = evaluate(run.model, rt, plan.prepared, plan.batch, plan.seq, eval_batches,
-                                              token_bytes)
-            emit("eval", step=step, val_loss=val_loss, val_bpb=run.last_bpb)
-            log(f"step {step:6d} val_loss {val_loss:.4f} val_bpb {run.last_bpb:.4f}")
-        if rt.master and cfg.sample_prompts and (step % cfg.sample_every == 0 or step == total_steps):
-            samples = make_samples(run.model, rt, tokenizer, cfg.sample_prompts, cfg.seed)
+        if step % cfg.eval_every == 0 or step == total:
+            val_loss, run.last_bpb = stage.evaluate()
+            emit("eval", step=step, val_loss=val_loss, val_bpb=run.last_bpb, **tag)
+            tail = f"val_bpb {run.last_bpb:.4f}" if stage.eval_note is None else stage.eval_note
+            log(f"{label}step {step:6d} val_loss {val_loss:.4f} {tail}")
+        if rt.master and stage.samples is not None and (step % cfg.sample_every == 0 or step == total):
+            samples = stage.samples()
             if samples is not None:
-                emit("sample", step=step, samples=samples)
+                emit("sample", step=step, samples=samples, **tag)
         stopping = stop_votes > 0 or step == cfg.stop_at_step
-        if step % cfg.checkpoint_every == 0 or step == total_steps or stopping:
-            run.save()
+        if step % cfg.checkpoint_every == 0 or step == total or stopping:
+            stage.save()
         if stop_votes > 0:
             log(f"stopped by a signal at step {step}; --resume continues from {run.last_ckpt}")
             return progress.EXIT_PREEMPTED
         if step == cfg.stop_at_step:
             log(f"stopped at step {step} as asked; --resume continues from {run.last_ckpt}")
             return progress.EXIT_OK
+    return None
+
+
+def train_loop(run: Run) -> int:
+    """Pretraining: step until the plan's end, a SIGTERM/SIGINT or --stop-at-step; the contract's exit code."""
+    import torch
+    cfg, rt, plan = run.cfg, run.rt, run.plan
+    tokenizer = plan.prepared.tokenizer
+    start_step, total_steps, tokens_per_step = run.step, plan.total_steps, plan.tokens_per_step
+    flops_per_token = run.model.flops_per_token()
+    token_bytes = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float32, device=rt.device)
+    eval_batches = max(1, (cfg.eval_tokens or 8 * tokens_per_step) // tokens_per_step)
+    stage = Stage(
+        total_steps=total_steps, tokens_per_step=tokens_per_step, train_step=lambda: _train_step(run),
+        evaluate=lambda: evaluate(run.model, rt, plan.prepared, plan.batch, plan.seq, eval_batches, token_bytes),
+        samples=(lambda: make_samples(run.model, rt, tokenizer, cfg.sample_prompts, cfg.seed))
+        if cfg.sample_prompts else None,
+        save=run.save, vocab_size=tokenizer.vocab_size,
+        diverged_hint="try a lower learning rate (--matrix-lr, --embedding-lr) or a smaller --grad-clip",
+        mfu=lambda tps: flops_per_token * tps / (run.peak * rt.world_size) if run.peak else None)
+    code = run_steps(run, stage)
+    if code is not None:
+        return code
     if rt.master and run.last_ckpt is None and start_step >= total_steps:
         run.last_ckpt = plan.resumed_from
-    emit("done", step=run.step, final_loss=run.last_loss, final_val_bpb=run.last_bpb, elapsed_s=run.elapsed(),
-         checkpoint=str(run.last_ckpt) if run.last_ckpt else None, tokens_seen=run.tokens_seen)
+    run.emit("done", step=run.step, final_loss=run.last_loss, final_val_bpb=run.last_bpb,
+             elapsed_s=run.elapsed(), checkpoint=str(run.last_ckpt) if run.last_ckpt else None,
+             tokens_seen=run.tokens_seen)
     return progress.EXIT_OK
