@@ -21,6 +21,8 @@ import os
 import socket
 from typing import Any
 
+from trainer.calibrate import cpu_name, ram_bytes
+
 from . import __version__, gpus
 from .models import WorkerProcess, utcnow
 from .runner import Slot
@@ -31,24 +33,6 @@ log = logging.getLogger(__name__)
 MISSED_BEATS = 3  # a worker silent for this many of its heartbeat intervals is gone
 SLACK_S = 10.0  # on top: a busy store or a GC pause is not a dead worker
 FORGET_AFTER = dt.timedelta(hours=1)  # rows of workers gone this long are deleted
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
-
-
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def describe_slots(slots: list[Slot]) -> list[dict[str, Any]]:
@@ -64,8 +48,8 @@ def describe_slots(slots: list[Slot]) -> list[dict[str, Any]]:
                         "memory_bytes": min(int(c.get("memory_bytes") or 0) for _, c in cards),
                         "gpus": [{"gpu": g, "uuid": c.get("uuid")} for g, c in cards]})
         else:
-            out.append({"slot": slot.name, "device": "cpu", "device_name": _cpu_name(),
-                        "memory_bytes": _ram_bytes(), "gpus": []})
+            out.append({"slot": slot.name, "device": "cpu", "device_name": cpu_name(),
+                        "memory_bytes": ram_bytes(), "gpus": []})
     return out
 
 

@@ -25,7 +25,9 @@ import time
 from trainer import progress
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform says, else "cpu". Torch-free: the
+    web app's worker registry names CPU slots with it too."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -38,7 +40,8 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def _ram_bytes() -> int:
+def ram_bytes() -> int:
+    """Physical memory in bytes (0 when the OS will not say). Torch-free, as cpu_name."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -54,9 +57,9 @@ def describe(device) -> dict:
         return {"device": "cuda", "device_name": props.name, "memory_bytes": int(props.total_memory),
                 "count": torch.cuda.device_count()}
     if device.type == "mps":
-        return {"device": "mps", "device_name": "Apple GPU (MPS)", "memory_bytes": _ram_bytes()}
+        return {"device": "mps", "device_name": "Apple GPU (MPS)", "memory_bytes": ram_bytes()}
     threads = torch.get_num_threads()
-    return {"device": "cpu", "device_name": f"{_cpu_name()} ({threads} threads)", "memory_bytes": _ram_bytes()}
+    return {"device": "cpu", "device_name": f"{cpu_name()} ({threads} threads)", "memory_bytes": ram_bytes()}
 
 
 def _process_age_s() -> float | None:
