@@ -5,15 +5,15 @@
 Built on the special tokens reserved in ``trainer/sizing.py``: a conversation starts with <|bos|>; each
 message is wrapped in its role's start and end tokens; a system message may only come first; to ask
 the model for the next reply the text ends with <|assistant_start|> and the model writes until
-<|assistant_end|>. ``trainer/tokenizer.py``'s ``render_chat`` produces the same ids directly (tests
-hold the two together); the Hugging Face export (``trainer/export_hf.py``) ships :data:`JINJA` as the
+<|assistant_end|>. ``trainer/tokenizer.py``'s ``render_chat`` produces the same ids directly, walking
+:func:`turns` as :func:`render` does (tests hold the two together); the Hugging Face export (``trainer/export_hf.py``) ships :data:`JINJA` as the
 tokenizer's ``chat_template``. A chat-tuning stage and the model server render through this module too.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Iterator, Sequence
 
 BOS = "<|bos|>"
 ROLES = {
@@ -41,10 +41,10 @@ JINJA = (
 )
 
 
-def render(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as text with the special tokens written out (what :data:`JINJA` renders).
-    Raises ValueError for an unknown role, a misplaced system message or non-string content."""
-    out = [BOS]
+def turns(messages: Sequence[dict]) -> Iterator[tuple[str, str, str]]:
+    """(start token, content, end token) of each message, checked by the template's rules: the one
+    place they are enforced (render() here and Tokenizer.render_chat both walk these). Raises ValueError
+    for an unknown role, a misplaced system message or non-string content."""
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
@@ -54,7 +54,13 @@ def render(messages: Sequence[dict], add_generation_prompt: bool = False) -> str
         if not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string")
         start, end = ROLES[role]
-        out.append(f"{start}{content}{end}")
+        yield start, content, end
+
+
+def render(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as text with the special tokens written out (what :data:`JINJA` renders).
+    Raises ValueError as :func:`turns`."""
+    out = [BOS] + [f"{start}{content}{end}" for start, content, end in turns(messages)]
     if add_generation_prompt:
         out.append(REPLY_START)
     return "".join(out)

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import tiktoken
 
+from trainer import chat_template
 from trainer.sizing import MIN_VOCAB_SIZE, SPECIAL_TOKENS, choose_vocab_size  # noqa: F401
 
 FORMAT = "nanochat-studio-bpe"
@@ -40,13 +41,6 @@ SPLIT_PATTERN = (
 # The special tokens and the vocabulary rule live in sizing.py (torch- and tiktoken-free) so the web
 # app's estimates use the same numbers; they are re-exported here for the trainer's callers.
 MAX_VOCAB_SIZE = 1 << 20  # far above anything useful; keeps token files and embeddings sane
-
-_ROLES = {
-    "system": ("<|system_start|>", "<|system_end|>"),
-    "user": ("<|user_start|>", "<|user_end|>"),
-    "assistant": ("<|assistant_start|>", "<|assistant_end|>"),
-}
-
 
 class Tokenizer:
     """A trained BPE with our special tokens; immutable once built."""
@@ -182,18 +176,10 @@ class Tokenizer:
 
         ``messages`` is a list of {"role": "system"|"user"|"assistant", "content": str}. A system
         message may only come first and uses its own <|system_start|>/<|system_end|> pair. Raises
-        ValueError for an unknown role or a misplaced system message.
+        ValueError as chat_template.turns (which holds the rules).
         """
         ids = [self.bos_id]
-        for i, message in enumerate(messages):
-            role, content = message.get("role"), message.get("content")
-            if role not in _ROLES:
-                raise ValueError(f"message {i}: unknown role {role!r} (use system, user or assistant)")
-            if role == "system" and i != 0:
-                raise ValueError(f"message {i}: a system message can only be the first")
-            if not isinstance(content, str):
-                raise ValueError(f"message {i}: content must be a string")
-            start, end = _ROLES[role]
+        for start, content, end in chat_template.turns(messages):
             ids.append(self._specials[start])
             ids.extend(self.encode(content))
             ids.append(self._specials[end])
@@ -201,7 +187,7 @@ class Tokenizer:
 
     def render_for_completion(self, messages: Sequence[dict]) -> list[int]:
         """The conversation followed by <|assistant_start|>, for the model to write the reply."""
-        return self.render_chat(messages) + [self._specials["<|assistant_start|>"]]
+        return self.render_chat(messages) + [self._specials[chat_template.REPLY_START]]
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"
