@@ -251,32 +251,6 @@ class Storage:
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
-    def publish_checkpoint(self, user_id: int, model_id: int, local_ckpt_dir: str | os.PathLike) -> str:
-        """Upload a finished trainer checkpoint; return its key ``users/<u>/models/<m>/checkpoints/<dir>``.
-
-        The trainer writes ``manifest.json`` last; a directory without it is still being written and is
-        refused (StorageError). The bytes uploaded are checked against the trainer's sha256s
-        (IntegrityError, and nothing stays published).
-        """
-        local = Path(local_ckpt_dir)
-        return self.put_checkpoint(local, f"{model_prefix(user_id, model_id)}/checkpoints/{check_key(local.name)}")
-
-    def put_checkpoint(self, local_ckpt_dir: str | os.PathLike, key: str) -> str:
-        """Upload a finished trainer checkpoint under ``key`` (put_dir), checked against the trainer's
-        own manifest.json: StorageError when it has none (still being written), IntegrityError (and
-        nothing stays published) when the bytes differ. Returns ``key``."""
-        local = Path(local_ckpt_dir)
-        trainer_manifest = local / "manifest.json"
-        if not trainer_manifest.is_file():
-            raise StorageError(f"{local} is not a finished checkpoint (no manifest.json)")
-        expected = trainer_sha256s(json.loads(trainer_manifest.read_text()))
-        manifest = self.put_dir(local, key)
-        bad = [rel for rel, sha in expected.items() if manifest["files"].get(rel, {}).get("sha256") != sha]
-        if bad:
-            self.delete(key)
-            raise IntegrityError(f"checkpoint {local} does not match its manifest.json: {', '.join(bad)}")
-        return key
-
     def copy_dir(self, src: str, dst: str) -> dict:
         """Copy the committed directory ``src`` to the new key ``dst`` (server-side on S3: no bytes pass
         through here), its marker last; returns the manifest. KeyNotFound when ``src`` is absent or goes
@@ -441,23 +415,6 @@ class Storage:
                     if rel.startswith(sub)]
         tfiles = self.manifest(tok)["files"]
         return [(rel, i["size"], i["sha256"], f"{tok}/{rel}") for rel, i in sorted(tfiles.items())]
-
-
-def trainer_sha256s(manifest: Any) -> dict[str, str]:
-    """rel path -> sha256 from the trainer's manifest.json, which may list ``files`` as a mapping of
-    path -> sha256 or path -> {"sha256": ...}, or as a list of {"path"|"name", "sha256"}."""
-    files = manifest.get("files", manifest) if isinstance(manifest, dict) else manifest
-    out: dict[str, str] = {}
-    if isinstance(files, dict):
-        for rel, v in files.items():
-            sha = v.get("sha256") if isinstance(v, dict) else v
-            if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
-                out[rel] = sha
-    elif isinstance(files, list):
-        for item in files:
-            if isinstance(item, dict) and isinstance(item.get("sha256"), str):
-                out[item.get("path") or item.get("name")] = item["sha256"]
-    return out
 
 
 def _manifest(entries: dict[str, dict]) -> dict:
