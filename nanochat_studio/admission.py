@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import datasets, estimate, workers
-from .jobs import JobConfigError
+from .jobconfig import JobConfigError
 from .models import User
 from .quarantine import per_device_config
 

@@ -1,6 +1,7 @@
 """The download archive's format: a forward-only tar.gz writer and the generated MODEL_CARD.md.
 
-Pure functions of their arguments (no storage, no fsspec): storage.stream_model_archive feeds them;
+Pure functions of their arguments (no storage, no fsspec): storage.stream_model_archive reads the
+stored files and feeds them (:func:`model_members` says which files a model's archive holds);
 :func:`stream_dir` packs a local directory (the transformers export).
 """
 
@@ -14,12 +15,34 @@ import tarfile
 import time
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
+
+# One file of a model's archive: (archive name, storage key or None, size, sha256, inline bytes or None).
+Member = tuple[str, str | None, int, str, bytes | None]
 
 
 def inline_member(name: str, content: bytes | str) -> tuple[str, None, int, str, bytes]:
     data = content.encode() if isinstance(content, str) else bytes(content)
     return (name, None, len(data), hashlib.sha256(data).hexdigest(), data)
+
+
+def model_members(model: Any, top: str, checkpoint: list[Member], tokenizer: list[Member], run_config: Any,
+                  trainer_manifest: dict[str, Any], extra_files: Mapping[str, bytes | str]) -> list[Member]:
+    """What a model's download holds, in order: ``checkpoint``'s model.safetensors, config.json (the
+    run's config without the server's paths), the rest of ``checkpoint`` (state.json), the ``tokenizer``
+    files, the trainer's manifest with its file list cut to what ships (optim.pt stays home),
+    MODEL_CARD.md, ``extra_files`` (name -> content) and SHA256SUMS of all of them."""
+    members = [checkpoint[0], inline_member("config.json", json.dumps(public_config(run_config), indent=2)),
+               *checkpoint[1:], *tokenizer]
+    manifest = dict(trainer_manifest)
+    manifest["files"] = {name: {"sha256": sha, "size": size} for name, _, size, sha, _ in members}
+    members.append(inline_member("manifest.json", json.dumps(manifest, indent=1)))
+    members.append(inline_member("MODEL_CARD.md", model_card(model, checkpoint[0][3], top)))
+    for name, content in extra_files.items():
+        members.append(inline_member(name, content))
+    sums = "".join(f"{sha}  {name}\n" for name, _, _, sha, _ in members)
+    members.append(inline_member("SHA256SUMS", sums))
+    return members
 
 
 class GzipTar:

@@ -41,7 +41,7 @@ PEEK_LINES = 5
 
 
 def _error(message: str, param: str) -> AppError:
-    from .jobs import JobConfigError  # jobs imports this module
+    from .jobconfig import JobConfigError  # jobconfig imports this module
 
     return JobConfigError(message, param=param)
 

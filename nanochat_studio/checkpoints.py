@@ -5,7 +5,8 @@ job's checkpoints mirrored in storage (uploaded by mirror.py's sidecar, restored
 A checkpoint directory is finished once the trainer has written its ``manifest.json`` (always last).
 The checkpoint a run leaves is uploaded by :func:`publish_run_checkpoint` (verified against the
 trainer's manifest) before the job becomes final, and its Model row points there from the start.
-storage.py stays the only fsspec user.
+Every upload of a trainer's checkpoint goes through :func:`put_checkpoint`, which checks the bytes
+stored against the trainer's manifest.json; storage.py stays the only fsspec user.
 
 It also owns where a model's checkpoint is on this machine (:func:`local_checkpoint_dir`) and the
 transformers download (:func:`hf_archive`).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,7 +31,8 @@ from .archive import archive_dirname, stream_dir
 from .errors import AppError, Conflict, NotFound
 from .models import Model, TrainingJob
 from .settings import Settings
-from .storage import MARKER, KeyNotFound, Storage, StorageError, model_prefix, user_prefix
+from .storage import (MARKER, IntegrityError, KeyNotFound, Storage, StorageError, check_key, model_prefix,
+                      user_prefix)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,50 @@ def create_run_model(job: TrainingJob, checkpoint: Path, *, key: str | None, fac
     )
 
 
+# --- uploading a finished checkpoint -------------------------------------------------------------------------
+
+
+def put_checkpoint(store: Storage, local_ckpt_dir: str | os.PathLike, key: str) -> str:
+    """Upload a finished trainer checkpoint under ``key`` (store.put_dir), checked against the trainer's
+    own manifest.json: StorageError when it has none (still being written), IntegrityError (and
+    nothing stays published) when the bytes differ. Returns ``key``."""
+    local = Path(local_ckpt_dir)
+    trainer_manifest = local / MANIFEST
+    if not trainer_manifest.is_file():
+        raise StorageError(f"{local} is not a finished checkpoint (no manifest.json)")
+    expected = trainer_sha256s(json.loads(trainer_manifest.read_text()))
+    manifest = store.put_dir(local, key)
+    bad = [rel for rel, sha in expected.items() if manifest["files"].get(rel, {}).get("sha256") != sha]
+    if bad:
+        store.delete(key)
+        raise IntegrityError(f"checkpoint {local} does not match its manifest.json: {', '.join(bad)}")
+    return key
+
+
+def publish_checkpoint(store: Storage, user_id: int, model_id: int, local_ckpt_dir: str | os.PathLike) -> str:
+    """Upload a finished trainer checkpoint (:func:`put_checkpoint`); return its key
+    ``users/<u>/models/<m>/checkpoints/<dir>``."""
+    local = Path(local_ckpt_dir)
+    return put_checkpoint(store, local, f"{model_prefix(user_id, model_id)}/checkpoints/{check_key(local.name)}")
+
+
+def trainer_sha256s(manifest: Any) -> dict[str, str]:
+    """rel path -> sha256 from the trainer's manifest.json, which may list ``files`` as a mapping of
+    path -> sha256 or path -> {"sha256": ...}, or as a list of {"path"|"name", "sha256"}."""
+    files = manifest.get("files", manifest) if isinstance(manifest, dict) else manifest
+    out: dict[str, str] = {}
+    if isinstance(files, dict):
+        for rel, v in files.items():
+            sha = v.get("sha256") if isinstance(v, dict) else v
+            if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
+                out[rel] = sha
+    elif isinstance(files, list):
+        for item in files:
+            if isinstance(item, dict) and isinstance(item.get("sha256"), str):
+                out[item.get("path") or item.get("name")] = item["sha256"]
+    return out
+
+
 def run_model_key(job: TrainingJob, attempt: int, checkpoint: Path) -> str:
     """Where the Model a run leaves keeps its checkpoint, named by the job and the attempt (the row that
     points there is made only once the upload is done; an attempt fenced out meanwhile deletes its own)."""
@@ -129,7 +176,7 @@ def publish_run_checkpoint(job: TrainingJob, attempt: int, checkpoint: Path, set
     """Upload the checkpoint a run left into storage, verified against the trainer's manifest, BEFORE
     the job becomes final: so its Model never points at this machine's disk, and no event of the job
     comes after its final state. Returns the key. Raises StorageError or OSError."""
-    return Storage.from_settings(settings).put_checkpoint(checkpoint, run_model_key(job, attempt, checkpoint))
+    return put_checkpoint(Storage.from_settings(settings), checkpoint, run_model_key(job, attempt, checkpoint))
 
 
 def local_checkpoint_dir(model: Any, settings: Settings) -> str:
@@ -204,7 +251,7 @@ def snapshot_model(job: TrainingJob, settings: Settings) -> Model:
         config = read_checkpoint_config(ckpt)
         model = _snapshot_row(job, step, config)
         try:
-            key = store.publish_checkpoint(job.user_id, model.id, ckpt)
+            key = publish_checkpoint(store, job.user_id, model.id, ckpt)
         except (StorageError, OSError):
             # pruned or replaced while we copied: try the next older one
             model.delete_instance()
@@ -276,7 +323,7 @@ class CheckpointMirror:
         """Upload one finished checkpoint (verified against its manifest.json), then drop the older ones
         and any upload that died half-way. Returns its key. Raises StorageError or OSError (the trainer
         may have pruned it meanwhile)."""
-        key = self.store.put_checkpoint(checkpoint_dir, f"{self.prefix}/{checkpoint_dir.name}")
+        key = put_checkpoint(self.store, checkpoint_dir, f"{self.prefix}/{checkpoint_dir.name}")
         for other in self.store.list_keys(self.prefix):
             if 0 <= step_of(other) < step_of(key):  # never a newer one: another attempt's, still wanted
                 self.store.delete(other)

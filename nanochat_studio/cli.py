@@ -10,81 +10,24 @@
     nanochat-studio billing audit        # exits 1 on any broken ledger invariant
     nanochat-studio settings --markdown
 
-Every failure is a one-line message (``click.ClickException``), never a traceback.
+Every failure is a one-line message (``click.ClickException``), never a traceback. The money commands
+(credits, billing) live in cli_billing.py; what every command runs with in cli_context.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import signal
 import sys
 import threading
 import webbrowser
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
-import peewee as pw
 
 from . import __version__, db
-from .settings import Settings, SettingsError, load_settings, markdown_table
-
-
-class Context:
-    def __init__(self, config: str | None, home: str | None) -> None:
-        self.config = config
-        self.home = home
-
-    def settings(self, **overrides: Any) -> Settings:
-        try:
-            return load_settings(toml_path=self.config, home=self.home, **overrides)
-        except SettingsError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
-pass_ctx = click.make_pass_decorator(Context)
-
-
-def clean_errors(fn: Callable) -> Callable:
-    """Turn the errors a user can cause (bad settings, an unreachable database, account rules) into
-    one-line messages."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .accounts import AccountError
-
-        try:
-            return fn(*args, **kwargs)
-        except SettingsError as exc:
-            raise click.ClickException(str(exc)) from None
-        except AccountError as exc:
-            raise click.ClickException(str(exc)) from None
-        except (pw.OperationalError, pw.InterfaceError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise click.ClickException(f"database: {first}") from None
-
-    return wrapper
-
-
-@contextlib.contextmanager
-def opened_store(settings: Settings) -> Iterator[pw.Database]:
-    """The database from ``settings``, migrated, for a command's duration (in a private data directory:
-    a command run before the first `serve` must not leave a world-readable studio.db behind)."""
-    from . import secretbox
-
-    secretbox.make_private(settings)
-    database = db.open_database(settings.database_url)
-    try:
-        database.connect(reuse_if_open=True)
-    except Exception as exc:  # a refused socket or a bad password, for whichever driver
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise click.ClickException(f"NCS_DATABASE_URL: cannot connect: {first}") from None
-    try:
-        db.migrate(database)
-        yield database
-    finally:
-        database.close()
+from .cli_billing import billing_group, credits_group
+from .cli_context import Context, clean_errors, opened_store, pass_ctx, user_by_email
+from .settings import Settings, markdown_table
 
 
 class ServeByDefault(click.Group):
@@ -319,7 +262,7 @@ def users_list(obj: Context) -> None:
 def users_promote(obj: Context, email: str) -> None:
     """Make an account an administrator (and approve it)."""
     with opened_store(obj.settings()):
-        user = _user_by_email(email)
+        user = user_by_email(email)
         user.is_admin = True
         user.is_approved = True
         user.save()
@@ -335,7 +278,7 @@ def users_disable(obj: Context, email: str) -> None:
     from . import accounts
 
     with opened_store(obj.settings()):
-        user = _user_by_email(email)
+        user = user_by_email(email)
         accounts.set_active(user, False)
         click.echo(f"{user.email} is disabled and signed out everywhere")
 
@@ -349,19 +292,9 @@ def users_enable(obj: Context, email: str) -> None:
     from . import accounts
 
     with opened_store(obj.settings()):
-        user = _user_by_email(email)
+        user = user_by_email(email)
         accounts.set_active(user, True)
         click.echo(f"{user.email} can sign in again")
-
-
-def _user_by_email(email: str) -> Any:
-    from .accounts import normalize_email
-    from .models import User
-
-    user = User.get_or_none(User.email == normalize_email(email))
-    if user is None:
-        raise click.ClickException(f"no user with email {email}")
-    return user
 
 
 # -------------------------------------------------------------------------------------------- keys
@@ -384,7 +317,7 @@ def keys_create(obj: Context, email: str | None, name: str) -> None:
     if not email and settings.mode != "solo":
         raise click.ClickException(f"--user EMAIL is required in {settings.mode} mode (only solo has an owner)")
     with opened_store(settings):
-        user = _user_by_email(email) if email else auth.solo_owner()
+        user = user_by_email(email) if email else auth.solo_owner()
         key, plaintext = auth.create_api_key(user, name=name)
         click.echo(f"created key {key.prefix}… (id {key.id}) for {user.email or user.name}; it is shown only once:",
                    err=False)
@@ -401,7 +334,7 @@ def keys_revoke(obj: Context, key: str, email: str | None) -> None:
     from . import auth
 
     with opened_store(obj.settings()):
-        user = _user_by_email(email) if email else None
+        user = user_by_email(email) if email else None
         if not auth.revoke_api_key(user, key):
             raise click.ClickException(f"no active key matches {key!r}")
         click.echo(f"revoked {key}")
@@ -409,144 +342,8 @@ def keys_revoke(obj: Context, key: str, email: str | None) -> None:
 
 # ------------------------------------------------------------------------------- credits and billing
 
-@main.group("credits")
-def credits_group() -> None:
-    """Grant, revoke and read credits (hosted) or set device-hour allowances (lab)."""
-
-
-def _billing_call(fn: Callable[[], Any]) -> Any:
-    from .errors import AppError
-
-    try:
-        return fn()
-    except AppError as exc:
-        raise click.ClickException(exc.message) from None
-
-
-@credits_group.command("grant")
-@click.argument("email")
-@click.argument("credits")
-@click.option("--reason", required=True, help="Why: the ledger line the person reads.")
-@pass_ctx
-@clean_errors
-def credits_grant(obj: Context, email: str, credits: str, reason: str) -> None:
-    """Give EMAIL's account CREDITS credits."""
-    from . import billing
-
-    with opened_store(obj.settings()):
-        user = _user_by_email(email)
-        _billing_call(lambda: billing.grant(user, credits, reason))
-        click.echo(f"granted {credits} credits to {user.email}; available now {_available(user.id)}")
-
-
-@credits_group.command("revoke")
-@click.argument("email")
-@click.argument("credits")
-@click.option("--reason", required=True, help="Why: the ledger line the person reads.")
-@pass_ctx
-@clean_errors
-def credits_revoke(obj: Context, email: str, credits: str, reason: str) -> None:
-    """Take CREDITS credits back from EMAIL's available credits."""
-    from . import billing
-
-    with opened_store(obj.settings()):
-        user = _user_by_email(email)
-        _billing_call(lambda: billing.revoke(user, credits, reason))
-        click.echo(f"revoked {credits} credits from {user.email}; available now {_available(user.id)}")
-
-
-@credits_group.command("show")
-@click.argument("email")
-@click.option("--limit", type=int, default=20, show_default=True, help="Ledger lines to print.")
-@pass_ctx
-@clean_errors
-def credits_show(obj: Context, email: str, limit: int) -> None:
-    """Print EMAIL's balance and latest ledger lines."""
-    from .billing import ledger
-
-    with opened_store(obj.settings()):
-        user = _user_by_email(email)
-        b = ledger.balances(user.id)
-        click.echo(f"{user.email}: available {ledger.credits_text(b['available'])}, "
-                   f"held {ledger.credits_text(b['held'])}, balance {ledger.credits_text(b['balance'])}")
-        for line in ledger.user_lines(user.id, limit=limit):
-            click.echo(f"{line['created_at']:%Y-%m-%d %H:%M}\t{line['kind']}\t"
-                       f"{ledger.credits_text(line['available'])}\t{ledger.credits_text(line['held'])}\t"
-                       f"{line['description']}")
-
-
-@credits_group.command("allowance")
-@click.argument("email")
-@click.argument("hours")
-@pass_ctx
-@clean_errors
-def credits_allowance(obj: Context, email: str, hours: str) -> None:
-    """Lab mode: give EMAIL HOURS device-hours a month (`off`: no quota)."""
-    from . import billing
-
-    try:
-        value = None if hours.lower() in ("off", "none") else float(hours)
-    except ValueError:
-        raise click.ClickException(f"HOURS must be a number or off, got {hours!r}") from None
-    with opened_store(obj.settings()):
-        user = _user_by_email(email)
-        _billing_call(lambda: billing.set_allowance(user, value))
-        click.echo(f"{user.email}: " + ("no quota" if value is None else f"{value:g} device-hours a month"))
-
-
-@credits_group.command("refund-job")
-@click.argument("job_id", type=int)
-@click.option("--reason", required=True, help="Why: the ledger line the person reads.")
-@pass_ctx
-@clean_errors
-def credits_refund_job(obj: Context, job_id: int, reason: str) -> None:
-    """Give back what a settled job was charged."""
-    from . import billing
-    from .billing import ledger
-
-    with opened_store(obj.settings()):
-        amount = _billing_call(lambda: billing.refund_job(job_id, reason))
-        click.echo(f"job {job_id} refunded: {ledger.credits_text(amount)} credits returned")
-
-
-def _available(user_id: int) -> str:
-    from .billing import ledger
-
-    return ledger.credits_text(ledger.balances(user_id)["available"])
-
-
-@main.group("billing")
-def billing_group() -> None:
-    """Check and settle the ledger."""
-
-
-@billing_group.command("audit")
-@pass_ctx
-@clean_errors
-def billing_audit(obj: Context) -> None:
-    """Recompute the ledger; exit 1 and list every broken invariant, if any."""
-    from .billing import ledger
-
-    with opened_store(obj.settings()):
-        problems = ledger.audit()
-    if problems:
-        for problem in problems:
-            click.echo(problem, err=True)
-        raise click.ClickException(f"the ledger audit found {len(problems)} problem(s)")
-    click.echo("ledger ok: every transaction balances, every cached balance matches, every job is held once "
-               "and settled once")
-
-
-@billing_group.command("settle")
-@pass_ctx
-@clean_errors
-def billing_settle(obj: Context) -> None:
-    """Meter and settle jobs whose settlement is pending (the worker does this on every tick)."""
-    from . import billing
-
-    with opened_store(obj.settings()):
-        settled = billing.reconcile()
-    click.echo(f"settled {len(settled)} job(s)" + (f": {', '.join(map(str, settled))}" if settled else ""))
+main.add_command(credits_group)  # cli_billing.py: grant, revoke, show, allowance, refund-job
+main.add_command(billing_group)  # cli_billing.py: audit, settle
 
 
 # ---------------------------------------------------------------------------------------- settings

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 from trainer import sizing
 from trainer.sizing import VAL_FRACTION
 
-from . import chatplan, datafacts, datasets, formats, jobs
+from . import chatplan, datafacts, datasets, formats, jobconfig
 from .db import database
 from .errors import BadRequest, NotFound
 from .models import AppState, Dataset, TrainingJob, User, parse_id
@@ -260,7 +260,7 @@ def parse_args(args: Mapping[str, Any]) -> tuple[dict[str, int], str]:
             if key == "depth":
                 raise BadRequest("'depth' is required")
             continue
-        lo, hi = jobs.INT_BOUNDS[key]
+        lo, hi = jobconfig.INT_BOUNDS[key]
         if not lo <= value <= hi:
             raise BadRequest(f"'{key}' must be between {lo} and {hi}, got {value}")
         config[key] = value

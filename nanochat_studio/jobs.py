@@ -5,7 +5,8 @@ a compare-and-set ``UPDATE ... WHERE id=? AND status IN (...) [AND attempt=?]`` 
 so of two concurrent actors exactly one wins. Running jobs hold a lease renewed by :func:`heartbeat`;
 :func:`reconcile` requeues jobs whose holder stopped heartbeating.
 
-Errors: :class:`JobConfigError` (400) for a bad config, :class:`JobLimitError` (429) for per-user caps.
+Errors: :class:`jobconfig.JobConfigError` (400) for a bad config (jobconfig.py says what a config may
+hold), :class:`JobLimitError` (429) for per-user caps.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from typing import Any, Callable, Iterable
 
 import peewee as pw
 
-from trainer import sizing
-
-from . import chattune, datasets, metrics, secretbox, workers
+from . import metrics, secretbox, workers
 from .db import database
-from .errors import BadRequest, TooManyRequests
+from .errors import TooManyRequests
+from .jobconfig import validate_config
 from .models import JobEvent, TrainingJob, User, utcnow
 from .settings import Settings
 
@@ -46,12 +46,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 # A retry waits the retry_backoff_seconds setting, then doubles, up to this.
 DEFAULT_BACKOFF_S: float = Settings.retry_backoff_seconds  # the setting's default, for callers without settings
 MAX_BACKOFF_S = 600.0
-
-
-class JobConfigError(BadRequest, ValueError):
-    """A job config the trainer must not see (400)."""
-
-    code = "bad_config"
 
 
 class JobLimitError(TooManyRequests, ValueError):
@@ -130,70 +124,6 @@ def get(job_id: int) -> TrainingJob:
 
 
 # --- submission --------------------------------------------------------------------------------------
-
-# key -> (minimum, maximum) of the integer settings of a job config (the trainer's config names); estimates
-# are asked within the same bounds.
-INT_BOUNDS = {
-    "depth": (1, 32),
-    "max_steps": (1, 10_000_000),
-    "checkpoint_every": (1, 10_000_000),
-    "seq_len": (8, 65_536),
-    "batch_size": (1, 65_536),
-    "seed": (0, 2**31 - 1),
-    "gpus": (1, 64),
-    "vocab_size": (sizing.MIN_VOCAB_SIZE, 1 << 20),
-}
-# Learning rates: > 0 and below what any run could survive (the trainer also stops a diverging run).
-_FLOAT_KEYS = {"matrix_lr": (0.0, 10.0), "embedding_lr": (0.0, 10.0), "unembedding_lr": (0.0, 10.0)}
-_STR_KEYS = {"name": 120}
-_REQUIRED = ("depth", "dataset")
-
-
-def validate_config(config: Any, user: User, settings: Settings) -> dict[str, Any]:
-    """The config as the trainer will get it, or :class:`JobConfigError` saying what is wrong (the
-    dataset's own errors come from datasets.validate_spec: 400, 403 for a server path, 404)."""
-    if not isinstance(config, dict):
-        raise JobConfigError("the job config must be a JSON object")
-    config, chat_part = chattune.split(config)  # chattune.py owns the chat stage's keys
-    unknown = sorted(set(config) - set(INT_BOUNDS) - set(_FLOAT_KEYS) - set(_STR_KEYS) - {"dataset"})
-    if unknown:
-        allowed = ", ".join(sorted([*INT_BOUNDS, *_FLOAT_KEYS, *_STR_KEYS, "dataset", *chattune.KEYS]))
-        raise JobConfigError(f"unknown config key(s): {', '.join(unknown)} (allowed: {allowed})")
-    chat = chattune.validate(chat_part, config, user, settings)
-    for key in (() if chattune.is_from_model(chat_part) else _REQUIRED):  # a model's checkpoint is its shape
-        if key not in config:
-            raise JobConfigError(f"'{key}' is required", param=key)
-    clean: dict[str, Any] = {}
-    for key, value in config.items():
-        if key == "dataset":
-            continue
-        if key in INT_BOUNDS:
-            lo, hi = INT_BOUNDS[key]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise JobConfigError(f"'{key}' must be an integer, got {type(value).__name__}")
-            if not lo <= value <= hi:
-                raise JobConfigError(f"'{key}' must be between {lo} and {hi}, got {value}")
-        elif key in _FLOAT_KEYS:
-            lo, hi = _FLOAT_KEYS[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise JobConfigError(f"'{key}' must be a number, got {type(value).__name__}")
-            if not (lo < value <= hi) or value != value:
-                raise JobConfigError(f"'{key}' must be above {lo:g} and at most {hi:g}, got {value}")
-            value = float(value)
-        else:
-            if not isinstance(value, str):
-                raise JobConfigError(f"'{key}' must be a string, got {type(value).__name__}")
-            value = value.strip()
-            if len(value) > _STR_KEYS[key]:
-                raise JobConfigError(f"'{key}' is longer than {_STR_KEYS[key]} characters")
-        clean[key] = value
-    if "checkpoint_every" in clean and "max_steps" in clean and clean["checkpoint_every"] > clean["max_steps"]:
-        raise JobConfigError("'checkpoint_every' cannot exceed 'max_steps'")
-    # datasets.py owns what a dataset may be (and the URL guard); it answers a normalised spec dict.
-    if "dataset" in config:
-        clean["dataset"] = datasets.validate_spec(config["dataset"], user, settings)
-    clean.update(chat)
-    return clean
 
 
 def submit(user: User, config: dict[str, Any], settings: Settings,

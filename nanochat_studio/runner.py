@@ -142,10 +142,24 @@ def run_helper(settings: Settings, module: str, args: Sequence[str], *, event: s
     """Run ``python -m module args`` on ``slot`` (default: this process's first slot) and return the
     fields of the first ``event`` line it prints. Call it from the thread that waits for the answer
     (the child dies with it). Raises SpawnError."""
-    slot = slot or local_slots(settings)[0]
-    python = settings.trainer_python
+    proc, out, err = _run_to_end(settings, module, args, slot or local_slots(settings)[0], timeout)
+    for line in out.splitlines():
+        record = progress.parse_line(line)
+        if record is None:
+            continue
+        if record["event"] == event:
+            return {k: v for k, v in record.items() if k not in ("event", "v", "time")}
+        if record["event"] == "error":
+            raise SpawnError(record.get("message") or record.get("code") or f"{module} failed")
+    raise SpawnError(f"{module} exited {proc.returncode} without a {event} event: {_last_line(err)}")
+
+
+def _run_to_end(settings: Settings, module: str, args: Sequence[str], slot: Slot,
+                timeout: float) -> tuple[subprocess.Popen, bytes, bytes]:
+    """Run ``python -m module args`` on ``slot`` until it exits: (the process, its stdout, its stderr).
+    SpawnError when it cannot start, or runs past ``timeout`` (its process group is killed then)."""
     try:
-        proc = spawn([python, "-m", module, *args], env=trainer_env(slot), stdout=subprocess.PIPE,
+        proc = spawn([settings.trainer_python, "-m", module, *args], env=trainer_env(slot), stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE)
     except OSError as exc:
         raise SpawnError(f"cannot start {module}: {exc}") from exc
@@ -155,16 +169,13 @@ def run_helper(settings: Settings, module: str, args: Sequence[str], *, event: s
         signal_group(proc, signal.SIGKILL)
         proc.communicate()
         raise SpawnError(f"{module} took longer than {timeout:g} s") from None
-    for line in out.splitlines():
-        record = progress.parse_line(line)
-        if record is None:
-            continue
-        if record["event"] == event:
-            return {k: v for k, v in record.items() if k not in ("event", "v", "time")}
-        if record["event"] == "error":
-            raise SpawnError(record.get("message") or record.get("code") or f"{module} failed")
+    return proc, out, err
+
+
+def _last_line(err: bytes) -> str:
+    """The last line of a child's stderr (where Python puts the exception), cut to fit a message."""
     tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-    raise SpawnError(f"{module} exited {proc.returncode} without a {event} event: {tail[0][:300]}")
+    return tail[0][:300]
 
 
 def probe_device(settings: Settings) -> dict:
@@ -196,20 +207,10 @@ def export_hf(settings: Settings, checkpoint_dir: str | os.PathLike, out_dir: st
     """Write the transformers directory of a checkpoint with ``python -m trainer.export_hf`` (torch
     lives there, never in this process). Call it from the thread that waits (the child dies with it).
     Raises SpawnError."""
-    argv = [settings.trainer_python, "-m", "trainer.export_hf", str(checkpoint_dir), str(out_dir)]
-    try:
-        proc = spawn(argv, env=trainer_env(Slot("export", "cpu")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as exc:
-        raise SpawnError(f"cannot start trainer.export_hf: {exc}") from exc
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        signal_group(proc, signal.SIGKILL)
-        proc.communicate()
-        raise SpawnError(f"trainer.export_hf took longer than {timeout:g} s") from None
+    proc, _, err = _run_to_end(settings, "trainer.export_hf", [str(checkpoint_dir), str(out_dir)],
+                               Slot("export", "cpu"), timeout)
     if proc.returncode != 0:
-        tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-        raise SpawnError(f"trainer.export_hf exited {proc.returncode}: {tail[0][:300]}")
+        raise SpawnError(f"trainer.export_hf exited {proc.returncode}: {_last_line(err)}")
 
 
 # --- the run directory's lock --------------------------------------------------------------------------

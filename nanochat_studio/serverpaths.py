@@ -17,7 +17,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import BadRequest, Forbidden
-from .settings import ENV_PREFIX, Settings
+from .settingfields import ENV_PREFIX
+from .settings import Settings
 
 SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/etc", "/boot", "/run", "/var/run")
 MAX_ENTRIES = 100_000

@@ -4,7 +4,9 @@
 keyword overrides (the CLI's flags) > environment (``NCS_<NAME>``, or ``NCS_<NAME>_FILE`` for secrets)
 > TOML file (``NCS_CONFIG`` or ``--config``; keys are the field names) > defaults. A bad value raises
 :class:`SettingsError` naming the setting. Every field carries a ``doc``; ``python -m nanochat_studio
-settings --markdown`` prints the table the README shows.
+settings --markdown`` prints the table the README shows. How one field is declared, named in the
+environment and converted lives in settingfields.py; which settings exist, and the checks across them,
+here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from urllib.parse import urlsplit
 
 import platformdirs
 
-ENV_PREFIX = "NCS_"
+from .settingfields import SettingsError, convert, env_name, mask
+from .settingfields import field as _f  # every setting below is declared with it
+
 MODES = ("solo", "lab", "hosted")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -36,21 +40,6 @@ THREADS_SPARE_MIN = 4
 SMTP_SCHEMES = ("smtp", "smtps", "smtp+insecure")
 RATE_LIMIT_SETTINGS = ("login_limit_per_account", "login_limit_per_address", "api_rate_limit",
                        "api_key_rate_limit")
-
-
-class SettingsError(ValueError):
-    """A setting has a bad value; the message starts with the setting's environment name."""
-
-
-def _f(default: Any, doc: str, *, env: str | None = None, secret: bool = False, default_doc: str | None = None,
-       choices: tuple[str, ...] | None = None, minimum: float | None = None, maximum: float | None = None) -> Any:
-    meta = {"doc": doc, "env": env, "secret": secret, "default_doc": default_doc, "choices": choices,
-            "minimum": minimum, "maximum": maximum}
-    if isinstance(default, dict):
-        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,97 +184,12 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.metadata["secret"] and value:
-                value = _mask(f.name, value)
+                value = mask(value)
             out[f.name] = value
         return out
 
 
-def env_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("env") or ENV_PREFIX + f.name.upper()
-
-
-def _mask(name: str, value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: "***" if any(s in k.lower() for s in ("secret", "key", "token", "password")) else v
-                for k, v in value.items()}
-    text = str(value)
-    if "://" in text:  # a URL: hide only its password
-        parts = urlsplit(text)
-        if parts.password:
-            return text.replace(f":{parts.password}@", ":***@", 1)
-        return text
-    return "***"
-
-
-# ------------------------------------------------------------------------------------------- parsing
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
-    """``raw`` (a string from the environment, or a TOML/flag value) as the field's type."""
-    name, kind = env_name(f), str(f.type)
-
-    def bad(expected: str) -> SettingsError:
-        return SettingsError(f"{name}: expected {expected}, got {raw!r} (from {source})")
-
-    if "bool" in kind:
-        if raw is None and "None" in kind:
-            return None
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        if "None" in kind and text in ("", "auto"):
-            return None
-        raise bad("true or false")
-    if kind == "int" or kind == "float":
-        lo, hi = f.metadata["minimum"], f.metadata["maximum"]
-        span = f" {lo:g}-{hi:g}" if lo is not None and hi is not None else (f" >= {lo:g}" if lo is not None else "")
-        expected = ("an integer" if kind == "int" else "a number") + span
-        if isinstance(raw, bool):
-            raise bad(expected)
-        try:
-            value = int(str(raw).strip().replace("_", "")) if kind == "int" else float(raw)
-        except (TypeError, ValueError):
-            raise bad(expected) from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi) or value != value:
-            raise bad(expected)
-        return value
-    if kind == "list":
-        if isinstance(raw, (list, tuple)):
-            return list(raw)
-        try:
-            value = json.loads(raw)
-        except (TypeError, ValueError):
-            raise bad("a JSON list") from None
-        if not isinstance(value, list):
-            raise bad("a JSON list")
-        return value
-    if kind == "dict":
-        if isinstance(raw, Mapping):
-            return dict(raw)
-        try:
-            value = json.loads(raw)
-        except (TypeError, ValueError):
-            raise bad("a JSON object") from None
-        if not isinstance(value, dict):
-            raise bad("a JSON object")
-        return value
-    if not isinstance(raw, str):
-        raise bad("a string")
-    value = raw.strip()
-    choices = f.metadata["choices"]
-    if choices:
-        value = value.lower()
-        if value not in choices:
-            raise bad("one of " + ", ".join(choices))
-    return value
-
+# ------------------------------------------------------------------------------------------- reading
 
 def _read_secret_file(name: str, path: str) -> str:
     try:
@@ -353,13 +257,13 @@ def load_settings(environ: Mapping[str, str] | None = None, toml_path: str | os.
     for name, f in fields.items():
         key = env_name(f)
         if overrides.get(name) is not None:
-            values[name] = _convert(f, overrides[name], "the command line")
+            values[name] = convert(f, overrides[name], "the command line")
         elif env.get(key, "") != "":
-            values[name] = _convert(f, env[key], "the environment")
+            values[name] = convert(f, env[key], "the environment")
         elif f.metadata["secret"] and env.get(key + "_FILE"):
-            values[name] = _convert(f, _read_secret_file(key + "_FILE", env[key + "_FILE"]), key + "_FILE")
+            values[name] = convert(f, _read_secret_file(key + "_FILE", env[key + "_FILE"]), key + "_FILE")
         elif name in from_toml:
-            values[name] = _convert(f, from_toml[name], str(toml_path))
+            values[name] = convert(f, from_toml[name], str(toml_path))
 
     home = Path(values.get("home") or platformdirs.user_data_dir("nanochat-studio")).expanduser().resolve()
     values["home"] = str(home)
@@ -456,6 +360,8 @@ def _check_billing(values: dict[str, Any]) -> None:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError(f"NCS_STRIPE_API_BASE: expected http(s)://host[:port], got {base!r}")
         values["stripe_api_base"] = base.rstrip("/")
+
+
 def _check_serving(values: dict[str, Any]) -> None:
     """Threads, proxies, rate-limit strings, mail and server-path roots: the checks across settings."""
     max_streams = values.get("max_streams", Settings.max_streams)
@@ -483,7 +389,7 @@ def _check_serving(values: dict[str, Any]) -> None:
         parts = urlsplit(smtp)
         if parts.scheme not in SMTP_SCHEMES or not parts.hostname:
             raise SettingsError(f"NCS_SMTP_URL: expected smtp://host:587, smtps://host:465 or "
-                                f"smtp+insecure://host:25, got {_mask('smtp_url', smtp)!r}")
+                                f"smtp+insecure://host:25, got {mask(smtp)!r}")
     roots = [r.strip() for r in values.get("server_path_roots", "").split(",") if r.strip()]
     for root in roots:
         if not os.path.isabs(root):

@@ -15,6 +15,7 @@ for a bad key, ``TooLargeError`` when a capped stream runs over.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -29,7 +30,7 @@ from typing import IO, Any, Iterator, Mapping
 
 import fsspec
 
-from .archive import GzipTar, archive_dirname, inline_member, model_card, public_config
+from .archive import GzipTar, archive_dirname, model_members
 from .settings import Settings
 
 MARKER = "_COMMITTED.json"
@@ -148,14 +149,8 @@ class Storage:
         path = self._path(key)
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as dst:
-                    size, digest = _copy_hashing(stream, dst, max_bytes)
-                os.replace(tmp, path)
-            except BaseException:
-                _unlink(tmp)
-                raise
+            with _replacing(f"{path}.tmp-{uuid.uuid4().hex}", path) as tmp, open(tmp, "wb") as dst:
+                size, digest = _copy_hashing(stream, dst, max_bytes)
         else:
             f = self.fs.open(path, "wb")
             try:
@@ -256,32 +251,6 @@ class Storage:
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
-    def publish_checkpoint(self, user_id: int, model_id: int, local_ckpt_dir: str | os.PathLike) -> str:
-        """Upload a finished trainer checkpoint; return its key ``users/<u>/models/<m>/checkpoints/<dir>``.
-
-        The trainer writes ``manifest.json`` last; a directory without it is still being written and is
-        refused (StorageError). The bytes uploaded are checked against the trainer's sha256s
-        (IntegrityError, and nothing stays published).
-        """
-        local = Path(local_ckpt_dir)
-        return self.put_checkpoint(local, f"{model_prefix(user_id, model_id)}/checkpoints/{check_key(local.name)}")
-
-    def put_checkpoint(self, local_ckpt_dir: str | os.PathLike, key: str) -> str:
-        """Upload a finished trainer checkpoint under ``key`` (put_dir), checked against the trainer's
-        own manifest.json: StorageError when it has none (still being written), IntegrityError (and
-        nothing stays published) when the bytes differ. Returns ``key``."""
-        local = Path(local_ckpt_dir)
-        trainer_manifest = local / "manifest.json"
-        if not trainer_manifest.is_file():
-            raise StorageError(f"{local} is not a finished checkpoint (no manifest.json)")
-        expected = trainer_sha256s(json.loads(trainer_manifest.read_text()))
-        manifest = self.put_dir(local, key)
-        bad = [rel for rel, sha in expected.items() if manifest["files"].get(rel, {}).get("sha256") != sha]
-        if bad:
-            self.delete(key)
-            raise IntegrityError(f"checkpoint {local} does not match its manifest.json: {', '.join(bad)}")
-        return key
-
     def copy_dir(self, src: str, dst: str) -> dict:
         """Copy the committed directory ``src`` to the new key ``dst`` (server-side on S3: no bytes pass
         through here), its marker last; returns the manifest. KeyNotFound when ``src`` is absent or goes
@@ -346,10 +315,9 @@ class Storage:
             for rel, info in remote_manifest["files"].items():
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                with self.open(f"{key}/{rel}") as s, open(dst, "wb") as d:
-                    size, digest = _copy_hashing(s, d)
-                if size != info["size"] or digest != info["sha256"]:
-                    raise IntegrityError(f"{key}/{rel}: stored bytes do not match the manifest")
+                with open(dst, "wb") as d:
+                    for piece in self._verified_chunks(f"{key}/{rel}", info):
+                        d.write(piece)
             (tmp / MARKER).write_text(json.dumps(remote_manifest, indent=1))
             try:
                 self._swap_in(str(tmp), str(target))
@@ -374,16 +342,11 @@ class Storage:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         size = self.size(key)
-        tmp = dest.parent / f".tmp-{uuid.uuid4().hex}-{dest.name}"
-        try:
+        with _replacing(str(dest.parent / f".tmp-{uuid.uuid4().hex}-{dest.name}"), str(dest)) as tmp:
             with self.open(key) as s, open(tmp, "wb") as d:
                 n, digest = _copy_hashing(s, d)
             if n != size or (sha256 and digest != sha256):
                 raise IntegrityError(f"{key}: stored bytes do not match (size {n}/{size}, sha256 {digest})")
-            os.replace(tmp, dest)
-        except BaseException:
-            _unlink(str(tmp))
-            raise
         return str(dest)
 
     # -- downloads ---------------------------------------------------------------------------------------
@@ -401,31 +364,21 @@ class Storage:
         files = self.manifest(ckpt)["files"]  # KeyNotFound before any byte is sent
         if "model.safetensors" not in files:
             raise StorageError(f"checkpoint {ckpt} has no model.safetensors")
-        top = archive_dirname(model)
-        # (archive name, storage key or None, size, sha256, inline bytes or None)
-        members: list[tuple[str, str | None, int, str, bytes | None]] = []
-        for rel in ("model.safetensors", "state.json"):
-            if rel in files:
-                members.append((rel, f"{ckpt}/{rel}", files[rel]["size"], files[rel]["sha256"], None))
+        stored = [(rel, f"{ckpt}/{rel}", files[rel]["size"], files[rel]["sha256"], None)
+                  for rel in ("model.safetensors", "state.json") if rel in files]
         # config.json ships without the server's paths (the trainer wrote out, cache_dir, data as they
         # were on this machine): checked against the manifest first, then rewritten.
-        run_config = self._verified_json(f"{ckpt}/config.json", files["config.json"]) if "config.json" in files \
-            else model.config or {}
-        members.insert(1, inline_member("config.json", json.dumps(public_config(run_config), indent=2)))
-        for rel, size, sha, key in self._tokenizer_files(model, ckpt, files):
-            members.append((f"tokenizer/{rel}", key, size, sha, None))
-        # The trainer's manifest with its file list cut to what ships (optim.pt stays home).
-        ckpt_manifest: dict[str, Any] = {}
+        run_config = json.loads(b"".join(self._verified_chunks(f"{ckpt}/config.json", files["config.json"]))) \
+            if "config.json" in files else model.config or {}
+        tokenizer = [(f"tokenizer/{rel}", key, size, sha, None)
+                     for rel, size, sha, key in self._tokenizer_files(model, ckpt, files)]
+        trainer_manifest: dict[str, Any] = {}
         if "manifest.json" in files:
             with self.open(f"{ckpt}/manifest.json") as f:
-                ckpt_manifest = json.loads(f.read())
-        ckpt_manifest["files"] = {name: {"sha256": sha, "size": size} for name, _, size, sha, _ in members}
-        members.append(inline_member("manifest.json", json.dumps(ckpt_manifest, indent=1)))
-        members.append(inline_member("MODEL_CARD.md", model_card(model, files["model.safetensors"]["sha256"], top)))
-        for name, content in (extra_files or {}).items():
-            members.append(inline_member(check_key(name), content))
-        sums = "".join(f"{sha}  {name}\n" for name, _, _, sha, _ in members)
-        members.append(inline_member("SHA256SUMS", sums))
+                trainer_manifest = json.loads(f.read())
+        extra = {check_key(name): content for name, content in (extra_files or {}).items()}
+        top = archive_dirname(model)
+        members = model_members(model, top, stored, tokenizer, run_config, trainer_manifest, extra)
 
         out = GzipTar(ARCHIVE_CHUNK)
         mtime = int(time.time())
@@ -434,24 +387,23 @@ class Storage:
             if inline is not None:
                 yield from out.data(inline)
             else:
-                h = hashlib.sha256()
-                n = 0
-                with self.open(key) as f:
-                    while chunk := f.read(ARCHIVE_CHUNK):
-                        n += len(chunk)
-                        h.update(chunk)
-                        yield from out.data(chunk)
-                if n != size or h.hexdigest() != sha:
-                    raise IntegrityError(f"{key}: stored bytes do not match the manifest")
+                for chunk in self._verified_chunks(key, {"size": size, "sha256": sha}, ARCHIVE_CHUNK):
+                    yield from out.data(chunk)
             yield from out.end_member(size)
         yield from out.close()
 
-    def _verified_json(self, key: str, entry: dict) -> Any:
+    def _verified_chunks(self, key: str, entry: dict, chunk: int = CHUNK) -> Iterator[bytes]:
+        """The stored file ``key`` in pieces; IntegrityError after the last one when its bytes do not
+        match the manifest ``entry`` (size, sha256): a reader streaming them on learns it at the end."""
+        h = hashlib.sha256()
+        n = 0
         with self.open(key) as f:
-            raw = f.read()
-        if len(raw) != entry["size"] or hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+            while piece := f.read(chunk):
+                n += len(piece)
+                h.update(piece)
+                yield piece
+        if n != entry["size"] or h.hexdigest() != entry["sha256"]:
             raise IntegrityError(f"{key}: stored bytes do not match the manifest")
-        return json.loads(raw)
 
     def _tokenizer_files(self, model: Any, ckpt: str, files: dict) -> list[tuple[str, int, str, str]]:
         tok = check_key(model.tokenizer_key or f"{ckpt}/tokenizer")
@@ -463,23 +415,6 @@ class Storage:
                     if rel.startswith(sub)]
         tfiles = self.manifest(tok)["files"]
         return [(rel, i["size"], i["sha256"], f"{tok}/{rel}") for rel, i in sorted(tfiles.items())]
-
-
-def trainer_sha256s(manifest: Any) -> dict[str, str]:
-    """rel path -> sha256 from the trainer's manifest.json, which may list ``files`` as a mapping of
-    path -> sha256 or path -> {"sha256": ...}, or as a list of {"path"|"name", "sha256"}."""
-    files = manifest.get("files", manifest) if isinstance(manifest, dict) else manifest
-    out: dict[str, str] = {}
-    if isinstance(files, dict):
-        for rel, v in files.items():
-            sha = v.get("sha256") if isinstance(v, dict) else v
-            if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
-                out[rel] = sha
-    elif isinstance(files, list):
-        for item in files:
-            if isinstance(item, dict) and isinstance(item.get("sha256"), str):
-                out[item.get("path") or item.get("name")] = item["sha256"]
-    return out
 
 
 def _manifest(entries: dict[str, dict]) -> dict:
@@ -496,8 +431,14 @@ def _protocols(fs: Any) -> tuple[str, ...]:
     return (p,) if isinstance(p, str) else tuple(p)
 
 
-def _unlink(path: str) -> None:
+@contextlib.contextmanager
+def _replacing(tmp: str, final: str) -> Iterator[str]:
+    """``tmp``, for the block to write; renamed over ``final`` when the block ends, removed when it
+    fails: a reader of ``final`` sees the old file or the whole new one, never a part."""
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

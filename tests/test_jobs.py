@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_studio import db, jobs, runner, workers
+from nanochat_studio import db, jobconfig, jobs, runner, workers
 from nanochat_studio.models import Dataset, TrainingJob, User, utcnow
 from nanochat_studio.settings import Settings, load_settings
 
@@ -84,7 +84,7 @@ def _submit(user, settings, **config):
     ([1, 2], "must be a JSON object"),
 ])
 def test_submit_refuses_a_bad_config_with_a_clear_message(alice, settings, config, message):
-    with pytest.raises(jobs.JobConfigError) as err:
+    with pytest.raises(jobconfig.JobConfigError) as err:
         jobs.submit(alice, config, settings)
     assert message in str(err.value)
     assert err.value.status == 400

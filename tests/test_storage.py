@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from nanochat_studio.checkpoints import publish_checkpoint
 from nanochat_studio.storage import MARKER, IntegrityError, KeyNotFound, Storage, StorageError, check_key
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 
@@ -102,7 +103,7 @@ def test_a_capped_stream_keeps_nothing(storage):
 
 def test_a_checkpoint_publishes_and_comes_back_verified(storage, tmp_path):
     ckpt = make_checkpoint(tmp_path / "run")
-    key = storage.publish_checkpoint(7, 3, ckpt)
+    key = publish_checkpoint(storage, 7, 3, ckpt)
     assert key == "users/7/models/3/checkpoints/step_0000100"
     assert visible(storage, key)
     assert storage.list_committed("users/7/models/3/checkpoints") == [key]
@@ -133,7 +134,7 @@ def test_a_half_uploaded_checkpoint_is_not_visible(storage, tmp_path):
     with pytest.raises(KeyNotFound):
         storage.local_path(key)
     # Publishing over the debris commits a clean copy.
-    assert storage.publish_checkpoint(7, 4, ckpt) == key
+    assert publish_checkpoint(storage, 7, 4, ckpt) == key
     assert visible(storage, key)
 
 
@@ -157,7 +158,7 @@ def test_the_marker_is_written_after_every_file(tmp_path, s3_server):
 
     t = threading.Thread(target=watch)
     t.start()
-    storage.publish_checkpoint(1, 1, ckpt)
+    publish_checkpoint(storage, 1, 1, ckpt)
     done.set()
     t.join(10)
     assert violations == []
@@ -168,17 +169,17 @@ def test_an_unfinished_or_corrupt_checkpoint_is_refused(storage, tmp_path):
     ckpt = make_checkpoint(tmp_path / "run")
     (ckpt / "manifest.json").unlink()
     with pytest.raises(StorageError, match="manifest.json"):
-        storage.publish_checkpoint(1, 1, ckpt)
+        publish_checkpoint(storage, 1, 1, ckpt)
     ckpt2 = make_checkpoint(tmp_path / "run2")
     (ckpt2 / "model.safetensors").write_bytes(b"torn write")
     with pytest.raises(IntegrityError):
-        storage.publish_checkpoint(1, 2, ckpt2)
+        publish_checkpoint(storage, 1, 2, ckpt2)
     assert not visible(storage, "users/1/models/2/checkpoints/step_0000100")
 
 
 def test_a_local_copy_that_was_tampered_with_is_refused(tmp_path, s3_server):
     storage = Storage(s3_server.url("tamper"), s3_server.options, cache_dir=tmp_path / "cache")
-    key = storage.publish_checkpoint(1, 1, make_checkpoint(tmp_path / "run"))
+    key = publish_checkpoint(storage, 1, 1, make_checkpoint(tmp_path / "run"))
     put_bytes(storage, b"not the weights", f"{key}/model.safetensors")  # bytes change, manifest does not
     with pytest.raises(IntegrityError):
         storage.local_path(key)
@@ -187,12 +188,12 @@ def test_a_local_copy_that_was_tampered_with_is_refused(tmp_path, s3_server):
 
 def test_republishing_a_key_leaves_no_stale_files(storage, tmp_path):
     ckpt = make_checkpoint(tmp_path / "a")
-    key = storage.publish_checkpoint(1, 1, ckpt)
+    key = publish_checkpoint(storage, 1, 1, ckpt)
     (ckpt / "optim.pt").unlink()
     manifest = json.loads((ckpt / "manifest.json").read_text())
     del manifest["files"]["optim.pt"]
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    assert storage.publish_checkpoint(1, 1, ckpt) == key
+    assert publish_checkpoint(storage, 1, 1, ckpt) == key
     assert "optim.pt" not in storage.manifest(key)["files"]
     storage.fs.invalidate_cache()
     assert not storage.fs.exists(f"{storage.root}/{key}/optim.pt")
@@ -213,7 +214,7 @@ class FakeModel:
 def test_the_download_is_one_streamed_archive_with_weights_config_tokenizer_and_card(storage, tmp_path):
     weights = os.urandom(1 << 20)
     ckpt = make_checkpoint(tmp_path / "run", weights=weights)
-    key = storage.publish_checkpoint(1, 9, ckpt)
+    key = publish_checkpoint(storage, 1, 9, ckpt)
     model = FakeModel(checkpoint_key=key, tokenizer_key=f"{key}/tokenizer")
     chunks = list(storage.stream_model_archive(model, {"samples.json": json.dumps(model.samples)}))
     assert len(chunks) > 10  # streamed: random weights do not compress, 1 MiB arrives in ~16 pieces
@@ -273,7 +274,7 @@ def test_an_oversize_multipart_upload_to_s3_is_aborted(s3_server):
 def test_two_model_servers_caching_the_same_checkpoint_at_once_both_get_it(tmp_path, s3_server):
     storage = Storage(s3_server.url("race"), s3_server.options, cache_dir=tmp_path / "cache")
     ckpt = make_checkpoint(tmp_path / "run", weights=os.urandom(1 << 20))
-    key = storage.publish_checkpoint(1, 1, ckpt)
+    key = publish_checkpoint(storage, 1, 1, ckpt)
     results, errors = [], []
 
     def cache():
@@ -310,7 +311,7 @@ def test_the_downloaded_archive_loads_with_the_trainers_sample_command(tmp_path,
     ckpt = checkpoint.save_checkpoint(tmp_path / "run", 7, gpt, optim.build_optimizers(gpt.param_groups(), n_embd=32),
                                       {}, tmp_path / "tok", {"model": dataclasses.asdict(cfg), "train": {}})
     storage = Storage(s3_server.url("e2e"), s3_server.options)
-    key = storage.publish_checkpoint(1, 5, ckpt)
+    key = publish_checkpoint(storage, 1, 5, ckpt)
     archive = b"".join(storage.stream_model_archive(FakeModel(name="e2e", checkpoint_key=key,
                                                               tokenizer_key=f"{key}/tokenizer")))
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:

@@ -3,6 +3,7 @@ allowance, read any user's ledger, refund a job. The same calls as ``nanochat-st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
@@ -55,13 +56,15 @@ def user_ledger(user_id: int) -> Any:
                            charged=lambda job_id: ledger.credits_text(ledger.job_charged(job_id)))
 
 
-def _done(user_id: int, message: str) -> Any:
-    flash(message, "info")
-    return redirect(url_for("billing_admin.user_ledger", user_id=user_id))
-
-
-def _failed(user_id: int, exc: AppError) -> Any:
-    flash(exc.message, "error")
+def _act(user_id: int, call: Callable[[], Any], done: Callable[[Any], str]) -> Any:
+    """Make a billing ``call`` for the signed-in admin, then go back to the user's ledger page with
+    ``done(what the call answered)`` or the reason billing refused (its AppError's message)."""
+    try:
+        answer = call()
+    except AppError as exc:
+        flash(exc.message, "error")
+    else:
+        flash(done(answer), "info")
     return redirect(url_for("billing_admin.user_ledger", user_id=user_id))
 
 
@@ -69,24 +72,18 @@ def _failed(user_id: int, exc: AppError) -> Any:
 @admin_required
 def grant(user_id: int) -> Any:
     user = _user(user_id)
-    try:
-        billing.grant(user, request.form.get("credits", ""), request.form.get("reason", ""),
-                      by=current_user._get_current_object())
-    except AppError as exc:
-        return _failed(user.id, exc)
-    return _done(user.id, f"Granted {request.form.get('credits')} credits to {user.email or user.name}.")
+    return _act(user.id, lambda: billing.grant(user, request.form.get("credits", ""), request.form.get("reason", ""),
+                                               by=current_user._get_current_object()),
+                lambda _: f"Granted {request.form.get('credits')} credits to {user.email or user.name}.")
 
 
 @bp.post("/<int:user_id>/revoke")
 @admin_required
 def revoke(user_id: int) -> Any:
     user = _user(user_id)
-    try:
-        billing.revoke(user, request.form.get("credits", ""), request.form.get("reason", ""),
-                       by=current_user._get_current_object())
-    except AppError as exc:
-        return _failed(user.id, exc)
-    return _done(user.id, f"Revoked {request.form.get('credits')} credits from {user.email or user.name}.")
+    return _act(user.id, lambda: billing.revoke(user, request.form.get("credits", ""), request.form.get("reason", ""),
+                                                by=current_user._get_current_object()),
+                lambda _: f"Revoked {request.form.get('credits')} credits from {user.email or user.name}.")
 
 
 @bp.post("/<int:user_id>/allowance")
@@ -99,11 +96,8 @@ def allowance(user_id: int) -> Any:
     except ValueError:
         flash(f"The allowance must be a number of hours, or empty for none; got {raw!r}.", "error")
         return redirect(url_for("billing_admin.user_ledger", user_id=user.id))
-    try:
-        billing.set_allowance(user, hours, by=current_user._get_current_object())
-    except AppError as exc:
-        return _failed(user.id, exc)
-    return _done(user.id, "No quota now." if hours is None else f"Allowance set to {hours:g} device-hours a month.")
+    return _act(user.id, lambda: billing.set_allowance(user, hours, by=current_user._get_current_object()),
+                lambda _: "No quota now." if hours is None else f"Allowance set to {hours:g} device-hours a month.")
 
 
 @bp.post("/jobs/<int:job_id>/refund")
@@ -112,8 +106,6 @@ def refund_job(job_id: int) -> Any:
     jb = JobBilling.get_or_none(JobBilling.job_id == job_id)
     if jb is None:
         raise NotFound(f"Job {job_id} was not billed.")
-    try:
-        amount = billing.refund_job(job_id, request.form.get("reason", ""), by=current_user._get_current_object())
-    except AppError as exc:
-        return _failed(jb.user_id, exc)
-    return _done(jb.user_id, f"Job #{job_id} refunded: {ledger.credits_text(amount)} credits returned.")
+    return _act(jb.user_id, lambda: billing.refund_job(job_id, request.form.get("reason", ""),
+                                                       by=current_user._get_current_object()),
+                lambda amount: f"Job #{job_id} refunded: {ledger.credits_text(amount)} credits returned.")

@@ -94,6 +94,20 @@ def conversation_datasets(user) -> list:
     return [d for d in datasets.list_datasets(user) if d.name.lower().endswith(chattune.CHAT_EXTENSIONS)]
 
 
+def _submitted(config: dict[str, Any], errors: list[str], what: str = "") -> Any:
+    """Submit ``config`` from a form: the redirect to the new job's page, or None with the reason the
+    job was refused added to ``errors`` (the form is shown again)."""
+    try:
+        job = submit_job(config)
+    except (AppError, ValueError) as exc:
+        errors.append(str(getattr(exc, "message", None) or exc))
+        return None
+    # No state in the message: the page it lands on shows the job's state, live, and a job that
+    # finishes while that page is open must not still be "queued" there.
+    flash(f"Submitted job #{job.id}{what}.", "success")
+    return redirect(url_for("jobs.show", job_id=job.id))
+
+
 @bp.route("/train", methods=["GET", "POST"])
 @login_required
 def plan():
@@ -106,16 +120,8 @@ def plan():
         form["advanced"] = any(form.get(k) for k in ADVANCED)
         form["sent"] = True  # the page shows the choices as sent (plan.js then leaves the chat box alone)
         config, errors = config_from_form(request.form)
-        if not errors:
-            try:
-                job = submit_job(config)
-            except (AppError, ValueError) as exc:
-                errors.append(str(getattr(exc, "message", None) or exc))
-            else:
-                # No state in the message: the page it lands on shows the job's state, live, and a
-                # job that finishes while that page is open must not still be "queued" there.
-                flash(f"Submitted job #{job.id}.", "success")
-                return redirect(url_for("jobs.show", job_id=job.id))
+        if not errors and (landed := _submitted(config, errors)) is not None:
+            return landed
     defaults = sizing.device_defaults(dev["device"])
     status = 400 if errors else 200
     return render_template("jobs/plan.html", form=form, errors=errors, device=dev, defaults=defaults,
@@ -167,14 +173,8 @@ def chat_tune(model_id: int):
     config: dict[str, Any] = {"init_from_model": model.id,
                               "name": (request.form.get("name") or "").strip() or f"{model.name} (chat)"[:120]}
     errors = chat_from_form({**request.form.to_dict(), "chat": "on"}, config)
-    if not errors:
-        try:
-            job = submit_job(config)
-        except (AppError, ValueError) as exc:
-            errors.append(str(getattr(exc, "message", None) or exc))
-        else:
-            flash(f"Submitted job #{job.id}: chat-tuning {model.name}.", "success")
-            return redirect(url_for("jobs.show", job_id=job.id))
+    if not errors and (landed := _submitted(config, errors, f": chat-tuning {model.name}")) is not None:
+        return landed
     return render_template("models/show.html", model=model_json(model),
                            conversations=conversation_datasets(current_user), errors=errors), 400
 

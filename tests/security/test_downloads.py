@@ -18,6 +18,7 @@ import requests
 
 from harness import Studio, open_store, persona
 from nanochat_studio import auth
+from nanochat_studio.checkpoints import publish_checkpoint
 from nanochat_studio.models import Model
 from nanochat_studio.settings import load_settings
 from nanochat_studio.storage import Storage
@@ -64,7 +65,7 @@ def test_the_archive_and_the_model_json_carry_no_server_path(lab, store_url, tmp
     model = Model.create(user=alice, name=NAME, step=10, checkpoint_key="", tokenizer_key="", config=train,
                          data_source="/srv/private/corpus.txt", samples=[{"prompt": "a`b", "text": "c"}])
     storage = Storage.from_settings(load_settings(environ={"NCS_HOME": str(home), "NCS_DATABASE_URL": store_url}))
-    stored = storage.publish_checkpoint(alice.id, model.id, ckpt)
+    stored = publish_checkpoint(storage, alice.id, model.id, ckpt)
     Model.update(checkpoint_key=stored, tokenizer_key=f"{stored}/tokenizer").where(Model.id == model.id).execute()
 
     r = requests.get(f"{lab.url}/api/models/{model.id}/download", headers=bearer, timeout=60)
