@@ -7,11 +7,10 @@ returns the contract's exit code.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 
 from trainer import progress
-from trainer.loop import Stage, run_steps
+from trainer.loop import Stage, run_steps, sampling, val_scores
 
 
 def _lr_and_momentum(run) -> None:
@@ -49,50 +48,24 @@ def evaluate(run, max_rows: int) -> tuple[float, float]:
     """(val_loss, val_bpb) on the assistant tokens of the held-out conversations (at most ``max_rows``
     packed rows, split between ranks); bits per byte leave out <|assistant_end|> (it is 0 bytes)."""
     import torch
-    rt, model = run.rt, run.model
+    rt = run.rt
     x_all, y_all = run.data.rows(None)
     x_all, y_all = x_all[:max_rows], y_all[:max_rows]
     token_bytes = torch.as_tensor(run.tokenizer.token_byte_lengths(), dtype=torch.float32, device=rt.device)
-    loss_sum = ntok = nats = nbytes = 0.0
-    model.eval()
-    with torch.no_grad():
-        for lo in range(rt.rank * run.micro, len(x_all), run.micro * rt.world_size):
-            x = torch.from_numpy(x_all[lo:lo + run.micro]).to(rt.device)
-            y = torch.from_numpy(y_all[lo:lo + run.micro]).to(rt.device)
-            with rt.autocast():
-                losses = model(x, y, loss_reduction="none").float().view(-1)
-            y = y.reshape(-1)
-            valid = y >= 0
-            b = token_bytes[y.clamp(min=0)] * valid
-            loss_sum += float((losses * valid).sum())
-            ntok += float(valid.sum())
-            nats += float((losses * (b > 0)).sum())
-            nbytes += float(b.sum())
-    model.train()
-    loss_sum, ntok, nats, nbytes = rt.all_reduce_sum(loss_sum, ntok, nats, nbytes)
-    return (loss_sum / ntok if ntok else float("nan"),
-            nats / (math.log(2) * nbytes) if nbytes else float("nan"))
+    batches = ((torch.from_numpy(x_all[lo:lo + run.micro]), torch.from_numpy(y_all[lo:lo + run.micro]))
+               for lo in range(rt.rank * run.micro, len(x_all), run.micro * rt.world_size))
+    return val_scores(run.model, rt, batches, token_bytes)
 
 
 def make_samples(run, n: int = 2) -> list[dict]:
     """Greedy replies to the first user turns of held-out conversations, without disturbing the RNG."""
-    import torch
     from trainer import sample
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(run.rt.device) if run.rt.device.type == "cuda" else None
     out = []
-    run.model.eval()
-    try:
-        with run.rt.autocast():
-            for prompt in run.val_prompts[:n]:
-                text = "".join(sample.chat(run.model, run.tokenizer, [{"role": "user", "content": prompt}],
-                                           max_tokens=64, temperature=0.0))
-                out.append({"prompt": prompt, "text": text})
-    finally:
-        run.model.train()
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, run.rt.device)
+    with sampling(run.model, run.rt):
+        for prompt in run.val_prompts[:n]:
+            text = "".join(sample.chat(run.model, run.tokenizer, [{"role": "user", "content": prompt}],
+                                       max_tokens=64, temperature=0.0))
+            out.append({"prompt": prompt, "text": text})
     return out
 
 

@@ -6,8 +6,9 @@ Built on the special tokens reserved in ``trainer/sizing.py``: a conversation st
 message is wrapped in its role's start and end tokens; a system message may only come first; to ask
 the model for the next reply the text ends with <|assistant_start|> and the model writes until
 <|assistant_end|>. ``trainer/tokenizer.py``'s ``render_chat`` produces the same ids directly, walking
-:func:`turns` as :func:`render` does (tests hold the two together); the Hugging Face export (``trainer/export_hf.py``) ships :data:`JINJA` as the
-tokenizer's ``chat_template``. A chat-tuning stage and the model server render through this module too.
+:func:`turns` as :func:`render` does (tests hold the two together); the Hugging Face export
+(``trainer/export_hf.py``) ships :data:`JINJA` as the tokenizer's ``chat_template``. A chat-tuning
+stage and the model server render through this module too.
 """
 
 from __future__ import annotations

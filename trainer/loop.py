@@ -11,7 +11,7 @@ import dataclasses
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -30,18 +30,24 @@ class Diverged(Exception):
 # --- evaluation and samples ---------------------------------------------------------------------
 
 def evaluate(model, rt: Runtime, prepared, batch: int, seq: int, max_batches: int, token_bytes):
-    """(val_loss in nats per token, val_bpb) over the first ``max_batches`` validation batches.
+    """(val_loss, val_bpb) over the first ``max_batches`` validation batches (:func:`val_scores`)."""
+    from trainer import data
+    return val_scores(model, rt, data.iter_val_batches(prepared.val_path, prepared.dtype, batch, seq, max_batches,
+                                                        rt.rank, rt.world_size), token_bytes)
+
+
+def val_scores(model, rt: Runtime, batches, token_bytes) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over this process's ``batches`` of (x, y), summed over ranks;
+    targets below 0 are masked out. Both stages score their held-out data with it.
 
     Bits per byte divide the summed loss by the bytes the target tokens stand for, so models with
     different tokenizers compare; special tokens (0 bytes) are left out of both sums.
     """
     import torch
-    from trainer import data
     nats = nbytes = loss_sum = ntok = 0.0
     model.eval()
     with torch.no_grad():
-        for x, y in data.iter_val_batches(prepared.val_path, prepared.dtype, batch, seq, max_batches,
-                                          rt.rank, rt.world_size):
+        for x, y in batches:
             x, y = x.to(rt.device), y.to(rt.device)
             with rt.autocast():
                 losses = model(x, y, loss_reduction="none").float().view(-1)
@@ -59,29 +65,36 @@ def evaluate(model, rt: Runtime, prepared, batch: int, seq: int, max_batches: in
     return val_loss, val_bpb
 
 
-def make_samples(model, rt: Runtime, tokenizer, prompts: list[str], seed: int) -> list[dict] | None:
-    """A short generation per prompt, or None when trainer.sample is not available."""
+@contextmanager
+def sampling(model, rt: Runtime):
+    """The model in eval mode under the run's autocast, and the RNG states put back afterwards: sampling
+    must not disturb the training RNG, or a resumed run would drift from a straight one."""
     import torch
-    try:
-        from trainer import sample
-    except ImportError:
-        return None
-    # Sampling must not disturb the training RNG, or a resumed run would drift from a straight one.
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None
     model.eval()
-    out = []
     try:
         with rt.autocast():
-            for prompt in prompts:
-                text = "".join(sample.complete(model, tokenizer, prompt, max_tokens=64, temperature=0.8,
-                                               top_k=50, seed=seed))
-                out.append({"prompt": prompt, "text": text})
+            yield
     finally:
         model.train()
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, rt.device)
+
+
+def make_samples(model, rt: Runtime, tokenizer, prompts: list[str], seed: int) -> list[dict] | None:
+    """A short generation per prompt, or None when trainer.sample is not available."""
+    try:
+        from trainer import sample
+    except ImportError:
+        return None
+    out = []
+    with sampling(model, rt):
+        for prompt in prompts:
+            text = "".join(sample.complete(model, tokenizer, prompt, max_tokens=64, temperature=0.8,
+                                           top_k=50, seed=seed))
+            out.append({"prompt": prompt, "text": text})
     return out
 
 

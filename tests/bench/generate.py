@@ -103,14 +103,16 @@ def read_bandwidth(nbytes: int, passes: int = 200) -> float:
     return buf.numel() * 4 / best
 
 
-def products_rate(model: GPT, tokens: int) -> float:
-    """Tokens/s of the products alone: x @ W for every matrix a token meets, in order, for ``tokens``
-    tokens in a row (timed as a whole, as the paths' runs are)."""
-    mats = []
-    for blk in model.blocks:
-        for lin in (blk.attn.c_qkv, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj):
-            mats.append(lin.weight.detach().t().contiguous())
-    mats.append(model.lm_head.weight.detach().t().contiguous())
+def product_matrices(model: GPT) -> list[torch.Tensor]:
+    """Every matrix a token meets, in order, in the (in, out) layout the engine decodes from."""
+    mats = [lin.weight.detach().t().contiguous() for blk in model.blocks
+            for lin in (blk.attn.c_qkv, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)]
+    return mats + [model.lm_head.weight.detach().t().contiguous()]
+
+
+def products_rate(mats: list[torch.Tensor], tokens: int) -> float:
+    """Tokens/s of the products alone: x @ W for every matrix of ``mats`` in turn, for ``tokens`` tokens
+    in a row (timed as a whole, as the paths' runs are)."""
     xs = {m.size(0): torch.randn(1, m.size(0)) for m in mats}
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -156,7 +158,8 @@ def main() -> int:
         paths["nanochat"] = nanochat_engine(args.nanochat, cfg, prompt, args.new)
     for run in paths.values():
         time_tokens(run(8))  # warm-up: allocator, kernels
-    products_rate(model, 8)
+    mats = product_matrices(model)
+    products_rate(mats, 8)
     same = list(paths["engine"]()) == list(paths["forward"]())
     results: dict[str, list] = {k: [] for k in paths}
     bandwidth, floor = [], []
@@ -164,7 +167,7 @@ def main() -> int:
         for name, run in paths.items():
             results[name].append(time_tokens(run()))
         bandwidth.append(read_bandwidth(weight_bytes))
-        floor.append(products_rate(model, args.new))
+        floor.append(products_rate(mats, args.new))
     best = {k: max(r[1] for r in v) for k, v in results.items()}
     best_cpu = {k: max(r[3] for r in v) for k, v in results.items()}
     ttft = {k: min(r[0] for r in v) for k, v in results.items()}
