@@ -13,16 +13,17 @@ pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
 
 
 def test_depth_sets_width_in_whole_heads():
-    s = shape_for(2, 512, 64)
-    assert (s.n_layer, s.n_embd, s.head_dim, s.n_head, s.n_kv_head) == (2, 128, 64, 2, 2)
+    s = shape_for(2, 512, 64)  # below 256 wide: heads of 32
+    assert (s.n_layer, s.n_embd, s.head_dim, s.n_head, s.n_kv_head) == (2, 128, 32, 4, 4)
+    assert [shape_for(d, 512, 64).n_head for d in (1, 3, 4, 11)] == [2, 6, 4, 11]  # 256-767 wide: heads of 64
     s = shape_for(12, 65536, 2048)  # 768 wide: GPU-sized, heads of 128
     assert (s.n_embd, s.head_dim, s.n_head) == (768, 128, 6)
     s = shape_for(20, 65536, 2048)
     assert (s.n_embd, s.n_head) == (1280, 10)
     s = shape_for(13, 65536, 2048)  # 832 is not a multiple of 128: round up
     assert (s.n_embd, s.n_head) == (896, 7)
-    s = shape_for(3, 512, 64, head_dim=32)
-    assert (s.n_embd, s.n_head) == (192, 6)
+    s = shape_for(3, 512, 64, head_dim=64)
+    assert (s.n_embd, s.n_head) == (192, 3)
 
 
 def test_gqa_option_must_divide_the_heads():

@@ -23,7 +23,12 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 MAX_DEPTH = 64
 ASPECT_RATIO = 64  # width per layer
 GPU_HEAD_DIM = 128  # wide models: fewer, larger heads keep the attention kernels efficient
-TINY_HEAD_DIM = 64  # narrow models: still at least two heads at depth 2
+TINY_HEAD_DIM = 64  # narrow models (256-767 wide)
+# Below 256 wide (depths 1-3): heads of 32, so depth 2 has four heads a layer, not two. Answering a
+# question about a story means finding the asked-about words in it and copying what follows; with two
+# layers that is done by a few attention heads side by side, and two were too few (the demo chat bench
+# at depth 2, tests/bench/demo_chat.py: with two heads it stayed near 70% of story questions right).
+SMALL_HEAD_DIM = 32
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ def shape_for(depth: int, vocab_size: int, seq_len: int, head_dim: int | None = 
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     target = depth * ASPECT_RATIO
     if head_dim is None:
-        head_dim = GPU_HEAD_DIM if target >= 768 else TINY_HEAD_DIM
+        head_dim = GPU_HEAD_DIM if target >= 768 else TINY_HEAD_DIM if target >= 256 else SMALL_HEAD_DIM
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
         # rotary embeddings rotate pairs of channels, so a head needs an even size
         raise ValueError(f"head_dim must be an even integer >= 2, got {head_dim!r}")
@@ -121,8 +126,9 @@ _LOGIT_COPIES_COMPILED = 1.5
 # calibration measures something new: the web app keys its cached timing runs by it, so an upgrade
 # re-times the plan page's estimates instead of quoting the old trainer's speed. 2: trainer/cpu_ops.py
 # and the eigenbasis Muon (CPU ~1.4x faster). 3: calibrations also time a run's fixed costs
-# (start-up, evaluation, samples, checkpoints) and report the process's peak memory.
-SPEED_REVISION = 3
+# (start-up, evaluation, samples, checkpoints) and report the process's peak memory. 4: heads of 32
+# below 256 wide (depths 1-3 have twice the heads).
+SPEED_REVISION = 4
 
 
 def memory_estimate(shape: ModelShape, batch_size: int, device_kind: str = "cpu",
