@@ -37,7 +37,8 @@ from trainer import demo
 ANSWER_GRAMMAR: dict[str, list[list[str]]] = dict(demo.GRAMMAR) | {
     "<reply>": [["<sentence>"], ["<answer>"]],
     "<answer>": [s.split() for s in (
-        "the story is about <hero> .", "<hero> is <a_animal> .", "<hero> lived in <place> .",
+        "the story is about <hero> .", "<hero> is the <animal> .", "<hero> is <a_animal> .",
+        "<hero> lived in <place> .",
         "<friend> helped <hero> .", "hello !", "hi !", "do you want to hear a story ?",
         "i am fine , thank you !", "i am a little model that knows many stories .", "goodbye !",
         "you are welcome !", "here is a story .", "i like stories about <place_noun> .")],
@@ -132,7 +133,8 @@ def questions(s: Story) -> list[QA]:
     h = s.hero
     out = [
         QA("who", "Who is the story about?", h, "name", f"The story is about {h}."),
-        QA("animal", f"What animal is {h}?", s.animal, "animal", f"{h} is {demo._article(s.animal)} {s.animal}."),
+        # "the": "a" or "an" would be chosen before the animal is copied, a guess a small model gets wrong
+        QA("animal", f"What animal is {h}?", s.animal, "animal", f"{h} is the {s.animal}."),
         QA("home", f"Where did {h} live?", s.home, "place", f"{h} lived in the {s.home}."),
         QA("what", f"What did {h} {s.verb[1]}?", s.obj, "object",
            _sentence(f"{h} {s.verb[0]} {demo._article(s.obj)} {s.obj} .")),
@@ -154,13 +156,10 @@ def prompt(story: str, question: str) -> str:
 
 # ---- conversations ------------------------------------------------------------------------------
 
-def _story_request(rng: random.Random) -> tuple[str, str, Story | None]:
-    """(request, story text, None): a story from the demo grammar about a named thing."""
-    he = rng.random() < 0.5
-    hero = rng.choice(demo.HEROES_HE if he else demo.HEROES_SHE)
-    friend = rng.choice([n for n in demo.HEROES_HE + demo.HEROES_SHE if n != hero])
-    animal = rng.choice(demo.ANIMALS)
-    cast = {"<hero>": [hero], "<friend>": [friend], "<animal>": [animal], "<pron>": ["he" if he else "she"]}
+def _story_request(rng: random.Random) -> tuple[str, str, str]:
+    """(request, story text, hero): a story from the demo grammar about a named thing."""
+    cast = demo.story_cast(rng)
+    hero, animal = cast["<hero>"][0][0], cast["<animal>"][0][0]
     topic = rng.choice(("hero", "animal", "place"))
     if topic == "hero":
         request = f"Tell me a story about {hero}."
@@ -168,7 +167,7 @@ def _story_request(rng: random.Random) -> tuple[str, str, Story | None]:
         request = f"Tell me a story about {demo._article(animal)} {animal}."
     else:
         place = rng.choice(demo.PLACES)
-        cast["<place>"] = ["the", place]
+        cast["<place>"] = [["the", place]]
         request = f"Tell me a story about the {place}."
     sentences = [demo._sentence("<intro>", rng, cast)]
     for _ in range(rng.randint(2, 3)):
