@@ -169,3 +169,97 @@ def test_a_bf16_model_trains_with_finite_falling_loss():
     assert all(math.isfinite(v) for v in losses)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
     assert losses[-1] < 0.5 * losses[0]  # one fixed batch: it is memorised
+
+
+# --- attention's dtype in a bf16 run ---------------------------------------------------------------
+
+@pytest.mark.parametrize("timings,choice", [((7.7e-3, 11.1e-3), "float32"),  # Zen 4 here: float32 faster
+                                            ((7.7e-3, 4e-3), "bfloat16"),
+                                            ((5e-3, 5e-3), "bfloat16")])  # a tie keeps the run's dtype
+def test_the_attention_probe_decides_from_its_timings(monkeypatch, timings, choice):
+    measured = iter(timings)
+
+    def fake_best_time(fn, repeats, give_up_after=None):
+        fn()  # the attention forward and backward still run
+        return next(measured)
+
+    monkeypatch.setattr(precision, "_best_time", fake_best_time)
+    assert precision.probe_attention()["choice"] == choice
+
+
+def test_attention_is_probed_only_for_bf16_on_a_cpu_and_once(monkeypatch):
+    precision.forget()
+    runs = []
+    monkeypatch.setattr(precision, "probe_attention", lambda: runs.append(1) or {"choice": "float32"})
+    try:
+        assert precision.attention_dtype("float32", "cpu") == "float32"
+        assert precision.attention_dtype("bfloat16", "cuda") == "bfloat16"
+        assert runs == []
+        assert precision.attention_dtype("bfloat16", "cpu") == precision.attention_dtype("bfloat16", "cpu") == "float32"
+        assert runs == [1]
+    finally:
+        precision.forget()
+
+
+def test_the_real_attention_probe_answers_on_this_cpu():
+    result = precision.probe_attention()
+    assert result["float32_s"] > 0 and result["choice"] in ("float32", "bfloat16")
+    if result["bfloat16_s"] is not None:
+        assert (result["choice"] == "bfloat16") == (result["bfloat16_s"] <= result["float32_s"])
+
+
+def test_float32_attention_under_bf16_autocast_is_what_it_says(monkeypatch):
+    import torch.nn.functional as F
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = _random_model()
+    idx, targets = torch.randint(0, 512, (4, 64)), torch.randint(0, 512, (4, 64))
+    bf_loss, bf = _loss_and_grads(model, idx, targets, "bfloat16", plain=False)
+    assert seen and all(s[:3] == (torch.bfloat16,) * 3 for s in seen)
+    seen.clear()
+    model.set_attention_dtype("float32")
+    mixed_loss, mixed = _loss_and_grads(model, idx, targets, "bfloat16", plain=False)
+    assert seen and all(s == (torch.float32, torch.float32, torch.float32, False) for s in seen)
+    f32_loss, f32 = _loss_and_grads(model, idx, targets, "float32", plain=False)
+    # the products stay bf16 (the gradients differ from float32's by bf16 roundings, not float32's)
+    assert mixed_loss == pytest.approx(float(f32_loss), rel=BF16_EPS)
+    assert mixed_loss == pytest.approx(float(bf_loss), rel=BF16_EPS)
+    for name, g in mixed.items():
+        assert float((g - f32[name]).norm()) <= 8 * BF16_EPS * float(f32[name].norm()), name
+    assert max(float((mixed[n] - f32[n]).norm() / f32[n].norm()) for n in mixed) > 1e-4
+    model.set_attention_dtype("bfloat16")  # back to autocast's choice
+    assert not any(b.attn.float32_attention for b in model.blocks)
+
+
+class _Rt:
+    def __init__(self, dtype, attention):
+        self.dtype, self.attention = dtype, attention
+
+
+@pytest.mark.parametrize("saved,rt,kept", [
+    ({"dtype": "bfloat16", "attention_dtype": "bfloat16"}, ("bfloat16", "float32"), "bfloat16"),
+    ({"dtype": "bfloat16", "attention_dtype": "float32"}, ("bfloat16", "bfloat16"), "float32"),
+    ({"dtype": "bfloat16"}, ("bfloat16", "float32"), "bfloat16"),  # before the choice: the products' dtype
+    ({"dtype": "float32", "attention_dtype": "float32"}, ("bfloat16", "bfloat16"), "bfloat16"),  # dtype changed
+    ({"dtype": "bfloat16", "attention_dtype": "float16"}, ("bfloat16", "float32"), "float32"),  # nonsense: ours
+])
+def test_a_resumed_run_keeps_the_attention_dtype_it_started_in(saved, rt, kept):
+    assert precision.kept_attention(_Rt(*rt), {"train": saved}) == kept
+
+
+def test_the_chat_stage_orthogonalises_in_the_runs_dtype():
+    from trainer import chat_stage
+    model = _random_model()
+    for dtype, ns in (("bfloat16", torch.bfloat16), ("float32", None)):
+        rt = _Rt(dtype, dtype)
+        rt.device = torch.device("cpu")
+        opts = chat_stage.build_optimizers(TrainConfig(), model, rt)
+        assert opts[-1].ns_dtype == ns, dtype
+        # at the chat stage's scale of pretraining's rates
+        assert opts[-1].param_groups[0]["lr"] == pytest.approx(TrainConfig().matrix_lr * TrainConfig().chat_lr_scale)

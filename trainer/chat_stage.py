@@ -88,12 +88,14 @@ def prepare(cfg, rt, tokenizer, seq: int, batch: int, micro: int, log) -> ChatRu
                    n_conversations=len(data.train), n_val_conversations=len(data.val))
 
 
-def build_optimizers(cfg, model, device_type: str):
+def build_optimizers(cfg, model, rt):
+    """The stage's optimizers: pretraining's kinds at ``chat_lr_scale`` of its rates, in the run's dtype
+    (a bf16 run orthogonalises in bf16, as pretraining does: a quarter of float32's time on a CPU)."""
     from trainer import optim
     s = cfg.chat_lr_scale
     return optim.build_optimizers(model.param_groups(), model.config.n_embd, matrix_lr=cfg.matrix_lr * s,
                                   embedding_lr=cfg.embedding_lr * s, unembedding_lr=cfg.unembedding_lr * s,
-                                  weight_decay=cfg.weight_decay, device_type=device_type)
+                                  weight_decay=cfg.weight_decay, device_type=rt.device.type, dtype=rt.dtype)
 
 
 class StageEmitter:
@@ -145,7 +147,7 @@ def after_pretraining(run, chat: ChatRun, emitter: StageEmitter, state: dict) ->
     chat.pre_loader_state = run.loader.state()
     chat.data_sha256 = run.plan.prepared.data_sha256
     chat.run_config = dict(run.run_config)
-    chat.optimizers = build_optimizers(run.cfg, run.model, run.rt.device.type)
+    chat.optimizers = build_optimizers(run.cfg, run.model, run.rt)
     chat.step, chat.tokens_seen, chat.elapsed_before = run.step, run.tokens_seen, run.elapsed()
     chat.last_loss, chat.last_bpb, chat.last_ckpt = run.last_loss, run.last_bpb, run.last_ckpt
     if resumed_in_chat:  # the chat optimizers' states and the loader's place, from the same checkpoint
@@ -165,7 +167,7 @@ def from_checkpoint(cfg, rt, emit) -> int:
     from torch.nn.parallel import DistributedDataParallel
 
     from trainer import checkpoint as ckpt
-    from trainer import sizing
+    from trainer import precision, sizing
     from trainer.config import UsageError
     from trainer.model import GPT, GPTConfig
     from trainer.tokenizer import Tokenizer
@@ -200,8 +202,11 @@ def from_checkpoint(cfg, rt, emit) -> int:
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(rt.device)
-    optimizers = build_optimizers(cfg, model, rt.device.type)
+    optimizers = build_optimizers(cfg, model, rt)
     state: dict = {}
+    if resumed_from is not None:
+        rt.attention = precision.kept_attention(rt, ckpt.read_config(resumed_from), log)
+    model.set_attention_dtype(rt.attention)
     if resumed_from is not None:
         if ckpt.read_config(resumed_from).get("model") != model_config.to_dict():
             raise UsageError(f"{resumed_from} holds a different model than {base}; use a new --out")
@@ -225,7 +230,7 @@ def from_checkpoint(cfg, rt, emit) -> int:
     redacted = {k: "<redacted>" for k in cfg.storage_options} if cfg.storage_options else cfg.storage_options
     resolved = dataclasses.asdict(cfg) | {"batch_size": batch, "seq_len": seq, "compile": rt.compile,
                                           "device": str(rt.device), "storage_options": redacted,
-                                          "depth": model_config.n_layer, "vocab_size": model_config.vocab_size}
+                                          "dtype": rt.dtype, "attention_dtype": rt.attention, "depth": model_config.n_layer, "vocab_size": model_config.vocab_size}
     chat.run_config = {"model": model_config.to_dict(), "shape": shape.to_dict(), "train": resolved,
                        "data": base_config.get("data"), "tokenizer_fingerprint": tokenizer.fingerprint(),
                        "params": params, "init_from": str(base)}

@@ -135,6 +135,8 @@ class CausalSelfAttention(nn.Module):
         self.splits = (q_dim, kv_dim, kv_dim)
         self.c_qkv = cpu_ops.Linear(config.n_embd, q_dim + 2 * kv_dim)
         self.c_proj = cpu_ops.Linear(q_dim, config.n_embd)
+        # training under bf16 autocast: attention in float32 instead (GPT.set_attention_dtype)
+        self.float32_attention = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None) -> torch.Tensor:
@@ -144,8 +146,14 @@ class CausalSelfAttention(nn.Module):
         k = _norm_rotary(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         # (B, H, T, d) views for SDPA; under autocast rms_norm may run in float32, so match v's dtype
-        q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
         gqa = self.n_kv_head != self.n_head
+        if kv_cache is None and self.float32_attention and torch.is_autocast_enabled(x.device.type):
+            # a bf16 run whose CPU computes attention faster in float32 (trainer/precision.py)
+            q, k, v = q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -198,6 +206,13 @@ class GPT(nn.Module):
         self._head_t: torch.Tensor | None = None  # see _head: a decoding-only copy, never saved
         self._head_t_key: tuple | None = None
         self.init_weights()
+
+    def set_attention_dtype(self, dtype: str) -> None:
+        """Training's attention dtype (trainer/precision.py attention_dtype): "float32" computes it in
+        float32 under bf16 autocast; anything else leaves it to autocast. Decoding with a KV cache and
+        runs without autocast are unaffected."""
+        for block in self.blocks:
+            block.attn.float32_attention = dtype == "float32"
 
     def _rotary_tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.config.head_dim

@@ -98,6 +98,56 @@ def forget() -> None:
     _cache.clear()
 
 
+# --- attention in a bf16 run on a CPU ----------------------------------------------------------------
+# A bf16 run's products are fast, but attention is not a plain product: torch's CPU flash-attention
+# kernel works in blocks with its own conversions, and whether its bf16 path beats its float32 one
+# depends on the CPU. Measured here (AMD EPYC Zen 4, 2 threads, the depth-2 shape below, forward and
+# backward): float32 7.7 ms, bf16 11.1 ms, so a depth-2 step spent ~7 ms (~10%) more on attention in
+# bf16 than it needed to. So a bf16 run on a CPU times both at a small model's attention shape, once
+# per process, and runs attention in bf16 only when that is not slower; q, k and v are then float32
+# (the products around them stay bf16). Timings, not CPU names, decide, as for the products.
+ATTENTION_PROBE_SHAPE = (8, 4, 256, 32)  # batch, heads, sequence, head size: the depth-2 CPU default's
+ATTENTION_REPEATS = 3
+
+
+def probe_attention() -> dict:
+    """Causal attention's forward and backward in float32 and bf16 on this CPU (torch's kernel, the
+    current thread count): ``{"float32_s", "bfloat16_s", "choice"}``, the choice "bfloat16" when bf16
+    took at most the float32 time."""
+    import torch
+    import torch.nn.functional as F
+    b, h, t, d = ATTENTION_PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(b, h, t, d, generator=gen) for _ in range(4)]
+
+    def timed(dtype):
+        q, k, v = (x.to(dtype).requires_grad_() for x in base[:3])
+        grad = base[3].to(dtype)
+
+        def step():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+        return _best_time(step, ATTENTION_REPEATS)
+
+    with torch.autocast("cpu", enabled=False), torch.enable_grad():
+        f32 = timed(torch.float32)
+        try:
+            bf16 = timed(torch.bfloat16)
+        except (RuntimeError, NotImplementedError):
+            bf16 = None
+    choice = "bfloat16" if bf16 is not None and bf16 <= f32 else "float32"
+    return {"float32_s": f32, "bfloat16_s": bf16, "choice": choice}
+
+
+def attention_dtype(dtype: str, device_type: str) -> str:
+    """What a run's attention computes in, given the dtype of its products: the same dtype, except a
+    bf16 run on a CPU whose probe (:func:`probe_attention`, once per process) found float32 faster."""
+    if dtype != "bfloat16" or device_type != "cpu":
+        return dtype
+    if "attention" not in _cache:
+        _cache["attention"] = probe_attention()
+    return _cache["attention"]["choice"]
+
+
 def resolve(requested: str, device_type: str, cuda_bf16: bool | None = None) -> str:
     """The dtype a run on ``device_type`` ("cpu", "cuda", "mps") uses for ``requested``; raises
     ValueError for a dtype the device cannot train in. ``cuda_bf16`` (whether the GPU has bf16
@@ -126,6 +176,21 @@ def kept(probed: str, saved: str | None, device_type: str, log=None) -> str:
         return probed
     if log is not None:
         log(f"resuming in {saved}, the dtype the run started in (this machine's probe chose {probed})")
+    return saved
+
+
+def kept_attention(rt, saved_config: dict, log=None) -> str:
+    """The attention dtype a resumed run computes in: its checkpoint's where the run keeps the dtype it
+    started in (a checkpoint from before this choice existed ran attention in its products' dtype),
+    else this process's (``rt.attention``). Like :func:`kept`, so a resume stays exact."""
+    train = saved_config.get("train", {}) or {}
+    if train.get("dtype") != rt.dtype:
+        return rt.attention
+    saved = train.get("attention_dtype", rt.dtype)
+    if saved not in ("float32", "bfloat16") or saved == rt.attention:
+        return rt.attention
+    if log is not None:
+        log(f"resuming with attention in {saved}, as the run started (this machine's probe chose {rt.attention})")
     return saved
 
 

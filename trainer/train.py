@@ -75,6 +75,7 @@ class Runtime:
     world_size: int
     compile: bool
     dtype: str = "float32"  # what the products run in (trainer/precision.py): "float32" or "bfloat16"
+    attention: str = "float32"  # what training's attention runs in (precision.attention_dtype)
 
     @property
     def master(self) -> bool:
@@ -136,7 +137,10 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         raise UsageError(str(e)) from None
     if world > 1 and cfg.dtype == "auto":
         dtype = precision.rank_zeros(dtype, device)
-    return Runtime(device, rank, local, world, compile_, dtype)
+    attention = precision.attention_dtype(dtype, kind)  # bf16 on CPU: times attention in both, once
+    if world > 1 and kind == "cpu" and dtype == "bfloat16":  # each rank timed its own: rank 0's for all
+        attention = precision.rank_zeros(attention, device)
+    return Runtime(device, rank, local, world, compile_, dtype, attention)
 
 
 def _log(rt_master: bool, msg: str) -> None:
@@ -235,7 +239,8 @@ def plan_run(cfg: TrainConfig, rt: Runtime, log) -> Plan:
 
 def plan_length(cfg: TrainConfig, plan: Plan, params: int, log) -> None:
     """Set ``plan.total_steps`` and ``plan.budget``: --max-steps, else --target-tokens, else tokens
-    per parameter capped at --max-epochs passes over the data."""
+    per parameter (``params``: sizing.scaling_params, all but the input embedding) capped at
+    --max-epochs passes over the data."""
     # The length rule lives in sizing.run_length, which the web app's estimates call with the same facts.
     n_train = plan.prepared.n_train_tokens
     plan.total_steps, plan.budget = sizing.run_length(
@@ -253,6 +258,7 @@ def describe_run(cfg: TrainConfig, rt: Runtime, plan: Plan, model_config: dict, 
     redacted = {k: "<redacted>" for k in cfg.storage_options} if cfg.storage_options else cfg.storage_options
     resolved = dataclasses.asdict(cfg) | {"batch_size": plan.batch, "seq_len": plan.seq, "compile": rt.compile,
                                           "device": str(rt.device), "cache_dir": str(plan.cache_dir), "dtype": rt.dtype,
+                                          "attention_dtype": rt.attention,
                                           "storage_options": redacted}
     run_config = {"model": model_config, "shape": plan.shape.to_dict(), "train": resolved,
                   "data": {"source": prepared.source, "sha256": prepared.data_sha256,
@@ -300,17 +306,20 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     if cfg.dtype == "auto" and plan.resumed_from is not None:  # a resumed run keeps its checkpoint's dtype
         saved = read_config(plan.resumed_from).get("train", {}).get("dtype")
         rt.dtype = precision.kept(rt.dtype, saved, rt.device.type, log)
+    if plan.resumed_from is not None:
+        rt.attention = precision.kept_attention(rt, read_config(plan.resumed_from), log)
     if cfg.chat_data is not None:  # the chat stage's data is checked before any step
         chat = chat_stage.prepare(cfg, rt, plan.prepared.tokenizer, plan.seq, plan.batch, plan.micro, log)
     torch.manual_seed(cfg.seed)
     gpt_config = GPTConfig.from_shape(plan.shape)
     model = GPT(gpt_config).to(rt.device)  # built (and initialised) on the CPU: the same on every device
+    model.set_attention_dtype(rt.attention)
     params = model.num_params()
     optimizers = optim.build_optimizers(
         model.param_groups(), plan.shape.n_embd, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
         unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, device_type=rt.device.type,
         dtype=rt.dtype)
-    plan_length(cfg, plan, params, log)
+    plan_length(cfg, plan, sizing.scaling_params(plan.shape), log)
     resolved, run_config = describe_run(cfg, rt, plan, gpt_config.to_dict(), params)
 
     loader = data.TokenLoader(plan.prepared.train_path, plan.prepared.dtype, plan.micro * rt.world_size,
