@@ -39,9 +39,10 @@ from .models import Model, User
 # The built-in set (trainer/demo_chat.py, N_CONVERSATIONS of them, seed 42): its message texts total this
 # many bytes (tests/test_chat_runs.py checks it against the generator).
 DEMO_CHAT_CONTENT_BYTES = 4_382_756
-# Bytes per token of the demo set's messages under the demo tokenizer (vocabulary 978), fitted to the
-# trainer's own count: its "chat stage" log line at seq_len 256 says 7,524 rows (this replay: 7,573), at
-# 128 11,116 rows (replay: 10,980); seed 42, 11,400 training conversations.
+# Bytes per token of the demo set's messages under the demo tokenizer, fitted to the trainer's own count
+# when its vocabulary was 978 (at seq_len 256 7,524 rows, this replay 7,573; at 128 11,116 and 10,980).
+# Re-checked with the corpus of vocabulary 977: the trainer plans 2,857 steps of 8 rows for 3 passes at
+# 256 (~7,617 rows), this replay 2,873 (7,660); tests/test_chat_runs.py holds it within 5% at 128 and 256.
 DEMO_CHAT_BYTES_PER_TOKEN = 3.4
 DEMO_SEED = 42  # trainer/config.py's default seed: the set a default run reads
 JSONL_CONTENT_SHARE = 0.71  # the demo set written as JSONL is this share message text

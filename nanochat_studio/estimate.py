@@ -113,8 +113,10 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
     counts = sizing.param_counts(shape)
     params = counts["total"]
     tokens_per_step = batch * seq_len
-    # The trainer's own rule (sizing.run_length): ~20 tokens per parameter, at most a few passes over the data.
-    steps, budget = sizing.run_length(params, tokens_per_step, train_tokens, max_steps=config.get("max_steps"))
+    # The trainer's own rule (sizing.run_length): ~20 tokens per parameter (all but the input embedding,
+    # sizing.scaling_params), at most a few passes over the data.
+    counted = sizing.scaling_params(shape)
+    steps, budget = sizing.run_length(counted, tokens_per_step, train_tokens, max_steps=config.get("max_steps"))
     tokens = steps * tokens_per_step
     fpt = sizing.flops_per_token(shape)
 
@@ -158,7 +160,7 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
             warnings.append(f"The data holds {about}{_human(est_tokens)} tokens, fewer than one batch "
                             f"({_human(tokens_per_step)}): the run would fail. Add data or shrink the batch.")
         elif budget == "data":
-            ideal = sizing.default_training_tokens(params)
+            ideal = sizing.default_training_tokens(counted)
             warnings.append(f"The data is small for this size: a {_human(params)}-parameter model learns best "
                             f"from about {_human(ideal)} tokens, but the data holds {about}"
                             f"{_human(train_tokens)}, so the run stops after {sizing.DEFAULT_MAX_EPOCHS:g} "
@@ -182,7 +184,8 @@ def estimate(config: dict[str, Any], device: dict[str, Any], *, data_bytes: int 
         "steps": steps,
         "tokens": tokens,
         "tokens_human": _human(tokens),
-        "tokens_per_param": round(tokens / params, 2),
+        "scaling_params": counted,  # what tokens_per_param divides by (the length rule's count)
+        "tokens_per_param": round(tokens / counted, 2),
         "budget": budget,
         "exact": exact,
         "memory": {"needed_bytes": mem["total"], "device_bytes": have or None, "verdict": verdict, "breakdown": mem,

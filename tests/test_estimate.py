@@ -109,7 +109,7 @@ def test_an_upload_is_estimating_until_the_trainer_has_prepared_it_then_exact(ap
     assert after["data"]["train_tokens"] == facts["n_train_tokens"]
     shape = sizing.shape_for(1, facts["vocab_size"], 256)
     assert after["params"] == sizing.param_counts(shape)["total"]
-    steps, budget = sizing.run_length(after["params"], 8 * 256, facts["n_train_tokens"])
+    steps, budget = sizing.run_length(after["scaling_params"], 8 * 256, facts["n_train_tokens"])
     assert (after["steps"], after["budget"]) == (steps, budget)
 
 

@@ -84,8 +84,9 @@ def test_estimate_warns_when_the_model_will_not_fit_or_the_data_is_too_small(app
 def test_the_default_length_follows_the_trainers_data_limited_rule(app, alice):
     e = client_as(app, alice).get("/api/estimate?depth=4&dataset=demo").get_json()
     train_tokens = sizing.DEMO_FACTS["n_train_tokens"]
-    wanted, budget = sizing.planned_tokens(e["params"], data_tokens=train_tokens)
-    assert budget == e["budget"] == "data"  # 20 tokens/param would read the demo's 16 MB five times
+    assert e["scaling_params"] == e["params"] - e["param_counts"]["embedding"]
+    wanted, budget = sizing.planned_tokens(e["scaling_params"], data_tokens=train_tokens)
+    assert budget == e["budget"] == "data"  # 20 tokens/param would read the demo's 16 MB ~20 times
     assert e["steps"] == -(-wanted // e["tokens_per_step"])
     assert e["data"]["epochs"] == pytest.approx(sizing.DEFAULT_MAX_EPOCHS, rel=0.01)
     small = client_as(app, alice).get("/api/estimate?depth=4&dataset=demo&max_steps=50").get_json()

@@ -66,6 +66,8 @@ def test_param_counts_equal_the_torch_model(depth, kv):
     assert counts["blocks"] == sum(p.numel() for p in model.blocks.parameters())
     assert counts["total"] == model.num_params()
     assert model.flops_per_token() == sizing.flops_per_token(s)
+    # the length rule counts every parameter a token's compute touches: all but the input table
+    assert sizing.scaling_params(s) == model.num_params() - model.wte.weight.numel()
 
 
 def test_flops_follow_the_palm_convention():
@@ -189,7 +191,7 @@ def test_eval_rows_are_the_rows_an_evaluation_reads(tmp_path, n_val):
 def test_the_default_cpu_plan_fits_the_demo_without_running_out_of_data():
     defaults = sizing.device_defaults("cpu")
     shape = shape_for(2, sizing.DEMO_FACTS["vocab_size"], defaults["seq_len"])
-    params = sizing.param_counts(shape)["total"]
+    params = sizing.scaling_params(shape)
     _, budget = sizing.run_length(params, defaults["batch_size"] * defaults["seq_len"],
                                   sizing.DEMO_FACTS["n_train_tokens"])
     assert budget == "tokens_per_param"

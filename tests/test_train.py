@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import progress
+from trainer import progress, sizing
 
 pytestmark = pytest.mark.trainer  # the trainer alone: never opens the store
 
@@ -229,7 +229,9 @@ def test_without_a_length_a_small_corpus_is_read_at_most_four_times(tmp_path, ca
     assert start["budget"] == "data"
     assert start["total_steps"] == math.ceil(4 * n_train / tokens_per_step)
     assert f"data-limited: 4 epochs of {n_train:,} tokens" in err
-    uncapped = math.ceil(20 * start["params"] / tokens_per_step)
+    counted = sizing.scaling_params(sizing.ModelShape(**start["shape"]))  # all but the input embedding
+    assert counted == start["params"] - start["shape"]["vocab_size"] * start["shape"]["n_embd"]
+    uncapped = math.ceil(20 * counted / tokens_per_step)
     assert start["total_steps"] < uncapped
 
     code, events, err = run_trainer(["--depth", "2", "--stop-at-step", "1", "--max-epochs", "0", "--data", str(small)],

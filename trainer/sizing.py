@@ -95,6 +95,21 @@ def param_counts(shape: ModelShape) -> dict:
             "total": embedding + blocks + lm_head}
 
 
+def scaling_params(shape: ModelShape) -> int:
+    """The parameters the length rule counts (:func:`planned_tokens`): all but the input embedding table.
+
+    A token's row of that table is looked up, not multiplied: it adds no compute per token (see
+    :func:`flops_per_token`), and a row learns only when its token appears. Compute-optimal rules of
+    thumb are rules about compute, so the table is left out, as in Kaplan et al.'s "non-embedding"
+    count and nanochat's scaling-parameter count (which, like this one, keep the untied output head:
+    it is a product every token pays for). The table is 19% of a depth-2 model on the demo's 977-token
+    vocabulary and 19% of a depth-12 one on a 32,768-token vocabulary, so runs are that much shorter
+    than twenty tokens per parameter of every kind.
+    """
+    counts = param_counts(shape)
+    return counts["total"] - counts["embedding"]
+
+
 def flops_per_token(shape: ModelShape) -> int:
     """Training FLOPs per token (forward + backward), the PaLM / nanochat convention.
 
@@ -127,8 +142,10 @@ _LOGIT_COPIES_COMPILED = 1.5
 # re-times the plan page's estimates instead of quoting the old trainer's speed. 2: trainer/cpu_ops.py
 # and the eigenbasis Muon (CPU ~1.4x faster). 3: calibrations also time a run's fixed costs
 # (start-up, evaluation, samples, checkpoints) and report the process's peak memory. 4: heads of 32
-# below 256 wide (depths 1-3 have twice the heads).
-SPEED_REVISION = 4
+# below 256 wide (depths 1-3 have twice the heads). 5: a bf16 run on a CPU times attention in both
+# dtypes and may run it in float32 (trainer/precision.py; ~10% of a depth-2 step here), and the chat
+# stage's Muon runs in the run's dtype.
+SPEED_REVISION = 5
 
 
 def memory_estimate(shape: ModelShape, batch_size: int, device_kind: str = "cpu",
@@ -164,7 +181,8 @@ def memory_estimate(shape: ModelShape, batch_size: int, device_kind: str = "cpu"
 
 
 def default_training_tokens(params: int, tokens_per_param: int = 20) -> int:
-    """Chinchilla's rule of thumb: about 20 training tokens per parameter."""
+    """Chinchilla's rule of thumb: about 20 training tokens per parameter (the trainer and the web app
+    pass :func:`scaling_params`)."""
     if params < 0 or tokens_per_param <= 0:
         raise ValueError("params must be >= 0 and tokens_per_param > 0")
     return int(params * tokens_per_param)
@@ -209,8 +227,8 @@ DEVICE_DEFAULTS = {
 
 # The built-in demo corpus's size in bytes (trainer/demo.py writes it; trainer/sources.py reads it).
 # Big enough that the default CPU plan (depth 2, batch 8 x 256) trains on twenty tokens per parameter
-# within DEFAULT_MAX_EPOCHS passes (4 x 3.44M training tokens >= 20 x 644K), so a newcomer's first run
-# is not cut short by the data and its plan shows no warning.
+# within DEFAULT_MAX_EPOCHS passes (4 x 3.42M training tokens >= 20 x 518K scaling parameters: the run
+# reads it ~3 times), so a newcomer's first run is not cut short by the data and its plan shows no warning.
 DEMO_CORPUS_BYTES = 16_000_000
 # What trainer/data.py makes of the demo with the default vocabulary. The corpus is fixed by its seed
 # and the tokenizer's training is deterministic, so the web app's first estimate needs no preparation;
@@ -259,7 +277,8 @@ def run_length(params: int, tokens_per_step: int, n_train_tokens: int | None, *,
                target_tokens: int | None = None, tokens_per_param: int = 20,
                max_epochs: float | None = DEFAULT_MAX_EPOCHS) -> tuple[int, str]:
     """(total steps, budget): ``max_steps`` if set, else ``target_tokens``, else :func:`planned_tokens`
-    (20 tokens per parameter capped at ``max_epochs`` passes over ``n_train_tokens``), in whole steps
+    (20 tokens per parameter capped at ``max_epochs`` passes over ``n_train_tokens``; ``params`` is what
+    the rule counts, :func:`scaling_params` for the trainer and the web app), in whole steps
     of ``tokens_per_step``. ``budget`` names which of "max_steps", "target_tokens", "data" and
     "tokens_per_param" set it. Raises ValueError for a non-positive step size."""
     if tokens_per_step < 1:

@@ -4,7 +4,7 @@ then fresh-seed questions about new stories, answered greedily through the train
     OMP_NUM_THREADS=2 python tests/bench/demo_chat.py                   # depth 2 (the issue's target)
     python tests/bench/demo_chat.py --depth 2 3 4 --questions 200
     python tests/bench/demo_chat.py --checkpoint runs/x/checkpoints/step_0007000   # score a checkpoint only
-    python tests/bench/demo_chat.py --base runs/d2/checkpoints/step_0006285  # chat stage after a finished pretraining
+    python tests/bench/demo_chat.py --base runs/d2/checkpoints/step_0005062  # chat stage after a finished pretraining
 
 For each depth it runs ``python -m trainer.train --depth D --device cpu --chat-data demo`` (the trainer's
 defaults for everything else, as the default demo job), times the training (the sum of both stages'
