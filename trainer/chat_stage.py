@@ -205,10 +205,9 @@ def from_checkpoint(cfg, rt, emit) -> int:
     optimizers = build_optimizers(cfg, model, rt)
     state: dict = {}
     if resumed_from is not None:
-        rt.attention = precision.kept_attention(rt, ckpt.read_config(resumed_from), log)
-    model.set_attention_dtype(rt.attention)
-    if resumed_from is not None:
-        if ckpt.read_config(resumed_from).get("model") != model_config.to_dict():
+        saved = ckpt.read_config(resumed_from)
+        rt.attention = precision.kept_attention(rt, saved, log)
+        if saved.get("model") != model_config.to_dict():
             raise UsageError(f"{resumed_from} holds a different model than {base}; use a new --out")
         state = ckpt.load_checkpoint(resumed_from, model, optimizers, rt.device)
         chat.loader.load_state(state["chat_loader"])
@@ -219,6 +218,7 @@ def from_checkpoint(cfg, rt, emit) -> int:
             model.load_state_dict(load_file(str(base / "model.safetensors"), device=str(rt.device)), strict=True)
         except (OSError, RuntimeError) as e:
             raise UsageError(f"--init-from {base}: its weights do not load: {e}") from None
+    model.set_attention_dtype(rt.attention)
     model.train()
     train_model = ddp = model
     if rt.world_size > 1:
@@ -230,7 +230,8 @@ def from_checkpoint(cfg, rt, emit) -> int:
     redacted = {k: "<redacted>" for k in cfg.storage_options} if cfg.storage_options else cfg.storage_options
     resolved = dataclasses.asdict(cfg) | {"batch_size": batch, "seq_len": seq, "compile": rt.compile,
                                           "device": str(rt.device), "storage_options": redacted,
-                                          "dtype": rt.dtype, "attention_dtype": rt.attention, "depth": model_config.n_layer, "vocab_size": model_config.vocab_size}
+                                          "dtype": rt.dtype, "attention_dtype": rt.attention,
+                                          "depth": model_config.n_layer, "vocab_size": model_config.vocab_size}
     chat.run_config = {"model": model_config.to_dict(), "shape": shape.to_dict(), "train": resolved,
                        "data": base_config.get("data"), "tokenizer_fingerprint": tokenizer.fingerprint(),
                        "params": params, "init_from": str(base)}

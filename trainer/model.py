@@ -145,7 +145,6 @@ class CausalSelfAttention(nn.Module):
         q = _norm_rotary(q.view(B, T, self.n_head, self.head_dim), cos, sin)
         k = _norm_rotary(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        # (B, H, T, d) views for SDPA; under autocast rms_norm may run in float32, so match v's dtype
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None and self.float32_attention and torch.is_autocast_enabled(x.device.type):
             # a bf16 run whose CPU computes attention faster in float32 (trainer/precision.py)
@@ -153,6 +152,7 @@ class CausalSelfAttention(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        # (B, H, T, d) views for SDPA; under autocast rms_norm may run in float32, so match v's dtype
         q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -99,12 +99,12 @@ def scaling_params(shape: ModelShape) -> int:
     """The parameters the length rule counts (:func:`planned_tokens`): all but the input embedding table.
 
     A token's row of that table is looked up, not multiplied: it adds no compute per token (see
-    :func:`flops_per_token`), and a row learns only when its token appears. Compute-optimal rules of
-    thumb are rules about compute, so the table is left out, as in Kaplan et al.'s "non-embedding"
-    count and nanochat's scaling-parameter count (which, like this one, keep the untied output head:
-    it is a product every token pays for). The table is 19% of a depth-2 model on the demo's 977-token
-    vocabulary and 19% of a depth-12 one on a 32,768-token vocabulary, so runs are that much shorter
-    than twenty tokens per parameter of every kind.
+    :func:`flops_per_token`), and a row learns only when its token appears. Chinchilla's twenty
+    tokens per parameter counted every parameter, but of models where the table is a fraction of a
+    percent; Kaplan et al. left embeddings out altogether. We keep the untied output head, a product
+    every token pays for, and leave out the table, which at our sizes is a large share that buys no
+    compute: 19% of a depth-2 model on the demo's 977-token vocabulary, 19% of a depth-12 one on a
+    32,768-token vocabulary, so runs are that much shorter than with every parameter counted.
     """
     counts = param_counts(shape)
     return counts["total"] - counts["embedding"]
