@@ -125,3 +125,46 @@ def test_the_engine_follows_weight_changes_through_sample(trainable):
     after = list(generate_tokens(model, [1, 2, 3], max_tokens=8, temperature=0))
     plain = list(generate_tokens(model, [1, 2, 3], max_tokens=8, temperature=0, use_cache=False))
     assert after == plain and after != before
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_one_stream_decoding_alone_takes_the_short_path_with_the_same_numbers(n_kv_head):
+    """A lone one-token chunk goes through Engine._decode_one; its logits and cache writes must be the
+    general path's (same slot layout, slot 1 with slot 0 allocated) and the plain forward's."""
+    model = random_model(n_kv_head=n_kv_head, seed=5)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    ref = reference_logits(model, ids)
+    short, general = Engine(model, max_slots=4), Engine(model, max_slots=4)
+    for e in (short, general):
+        e.alloc()
+    # slot 1 in each (slot 0 allocated too): the short path must address its own slot's cache rows
+    s_short, s_general = short.alloc(), general.alloc()
+    assert s_short == s_general == 1
+    for e, s in ((short, s_short), (general, s_general)):
+        e.step([Chunk(s, 0, ids[:4], "none")])
+    calls, decode_one = [], short._decode_one
+    short._decode_one = lambda c: calls.append(c.start) or decode_one(c)
+    general._decode_one = None  # "all" logits never take it
+    for p in range(4, len(ids)):
+        one = short.step([Chunk(s_short, p, [ids[p]])])[0]  # one decode chunk: _decode_one
+        many = general.step([Chunk(s_general, p, [ids[p]], "all")])[0][0]  # the general path
+        assert one.shape == (300,)
+        # (the general path attends with batched products, the short one with SDPA: rounding apart)
+        torch.testing.assert_close(one, many, rtol=0, atol=TOL)
+        torch.testing.assert_close(one, ref[p], rtol=0, atol=TOL)
+    # the keys and values it wrote are the general path's, in the same place
+    torch.testing.assert_close(short.k[:, 1, :, :len(ids)], general.k[:, 1, :, :len(ids)], rtol=0, atol=1e-5)
+    torch.testing.assert_close(short.v[:, 1, :, :len(ids)], general.v[:, 1, :, :len(ids)], rtol=0, atol=1e-5)
+    assert not short.k[:, 0].any()  # slot 0 untouched
+    assert calls == list(range(4, len(ids)))
+
+
+def test_the_short_path_refuses_what_the_general_one_refuses():
+    engine = Engine(random_model(seq_len=16), max_slots=2)
+    slot = engine.alloc()
+    with pytest.raises(ValueError, match="overflows"):
+        engine.step([Chunk(slot, 16, [1])])
+    with pytest.raises(ValueError, match="not allocated"):
+        engine.step([Chunk(slot + 1, 0, [1])])
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.step([Chunk(slot, 0, [300])])
