@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_job_page import Server, wait_for  # noqa: E402
 from test_jobs_api import FAKE_DEVICE  # noqa: E402
 
-from nanochat_studio import accounts, estimate, jobs  # noqa: E402
+from nanochat_studio import accounts, chatplan, estimate, jobs  # noqa: E402
 from nanochat_studio.db import database  # noqa: E402
 
 pytestmark = pytest.mark.browser
@@ -104,7 +104,8 @@ def test_the_plan_page_estimates_the_chat_stage_and_chat_tunes_the_demo_by_defau
         wait_for(page, "!document.getElementById('e-chat-row').hidden")
         assert " steps · " in page.text_content("#e-chat")
         note = page.text_content("#e-chat-note")
-        assert note.startswith("Pretraining ") and "then chat-tuning" in note and "assumes 5 passes over the built-in conversations" in note
+        passes = f"assumes {chatplan.CHAT_EPOCHS:g} passes over the built-in conversations"  # the trainer's default
+        assert note.startswith("Pretraining ") and "then chat-tuning" in note and passes in note
         # other data: chat-tuning is a choice, off until made; the plan then has one stage
         page.check("input[name=source][value=upload]")
         page.select_option("#dataset-id", str(ds.id))
