@@ -23,10 +23,11 @@ logits to the single-sequence forward within 1e-4 in float32) but is built for i
 - Fewer, fused ops per token: residual adds ride on the output products (``addmm``); the 1/softcap
   factor is folded into the head's weights; on CPU a norm feeding a product is a unit vector (3 ops,
   not 6) whose sqrt(width) is folded into that product's weights (and the query/key norms' into the
-  attention scale); one stream decoding alone skips the many-chunk bookkeeping (``_decode_one``); queries and keys are normalised together and rotated
-  with one complex multiply, which needs the channel pairs (i, i + d/2) of the model's rotary
-  convention to sit side by side: the query and key rows of the fused QKV weight are permuted once
-  (a permutation applied to both queries and keys changes neither RMSNorm nor their dot products).
+  attention scale); one stream decoding alone skips the many-chunk bookkeeping (``_decode_one``);
+  queries and keys are normalised together and rotated with one complex multiply, which needs the
+  channel pairs (i, i + d/2) of the model's rotary convention to sit side by side: the query and key
+  rows of the fused QKV weight are permuted once (a permutation applied to both queries and keys
+  changes neither RMSNorm nor their dot products).
 
 On CUDA the weights and the cache are bfloat16 (as the trainer's autocast runs them) and the logits
 float32; on CPU everything is float32.
@@ -186,10 +187,7 @@ class Engine:
         order = decode + prefill  # the flat row order: decode rows by slot, then each prefill chunk
         tokens, slots, pos = [], [], []
         for c in order:
-            if c.slot not in self._used:
-                raise ValueError(f"slot {c.slot} is not allocated")
-            if c.start < 0 or c.start + len(c.tokens) > self.max_len:
-                raise ValueError(f"chunk of {len(c.tokens)} tokens at {c.start} overflows the cache ({self.max_len})")
+            self._check(c)
             tokens.extend(c.tokens)
             slots.extend([c.slot] * len(c.tokens))
             pos.extend(range(c.start, c.start + len(c.tokens)))
@@ -204,9 +202,7 @@ class Engine:
         x = self._norm(F.embedding(idx, self.wte))
         for layer, (w_qkv, w_o, w_fc, w_down) in enumerate(self.layers):
             qkv = w_qkv.mm(self._in(x))
-            qk = self._in(qkv[:, : self.q_dim + self.kv_dim].view(n, self.H + self.Hkv, self.d))
-            qk = torch.view_as_real(torch.view_as_complex(qk.float().view(n, -1, self.d // 2, 2)) * freqs)
-            qk = qk.view(n, self.H + self.Hkv, self.d).to(self.dtype)
+            qk = self._qk(qkv, freqs)
             q, k = qk[:, : self.H], qk[:, self.H:]
             v = qkv[:, self.q_dim + self.kv_dim:].view(n, self.Hkv, self.d)
             kc, vc = self.k[layer], self.v[layer]
@@ -225,20 +221,33 @@ class Engine:
                 parts.append(self._attend_prefill(q[row:row + t], kc, vc, c))
                 row += t
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
-            x = w_o.addmm(x, y)
-            h = w_fc.mm(self._in(x))
-            x = w_down.addmm(x, torch.relu_(h).square_())
+            x = self._mlp(w_o.addmm(x, y), w_fc, w_down)
         return self._logits(x, order, chunks)
+
+    def _check(self, c: Chunk) -> None:
+        if c.slot not in self._used:
+            raise ValueError(f"slot {c.slot} is not allocated")
+        if c.start < 0 or c.start + len(c.tokens) > self.max_len:
+            raise ValueError(f"chunk of {len(c.tokens)} tokens at {c.start} overflows the cache ({self.max_len})")
+
+    def _qk(self, qkv: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """Queries and keys of the rows of ``qkv``, normed and rotated: (rows, H + Hkv, d)."""
+        n, heads = qkv.size(0), self.H + self.Hkv
+        qk = self._in(qkv[:, : self.q_dim + self.kv_dim].view(n, heads, self.d))
+        qk = torch.view_as_real(torch.view_as_complex(qk.float().view(n, -1, self.d // 2, 2)) * freqs)
+        return qk.view(n, heads, self.d).to(self.dtype)
+
+    def _mlp(self, x: torch.Tensor, w_fc: "_Weight", w_down: "_Weight") -> torch.Tensor:
+        """x plus the block's MLP of x (the residual add rides on the down projection)."""
+        h = w_fc.mm(self._in(x))
+        return w_down.addmm(x, torch.relu_(h).square_())
 
     def _decode_one(self, c: Chunk) -> torch.Tensor:
         """One stream decoding alone (sample.py, a lone chat): :meth:`step`'s arithmetic, op for op,
         without its bookkeeping for many chunks (no index tensors, no row plan, no mask, views instead
         of gathers): ~0.1 ms of Python and small ops a token at depth 4, ~5% of a token here."""
+        self._check(c)
         slot, p, token = c.slot, c.start, c.tokens[0]
-        if slot not in self._used:
-            raise ValueError(f"slot {slot} is not allocated")
-        if not 0 <= p < self.max_len:
-            raise ValueError(f"chunk of 1 tokens at {p} overflows the cache ({self.max_len})")
         if not 0 <= token < self.wte.size(0):
             raise ValueError(f"token {token} is outside the vocabulary of {self.wte.size(0)}")
         H, Hkv, d, qk_dim = self.H, self.Hkv, self.d, self.q_dim + self.kv_dim
@@ -246,17 +255,13 @@ class Engine:
         x = self._norm(self.wte[token:token + 1])
         for layer, (w_qkv, w_o, w_fc, w_down) in enumerate(self.layers):
             qkv = w_qkv.mm(self._in(x))
-            qk = self._in(qkv[:, :qk_dim].view(1, H + Hkv, d))
-            qk = torch.view_as_real(torch.view_as_complex(qk.float().view(1, -1, d // 2, 2)) * freqs)
-            qk = qk.view(H + Hkv, d).to(self.dtype)
+            qk = self._qk(qkv, freqs)[0]  # (H + Hkv, d)
             kc, vc = self.k[layer][slot], self.v[layer][slot]  # (Hkv, max_len, d)
             kc[:, p] = qk[H:]
             vc[:, p] = qkv[0, qk_dim:].view(Hkv, d)
             y = F.scaled_dot_product_attention(qk[None, :H, None], kc[None, :, :p + 1], vc[None, :, :p + 1],
                                                enable_gqa=Hkv != H, scale=self.scale)
-            x = w_o.addmm(x, y.view(1, self.q_dim))
-            h = w_fc.mm(self._in(x))
-            x = w_down.addmm(x, torch.relu_(h).square_())
+            x = self._mlp(w_o.addmm(x, y.view(1, self.q_dim)), w_fc, w_down)
         return torch.tanh_(self.head.mm(self._in(x)).float()).mul_(self.softcap)[0]
 
     def _decode_plan(self, decode: list[Chunk]):

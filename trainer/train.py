@@ -303,11 +303,11 @@ def train(cfg: TrainConfig, rt: Runtime, emit: progress.Emitter) -> int:
     if cfg.init_from is not None:  # the chat stage alone (trainer/chat_stage.py)
         return chat_stage.from_checkpoint(cfg, rt, emit)
     plan = plan_run(cfg, rt, log)
-    if cfg.dtype == "auto" and plan.resumed_from is not None:  # a resumed run keeps its checkpoint's dtype
-        saved = read_config(plan.resumed_from).get("train", {}).get("dtype")
-        rt.dtype = precision.kept(rt.dtype, saved, rt.device.type, log)
-    if plan.resumed_from is not None:
-        rt.attention = precision.kept_attention(rt, read_config(plan.resumed_from), log)
+    if plan.resumed_from is not None:  # a resumed run keeps its checkpoint's arithmetic
+        saved = read_config(plan.resumed_from)
+        if cfg.dtype == "auto":
+            rt.dtype = precision.kept(rt.dtype, saved.get("train", {}).get("dtype"), rt.device.type, log)
+        rt.attention = precision.kept_attention(rt, saved, log)
     if cfg.chat_data is not None:  # the chat stage's data is checked before any step
         chat = chat_stage.prepare(cfg, rt, plan.prepared.tokenizer, plan.seq, plan.batch, plan.micro, log)
     torch.manual_seed(cfg.seed)
