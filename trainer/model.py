@@ -28,6 +28,7 @@ are bf16 while the weights and the logits stay float32 (cpu_ops casts its own op
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -146,16 +147,14 @@ class CausalSelfAttention(nn.Module):
         k = _norm_rotary(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         gqa = self.n_kv_head != self.n_head
-        if kv_cache is None and self.float32_attention and torch.is_autocast_enabled(x.device.type):
-            # a bf16 run whose CPU computes attention faster in float32 (trainer/precision.py)
-            q, k, v = q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
-            with torch.autocast(x.device.type, enabled=False):
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        # a bf16 run whose CPU computes attention faster in float32 (trainer/precision.py) does so here
+        f32 = kv_cache is None and self.float32_attention and torch.is_autocast_enabled(x.device.type)
         # (B, H, T, d) views for SDPA; under autocast rms_norm may run in float32, so match v's dtype
-        q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
+        dt = torch.float32 if f32 else v.dtype
+        q, k, v = q.transpose(1, 2).to(dt), k.transpose(1, 2).to(dt), v.transpose(1, 2).to(dt)
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            with torch.autocast(x.device.type, enabled=False) if f32 else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             prefix = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)
