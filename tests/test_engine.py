@@ -168,3 +168,27 @@ def test_the_short_path_refuses_what_the_general_one_refuses():
         engine.step([Chunk(slot + 1, 0, [1])])
     with pytest.raises(ValueError, match="vocabulary"):
         engine.step([Chunk(slot, 0, [300])])
+
+
+def test_rows_of_several_tokens_use_prepacked_weights_where_onednn_applies_and_plain_products_elsewhere():
+    from trainer import cpu_ops
+
+    model = random_model()
+    prompts = [[5, 9, 17, 2], [40, 41], [7, 7, 7, 7, 7, 7]]
+    results = {}
+    for onednn in (True, False):
+        cpu_ops.set_enabled(onednn)
+        try:
+            engine = Engine(model, max_slots=4)
+            packed = [w.packed is not None for layer in engine.layers for w in layer] + [engine.head.packed is not None]
+            assert all(packed) == cpu_ops.enabled() and (any(packed) or not cpu_ops.enabled())
+            slots = [engine.alloc() for _ in prompts]
+            out = engine.step([Chunk(s, 0, p, "all") for s, p in zip(slots, prompts)])
+            out += engine.step([Chunk(s, len(p), [3]) for s, p in zip(slots, prompts)])  # three decode rows
+            results[onednn] = out
+        finally:
+            cpu_ops.set_enabled(None)
+    for with_packing, plain in zip(results[True], results[False]):
+        assert torch.allclose(with_packing, plain, atol=TOL, rtol=0)
+    for p, got in zip(prompts, results[True][:3]):
+        assert torch.allclose(got, reference_logits(model, p), atol=TOL, rtol=0)

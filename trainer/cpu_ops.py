@@ -143,6 +143,27 @@ def mm_nt(a: torch.Tensor, b: torch.Tensor, activation: str = "none") -> torch.T
     return out if _ACTIVATIONS[activation] is None else _ACTIVATIONS[activation](out)
 
 
+def pack(w: torch.Tensor) -> torch.Tensor | None:
+    """``w`` (n, k) reordered once into oneDNN's blocked layout, for :func:`mm_packed`; None where
+    oneDNN's products do not apply (not x86, disabled, another dtype or device). For weights that
+    never change (inference, ``trainer/engine.py``): an unpacked weight is reordered on every call,
+    which at 16 rows is a third of a small product's time (measured here: the 17 products of a depth-4
+    step at 16 rows, 2.5 ms unpacked, 1.6 ms packed; the results are the same to the bit)."""
+    if not (w.device.type == "cpu" and w.dtype in _ONEDNN_DTYPES and w.dim() == 2 and enabled()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return None
+    try:
+        with torch.no_grad():
+            return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def mm_packed(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``a @ w.T`` for a weight from :func:`pack` (2-D ``a`` in the weight's dtype)."""
+    return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
+
 def _operands(ctx, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x as rows, w) in the dtype the products run in: bf16 under bf16 autocast (the float32
     master weight is cast per step, as autocast does on GPUs), else as given."""
