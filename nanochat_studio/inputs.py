@@ -83,7 +83,9 @@ class BoundedJSONProvider(DefaultJSONProvider):
 def json_object(*, required: bool = True) -> dict:
     """The request's JSON body as an object. BadRequest saying why when it is not JSON, not an object,
     or (``required``) missing; ``{}`` when missing and not required."""
-    if not request.data and not required:
+    # Read here, outside the parse below, so that a body past json_max_bytes is werkzeug's 413; and
+    # get_data, not request.data: the property also runs werkzeug's form parser (~0.3 ms a request).
+    if not request.get_data(cache=True) and not required:
         return {}
     if request.mimetype != "application/json":
         raise BadRequest("send a JSON object with Content-Type: application/json", code="invalid_json")
