@@ -206,9 +206,15 @@ def test_healthz_reports_the_database(client):
     assert response.status_code == 200 and response.json == {"status": "ok", "db": "ok"}
 
 
-def test_each_request_closes_its_database_connection(client):
+def test_sqlite_connections_serve_their_threads_next_request_and_postgres_ones_go_back(client):
     client.get("/")
-    assert db.database.is_closed()
+    if db.is_postgres():  # a server's connection: given back after every request
+        assert db.database.is_closed()
+        return
+    conn = db.database.connection()  # this thread's, left open by the request
+    assert not db.database.is_closed()
+    client.get("/")
+    assert db.database.connection() is conn  # reused, not opened again (a connect and four pragmas)
 
 
 def test_the_dashboard_has_the_frame(client):
