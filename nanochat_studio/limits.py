@@ -5,8 +5,8 @@
 - **API rate limits**: requests to ``/api/`` and ``/v1/`` per user (``api_rate_limit``, all their keys and
   sessions together) and per API key (``api_key_rate_limit``); anonymous requests count per address.
 - Beyond a limit: 429 with ``Retry-After`` (seconds), in the caller's error shape (OpenAI's on /v1).
-  Counts live in flask-limiter's storage: Redis when the queue is on Redis, so several web processes
-  share them; this process's memory otherwise.
+  Counts live in the ``limits`` library's storage (moving windows): Redis when the queue is on Redis,
+  so several web processes share them; this process's memory otherwise.
 - **Open streams** (job events, chat, OpenAI streams, model downloads): each holds one waitress thread
   for as long as it lasts, so at most ``max_streams_per_user`` per user and ``max_streams`` in all are
   open in this process; the settings size waitress's threads above ``max_streams`` so pages, sign-ins
@@ -28,9 +28,10 @@ from collections import Counter
 from typing import Any, Callable
 
 from flask import Flask, current_app, g, make_response, request
-from flask_limiter import Limiter
 from flask_login import current_user
 from limits import RateLimitItem, parse_many
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
 
 from . import accounts
 from .errors import API_PREFIXES, TooManyRequests
@@ -88,11 +89,12 @@ class StreamGate:
 
 
 class Limits:
-    """One app's limits: its flask-limiter (storage and strategy), parsed limits and stream gate."""
+    """One app's limits: the ``limits`` library's storage and moving-window strategy (used directly:
+    flask-limiter around it added three hooks to every request for decorators we do not use), parsed
+    limits and the stream gate."""
 
     def __init__(self, app: Flask, settings: Settings) -> None:
-        self.limiter = Limiter(key_func=client_address, app=app, storage_uri=storage_uri(settings),
-                               strategy="moving-window", headers_enabled=False, key_prefix="ncs")
+        self.strategy = MovingWindowRateLimiter(storage_from_string(storage_uri(settings)))
         self.login_account = parse_many(settings.login_limit_per_account)
         self.login_address = parse_many(settings.login_limit_per_address)
         self.api_user = parse_many(settings.api_rate_limit)
@@ -103,14 +105,14 @@ class Limits:
     # sign-in page that answers 500 helps nobody. Logged loudly.
     def _call(self, method: str, item: RateLimitItem, *keys: str) -> bool:
         try:
-            return bool(getattr(self.limiter.limiter, method)(item, *keys))
+            return bool(getattr(self.strategy, method)(item, *keys))
         except Exception:
             log.exception("rate-limit storage failed; letting the request through")
             return True
 
     def _retry_after(self, item: RateLimitItem, *keys: str) -> int:
         try:
-            reset = self.limiter.limiter.get_window_stats(item, *keys).reset_time
+            reset = self.strategy.get_window_stats(item, *keys).reset_time
         except Exception:
             return 60
         return max(1, math.ceil(reset - time.time()))

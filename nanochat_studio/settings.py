@@ -133,7 +133,7 @@ class Settings:
     session_max_age_hours: float = _f(12.0, "A sign-in lasts this long, then the person signs in again.",
                                       minimum=0.01)
     login_limit_per_account: str = _f("10 per minute; 100 per hour", "Failed sign-ins per account "
-                                      "(flask-limiter syntax); beyond, 429 with Retry-After.")
+                                      "(the limits library's notation); beyond, 429 with Retry-After.")
     login_limit_per_address: str = _f("30 per minute; 300 per hour", "Sign-in, sign-up and email attempts "
                                       "per client address; beyond, 429 with Retry-After.")
     api_rate_limit: str = _f("600 per minute", "Requests to /api and /v1 per user, all their keys and "
