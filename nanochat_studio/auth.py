@@ -132,7 +132,7 @@ def _load_session_user(user_id: str) -> User | None:
     if bearer_token() is not None:
         return None  # the key decides (see the module docstring); flask-login then asks the request loader
     try:
-        user = User.get_or_none(User.id == int(user_id))
+        user = User.first_by(id=int(user_id))
     except (ValueError, OverflowError):
         return None
     if user is None or not may_sign_in(user) or not _session_current(user):
@@ -155,7 +155,7 @@ def _load_request_user(req: Any) -> User | None:
         return user_for_api_key(token)
     state = _state()
     if state.settings.mode == "solo" and request_is_local():
-        owner = User.get_or_none(User.id == state.solo_owner_id) if state.solo_owner_id else None
+        owner = User.first_by(id=state.solo_owner_id) if state.solo_owner_id else None
         if owner is None:
             owner = solo_owner()
             state.solo_owner_id = owner.id

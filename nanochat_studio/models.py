@@ -65,7 +65,37 @@ class BaseModel(pw.Model):
         """``user``'s row ``ident`` (an int, or a string from a URL or a JSON body), or None for anyone
         else's, a missing one and a malformed id alike: the caller answers 404 for all three."""
         pk = parse_id(ident)
-        return None if pk is None else cls.owned_by(user).where(cls.id == pk).first()
+        return None if pk is None else cls.first_by(user=user, id=pk)
+
+    @classmethod
+    def first_by(cls, **equal: Any) -> Any:
+        """The first row whose fields equal ``equal`` (``User.first_by(id=3)``), or None. What
+        ``cls.select().where(...).first()`` returns, for the lookups every request makes (its user, the
+        row it names): peewee writes a select's SQL anew on every call, ~0.15 ms for these tables, a
+        tenth of a small API request's time; here the text is written once per table, fields and kind
+        of database, each call converts its values as the fields do, and the row becomes an instance as
+        peewee's cursor makes one (its generic cursor wrapper was another ~0.1 ms)."""
+        db = cls._meta.database.obj
+        key = (cls, tuple(equal), type(db))
+        sql = _FIRST_BY_SQL.get(key)
+        fields = [cls._meta.fields[name] for name in equal]
+        params = [f.db_value(v) for f, v in zip(fields, equal.values())]
+        if sql is None:
+            query = cls.select().where(*(f == v for f, v in zip(fields, equal.values()))).limit(1)
+            sql, built = query.sql()
+            if built != params + [1]:  # a value peewee writes differently: no cached text for it
+                return query.first()
+            _FIRST_BY_SQL[key] = sql
+        row = cls._meta.database.execute_sql(sql, (*params, 1)).fetchone()
+        if row is None:
+            return None
+        # the columns of select() are the table's fields in order; built as peewee's cursor does
+        obj = cls(__no_default__=1, **{f.name: f.python_value(v) for f, v in zip(cls._meta.sorted_fields, row)})
+        obj._dirty.clear()
+        return obj
+
+
+_FIRST_BY_SQL: dict[tuple, str] = {}
 
 
 class User(BaseModel):

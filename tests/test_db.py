@@ -64,6 +64,25 @@ def test_migration_one_creates_every_table_and_a_second_start_applies_nothing(an
     database.close()
 
 
+def test_first_by_returns_what_a_select_returns_on_both_backends(any_url):
+    from nanochat_studio.models import Model
+
+    database = db.open_database(any_url)
+    db.migrate(database)
+    alice, bob = User.create(email="alice@example.com"), User.create(email="bob@example.com")
+    mine = Model.create(user=alice, name="m", step=3, checkpoint_key="k", tokenizer_key="t",
+                        config={"n_layer": [2, 4]}, metrics={"loss": 1.5})
+    for _ in range(2):  # the second call runs the text written by the first
+        got = Model.first_by(user=alice, id=mine.id)
+        assert got.__data__ == Model.select().where((Model.user == alice) & (Model.id == mine.id)).first().__data__
+        assert got.config == {"n_layer": [2, 4]} and got.user_id == alice.id and not got.is_dirty()
+        assert Model.first_by(user=bob.id, id=mine.id) is None  # someone else's row
+        assert Model.get_owned(str(mine.id), alice.id).id == mine.id and Model.get_owned(mine.id, bob) is None
+        assert User.first_by(id=bob.id).__data__ == User.get_by_id(bob.id).__data__
+        assert User.first_by(email="carol@example.com") is None
+    database.close()
+
+
 def test_a_new_migration_is_applied_once_in_order(any_url, monkeypatch):
     database = db.open_database(any_url)
     db.migrate(database)
