@@ -14,7 +14,9 @@ whether any stream starved (got its first token only after another had finished)
 --baseline PATH (a checkout of this project, e.g. main): the same sweep against that checkout's model
 server (its trainer/serve.py started from PATH behind a second app), measured in this same run.
 (4) The same levels straight to the model server's Unix socket (one connection, no web app, no HTTP),
-so the sweep's losses split into the server's and the web path's.
+so the sweep's losses split into the server's and the web path's. (5) The engine alone, in this
+process: 16 decode rows against one, and 16 prompts prefilled at once against one, which bound what
+the server can reach (see engine_ceiling).
 Greedy decoding (temperature 0) with a fixed max_tokens so every path generates the same tokens.
 Targets (issue 5): first-token overhead under 50 ms once warm; HTTP tokens/s at least 0.9x direct.
 Targets (issue 14): 16 streams reach >= 6x the aggregate tokens/s of one; TTFT p95 with 16 streams
@@ -301,6 +303,51 @@ def server_sweep(path: str, body: dict, levels: list[int], rounds: int) -> dict:
     return out
 
 
+def engine_ceiling(ckpt: Path, n: int, runs: int) -> dict:
+    """What the model alone allows (trainer.engine.Engine in this process: no server, no socket, no
+    HTTP), one step at a time, 1 and ``n`` rows interleaved, medians: decode tokens/s with ``n``
+    sequences over one (the server's aggregate ratio cannot exceed it), and the time to prefill ``n``
+    prompts at once over one prompt (the floor of the TTFT ratio when ``n`` requests arrive together;
+    a new request's first token comes out of its prefill step)."""
+    import torch
+
+    from trainer import sample
+    from trainer.engine import Chunk, Engine
+
+    model, tok, _ = sample.load_for_inference(str(ckpt), "cpu")
+    prompt = [tok.bos_id] + list(tok.encode(PROMPT))
+    engine = Engine(model, max_slots=n)
+    slots = [engine.alloc() for _ in range(n)]
+    engine.step([Chunk(s, 0, prompt) for s in slots])
+    times: dict[str, list[float]] = {"decode_1": [], f"decode_{n}": [], "prefill_1": [], f"prefill_{n}": []}
+
+    def block(key: str, chunks_at) -> None:
+        """16 steps in a row (a stream's steps follow each other: one row reads the weights in another
+        layout than many, so alternating single steps would find them out of cache), the first unkept."""
+        for i in range(17):
+            chunks = chunks_at(i)
+            t0 = time.perf_counter()
+            engine.step(chunks)
+            if i:
+                times[key].append(time.perf_counter() - t0)
+
+    for _ in range(max(runs, 5)):  # blocks interleaved, so a busy moment hits every kind
+        # decode rows continue each cache a little further, as a stream does
+        block("decode_1", lambda i: [Chunk(slots[0], len(prompt) + i, [5])])
+        block(f"decode_{n}", lambda i: [Chunk(s, len(prompt) + i, [5]) for s in slots])
+        block("prefill_1", lambda i: [Chunk(slots[0], 0, prompt)])
+        block(f"prefill_{n}", lambda i: [Chunk(s, 0, prompt) for s in slots])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"rows": n, "prompt_tokens": len(prompt), **{f"{k}_ms": round(v * 1000, 3) for k, v in med.items()},
+           f"decode_{n}_vs_1_tps": round(n * med["decode_1"] / med[f"decode_{n}"], 2),
+           f"prefill_{n}_vs_1_time": round(med[f"prefill_{n}"] / med["prefill_1"], 2)}
+    print(f"engine alone (no server, no HTTP), {torch.get_num_threads()} thread(s): {n} decode rows give "
+          f"{out[f'decode_{n}_vs_1_tps']}x one row's tokens/s ({out['decode_1_ms']} vs {out[f'decode_{n}_ms']} ms a step); "
+          f"{n} prompts of {len(prompt)} tokens prefill in {out[f'prefill_{n}_vs_1_time']}x one prompt's time "
+          f"({out['prefill_1_ms']} vs {out[f'prefill_{n}_ms']} ms)")
+    return out
+
+
 def summarise(results: dict, levels: list[int]) -> None:
     """The issue's ratios, from the sweeps of this run."""
     ours = results["sweep"]
@@ -317,6 +364,10 @@ def summarise(results: dict, levels: list[int]) -> None:
                        for n in levels if n != 1})
         ratios.update({f"server_ttft_p95_{n}_vs_1": round(server[str(n)]["ttft_p95_ms"] / server["1"]["ttft_p50_ms"], 2)
                        for n in levels if n != 1})
+    ceiling = results.get("engine_ceiling")
+    if ceiling:
+        ratios["engine_decode_16_vs_1"] = ceiling["decode_16_vs_1_tps"]
+        ratios["engine_prefill_16_vs_1_time"] = ceiling["prefill_16_vs_1_time"]
     base = results.get("baseline_sweep")
     if base and "1" in base:
         ratios["one_stream_vs_baseline"] = round(one["aggregate_tps"] / base["1"]["aggregate_tps"], 3)
@@ -443,6 +494,8 @@ def main() -> int:
         if base is not None:
             results["baseline_sweep"] = sweep(base["server"].port, base["body"], levels, args.rounds, "baseline")
         results["server_sweep"] = server_sweep(pool._servers[model.id].socket_path, sse_body, levels, args.rounds)
+        if 16 in levels:
+            results["engine_ceiling"] = engine_ceiling(ckpt, 16, args.runs)
         summarise(results, levels)
         results["server_stats"] = pool.server_stats(model)
         results["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
