@@ -75,11 +75,11 @@ class BaseModel(pw.Model):
         tenth of a small API request's time; here the text is written once per table, fields and kind
         of database, each call converts its values as the fields do, and the row becomes an instance as
         peewee's cursor makes one (its generic cursor wrapper was another ~0.1 ms)."""
-        db = cls._meta.database.obj
-        key = (cls, tuple(equal), type(db))
-        sql = _FIRST_BY_SQL.get(key)
         fields = [cls._meta.fields[name] for name in equal]
         params = [f.db_value(v) for f, v in zip(fields, equal.values())]
+        key = (cls, tuple(equal), type(cls._meta.database.obj))
+        # (a None is written "IS NULL", without a parameter: such a lookup never uses or keeps the text)
+        sql = None if None in params else _FIRST_BY_SQL.get(key)
         if sql is None:
             query = cls.select().where(*(f == v for f, v in zip(fields, equal.values()))).limit(1)
             sql, built = query.sql()

@@ -80,6 +80,7 @@ def test_first_by_returns_what_a_select_returns_on_both_backends(any_url):
         assert Model.get_owned(str(mine.id), alice.id).id == mine.id and Model.get_owned(mine.id, bob) is None
         assert User.first_by(id=bob.id).__data__ == User.get_by_id(bob.id).__data__
         assert User.first_by(email="carol@example.com") is None
+        assert User.first_by(email=None) is None and User.first_by(id=bob.id, oauth_id=None).id == bob.id  # IS NULL
     database.close()
 
 
