@@ -170,7 +170,7 @@ def test_the_short_path_refuses_what_the_general_one_refuses():
         engine.step([Chunk(slot, 0, [300])])
 
 
-def test_rows_of_several_tokens_use_prepacked_weights_where_onednn_applies_and_plain_products_elsewhere():
+def test_a_batching_engine_prepacks_its_weights_where_onednn_applies_and_plain_products_elsewhere():
     from trainer import cpu_ops
 
     model = random_model()
@@ -192,3 +192,10 @@ def test_rows_of_several_tokens_use_prepacked_weights_where_onednn_applies_and_p
         assert torch.allclose(with_packing, plain, atol=TOL, rtol=0)
     for p, got in zip(prompts, results[True][:3]):
         assert torch.allclose(got, reference_logits(model, p), atol=TOL, rtol=0)
+    # one slot (trainer.sample's engine, made anew per generation while training): its many-row products
+    # are one prefill, not worth reordering the weights for
+    single = Engine(model, max_slots=1)
+    assert all(w.packed is None for layer in single.layers for w in layer) and single.head.packed is None
+    slot = single.alloc()
+    assert torch.allclose(single.step([Chunk(slot, 0, prompts[2], "all")])[0], reference_logits(model, prompts[2]),
+                          atol=TOL, rtol=0)

@@ -112,17 +112,22 @@ class Engine:
             t = t.detach()
             return (t.float() * scale if scale != 1.0 else t).to(self.dtype).contiguous()
 
+        # Weights reordered for oneDNN pay off over many steps of several rows (a server's batches); an
+        # engine of one slot (trainer.sample, made anew while the weights train) multiplies many rows
+        # only in its one prefill, where reordering ~15 ms of weights at depth 4 costs more than it saves.
+        pack = self.max_slots > 1
+
         # the products after a norm take its sqrt(width) factor (see __init__)
         s = math.sqrt(self.config.n_embd) if self.fold else 1.0
         self.wte = w(model.wte.weight)
         self.layers = []
         for block in model.blocks:
-            self.layers.append((_Weight(w(block.attn.c_qkv.weight.index_select(0, row_perm), s)),
-                                _Weight(w(block.attn.c_proj.weight)), _Weight(w(block.mlp.c_fc.weight, s)),
-                                _Weight(w(block.mlp.c_proj.weight))))
+            self.layers.append((_Weight(w(block.attn.c_qkv.weight.index_select(0, row_perm), s), pack),
+                                _Weight(w(block.attn.c_proj.weight), pack), _Weight(w(block.mlp.c_fc.weight, s), pack),
+                                _Weight(w(block.mlp.c_proj.weight), pack)))
         self.softcap = float(self.config.softcap)
         # (the head's weights carry 1/softcap: logits = softcap * tanh(h W^T / softcap), one pass fewer)
-        self.head = _Weight(w(model.lm_head.weight, s / self.softcap))
+        self.head = _Weight(w(model.lm_head.weight, s / self.softcap), pack)
 
     def _rotary(self, length: int) -> None:
         # the same angles as GPT._rotary_tables, as unit complex numbers: e^{i angle} rotates a pair
@@ -389,26 +394,34 @@ class _Norm:
 class _Weight:
     """A (out, in) matrix kept for both kinds of product. One token's product is a matrix-vector
     product, which torch's CPU kernels run fastest from the (in, out) layout (the head: ~4x, see
-    GPT._head; the block matrices less); rows of several tokens go through oneDNN (x86 float32) on a
-    copy of the weight reordered once into its blocked layout (``cpu_ops.pack``: at 2 rows and more it
-    beats both torch.mm layouts, ~1.4x at 16 rows, measured here). Two copies of the weights, unless
-    they are large: then only the (in, out) one, for every product."""
+    GPT._head; the block matrices less). Rows of several tokens go through oneDNN (x86 float32): with
+    ``pack``, on a copy of the weight reordered once into its blocked layout (``cpu_ops.pack``: from 2
+    rows on it beats both torch.mm layouts, ~1.4x at 16 rows, measured here), else through
+    ``cpu_ops.mm_nt`` from the (out, in) layout, which oneDNN reorders on every call. Two copies of the
+    weights, unless they are large: then only the (in, out) one, for every product."""
 
-    SMALL_ROWS = 1
+    SMALL_ROWS = 8  # unpacked, up to this many rows torch.mm on the (in, out) layout is as fast
     BOTH_LAYOUTS_MAX_BYTES = 256 << 20
 
-    def __init__(self, w: torch.Tensor):
+    def __init__(self, w: torch.Tensor, pack: bool = True):
         self.t = w.t().contiguous()
-        small = w.numel() * w.element_size() <= self.BOTH_LAYOUTS_MAX_BYTES
-        self.packed = cpu_ops.pack(w) if small else None
+        second = w.device.type == "cpu" and w.numel() * w.element_size() <= self.BOTH_LAYOUTS_MAX_BYTES
+        self.packed = cpu_ops.pack(w) if second and pack else None
+        self.w = w if second and self.packed is None else None
+
+    def _onednn(self, rows: int) -> bool:
+        """Whether a product of ``rows`` rows goes through oneDNN rather than torch.mm on (in, out)."""
+        if self.packed is not None:
+            return rows > 1
+        return self.w is not None and rows > self.SMALL_ROWS
 
     def mm(self, a: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or a.size(0) <= self.SMALL_ROWS:
+        if not self._onednn(a.size(0)):
             return torch.mm(a, self.t)
-        return cpu_ops.mm_packed(a, self.packed)
+        return cpu_ops.mm_packed(a, self.packed) if self.packed is not None else cpu_ops.mm_nt(a, self.w)
 
     def addmm(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """x + a @ W^T (the residual add rides on the product)."""
-        if self.packed is None or a.size(0) <= self.SMALL_ROWS:
+        if not self._onednn(a.size(0)):
             return torch.addmm(x, a, self.t)
         return self.mm(a).add_(x)
