@@ -56,11 +56,24 @@ def tiny_checkpoint(out_dir: str | os.PathLike, steps: int = 40, seed: int = 0) 
 
 
 def cached_tiny_checkpoint(dest: str | os.PathLike) -> Path:
-    """A copy of a tiny checkpoint built once per process, at ``dest`` (a new directory)."""
+    """A copy of a tiny checkpoint built once per process, at ``dest`` (a new directory). The cache is
+    checked against its manifest before each copy: one CI run found its weights changed (size right,
+    checksum wrong) and the model server refused the copy; this says so at the source, with the tests
+    that copied it before."""
+    from trainer.checkpoint import CheckpointError, verify
+
     if "tiny" not in _CACHE:
         _CACHE["tiny"] = tiny_checkpoint(tempfile.mkdtemp(prefix="ncs-tiny-"))
+    try:
+        verify(_CACHE["tiny"])
+    except CheckpointError as e:
+        raise AssertionError(f"the cached tiny checkpoint changed after these tests copied it: {_COPIED_BY}: {e}") from None
+    _COPIED_BY.append(os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0])
     shutil.copytree(_CACHE["tiny"], dest)
     return Path(dest)
+
+
+_COPIED_BY: list[str] = []
 
 
 def scripted_checkpoint(dest: str | os.PathLike, text: str, delay_s: float = 0.0, tokens_per_delta: int = 1,
