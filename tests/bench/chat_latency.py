@@ -305,7 +305,7 @@ def server_sweep(path: str, body: dict, levels: list[int], rounds: int) -> dict:
 
 def engine_ceiling(ckpt: Path, n: int, runs: int) -> dict:
     """What the model alone allows (trainer.engine.Engine in this process: no server, no socket, no
-    HTTP), one step at a time, 1 and ``n`` rows interleaved, medians: decode tokens/s with ``n``
+    HTTP), in blocks of consecutive steps of each kind, blocks interleaved, medians: decode tokens/s with ``n``
     sequences over one (the server's aggregate ratio cannot exceed it), and the time to prefill ``n``
     prompts at once over one prompt (the floor of the TTFT ratio when ``n`` requests arrive together;
     a new request's first token comes out of its prefill step)."""
@@ -322,7 +322,7 @@ def engine_ceiling(ckpt: Path, n: int, runs: int) -> dict:
     times: dict[str, list[float]] = {"decode_1": [], f"decode_{n}": [], "prefill_1": [], f"prefill_{n}": []}
 
     def block(key: str, chunks_at) -> None:
-        """16 steps in a row (a stream's steps follow each other: one row reads the weights in another
+        """Steps in a row (a stream's steps follow each other: one row reads the weights in another
         layout than many, so alternating single steps would find them out of cache), the first unkept."""
         for i in range(17):
             chunks = chunks_at(i)
