@@ -211,8 +211,8 @@ def test_sqlite_connections_serve_their_threads_next_request_and_postgres_ones_g
     if db.is_postgres():  # a server's connection: given back after every request
         assert db.database.is_closed()
         return
-    conn = db.database.connection()  # this thread's, left open by the request
-    assert not db.database.is_closed()
+    assert not db.database.is_closed()  # this thread's, left open by the request
+    conn = db.database.connection()
     client.get("/")
     assert db.database.connection() is conn  # reused, not opened again (a connect and four pragmas)
 
