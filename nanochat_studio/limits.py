@@ -93,7 +93,7 @@ class Limits:
     flask-limiter around it added three hooks to every request for decorators we do not use), parsed
     limits and the stream gate."""
 
-    def __init__(self, app: Flask, settings: Settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.strategy = MovingWindowRateLimiter(storage_from_string(storage_uri(settings)))
         self.login_account = parse_many(settings.login_limit_per_account)
         self.login_address = parse_many(settings.login_limit_per_address)
@@ -147,7 +147,7 @@ def current() -> Limits:
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Install the limits; call after the hooks that open the database (the API check loads the user)."""
-    app.extensions["ncs_limits"] = Limits(app, settings)
+    app.extensions["ncs_limits"] = Limits(settings)
     accounts.set_hash_concurrency(settings.password_hash_concurrency)
 
     @app.before_request
