@@ -30,10 +30,17 @@ def reference_logits(model: GPT, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids]))[0]  # (T, V): the plain forward on this sequence alone
 
 
+@pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "batched-products"])
 @pytest.mark.parametrize("n_kv_head", [4, 2])
-def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_kv_head):
+def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_kv_head, elementwise, monkeypatch):
+    # decode attention on CPU streams the cache elementwise up to EW_MAX_BYTES of temporaries, then
+    # (and on CUDA) uses batched products: both must hold
+    if not elementwise:
+        monkeypatch.setattr(Engine, "EW_MAX_BYTES", 0)
     model = random_model(n_kv_head)
     engine = Engine(model, max_slots=8, initial_slots=1)  # grows while requests join
+    kernel_calls, kernel = [], engine._attend_elementwise
+    engine._attend_elementwise = lambda *a: kernel_calls.append(1) or kernel(*a)
     g = torch.Generator().manual_seed(1)
     # (arrival step, prompt, tokens to decode): different lengths, arriving while others decode
     plan = [(0, 7, 20), (0, 1, 12), (2, 30, 9), (3, 12, 25), (5, 3, 4), (9, 45, 6)]
@@ -63,6 +70,7 @@ def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_k
                 engine.release(s["slot"])
         step += 1
     assert engine.slots > 1  # it did run several at once
+    assert bool(kernel_calls) == elementwise  # the parametrized kernel is the one that ran
     for s in seqs:
         ref = reference_logits(model, s["ids"])
         got = torch.stack([s["got"][p] for p in range(len(s["ids"]))])
@@ -153,9 +161,11 @@ def test_one_stream_decoding_alone_takes_the_short_path_with_the_same_numbers(n_
         torch.testing.assert_close(one, many, rtol=0, atol=TOL)
         torch.testing.assert_close(one, ref[p], rtol=0, atol=TOL)
     # the keys and values it wrote are the general path's, in the same place
-    torch.testing.assert_close(short.k[:, 1, :, :len(ids)], general.k[:, 1, :, :len(ids)], rtol=0, atol=1e-5)
-    torch.testing.assert_close(short.v[:, 1, :, :len(ids)], general.v[:, 1, :, :len(ids)], rtol=0, atol=1e-5)
-    assert not short.k[:, 0].any()  # slot 0 untouched
+    # (the cache is (layer, position, slot, kv_head, d))
+    torch.testing.assert_close(short.k[:, :len(ids), 1], general.k[:, :len(ids), 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(short.v[:, :len(ids), 1], general.v[:, :len(ids), 1], rtol=0, atol=1e-5)
+    assert short.k[:, :len(ids), 1].abs().sum(-1).all()  # every position of slot 1 written
+    assert not short.k[:, :, 0].any()  # slot 0 untouched
     assert calls == list(range(4, len(ids)))
 
 

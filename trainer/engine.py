@@ -91,11 +91,12 @@ class Engine:
         if max_cache_bytes is not None:  # a big model's cache: fewer sequences at once, never an OOM
             self.max_slots = max(1, min(self.max_slots, int(max_cache_bytes) // self.cache_bytes_per_slot()))
         n = min(self.max_slots, max(1, initial_slots))
-        shape = (c.n_layer, n, self.Hkv, self.max_len, self.d)
+        shape = (c.n_layer, self.max_len, n, self.Hkv, self.d)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self._free = list(range(n))
         self._used: set[int] = set()
+        self._scratch = torch.empty(0, device=self.device, dtype=self.dtype)
 
     # --- weights --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -141,7 +142,7 @@ class Engine:
     @property
     def slots(self) -> int:
         """Slots allocated now (grows by doubling up to ``max_slots``)."""
-        return self.k.size(1)
+        return self.k.size(2)
 
     def free_slots(self) -> int:
         return self.max_slots - len(self._used)
@@ -166,8 +167,8 @@ class Engine:
         old = self.slots
         for name in ("k", "v"):
             t = getattr(self, name)
-            new = torch.zeros((t.size(0), n, *t.shape[2:]), device=self.device, dtype=self.dtype)
-            new[:, :old] = t
+            new = torch.zeros((*t.shape[:2], n, *t.shape[3:]), device=self.device, dtype=self.dtype)
+            new[:, :, :old] = t
             setattr(self, name, new)
         self._free.extend(range(old, n))
 
@@ -200,6 +201,8 @@ class Engine:
         idx = torch.tensor(tokens, dtype=torch.long, device=dev)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        # each row's place in a layer's cache viewed as (max_len * slots, kv_head, d)
+        flat_t = pos_t * self.slots + slot_t
         freqs = self.freqs.index_select(0, pos_t).unsqueeze(1)  # (N, 1, d/2)
         dec_attn = self._decode_plan(decode)
         n = len(tokens)
@@ -212,11 +215,11 @@ class Engine:
             v = qkv[:, self.q_dim + self.kv_dim:].view(n, self.Hkv, self.d)
             kc, vc = self.k[layer], self.v[layer]
             if lone is not None:  # one chunk (one stream decoding): a slice copy, not an index_put
-                kc[lone.slot, :, lone.start:lone.start + n] = k.transpose(0, 1)
-                vc[lone.slot, :, lone.start:lone.start + n] = v.transpose(0, 1)
+                kc[lone.start:lone.start + n, lone.slot] = k
+                vc[lone.start:lone.start + n, lone.slot] = v
             else:
-                kc[slot_t, :, pos_t] = k
-                vc[slot_t, :, pos_t] = v
+                kc.view(-1, self.Hkv, self.d).index_copy_(0, flat_t, k)
+                vc.view(-1, self.Hkv, self.d).index_copy_(0, flat_t, v)
             parts = []
             if decode:
                 parts.append(self._attend_decode(q[: len(decode)], kc, vc, dec_attn))
@@ -261,66 +264,101 @@ class Engine:
         for layer, (w_qkv, w_o, w_fc, w_down) in enumerate(self.layers):
             qkv = w_qkv.mm(self._in(x))
             qk = self._qk(qkv, freqs)[0]  # (H + Hkv, d)
-            kc, vc = self.k[layer][slot], self.v[layer][slot]  # (Hkv, max_len, d)
-            kc[:, p] = qk[H:]
-            vc[:, p] = qkv[0, qk_dim:].view(Hkv, d)
-            y = F.scaled_dot_product_attention(qk[None, :H, None], kc[None, :, :p + 1], vc[None, :, :p + 1],
+            kc, vc = self.k[layer][:, slot], self.v[layer][:, slot]  # (max_len, Hkv, d)
+            kc[p] = qk[H:]
+            vc[p] = qkv[0, qk_dim:].view(Hkv, d)
+            y = F.scaled_dot_product_attention(qk[None, :H, None], kc[:p + 1].transpose(0, 1)[None],
+                                               vc[:p + 1].transpose(0, 1)[None],
                                                enable_gqa=Hkv != H, scale=self.scale)
             x = self._mlp(w_o.addmm(x, y.view(1, self.q_dim)), w_fc, w_down)
         return torch.tanh_(self.head.mm(self._in(x)).float()).mul_(self.softcap)[0]
 
+    # the decode attention's temporaries stay under this (see _attend_decode); past it, batched products
+    EW_MAX_BYTES = 16 << 20
+
     def _decode_plan(self, decode: list[Chunk]):
         """What the decode rows' shared attention needs, computed once per step for every layer:
-        (number of slots S in the range, key length L, mask or None, row slots if not 0..S-1)."""
+        (number of slots S in the range, key length L, mask or None, row slots if not 0..S-1, whether
+        to use the elementwise kernel)."""
         if not decode:
             return None
         span = decode[-1].slot + 1
         length = max(c.start for c in decode) + 1
         dense = span == len(decode)
         if span == 1:
-            return span, length, None, None
+            return span, length, None, None, False
+        elementwise = (self.device.type == "cpu" and self.dtype == torch.float32
+                       and length * span * self.q_dim * 4 <= self.EW_MAX_BYTES)
+        rows = None if dense else torch.tensor([c.slot for c in decode], dtype=torch.long, device=self.device)
+        if dense and all(c.start == length - 1 for c in decode):
+            return span, length, None, rows, elementwise  # all at the same position: nothing to hide
         # each slot's row sees its keys 0..start; slots in the range without a decode row see key 0 only
         # (their output is discarded; a fully masked row would be NaN)
         starts = [0] * span  # (a list, then one tensor: a tensor store per row was ~3 us each)
         for c in decode:
             starts[c.slot] = c.start
         limit = torch.tensor(starts)
-        hidden = torch.arange(length)[None, :] > limit[:, None]
-        mask = torch.zeros(span, length).masked_fill_(hidden, float("-inf"))
-        # added to the scores (span * kv_head, group, length), one row per (slot, kv_head) pair
-        mask = mask.to(self.device, self.dtype).repeat_interleave(self.Hkv, dim=0)[:, None, :]
-        if dense and all(c.start == length - 1 for c in decode):
-            mask = None  # all at the same position: nothing to hide
-        rows = None if dense else torch.tensor([c.slot for c in decode], dtype=torch.long, device=self.device)
-        return span, length, mask, rows
+        if elementwise:  # added to the scores (length, span, kv_head * group)
+            hidden = torch.arange(length)[:, None, None] > limit[None, :, None]
+            mask = torch.zeros(length, span, 1).masked_fill_(hidden, float("-inf"))
+        else:  # added to the scores (span * kv_head, group, length), one row per (slot, kv_head) pair
+            hidden = torch.arange(length)[None, :] > limit[:, None]
+            mask = torch.zeros(span, length).masked_fill_(hidden, float("-inf"))
+            mask = mask.to(self.device, self.dtype).repeat_interleave(self.Hkv, dim=0)[:, None, :]
+        return span, length, mask, rows, elementwise
 
     def _attend_decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan) -> torch.Tensor:
-        span, length, mask, rows = plan
-        k, v = kc[:span, :, :length], vc[:span, :, :length]
+        span, length, mask, rows, elementwise = plan
+        k, v = kc[:length, :span], vc[:length, :span]  # (length, span, kv_head, d)
         if span == 1:  # one sequence, nothing to hide: SDPA's kernel is the quickest here
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=self.Hkv != self.H, scale=self.scale)
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), k[:, 0].transpose(0, 1)[None],
+                                               v[:, 0].transpose(0, 1)[None],
+                                               enable_gqa=self.Hkv != self.H, scale=self.scale)
             return y.reshape(1, self.q_dim)
         if rows is not None:  # holes in the slot range: place each row's query at its slot
             q = q.new_zeros(span, self.H, self.d).index_copy_(0, rows, q)
-        # Several rows: plain batched products beat SDPA's CPU kernel for one query per row, and 3-D
-        # bmm/baddbmm beat 4-D matmul (~1.4x at 16 rows and 72 keys, measured here: matmul re-plans its
-        # batch dims every call). (slot, kv_head) pairs are the batch: the cache slice views as
-        # (span * Hkv, length, d) without a copy (its rows are max_len apart, a uniform stride). Query heads
-        # sharing a key/value head are grouped, so GQA copies nothing. The mask rides on baddbmm's add.
         g, b = self.H // self.Hkv, span * self.Hkv
-        qb = q.reshape(b, g, self.d)
-        kt = k.reshape(b, length, self.d).transpose(1, 2)
-        if mask is None:
-            scores = torch.bmm(qb, kt).mul_(self.scale)
+        if elementwise:
+            y = self._attend_elementwise(q.reshape(b, g, self.d), k, v, mask, length, b, g)
         else:
-            scores = torch.baddbmm(mask, qb, kt, alpha=self.scale)
-        y = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b, length, self.d)).reshape(span, self.q_dim)
+            # Batched products, the (slot, kv_head) pairs the batch: the cache slice views as (b, length, d)
+            # without a copy. Query heads sharing a key/value head are grouped, so GQA copies nothing.
+            qb = q.reshape(b, g, self.d)
+            kt = k.reshape(length, b, self.d).permute(1, 2, 0)
+            if mask is None:
+                scores = torch.bmm(qb, kt).mul_(self.scale)
+            else:
+                scores = torch.baddbmm(mask, qb, kt, alpha=self.scale)
+            y = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(length, b, self.d).transpose(0, 1))
+        y = y.reshape(span, self.q_dim)
         return y if rows is None else y.index_select(0, rows)
+
+    def _attend_elementwise(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, length: int,
+                            b: int, g: int) -> torch.Tensor:
+        """Attention of one query per (slot, kv_head) pair ``b`` (``g`` query heads each) over the
+        position-major cache slice, as two streaming passes of products and sums. On CPU one query per
+        row is memory-bound: the keys and values of 16 sequences are megabytes a layer, mostly out of
+        cache after a step's weights went through. Read in the cache's own order (position by
+        position, every sequence's keys side by side) they stream; batched products read them sequence
+        by sequence, ~1.6x slower measured here. The temporaries live in one scratch buffer, reused."""
+        d = self.d
+        need = length * b * g * (d + 1)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, device=self.device, dtype=self.dtype)
+        prod = self._scratch[: length * b * g * d].view(length, b, g, d)
+        scores = self._scratch[length * b * g * d: need].view(length, b, g)
+        torch.mul(k.reshape(length, b, 1, d), q.mul(self.scale), out=prod)
+        torch.sum(prod, -1, out=scores)
+        if mask is not None:
+            scores.view(length, -1, self.Hkv * g).add_(mask)
+        p = torch.softmax(scores, dim=0)
+        torch.mul(v.reshape(length, b, 1, d), p.unsqueeze(-1), out=prod)
+        return prod.sum(0)
 
     def _attend_prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, c: Chunk) -> torch.Tensor:
         t, end = len(c.tokens), c.start + len(c.tokens)
         q = q.transpose(0, 1).unsqueeze(0)  # (1, H, t, d)
-        k, v = kc[c.slot:c.slot + 1, :, :end], vc[c.slot:c.slot + 1, :, :end]
+        k, v = kc[:end, c.slot].transpose(0, 1)[None], vc[:end, c.slot].transpose(0, 1)[None]
         gqa = self.Hkv != self.H
         if c.start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=self.scale)
