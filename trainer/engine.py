@@ -15,11 +15,12 @@ logits to the single-sequence forward within 1e-4 in float32) but is built for i
   chunks and multi-token prefill chunks, flattens their tokens into one (N, width) matrix for all the
   linear layers, and splits them only for attention. So a newcomer's prompt is prefilled in the same
   pass that advances everybody else by one token (continuous batching, chunked prefill).
-- A static KV cache, ``(layer, slot, kv_head, max_len, head_dim)``, allocated once (grown by doubling
+- A static KV cache, ``(layer, max_len, slot, kv_head, head_dim)``, allocated once (grown by doubling
   the slots when more sequences run at once), with a position per sequence: each chunk says which slot
   and position it continues. The one-token chunks of all decoding sequences share one attention call
   over the slots ``0..S-1`` (slots are handed out lowest first, so that range is dense) with a mask
-  that hides each sequence's keys past its own position.
+  that hides each sequence's keys past its own position. Position-major, so that call reads the
+  cache in its own order (see ``_attend_elementwise``).
 - Fewer, fused ops per token: residual adds ride on the output products (``addmm``); the 1/softcap
   factor is folded into the head's weights; on CPU a norm feeding a product is a unit vector (3 ops,
   not 6) whose sqrt(width) is folded into that product's weights (and the query/key norms' into the
