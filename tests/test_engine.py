@@ -3,6 +3,8 @@ model run on that sequence alone (float32, within 1e-4), and the same greedy tex
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -189,9 +191,10 @@ def test_a_batching_engine_prepacks_its_weights_where_onednn_applies_and_plain_p
     for onednn in (True, False):
         cpu_ops.set_enabled(onednn)
         try:
-            engine = Engine(model, max_slots=4)
+            engine = Engine(model, max_slots=4, products="packed")
             packed = [w.packed is not None for layer in engine.layers for w in layer] + [engine.head.packed is not None]
             assert packed == [cpu_ops.enabled()] * len(packed)  # every product packed, or none
+            assert engine.products == ("packed" if cpu_ops.enabled() else "unpacked")
             slots = [engine.alloc() for _ in prompts]
             out = engine.step([Chunk(s, 0, p, "all") for s, p in zip(slots, prompts)])
             out += engine.step([Chunk(s, len(p), [3]) for s, p in zip(slots, prompts)])  # three decode rows
@@ -206,6 +209,57 @@ def test_a_batching_engine_prepacks_its_weights_where_onednn_applies_and_plain_p
     # are one prefill, not worth reordering the weights for
     single = Engine(model, max_slots=1)
     assert all(w.packed is None for layer in single.layers for w in layer) and single.head.packed is None
+    assert single.products == "unpacked" and single.probe_ms is None
     slot = single.alloc()
     assert torch.allclose(single.step([Chunk(slot, 0, prompts[2], "all")])[0], reference_logits(model, prompts[2]),
                           atol=TOL, rtol=0)
+
+
+def test_a_batching_engine_times_both_product_kernels_and_keeps_the_faster(monkeypatch):
+    """Neither kernel wins on every CPU (oneDNN on packed weights won on an AMD EPYC, torch.mm on an
+    Intel Xeon): the engine times both on its own weights when made and keeps one. Whatever it keeps
+    computes the model's logits; the losing copies are freed."""
+    from trainer import cpu_ops
+
+    if not cpu_ops.enabled():
+        pytest.skip("oneDNN products do not apply on this machine: nothing to choose between")
+    model = random_model()
+    prompts = [[5, 9, 17, 2], [40, 41], [7, 7, 7, 7, 7, 7]]
+    engine = Engine(model, max_slots=4)
+    assert engine.products in ("packed", "plain")
+    assert set(engine.probe_ms) == {"packed", "plain"} and all(v > 0 for v in engine.probe_ms.values())
+    faster = min(engine.probe_ms, key=engine.probe_ms.get)
+    assert engine.products == faster or engine.probe_ms["packed"] == engine.probe_ms["plain"]
+    weights = [w for layer in engine.layers for w in layer] + [engine.head]
+    if engine.products == "plain":
+        assert all(w.packed is None and w.w is None for w in weights)
+    else:
+        assert all(w.packed is not None for w in weights)
+    slots = [engine.alloc() for _ in prompts]
+    out = engine.step([Chunk(s, 0, p, "all") for s, p in zip(slots, prompts)])
+    for p, got in zip(prompts, out):
+        assert torch.allclose(got, reference_logits(model, p), atol=TOL, rtol=0)
+
+    # the choice follows the timings: made to look slower, each kind loses
+    for slow, kept in ((True, "plain"), (False, "packed")):
+        real = cpu_ops.mm_packed
+
+        def timed(a, packed, real=real, slow=slow):
+            if slow:
+                time.sleep(0.002)
+            return real(a, packed)
+
+        def mm(a, b, real_mm=torch.mm, slow=slow):
+            if not slow:
+                time.sleep(0.002)
+            return real_mm(a, b)
+
+        monkeypatch.setattr(cpu_ops, "mm_packed", timed)
+        monkeypatch.setattr(torch, "mm", mm)
+        try:
+            chosen = Engine(model, max_slots=4)
+        finally:
+            monkeypatch.undo()
+        assert chosen.products == kept, chosen.probe_ms
+    with pytest.raises(ValueError, match="products"):
+        Engine(model, max_slots=4, products="fast")

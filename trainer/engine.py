@@ -29,6 +29,8 @@ logits to the single-sequence forward within 1e-4 in float32) but is built for i
   channel pairs (i, i + d/2) of the model's rotary convention to sit side by side: the query and key
   rows of the fused QKV weight are permuted once (a permutation applied to both queries and keys
   changes neither RMSNorm nor their dot products).
+- Products of several rows run on the kernels that are faster on this machine, timed when the engine
+  is made (oneDNN on prepacked weights, or torch.mm: see ``_choose_products``).
 
 On CUDA the weights and the cache are bfloat16 (as the trainer's autocast runs them) and the logits
 float32; on CPU everything is float32.
@@ -69,7 +71,7 @@ class Engine:
     thread (the model server's scheduler) drives it."""
 
     def __init__(self, model: GPT, *, max_slots: int = 16, max_len: int | None = None,
-                 initial_slots: int = 4, max_cache_bytes: int | None = None):
+                 initial_slots: int = 4, max_cache_bytes: int | None = None, products: str = "auto"):
         model = getattr(model, "_orig_mod", model)
         c = model.config
         self.config = c
@@ -87,10 +89,21 @@ class Engine:
         self._in = _unit if self.fold else self._norm
         # scores = rms(q) . rms(k) / sqrt(d) = sqrt(d) * unit(q) . unit(k): the cache holds unit keys
         self.scale = self.d ** 0.5 if self.fold else self.d ** -0.5
-        self._load_weights(model)
-        self._rotary(self.max_len)
         if max_cache_bytes is not None:  # a big model's cache: fewer sequences at once, never an OOM
             self.max_slots = max(1, min(self.max_slots, int(max_cache_bytes) // self.cache_bytes_per_slot()))
+        if products not in ("auto", "packed", "plain"):
+            raise ValueError(f"products must be auto, packed or plain, not {products!r}")
+        self._load_weights(model, pack=products != "plain" and self.max_slots > 1)
+        # products of several rows: "packed" (oneDNN on reordered weights), "plain" (torch.mm on the
+        # (in, out) layout), or "unpacked" (nothing could be packed: _Weight's own choice per call)
+        self.probe_ms: dict[str, float] | None = None
+        if any(w.packed is None for w in self._weights()):
+            self.products = "plain" if products == "plain" else "unpacked"
+        else:
+            self.products = self._choose_products() if products == "auto" else products
+        if self.products == "plain":
+            self._unpack()
+        self._rotary(self.max_len)
         n = min(self.max_slots, max(1, initial_slots))
         shape = (c.n_layer, self.max_len, n, self.Hkv, self.d)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -101,7 +114,7 @@ class Engine:
 
     # --- weights --------------------------------------------------------------------------------
     @torch.no_grad()
-    def _load_weights(self, model: GPT) -> None:
+    def _load_weights(self, model: GPT, pack: bool) -> None:
         d = self.d
         # within each head, channel j of the new order is channel perm[j] of the model's: pairs (i, i + d/2)
         # become adjacent (2i, 2i + 1), the layout a complex view rotates in one multiply
@@ -114,11 +127,10 @@ class Engine:
             t = t.detach()
             return (t.float() * scale if scale != 1.0 else t).to(self.dtype).contiguous()
 
-        # Weights reordered for oneDNN pay off over many steps of several rows (a server's batches); an
-        # engine of one slot (trainer.sample, made anew while the weights train) multiplies many rows
-        # only in its one prefill, where reordering ~15 ms of weights at depth 4 costs more than it saves.
-        pack = self.max_slots > 1
-
+        # Weights reordered for oneDNN may pay off over many steps of several rows (a server's batches,
+        # see _choose_products); an engine of one slot (trainer.sample, made anew while the weights
+        # train) multiplies many rows only in its one prefill, where reordering ~15 ms of weights at
+        # depth 4 costs more than it saves: ``pack`` is false there.
         # the products after a norm take its sqrt(width) factor (see __init__)
         s = math.sqrt(self.config.n_embd) if self.fold else 1.0
         self.wte = w(model.wte.weight)
@@ -130,6 +142,52 @@ class Engine:
         self.softcap = float(self.config.softcap)
         # (the head's weights carry 1/softcap: logits = softcap * tanh(h W^T / softcap), one pass fewer)
         self.head = _Weight(w(model.lm_head.weight, s / self.softcap), pack)
+
+    # --- which kernels run the products of several rows --------------------------------------------
+    PROBE_ROUNDS = 7
+
+    def _weights(self) -> list["_Weight"]:
+        return [w for layer in self.layers for w in layer] + [self.head]
+
+    def _choose_products(self) -> str:
+        """"packed" (oneDNN on weights reordered once into its blocked layout) or "plain" (torch.mm on
+        the (in, out) layout, MKL's kernels), whichever runs a step's products faster here, timed now
+        on this engine's weights. Neither wins everywhere: at 16 rows on a depth-4 model, the 17
+        products of a step took 1.6 ms packed against ~2.2 ms plain on an AMD EPYC (Zen 4), and 0.9 ms
+        plain against 1.5 ms packed on an Intel Xeon (measured in whole engine steps: 2.4 against 3.1
+        ms). The probe runs every product once per round at the batch this engine is built for (up to
+        16 rows), the weights streaming through the caches as in a step, both kinds interleaved, and
+        compares medians: ~50 ms at load for a depth-4 model."""
+        import time
+
+        weights = self._weights()
+        rows = min(16, self.max_slots)
+        gen = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(rows, w.t.size(0), generator=gen, dtype=self.dtype) for w in weights]
+
+        def run(packed: bool) -> float:
+            t0 = time.perf_counter()
+            for w, a in zip(weights, inputs):
+                if packed:
+                    cpu_ops.mm_packed(a, w.packed)
+                else:
+                    torch.mm(a, w.t)
+            return time.perf_counter() - t0
+
+        with torch.inference_mode():
+            run(True), run(False)  # first calls pay one-time costs
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(self.PROBE_ROUNDS):
+                for packed in (True, False):
+                    times[packed].append(run(packed))
+        self.probe_ms = {("packed" if k else "plain"): round(sorted(v)[len(v) // 2] * 1000, 3)
+                         for k, v in times.items()}
+        return "packed" if self.probe_ms["packed"] <= self.probe_ms["plain"] else "plain"
+
+    def _unpack(self) -> None:
+        """Every product on torch.mm over the (in, out) layout; the other copies are freed."""
+        for w in self._weights():
+            w.packed = w.w = None
 
     def _rotary(self, length: int) -> None:
         # the same angles as GPT._rotary_tables, as unit complex numbers: e^{i angle} rotates a pair
@@ -434,10 +492,12 @@ class _Weight:
     """A (out, in) matrix kept for both kinds of product. One token's product is a matrix-vector
     product, which torch's CPU kernels run fastest from the (in, out) layout (the head: ~4x, see
     GPT._head; the block matrices less). Rows of several tokens go through oneDNN (x86 float32): with
-    ``pack``, on a copy of the weight reordered once into its blocked layout (``cpu_ops.pack``: from 2
-    rows on it beats both torch.mm layouts, ~1.4x at 16 rows, measured here), else through
-    ``cpu_ops.mm_nt`` from the (out, in) layout, which oneDNN reorders on every call. Two copies of the
-    weights, unless they are large: then only the (in, out) one, for every product."""
+    ``pack``, on a copy of the weight reordered once into its blocked layout (``cpu_ops.pack``: on an
+    AMD EPYC from 2 rows on it beat both torch.mm layouts, ~1.4x at 16 rows; on an Intel Xeon torch.mm
+    on (in, out) beat it, so the engine times both and may drop the packed copy, see
+    Engine._choose_products), else through ``cpu_ops.mm_nt`` from the (out, in) layout, which oneDNN
+    reorders on every call. Two copies of the weights, unless they are large: then only the (in, out)
+    one, for every product."""
 
     SMALL_ROWS = 8  # unpacked, up to this many rows torch.mm on the (in, out) layout is as fast
     BOTH_LAYOUTS_MAX_BYTES = 256 << 20
