@@ -34,13 +34,12 @@ def reference_logits(model: GPT, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "batched-products"])
 @pytest.mark.parametrize("n_kv_head", [4, 2])
-def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_kv_head, elementwise, monkeypatch):
-    # decode attention on CPU streams the cache elementwise up to EW_MAX_BYTES of temporaries, then
-    # (and on CUDA) uses batched products: both must hold
-    if not elementwise:
-        monkeypatch.setattr(Engine, "EW_MAX_BYTES", 0)
+def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_kv_head, elementwise):
+    # decode attention on CPU streams the cache elementwise (where the engine's probe finds that faster,
+    # up to EW_MAX_BYTES of temporaries) or uses batched products (as on CUDA): both must hold
     model = random_model(n_kv_head)
-    engine = Engine(model, max_slots=8, initial_slots=1)  # grows while requests join
+    engine = Engine(model, max_slots=8, initial_slots=1,  # grows while requests join
+                    attention="elementwise" if elementwise else "batched")
     kernel_calls, kernel = [], engine._attend_elementwise
     engine._attend_elementwise = lambda *a: kernel_calls.append(1) or kernel(*a)
     g = torch.Generator().manual_seed(1)
@@ -263,3 +262,49 @@ def test_a_batching_engine_times_both_product_kernels_and_keeps_the_faster(monke
         assert chosen.products == kept, chosen.probe_ms
     with pytest.raises(ValueError, match="products"):
         Engine(model, max_slots=4, products="fast")
+
+
+def test_a_batching_engine_times_both_decode_attentions_and_keeps_the_faster(monkeypatch):
+    """The elementwise attention won on an AMD EPYC, batched products on an Intel Xeon: the engine
+    times both when made. Whatever it keeps runs, and decodes the model's logits."""
+    model = random_model()
+    engine = Engine(model, max_slots=4)
+    assert engine.attention in ("elementwise", "batched")
+    assert set(engine.attention_probe_ms) == {"elementwise", "batched"}
+    assert engine.attention == min(engine.attention_probe_ms, key=engine.attention_probe_ms.get) or \
+        len(set(engine.attention_probe_ms.values())) == 1
+    calls, kernel = [], engine._attend_elementwise
+    engine._attend_elementwise = lambda *a: calls.append(1) or kernel(*a)
+    prompts = [[5, 9, 17, 2], [40, 41], [7, 7, 7, 7, 7, 7]]
+    slots = [engine.alloc() for _ in prompts]
+    engine.step([Chunk(s, 0, p) for s, p in zip(slots, prompts)])
+    out = engine.step([Chunk(s, len(p), [3]) for s, p in zip(slots, prompts)])  # three decode rows
+    assert bool(calls) == (engine.attention == "elementwise")
+    for p, got in zip(prompts, out):
+        assert torch.allclose(got, reference_logits(model, p + [3])[-1], atol=TOL, rtol=0)
+
+    # the choice follows the timings: made to look slower, each kind loses
+    real = Engine._attend_elementwise
+    for slow, kept in ((True, "batched"), (False, "elementwise")):
+        def elementwise(self, *a, slow=slow):
+            if slow:
+                time.sleep(0.002)
+            return real(self, *a)
+
+        def bmm(*a, real_bmm=torch.bmm, slow=slow):
+            if not slow:
+                time.sleep(0.001)
+            return real_bmm(*a)
+
+        monkeypatch.setattr(Engine, "_attend_elementwise", elementwise)
+        monkeypatch.setattr(torch, "bmm", bmm)
+        try:
+            chosen = Engine(model, max_slots=4)
+        finally:
+            monkeypatch.undo()
+        assert chosen.attention == kept, chosen.attention_probe_ms
+    # one slot, or a choice made by the caller: nothing timed
+    assert Engine(model, max_slots=1).attention_probe_ms is None
+    assert Engine(model, max_slots=4, attention="batched").attention_probe_ms is None
+    with pytest.raises(ValueError, match="attention"):
+        Engine(model, max_slots=4, attention="fast")

@@ -173,7 +173,8 @@ class TorchBackend:
         self.window = self.engine.max_len
         self.prefill_tokens = max(1, int(prefill_tokens))
         self.info = {"backend": "torch", "max_active": self.engine.max_slots, "products": self.engine.products,
-                     "products_probe_ms": self.engine.probe_ms,
+                     "products_probe_ms": self.engine.probe_ms, "attention": self.engine.attention,
+                     "attention_probe_ms": self.engine.attention_probe_ms,
                      "context": self.window, "vocab_size": self.model.config.vocab_size,
                      **({k: v for k, v in (meta or {}).items() if _jsonable(v)})}
         tok = self.tokenizer
