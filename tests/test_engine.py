@@ -308,3 +308,30 @@ def test_a_batching_engine_times_both_decode_attentions_and_keeps_the_faster(mon
     assert Engine(model, max_slots=4, attention="batched").attention_probe_ms is None
     with pytest.raises(ValueError, match="attention"):
         Engine(model, max_slots=4, attention="fast")
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_whole_prompts_of_one_length_share_one_attention_call_and_keep_their_logits(n_kv_head):
+    """A burst of new requests: prompts of one length prefilled together take one batched attention
+    call; a prompt of another length, a continued prompt and decode rows in the same step keep their
+    own. Every row's logits equal the sequence alone."""
+    model = random_model(n_kv_head)
+    engine = Engine(model, max_slots=8)
+    calls, batched = [], engine._attend_prompts
+    engine._attend_prompts = lambda q, k, v, b, t: calls.append((b, t)) or batched(q, k, v, b, t)
+    g = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(0, 300, (n,), generator=g).tolist()  # noqa: E731
+    running, continued = ids(6), ids(10)
+    s_run, s_cont = engine.alloc(), engine.alloc()
+    engine.step([Chunk(s_run, 0, running), Chunk(s_cont, 0, continued[:4], "none")])
+    same = [ids(7) for _ in range(4)]
+    other = ids(5)
+    slots = [engine.alloc() for _ in range(5)]
+    chunks = ([Chunk(s, 0, p, "all") for s, p in zip(slots, same)] + [Chunk(slots[4], 0, other, "all"),
+              Chunk(s_run, len(running), [11]), Chunk(s_cont, 4, continued[4:], "all")])
+    out = engine.step(chunks)
+    assert calls == [(4, 7)] * model.config.n_layer  # one call a layer for the four prompts of 7 tokens
+    for p, got in zip(same + [other], out[:5]):
+        assert torch.allclose(got, reference_logits(model, p), atol=TOL, rtol=0)
+    assert torch.allclose(out[5], reference_logits(model, running + [11])[-1], atol=TOL, rtol=0)
+    assert torch.allclose(out[6], reference_logits(model, continued)[4:], atol=TOL, rtol=0)

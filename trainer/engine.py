@@ -14,7 +14,8 @@ logits to the single-sequence forward within 1e-4 in float32) but is built for i
 - Tokens, not sequences, are the rows of every product: one step takes any mix of one-token decode
   chunks and multi-token prefill chunks, flattens their tokens into one (N, width) matrix for all the
   linear layers, and splits them only for attention. So a newcomer's prompt is prefilled in the same
-  pass that advances everybody else by one token (continuous batching, chunked prefill).
+  pass that advances everybody else by one token (continuous batching, chunked prefill). New
+  prompts of one length (a burst of requests) share one causal attention call (``_attend_prompts``).
 - A static KV cache, ``(layer, max_len, slot, kv_head, head_dim)``, allocated once (grown by doubling
   the slots when more sequences run at once), with a position per sequence: each chunk says which slot
   and position it continues. The one-token chunks of all decoding sequences share one attention call
@@ -299,7 +300,9 @@ class Engine:
         if len(chunks) == 1 and len(chunks[0].tokens) == 1 and chunks[0].logits == "last":
             return [self._decode_one(chunks[0])]
         decode = sorted((c for c in chunks if len(c.tokens) == 1), key=lambda c: c.slot)
-        prefill = [c for c in chunks if len(c.tokens) > 1]
+        # prefill chunks: whole prompts of one length side by side (they share one attention call, see
+        # _prefill_groups), the rest after them
+        prefill = sorted((c for c in chunks if len(c.tokens) > 1), key=lambda c: (c.start != 0, len(c.tokens)))
         order = decode + prefill  # the flat row order: decode rows by slot, then each prefill chunk
         tokens, slots, pos = [], [], []
         for c in order:
@@ -315,6 +318,7 @@ class Engine:
         flat_t = pos_t * self.slots + slot_t
         freqs = self.freqs.index_select(0, pos_t).unsqueeze(1)  # (N, 1, d/2)
         dec_attn = self._decode_plan(decode)
+        groups = self._prefill_groups(prefill)
         n = len(tokens)
         lone = order[0] if len(order) == 1 else None
         x = self._norm(F.embedding(idx, self.wte))
@@ -334,10 +338,14 @@ class Engine:
             if decode:
                 parts.append(self._attend_decode(q[: len(decode)], kc, vc, dec_attn))
             row = len(decode)
-            for c in prefill:
-                t = len(c.tokens)
-                parts.append(self._attend_prefill(q[row:row + t], kc, vc, c))
-                row += t
+            for group in groups:
+                t = len(group[0].tokens)
+                if len(group) > 1:
+                    rows = slice(row, row + len(group) * t)
+                    parts.append(self._attend_prompts(q[rows], k[rows], v[rows], len(group), t))
+                else:
+                    parts.append(self._attend_prefill(q[row:row + t], kc, vc, group[0]))
+                row += len(group) * t
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = self._mlp(w_o.addmm(x, y), w_fc, w_down)
         return self._logits(x, order, chunks)
@@ -464,6 +472,30 @@ class Engine:
         p = torch.softmax(scores, dim=0)
         torch.mul(v.reshape(length, b, 1, d), p.unsqueeze(-1), out=prod)
         return prod.sum(0)
+
+    @staticmethod
+    def _prefill_groups(prefill: list[Chunk]) -> list[list[Chunk]]:
+        """``prefill`` (in row order) as runs of whole prompts (start 0) of one length, each run one
+        attention call; every other chunk alone."""
+        groups: list[list[Chunk]] = []
+        for c in prefill:
+            last = groups[-1][0] if groups else None
+            if last is not None and c.start == 0 and last.start == 0 and len(c.tokens) == len(last.tokens):
+                groups[-1].append(c)
+            else:
+                groups.append([c])
+        return groups
+
+    def _attend_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        """Causal attention of ``b`` whole prompts of ``t`` tokens each, side by side in the rows of this
+        step: their keys and values are this step's own rows (what was just written to the cache), so
+        one batched call serves them all. A 16-prompt prefill made 16 calls a layer before, each with
+        its views of the cache: ~20% of that step's time at depth 4."""
+        q = q.view(b, t, self.H, self.d).transpose(1, 2)
+        k = k.reshape(b, t, self.Hkv, self.d).transpose(1, 2)
+        v = v.reshape(b, t, self.Hkv, self.d).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.Hkv != self.H, scale=self.scale)
+        return y.transpose(1, 2).reshape(b * t, self.q_dim)
 
     def _attend_prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, c: Chunk) -> torch.Tensor:
         t, end = len(c.tokens), c.start + len(c.tokens)
