@@ -498,6 +498,11 @@ def main() -> int:
             results["engine_ceiling"] = engine_ceiling(ckpt, 16, args.runs)
         summarise(results, levels)
         results["server_stats"] = pool.server_stats(model)
+        # which kernels the model server's engine timed and kept on this machine (trainer/engine.py)
+        ping = pool._servers[model.id].op({"op": "ping"}, 5.0)
+        results["server_kernels"] = {k: ping.get(k) for k in ("products", "products_probe_ms", "attention",
+                                                             "attention_probe_ms")}
+        print(f"model server kernels (timed at load): {results['server_kernels']}")
         results["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
         print(f"load average (1, 5, 15 min) at start {results['load_at_start']}, at end {results['load_at_end']} "
               f"on {results['cpus']} CPUs (other work shares them)")
