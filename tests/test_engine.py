@@ -214,6 +214,25 @@ def test_a_batching_engine_prepacks_its_weights_where_onednn_applies_and_plain_p
                           atol=TOL, rtol=0)
 
 
+def delayed(fn, seconds: float):
+    """``fn`` that first sleeps ``seconds`` (a kernel made to look slower to the engine's timing)."""
+    def slow(*args):
+        if seconds:
+            time.sleep(seconds)
+        return fn(*args)
+    return slow
+
+
+def engine_made_while(monkeypatch, model: GPT, patches: list) -> Engine:
+    """A batching engine made while ``patches`` ((object, name, replacement) each) are in place."""
+    for obj, name, replacement in patches:
+        monkeypatch.setattr(obj, name, replacement)
+    try:
+        return Engine(model, max_slots=4)
+    finally:
+        monkeypatch.undo()
+
+
 def test_a_batching_engine_times_both_product_kernels_and_keeps_the_faster(monkeypatch):
     """Neither kernel wins on every CPU (oneDNN on packed weights won on an AMD EPYC, torch.mm on an
     Intel Xeon): the engine times both on its own weights when made and keeps one. Whatever it keeps
@@ -240,25 +259,10 @@ def test_a_batching_engine_times_both_product_kernels_and_keeps_the_faster(monke
         assert torch.allclose(got, reference_logits(model, p), atol=TOL, rtol=0)
 
     # the choice follows the timings: made to look slower, each kind loses
-    for slow, kept in ((True, "plain"), (False, "packed")):
-        real = cpu_ops.mm_packed
-
-        def timed(a, packed, real=real, slow=slow):
-            if slow:
-                time.sleep(0.002)
-            return real(a, packed)
-
-        def mm(a, b, real_mm=torch.mm, slow=slow):
-            if not slow:
-                time.sleep(0.002)
-            return real_mm(a, b)
-
-        monkeypatch.setattr(cpu_ops, "mm_packed", timed)
-        monkeypatch.setattr(torch, "mm", mm)
-        try:
-            chosen = Engine(model, max_slots=4)
-        finally:
-            monkeypatch.undo()
+    for packed_slow, kept in ((True, "plain"), (False, "packed")):
+        chosen = engine_made_while(monkeypatch, model, [
+            (cpu_ops, "mm_packed", delayed(cpu_ops.mm_packed, 0.002 if packed_slow else 0)),
+            (torch, "mm", delayed(torch.mm, 0 if packed_slow else 0.002))])
         assert chosen.products == kept, chosen.probe_ms
     with pytest.raises(ValueError, match="products"):
         Engine(model, max_slots=4, products="fast")
@@ -284,24 +288,10 @@ def test_a_batching_engine_times_both_decode_attentions_and_keeps_the_faster(mon
         assert torch.allclose(got, reference_logits(model, p + [3])[-1], atol=TOL, rtol=0)
 
     # the choice follows the timings: made to look slower, each kind loses
-    real = Engine._attend_elementwise
-    for slow, kept in ((True, "batched"), (False, "elementwise")):
-        def elementwise(self, *a, slow=slow):
-            if slow:
-                time.sleep(0.002)
-            return real(self, *a)
-
-        def bmm(*a, real_bmm=torch.bmm, slow=slow):
-            if not slow:
-                time.sleep(0.001)
-            return real_bmm(*a)
-
-        monkeypatch.setattr(Engine, "_attend_elementwise", elementwise)
-        monkeypatch.setattr(torch, "bmm", bmm)
-        try:
-            chosen = Engine(model, max_slots=4)
-        finally:
-            monkeypatch.undo()
+    for elementwise_slow, kept in ((True, "batched"), (False, "elementwise")):
+        chosen = engine_made_while(monkeypatch, model, [
+            (Engine, "_attend_elementwise", delayed(Engine._attend_elementwise, 0.002 if elementwise_slow else 0)),
+            (torch, "bmm", delayed(torch.bmm, 0 if elementwise_slow else 0.001))])
         assert chosen.attention == kept, chosen.attention_probe_ms
     # one slot, or a choice made by the caller: nothing timed
     assert Engine(model, max_slots=1).attention_probe_ms is None
