@@ -224,12 +224,17 @@ def delayed(fn, seconds: float):
 
 
 def engine_made_while(monkeypatch, model: GPT, patches: list) -> Engine:
-    """A batching engine made while ``patches`` ((object, name, replacement) each) are in place."""
+    """A batching engine made while ``patches`` ((object, name, replacement) each) are in place, on one
+    torch thread as the model server runs here: with two, a busy machine (CI's other worker) left
+    torch's second thread waiting for a core, and a kernel with no delay took 10-80 ms a probe round."""
     for obj, name, replacement in patches:
         monkeypatch.setattr(obj, name, replacement)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         return Engine(model, max_slots=4)
     finally:
+        torch.set_num_threads(threads)
         monkeypatch.undo()
 
 
@@ -261,8 +266,8 @@ def test_a_batching_engine_times_both_product_kernels_and_keeps_the_faster(monke
     # the choice follows the timings: made to look slower, each kind loses
     for packed_slow, kept in ((True, "plain"), (False, "packed")):
         chosen = engine_made_while(monkeypatch, model, [
-            (cpu_ops, "mm_packed", delayed(cpu_ops.mm_packed, 0.002 if packed_slow else 0)),
-            (torch, "mm", delayed(torch.mm, 0 if packed_slow else 0.002))])
+            (cpu_ops, "mm_packed", delayed(cpu_ops.mm_packed, 0.005 if packed_slow else 0)),
+            (torch, "mm", delayed(torch.mm, 0 if packed_slow else 0.005))])
         assert chosen.products == kept, chosen.probe_ms
     with pytest.raises(ValueError, match="products"):
         Engine(model, max_slots=4, products="fast")
@@ -290,8 +295,8 @@ def test_a_batching_engine_times_both_decode_attentions_and_keeps_the_faster(mon
     # the choice follows the timings: made to look slower, each kind loses
     for elementwise_slow, kept in ((True, "batched"), (False, "elementwise")):
         chosen = engine_made_while(monkeypatch, model, [
-            (Engine, "_attend_elementwise", delayed(Engine._attend_elementwise, 0.002 if elementwise_slow else 0)),
-            (torch, "bmm", delayed(torch.bmm, 0 if elementwise_slow else 0.001))])
+            (Engine, "_attend_elementwise", delayed(Engine._attend_elementwise, 0.005 if elementwise_slow else 0)),
+            (torch, "bmm", delayed(torch.bmm, 0 if elementwise_slow else 0.005))])
         assert chosen.attention == kept, chosen.attention_probe_ms
     # one slot, or a choice made by the caller: nothing timed
     assert Engine(model, max_slots=1).attention_probe_ms is None

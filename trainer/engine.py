@@ -157,6 +157,7 @@ class Engine:
 
     # --- which kernels run the products of several rows --------------------------------------------
     PROBE_ROUNDS = 7
+    PROBE_BUDGET_S = 1.0  # a big model's probe stops after 3 rounds once it has taken this long
 
     def _weights(self) -> list["_Weight"]:
         return [w for layer in self.layers for w in layer] + [self.head]
@@ -165,11 +166,11 @@ class Engine:
         """"packed" (oneDNN on weights reordered once into its blocked layout) or "plain" (torch.mm on
         the (in, out) layout, MKL's kernels), whichever runs a step's products faster here, timed now
         on this engine's weights. Neither wins everywhere: at 16 rows on a depth-4 model, the 17
-        products of a step took 1.6 ms packed against ~2.2 ms plain on an AMD EPYC (Zen 4), and 0.9 ms
-        plain against 1.5 ms packed on an Intel Xeon (measured in whole engine steps: 2.4 against 3.1
-        ms). The probe runs every product once per round at the batch this engine is built for (up to
-        16 rows), the weights streaming through the caches as in a step, both kinds interleaved, and
-        compares medians: ~50 ms at load for a depth-4 model."""
+        products of a step took 1.6 ms packed on an AMD EPYC (Zen 4), ~1.4x less than torch.mm, and
+        0.9-1.1 ms plain against 1.3-1.5 ms packed on an Intel Xeon (whole engine steps there: 2.4
+        against 3.1 ms). The probe runs every product once per round at the batch this engine is built
+        for (up to 16 rows), the weights streaming through the caches as in a step, both kinds
+        interleaved, and compares medians: ~40 ms at load for a depth-4 model."""
         import time
 
         weights = self._weights()
@@ -189,9 +190,12 @@ class Engine:
         with torch.inference_mode():
             run(True), run(False)  # first calls pay one-time costs
             times: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(self.PROBE_ROUNDS):
+            started = time.perf_counter()
+            for i in range(self.PROBE_ROUNDS):
                 for packed in (True, False):
                     times[packed].append(run(packed))
+                if i >= 2 and time.perf_counter() - started > self.PROBE_BUDGET_S:
+                    break
         self.probe_ms = {("packed" if k else "plain"): round(sorted(v)[len(v) // 2] * 1000, 3)
                          for k, v in times.items()}
         return "packed" if self.probe_ms["packed"] <= self.probe_ms["plain"] else "plain"
@@ -230,9 +234,12 @@ class Engine:
             for kind in plans:  # first calls pay one-time costs (the scratch buffer)
                 run(kind)
             times: dict[str, list[float]] = {kind: [] for kind in plans}
-            for _ in range(self.PROBE_ROUNDS):
+            started = time.perf_counter()
+            for i in range(self.PROBE_ROUNDS):
                 for kind in plans:
                     times[kind].append(run(kind))
+                if i >= 2 and time.perf_counter() - started > self.PROBE_BUDGET_S:
+                    break
         self.attention_probe_ms = {k: round(sorted(v)[len(v) // 2] * 1000, 3) for k, v in times.items()}
         return min(self.attention_probe_ms, key=lambda k: (self.attention_probe_ms[k], k != "elementwise"))
 
