@@ -19,6 +19,7 @@ import itertools
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 import peewee as pw
@@ -281,6 +282,14 @@ def reconcile_and_ring(settings: Settings) -> list[int]:
 
 
 class _ThreadConsumer(Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()  # set once start() has started every worker thread
+
+    def start(self) -> None:
+        super().start()
+        self.started.set()
+
     def _set_signal_handlers(self) -> None:
         # Signals belong to the main thread (serve's waitress loop, or run_worker); it stops us.
         pass
@@ -355,7 +364,17 @@ def stop_consumer(handle: ConsumerHandle, timeout: float = 150.0) -> None:
     handle.local.stop.set()
     handle.ticker_stop.set()
     handle.consumer.shutdown_timeout = timeout
-    handle.consumer.stop(graceful=True)
+    # A stop right after the start (serve told to stop as it came up) found the consumer thread still
+    # starting its workers, and huey's graceful stop joined a thread not started yet (RuntimeError):
+    # wait for the start to finish, unless that thread died first (then no worker ever ran).
+    deadline = time.monotonic() + timeout
+    while not handle.consumer.started.wait(0.05):
+        if not handle.thread.is_alive() or time.monotonic() > deadline:
+            break
+    if handle.consumer.started.is_set():
+        handle.consumer.stop(graceful=True)
+    else:
+        handle.consumer.stop_flag.set()
     handle.thread.join(timeout)
     handle.ticker.join(5)
     metrics.consumer_stopped()

@@ -36,6 +36,25 @@ def consumer(settings):
         tasks.stop_consumer(handle, timeout=30)
 
 
+def test_a_consumer_stopped_while_it_is_still_starting_stops_cleanly(store, settings, monkeypatch):
+    """`serve` told to stop as it came up (CI caught it: SIGTERM right after "Serving on"): huey's
+    graceful stop joined worker threads the consumer thread had not started yet and raised
+    "cannot join thread before it is started". The stop now waits for the start to finish."""
+    real_start = tasks._ThreadConsumer.start
+
+    def slow_start(self):
+        time.sleep(0.3)  # the consumer thread is still on its way to starting the workers
+        real_start(self)
+
+    monkeypatch.setattr(tasks._ThreadConsumer, "start", slow_start)
+    handle = tasks.start_consumer(settings)
+    assert not handle.consumer.started.is_set()
+    tasks.stop_consumer(handle, timeout=30)
+    assert handle.consumer.started.is_set()
+    assert not handle.thread.is_alive()
+    assert not any(t.is_alive() for _, t in handle.consumer.worker_threads)
+
+
 def status_of(job) -> str:
     return TrainingJob.get_by_id(job.id).status
 
