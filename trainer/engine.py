@@ -42,7 +42,9 @@ float32; on CPU everything is float32.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -162,55 +164,51 @@ class Engine:
     def _weights(self) -> list["_Weight"]:
         return [w for layer in self.layers for w in layer] + [self.head]
 
+    def _probe(self, runs: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """The median milliseconds of each of ``runs`` (one kernel choice each), after one unkept call
+        each (first calls pay one-time costs), rounds interleaved so a busy moment slows them all:
+        PROBE_ROUNDS rounds, or 3 once they have taken PROBE_BUDGET_S (a big model's)."""
+        for run in runs.values():
+            run()
+        times: dict[str, list[float]] = {kind: [] for kind in runs}
+        started = time.perf_counter()
+        for i in range(self.PROBE_ROUNDS):
+            for kind, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[kind].append(time.perf_counter() - t0)
+            if i >= 2 and time.perf_counter() - started > self.PROBE_BUDGET_S:
+                break
+        return {kind: round(sorted(v)[len(v) // 2] * 1000, 3) for kind, v in times.items()}
+
     def _choose_products(self) -> str:
         """"packed" (oneDNN on weights reordered once into its blocked layout) or "plain" (torch.mm on
         the (in, out) layout, MKL's kernels), whichever runs a step's products faster here, timed now
-        on this engine's weights. Neither wins everywhere: at 16 rows on a depth-4 model, the 17
-        products of a step took 1.6 ms packed on an AMD EPYC (Zen 4), ~1.4x less than torch.mm, and
-        0.9-1.1 ms plain against 1.3-1.5 ms packed on an Intel Xeon (whole engine steps there: 2.4
-        against 3.1 ms). The probe runs every product once per round at the batch this engine is built
-        for (up to 16 rows), the weights streaming through the caches as in a step, both kinds
-        interleaved, and compares medians: ~40 ms at load for a depth-4 model."""
-        import time
-
+        on this engine's weights (packed on a tie). Neither wins everywhere: at 16 rows on a depth-4
+        model, the 17 products of a step took 1.6 ms packed on an AMD EPYC (Zen 4), ~1.4x less than
+        torch.mm, and 0.9-1.1 ms plain against 1.3-1.5 ms packed on an Intel Xeon (whole engine steps
+        there: 2.4 against 3.1 ms). The probe runs every product once per round at the batch this
+        engine is built for (up to 16 rows), the weights streaming through the caches as in a step:
+        ~40 ms at load for a depth-4 model."""
         weights = self._weights()
         rows = min(16, self.max_slots)
         gen = torch.Generator().manual_seed(0)
-        inputs = [torch.randn(rows, w.t.size(0), generator=gen, dtype=self.dtype) for w in weights]
-
-        def run(packed: bool) -> float:
-            t0 = time.perf_counter()
-            for w, a in zip(weights, inputs):
-                if packed:
-                    cpu_ops.mm_packed(a, w.packed)
-                else:
-                    torch.mm(a, w.t)
-            return time.perf_counter() - t0
-
+        pairs = [(w, torch.randn(rows, w.t.size(0), generator=gen, dtype=self.dtype)) for w in weights]
         with torch.inference_mode():
-            run(True), run(False)  # first calls pay one-time costs
-            times: dict[bool, list[float]] = {True: [], False: []}
-            started = time.perf_counter()
-            for i in range(self.PROBE_ROUNDS):
-                for packed in (True, False):
-                    times[packed].append(run(packed))
-                if i >= 2 and time.perf_counter() - started > self.PROBE_BUDGET_S:
-                    break
-        self.probe_ms = {("packed" if k else "plain"): round(sorted(v)[len(v) // 2] * 1000, 3)
-                         for k, v in times.items()}
-        return "packed" if self.probe_ms["packed"] <= self.probe_ms["plain"] else "plain"
+            self.probe_ms = self._probe({
+                "packed": lambda: [cpu_ops.mm_packed(a, w.packed) for w, a in pairs],
+                "plain": lambda: [torch.mm(a, w.t) for w, a in pairs]})
+        return min(self.probe_ms, key=self.probe_ms.get)  # the first listed on a tie
 
     def _choose_attention(self) -> str:
         """"elementwise" or "batched" decode attention for several rows, whichever is faster here,
-        timed now: the one-query-a-row attention over a cold cache is memory-bound, and the two read it
-        differently. On an AMD EPYC (Zen 4) the elementwise passes took ~40% less than batched
-        products (16 sequences, 40-73 keys, the cache flushed between calls); on an Intel Xeon the
-        batched products were faster (a 16-row depth-4 step 2.18 against 2.47 ms). The probe: 16 rows
-        (or this engine's slots) at 64 positions with mixed lengths (so a mask applies, as in
-        serving), over up to 4 layers' worth of random keys and values (more than the L2 cache holds at
-        depth 4, as in a step), both kernels interleaved, medians."""
-        import time
-
+        timed now (elementwise on a tie): the one-query-a-row attention over a cold cache is
+        memory-bound, and the two read it differently. On an AMD EPYC (Zen 4) the elementwise passes
+        took ~40% less than batched products (16 sequences, 40-73 keys, the cache flushed between
+        calls); on an Intel Xeon the batched products were faster (a 16-row depth-4 step 2.18 against
+        2.47 ms). The probe: 16 rows (or this engine's slots) at 64 positions with mixed lengths (so a
+        mask applies, as in serving), over up to 4 layers' worth of random keys and values (more than
+        the L2 cache holds at depth 4, as in a step)."""
         span, length = min(16, self.max_slots), min(64, self.max_len)
         gen = torch.Generator().manual_seed(0)
         layers = [(torch.randn(length, span, self.Hkv, self.d, generator=gen),
@@ -218,30 +216,14 @@ class Engine:
                   for _ in range(min(4, self.config.n_layer))]
         q = torch.randn(span, self.H, self.d, generator=gen)
         rows = [Chunk(i, length - 1 - i % 4, [0]) for i in range(span)]
-        plans = {}
-        for kind in ("elementwise", "batched"):
-            self.attention = kind
-            plans[kind] = self._decode_plan(rows)
-        self.attention = "auto"
 
-        def run(kind: str) -> float:
-            t0 = time.perf_counter()
-            for k, v in layers:
-                self._attend_decode(q, k, v, plans[kind])
-            return time.perf_counter() - t0
+        def run(kind: str):
+            plan = self._decode_plan(rows, kind)
+            return lambda: [self._attend_decode(q, k, v, plan) for k, v in layers]
 
         with torch.inference_mode():
-            for kind in plans:  # first calls pay one-time costs (the scratch buffer)
-                run(kind)
-            times: dict[str, list[float]] = {kind: [] for kind in plans}
-            started = time.perf_counter()
-            for i in range(self.PROBE_ROUNDS):
-                for kind in plans:
-                    times[kind].append(run(kind))
-                if i >= 2 and time.perf_counter() - started > self.PROBE_BUDGET_S:
-                    break
-        self.attention_probe_ms = {k: round(sorted(v)[len(v) // 2] * 1000, 3) for k, v in times.items()}
-        return min(self.attention_probe_ms, key=lambda k: (self.attention_probe_ms[k], k != "elementwise"))
+            self.attention_probe_ms = self._probe({kind: run(kind) for kind in ("elementwise", "batched")})
+        return min(self.attention_probe_ms, key=self.attention_probe_ms.get)  # the first listed on a tie
 
     def _unpack(self) -> None:
         """Every product on torch.mm over the (in, out) layout; the other copies are freed."""
@@ -401,10 +383,11 @@ class Engine:
     # the decode attention's temporaries stay under this (see _attend_decode); past it, batched products
     EW_MAX_BYTES = 16 << 20
 
-    def _decode_plan(self, decode: list[Chunk]):
+    def _decode_plan(self, decode: list[Chunk], attention: str | None = None):
         """What the decode rows' shared attention needs, computed once per step for every layer:
         (number of slots S in the range, key length L, mask or None, row slots if not 0..S-1, whether
-        to use the elementwise kernel: where the engine chose it and its temporaries stay small)."""
+        to use the elementwise kernel: where ``attention`` (the engine's choice unless given) says so
+        and its temporaries stay small)."""
         if not decode:
             return None
         span = decode[-1].slot + 1
@@ -412,7 +395,7 @@ class Engine:
         dense = span == len(decode)
         if span == 1:
             return span, length, None, None, False
-        elementwise = (self.attention == "elementwise" and self.device.type == "cpu"
+        elementwise = ((attention or self.attention) == "elementwise" and self.device.type == "cpu"
                        and self.dtype == torch.float32 and length * span * self.q_dim * 4 <= self.EW_MAX_BYTES)
         rows = None if dense else torch.tensor([c.slot for c in decode], dtype=torch.long, device=self.device)
         if dense and all(c.start == length - 1 for c in decode):
