@@ -3,6 +3,7 @@ asks for one token's log-probability gets one entry, whatever the token), and al
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -86,3 +87,12 @@ def test_newcomers_arriving_together_are_prefilled_in_one_step_and_answer_as_alo
         texts[i] = "".join(t for t, _, _ in s.take_output())
         backend.release(s)
     assert texts == alone
+
+
+def test_the_model_server_says_which_kernels_its_engine_runs(backend):
+    info = backend.info
+    assert info["products"] == backend.engine.products and info["attention"] == backend.engine.attention
+    # one stream decoding alone: the C step where this machine builds it (trainer/native.py), else why not
+    assert info["decode_one"] in ("native", "torch") and info["decode_one"] == backend.engine.decode_one
+    assert (info["decode_one"] == "native") == (backend.engine._native is not None)
+    assert info["decode_one_reason"] and json.dumps(info)

@@ -3,6 +3,8 @@ model run on that sequence alone (float32, within 1e-4), and the same greedy tex
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import pytest
@@ -14,6 +16,7 @@ from trainer.sample import generate_tokens
 
 pytestmark = pytest.mark.trainer
 TOL = 1e-4
+HAVE_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 
 
 def random_model(n_kv_head: int = 4, seed: int = 0, seq_len: int = 64) -> GPT:
@@ -136,14 +139,17 @@ def test_the_engine_follows_weight_changes_through_sample(trainable):
     assert after == plain and after != before
 
 
+@pytest.mark.parametrize("native", ["auto", "off"], ids=["C", "torch-ops"])
 @pytest.mark.parametrize("n_kv_head", [4, 2])
-def test_one_stream_decoding_alone_takes_the_short_path_with_the_same_numbers(n_kv_head):
-    """A lone one-token chunk goes through Engine._decode_one; its logits and cache writes must be the
-    general path's (same slot layout, slot 1 with slot 0 allocated) and the plain forward's."""
+def test_one_stream_decoding_alone_takes_the_short_path_with_the_same_numbers(n_kv_head, native):
+    """A lone one-token chunk goes through Engine._decode_one (one C call where a compiler builds it,
+    else the torch ops); its logits and cache writes must be the general path's (same slot layout,
+    slot 1 with slot 0 allocated) and the plain forward's."""
     model = random_model(n_kv_head=n_kv_head, seed=5)
     ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
     ref = reference_logits(model, ids)
-    short, general = Engine(model, max_slots=4), Engine(model, max_slots=4)
+    short, general = Engine(model, max_slots=4, native=native), Engine(model, max_slots=4)
+    assert short.decode_one == ("native" if native == "auto" and HAVE_CC else "torch"), short.native_reason
     for e in (short, general):
         e.alloc()
     # slot 1 in each (slot 0 allocated too): the short path must address its own slot's cache rows

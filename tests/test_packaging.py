@@ -60,7 +60,8 @@ def test_the_wheel_carries_templates_static_and_the_console_script(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ("nanochat_studio/templates/base.html", "nanochat_studio/templates/index.html",
                  "nanochat_studio/templates/errors/error.html", "nanochat_studio/static/css/app.css",
-                 "nanochat_studio/static/js/util.js", "nanochat_studio/views/pages.py", "trainer/progress.py"):
+                 "nanochat_studio/static/js/util.js", "nanochat_studio/views/pages.py", "trainer/progress.py",
+                 "trainer/decode_one.c"):
         assert path in names, path
     tracked = subprocess.run(["git", "ls-files", "templates", "static"], cwd=REPO, capture_output=True,
                              text=True).stdout.split()

@@ -25,7 +25,8 @@ logits to the single-sequence forward within 1e-4 in float32) but is built for i
 - Fewer, fused ops per token: residual adds ride on the output products (``addmm``); the 1/softcap
   factor is folded into the head's weights; on CPU a norm feeding a product is a unit vector (3 ops,
   not 6) whose sqrt(width) is folded into that product's weights (and the query/key norms' into the
-  attention scale); one stream decoding alone skips the many-chunk bookkeeping (``_decode_one``);
+  attention scale); one stream decoding alone skips the many-chunk bookkeeping (``_decode_one``),
+  and on CPU in float32 runs its whole token in one C call (``trainer/decode_one.c``, ``_NativeStep``);
   queries and keys are normalised together and rotated with one complex multiply, which needs the
   channel pairs (i, i + d/2) of the model's rotary convention to sit side by side: the query and key
   rows of the fused QKV weight are permuted once (a permutation applied to both queries and keys
@@ -41,6 +42,7 @@ float32; on CPU everything is float32.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from trainer import cpu_ops
+from trainer import cpu_ops, native
 from trainer.model import ROTARY_BASE, GPT
 
 _EPS = torch.finfo(torch.float32).eps  # what the model's RMSNorm uses
@@ -77,7 +79,7 @@ class Engine:
 
     def __init__(self, model: GPT, *, max_slots: int = 16, max_len: int | None = None,
                  initial_slots: int = 4, max_cache_bytes: int | None = None, products: str = "auto",
-                 attention: str = "auto"):
+                 attention: str = "auto", native: str = "auto"):
         model = getattr(model, "_orig_mod", model)
         c = model.config
         self.config = c
@@ -101,6 +103,8 @@ class Engine:
             raise ValueError(f"products must be auto, packed or plain, not {products!r}")
         if attention not in ("auto", "elementwise", "batched"):
             raise ValueError(f"attention must be auto, elementwise or batched, not {attention!r}")
+        if native not in ("auto", "off"):
+            raise ValueError(f"native must be auto or off, not {native!r}")
         self._load_weights(model, pack=products != "plain" and self.max_slots > 1)
         # products of several rows: "packed" (oneDNN on reordered weights), "plain" (torch.mm on the
         # (in, out) layout), or "unpacked" (nothing could be packed: _Weight's own choice per call)
@@ -125,6 +129,13 @@ class Engine:
         if attention == "auto":
             elementwise_applies = self.device.type == "cpu" and self.dtype == torch.float32
             self.attention = self._choose_attention() if elementwise_applies and self.max_slots > 1 else "batched"
+        # one stream decoding alone: one C call a token (trainer/decode_one.c) where it builds and agrees
+        # with the torch ops here; else the torch ops (_decode_torch). ``decode_one`` says which runs.
+        self._native: _NativeStep | None = None
+        self.native_reason = "turned off"
+        if native == "auto":
+            self._native, self.native_reason = _NativeStep.make(self)
+        self.decode_one = "native" if self._native is not None else "torch"
 
     # --- weights --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -358,13 +369,19 @@ class Engine:
         return w_down.addmm(x, torch.relu_(h).square_())
 
     def _decode_one(self, c: Chunk) -> torch.Tensor:
-        """One stream decoding alone (sample.py, a lone chat): :meth:`step`'s arithmetic, op for op,
-        without its bookkeeping for many chunks (no index tensors, no row plan, no mask, views instead
-        of gathers): ~0.1 ms of Python and small ops a token at depth 4, ~5% of a token here."""
+        """One stream decoding alone (sample.py, a lone chat): one C call (:class:`_NativeStep`), else
+        :meth:`_decode_torch`."""
         self._check(c)
         slot, p, token = c.slot, c.start, c.tokens[0]
         if not 0 <= token < self.wte.size(0):
             raise ValueError(f"token {token} is outside the vocabulary of {self.wte.size(0)}")
+        if self._native is not None:
+            return self._native(self, slot, p, token)
+        return self._decode_torch(slot, p, token)
+
+    def _decode_torch(self, slot: int, p: int, token: int) -> torch.Tensor:
+        """:meth:`step`'s arithmetic for one token, op for op, without its bookkeeping for many chunks
+        (no index tensors, no row plan, no mask, views instead of gathers)."""
         H, Hkv, d, qk_dim = self.H, self.Hkv, self.d, self.q_dim + self.kv_dim
         freqs = self.freqs[p:p + 1].unsqueeze(1)  # (1, 1, d/2)
         x = self._norm(self.wte[token:token + 1])
@@ -524,6 +541,69 @@ class Engine:
                 out.append(logits[span[0]])
             else:
                 out.append(logits[span[0]:span[0] + span[1]])
+        return out
+
+
+class _NativeStep:
+    """:meth:`Engine._decode_torch` as one call of ``trainer/decode_one.c`` (CPU float32, the folded
+    norms): its ~20 small torch ops a layer cost ~0.7 ms a token at depth 4, about as much as the
+    token's products. It reads the engine's weights and writes its cache in place (pointers taken
+    here: the weights never move; the cache is passed each call, it moves when it grows)."""
+
+    checked: set[tuple[int, ...]] = set()  # model shapes (dims) whose check passed in this process
+
+    @classmethod
+    def make(cls, engine: "Engine") -> tuple["_NativeStep | None", str]:
+        """The step and how its library was had, or None and why not. Before the library is used for a
+        model shape it must give the torch ops' logits within 1e-4 (the engine's promise) for two tokens,
+        once per process (a miscompiled or mismatched library is left out; the check costs a few ms,
+        engines of a model being trained are made often)."""
+        if not (engine.fold and engine.device.type == "cpu"):
+            return None, "only on CPU in float32"
+        lib, how = native.load("decode_one")
+        if lib is None:
+            return None, how
+        step = cls(engine, lib)
+        shape = tuple(step.dims.tolist())
+        if shape in cls.checked:
+            return step, how
+        # slot 0 is free while the engine is made: whatever is written there is overwritten before use
+        gap = 0.0
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
+            for pos, token in ((0, 1), (1, 2))[:engine.max_len]:
+                want = engine._decode_torch(0, pos, token)
+                gap = max(gap, float((step(engine, 0, pos, token) - want).abs().max()))
+            engine.k[:, :2, 0] = 0  # (the slot is left as it was found)
+            engine.v[:, :2, 0] = 0
+        if not gap <= 1e-4:
+            return None, f"{how}, but its logits differ from the torch ops' by {gap:.3g}: not used"
+        cls.checked.add(shape)
+        return step, how
+
+    def __init__(self, engine: "Engine", lib: ctypes.CDLL):
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        self.fn = lib.ncs_decode_one
+        self.fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr]
+        self.fn.restype = ctypes.c_int
+        lib.ncs_work_floats.argtypes = [ptr]
+        lib.ncs_work_floats.restype = i64
+        c = engine.config
+        w_fc = engine.layers[0][2].t
+        self.dims = torch.tensor([c.n_layer, c.n_embd, engine.H, engine.Hkv, engine.d, c.vocab_size,
+                                  w_fc.size(1), engine.max_len], dtype=torch.int64)
+        self.consts = torch.tensor([engine.softcap, engine.scale, _EPS], dtype=torch.float32)
+        self.tensors = [engine.wte, engine.head.t, torch.view_as_real(engine.freqs).contiguous()]
+        self.tensors += [w.t for layer in engine.layers for w in layer]
+        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in self.tensors)
+        self.ptrs = (ptr * len(self.tensors))(*[t.data_ptr() for t in self.tensors])
+        self.work = torch.empty(lib.ncs_work_floats(self.dims.data_ptr()), dtype=torch.float32)
+        self.vocab = c.vocab_size
+
+    def __call__(self, engine: "Engine", slot: int, pos: int, token: int) -> torch.Tensor:
+        out = torch.empty(self.vocab, dtype=torch.float32)
+        if self.fn(self.dims.data_ptr(), self.consts.data_ptr(), self.ptrs, engine.k.data_ptr(),
+                   engine.v.data_ptr(), engine.slots, slot, pos, token, out.data_ptr(), self.work.data_ptr()):
+            raise ValueError(f"token {token} at {pos} in slot {slot} is out of range")
         return out
 
 

@@ -1,0 +1,121 @@
+"""The engine's one-row decode step in C (trainer/decode_one.c, built by trainer/native.py): built once per
+compiler and CPU into a private cache, rebuilt when the cached copy is unusable, and never used where it
+cannot be built or where it disagrees with the torch ops; its numbers are the model's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import native
+from trainer.engine import Chunk, Engine, _NativeStep
+from trainer.sample import generate_tokens
+
+from tests.test_engine import TOL, random_model, reference_logits
+
+pytestmark = pytest.mark.trainer
+REPO = Path(__file__).resolve().parents[1]
+needs_cc = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+                              reason="no C compiler on this machine")
+
+
+def load_in_a_child(cache: Path, **env) -> dict:
+    """native.load in a fresh interpreter (this one may have the library mapped already)."""
+    code = ("import json, sys; from trainer import native; lib, how = native.load('decode_one'); "
+            "print(json.dumps({'loaded': lib is not None, 'how': how}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "NCS_NATIVE_CACHE": str(cache), **env})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@needs_cc
+def test_the_library_is_built_once_into_a_private_cache_and_rebuilt_when_the_cached_copy_is_broken(tmp_path):
+    cache = tmp_path / "native"
+    first = load_in_a_child(cache)
+    assert first["loaded"] and first["how"].startswith("built "), first
+    (lib,) = cache.glob("decode_one-*.so")
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert load_in_a_child(cache) == {"loaded": True, "how": f"cached {lib}"}
+    lib.write_bytes(b"not a shared library")  # truncated, or built for another machine
+    again = load_in_a_child(cache)
+    assert again == {"loaded": True, "how": f"built {lib}"}, again
+    assert not list(cache.glob(".*.tmp"))  # no half-written files left behind
+
+
+def test_without_a_working_compiler_or_when_turned_off_the_engine_uses_its_torch_ops(tmp_path, monkeypatch):
+    model = random_model(seed=2)
+    ids = [5, 7, 11, 13, 17, 19]
+    ref = reference_logits(model, ids)
+    for env, reason in (({"NCS_NATIVE": "0"}, "turned off by NCS_NATIVE"),
+                        ({"CC": "/bin/false"}, "could not build"),
+                        ({"CC": str(tmp_path / "no-such-cc")}, "does not run")):
+        monkeypatch.setattr(native, "_loaded", {})
+        monkeypatch.setenv("NCS_NATIVE_CACHE", str(tmp_path / "cache"))
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert load_in_a_child(tmp_path / "cache", **env)["loaded"] is False
+        engine = Engine(model, max_slots=2)
+        assert engine.decode_one == "torch" and reason in engine.native_reason, engine.native_reason
+        slot = engine.alloc()
+        engine.step([Chunk(slot, 0, ids[:3], "none")])
+        for p in range(3, len(ids)):
+            torch.testing.assert_close(engine.step([Chunk(slot, p, [ids[p]])])[0], ref[p], rtol=0, atol=TOL)
+        for key in env:
+            monkeypatch.delenv(key)
+    assert not list((tmp_path / "cache").glob("*.so"))
+
+
+@needs_cc
+def test_a_library_that_disagrees_with_the_torch_ops_is_left_out(monkeypatch):
+    monkeypatch.setattr(_NativeStep, "checked", set())
+    call = _NativeStep.__call__
+    monkeypatch.setattr(_NativeStep, "__call__", lambda self, *a: call(self, *a).add_(1e-3))
+    engine = Engine(random_model(seed=3), max_slots=2)
+    assert engine.decode_one == "torch"
+    assert "differ from the torch ops' by 0.001" in engine.native_reason
+    assert not engine.k.any() and not engine.v.any()  # the check leaves the slot it used as it was
+    monkeypatch.setattr(_NativeStep, "__call__", call)
+    assert Engine(random_model(seed=3), max_slots=2).decode_one == "native"
+
+
+@needs_cc
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_the_c_step_follows_the_cache_as_it_grows_and_decodes_the_same_greedy_text(n_kv_head):
+    model = random_model(n_kv_head=n_kv_head, seed=11, seq_len=32)
+    engine = Engine(model, max_slots=8, initial_slots=2)
+    assert engine.decode_one == "native", engine.native_reason
+    ids = [9, 8, 7, 6, 5, 4, 3, 2, 1, 30, 31, 32]
+    ref = reference_logits(model, ids)
+    slots = [engine.alloc() for _ in range(6)]  # 2 -> 4 -> 8 slots: the cache moved twice
+    assert engine.slots == 8
+    slot = slots[5]
+    engine.step([Chunk(slot, 0, ids[:5], "none")])
+    for p in range(5, len(ids)):
+        torch.testing.assert_close(engine.step([Chunk(slot, p, [ids[p]])])[0], ref[p], rtol=0, atol=TOL)
+    assert not engine.k[:, :, slots[4]].any()  # its neighbour's rows untouched
+    # a long greedy generation (past the window: the cache is rebuilt from the last half window) is
+    # the same text with the C step as with the torch ops
+    model.requires_grad_(False)
+    prompt = [1, 2, 3, 4, 5]
+    native_text = list(generate_tokens(model, prompt, max_tokens=60, temperature=0))
+    assert model.__dict__["_sample_engine"][1].decode_one == "native"  # the engine it kept
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NCS_NATIVE", "0")
+        mp.setattr(native, "_loaded", {})
+        model.requires_grad_(True)  # a fresh engine (no kept one), made with the C step off
+        torch_text = list(generate_tokens(model, prompt, max_tokens=60, temperature=0))
+    assert native_text == torch_text and len(native_text) == 60
+
+
+def test_the_engine_refuses_an_unknown_native_setting():
+    with pytest.raises(ValueError, match="native must be auto or off"):
+        Engine(random_model(), native="yes")

@@ -1,0 +1,144 @@
+/* One token of one sequence through the whole model, in one call: the CPU float32 decode step of
+ * trainer/engine.py (Engine._decode_one) without a torch op per norm, rotation, cache write,
+ * attention and activation. Built and loaded by trainer/native.py (the system C compiler, ctypes);
+ * the engine falls back to its torch ops when that is not possible.
+ *
+ * Same arithmetic as the engine's CPU float32 path (the tests hold its logits to the model's forward
+ * within 1e-4): norms feeding a product are unit vectors, their sqrt(width) folded into the weights;
+ * the query/key rows of the QKV weight are permuted so rotary pairs sit side by side; the head's
+ * weights carry 1/softcap. Matrices are in the (in, out) layout, row-major. The KV cache is the
+ * engine's (layer, max_len, slots, kv_head, head_dim) tensor.
+ *
+ * dims:  n_layer, width, heads, kv_heads, head_dim, vocab, mlp_width, max_len
+ * consts: softcap, attention scale, eps (the model's RMSNorm epsilon)
+ * ptrs:  wte (vocab, width), head (width, vocab), rotary (max_len, head_dim/2, [cos, sin]), then per
+ *        layer: qkv (width, (heads + 2 kv_heads) head_dim), out (heads head_dim, width),
+ *        fc (width, mlp_width), down (mlp_width, width)
+ * work:  scratch of ncs_work_floats(dims) floats
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 2048 /* output columns a pass keeps in L1 */
+
+enum { N_LAYER, WIDTH, HEADS, KV_HEADS, HEAD_DIM, VOCAB, MLP, MAX_LEN };
+
+static float sum_squares(const float *x, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += x[i] * x[i];
+    return s;
+}
+
+/* out = x / max(|x|, sqrt(n eps)): the model's RMSNorm over sqrt(n) (engine._unit) */
+static void unit(const float *x, float *out, int64_t n, float eps) {
+    float norm = sqrtf(sum_squares(x, n));
+    float floor = sqrtf((float)n * eps);
+    float inv = 1.0f / (norm > floor ? norm : floor);
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv;
+}
+
+/* y (+)= x W for W (in, out) row-major; accumulate keeps what y holds (a residual add) */
+static void matvec(const float *restrict x, const float *restrict w, float *restrict y, int64_t in, int64_t out,
+                   int accumulate) {
+    if (!accumulate) memset(y, 0, (size_t)out * sizeof(float));
+    for (int64_t j0 = 0; j0 < out; j0 += BLOCK) {
+        int64_t j1 = j0 + BLOCK < out ? j0 + BLOCK : out;
+        int64_t i = 0;
+        for (; i + 4 <= in; i += 4) {
+            const float *w0 = w + i * out, *w1 = w0 + out, *w2 = w1 + out, *w3 = w2 + out;
+            float x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+#pragma omp simd
+            for (int64_t j = j0; j < j1; j++) y[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j];
+        }
+        for (; i < in; i++) {
+            const float *w0 = w + i * out;
+            float x0 = x[i];
+#pragma omp simd
+            for (int64_t j = j0; j < j1; j++) y[j] += x0 * w0[j];
+        }
+    }
+}
+
+int64_t ncs_work_floats(const int64_t *dims) {
+    int64_t qkv = (dims[HEADS] + 2 * dims[KV_HEADS]) * dims[HEAD_DIM];
+    return 2 * dims[WIDTH] + qkv + dims[HEADS] * dims[HEAD_DIM] + dims[MLP] + dims[MAX_LEN];
+}
+
+/* Returns 0, or -1 for arguments out of range (nothing is written then). */
+int ncs_decode_one(const int64_t *dims, const float *consts, const float *const *ptrs, float *k_cache,
+                   float *v_cache, int64_t slots, int64_t slot, int64_t pos, int64_t token, float *logits, float *work) {
+    int64_t L = dims[N_LAYER], C = dims[WIDTH], H = dims[HEADS], Hkv = dims[KV_HEADS], d = dims[HEAD_DIM];
+    int64_t V = dims[VOCAB], F = dims[MLP], max_len = dims[MAX_LEN];
+    float softcap = consts[0], scale = consts[1], eps = consts[2];
+    if (token < 0 || token >= V || pos < 0 || pos >= max_len || slot < 0 || slot >= slots) return -1;
+    int64_t q_dim = H * d, kv_dim = Hkv * d, qk_heads = H + Hkv, group = H / Hkv, half = d / 2;
+    float *x = work, *a = x + C, *qkv = a + C, *y = qkv + q_dim + 2 * kv_dim, *h = y + q_dim, *p = h + F;
+    const float *rot = ptrs[2] + pos * d;  /* (half, [cos, sin]) at this position */
+    int64_t row = slots * kv_dim;             /* floats between positions in one layer's cache */
+
+    /* the embedding's RMSNorm, as the engine's _Norm: x * rsqrt(sum(x^2) / n + eps) */
+    const float *e = ptrs[0] + token * C;
+    float r = 1.0f / sqrtf(sum_squares(e, C) * (1.0f / (float)C) + eps);
+    for (int64_t i = 0; i < C; i++) x[i] = e[i] * r;
+
+    for (int64_t l = 0; l < L; l++) {
+        const float *const *w = ptrs + 3 + 4 * l;
+        float *kc = k_cache + l * max_len * row + slot * kv_dim, *vc = v_cache + l * max_len * row + slot * kv_dim;
+        unit(x, a, C, eps);
+        matvec(a, w[0], qkv, C, q_dim + 2 * kv_dim, 0);
+        /* queries and keys: each head a unit vector, then rotated pair by pair */
+        for (int64_t hd = 0; hd < qk_heads; hd++) {
+            float *v = qkv + hd * d;
+            unit(v, v, d, eps);
+            for (int64_t i = 0; i < half; i++) {
+                float re = v[2 * i], im = v[2 * i + 1], c = rot[2 * i], s = rot[2 * i + 1];
+                v[2 * i] = re * c - im * s;
+                v[2 * i + 1] = re * s + im * c;
+            }
+        }
+        memcpy(kc + pos * row, qkv + q_dim, (size_t)kv_dim * sizeof(float));
+        memcpy(vc + pos * row, qkv + q_dim + kv_dim, (size_t)kv_dim * sizeof(float));
+        /* attention of the one query per head over positions 0..pos */
+        for (int64_t hd = 0; hd < H; hd++) {
+            const float *q = qkv + hd * d;
+            int64_t off = (hd / group) * d;
+            float top = -INFINITY;
+            for (int64_t t = 0; t <= pos; t++) {
+                const float *k = kc + t * row + off;
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t i = 0; i < d; i++) s += q[i] * k[i];
+                p[t] = s * scale;
+                if (p[t] > top) top = p[t];
+            }
+            float total = 0.0f;
+            for (int64_t t = 0; t <= pos; t++) {
+                p[t] = expf(p[t] - top);
+                total += p[t];
+            }
+            float *out = y + hd * d;
+            memset(out, 0, (size_t)d * sizeof(float));
+            for (int64_t t = 0; t <= pos; t++) {
+                const float *v = vc + t * row + off;
+                float pt = p[t];
+#pragma omp simd
+                for (int64_t i = 0; i < d; i++) out[i] += pt * v[i];
+            }
+            float inv = 1.0f / total;
+            for (int64_t i = 0; i < d; i++) out[i] *= inv;
+        }
+        matvec(y, w[1], x, q_dim, C, 1);  /* x += attention out */
+        unit(x, a, C, eps);
+        matvec(a, w[2], h, C, F, 0);
+        for (int64_t i = 0; i < F; i++) h[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;  /* relu^2 */
+        matvec(h, w[3], x, F, C, 1);  /* x += mlp out */
+    }
+    unit(x, a, C, eps);
+    matvec(a, ptrs[1], logits, C, V, 0);
+    for (int64_t i = 0; i < V; i++) logits[i] = tanhf(logits[i]) * softcap;
+    return 0;
+}
