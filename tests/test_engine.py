@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from trainer.engine import CacheFull, Chunk, Engine
+from trainer.engine import CacheFull, Chunk, Engine, _NativeStep
 from trainer.model import GPT, GPTConfig
 from trainer.sample import generate_tokens
 
@@ -35,16 +35,25 @@ def reference_logits(model: GPT, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids]))[0]  # (T, V): the plain forward on this sequence alone
 
 
-@pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "batched-products"])
+@pytest.mark.parametrize("attention,native", [
+    pytest.param("native", "auto", id="C", marks=pytest.mark.skipif(not HAVE_CC, reason="no C compiler")),
+    ("elementwise", "auto"), ("batched", "auto"), ("elementwise", "off"), ("batched", "off")])
 @pytest.mark.parametrize("n_kv_head", [4, 2])
-def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_kv_head, elementwise):
-    # decode attention on CPU streams the cache elementwise (where the engine's probe finds that faster,
-    # up to EW_MAX_BYTES of temporaries) or uses batched products (as on CUDA): both must hold
+def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_kv_head, attention, native):
+    # decode attention on CPU runs in C per row, streams the cache elementwise or uses batched products
+    # (as on CUDA), whichever the engine's probe finds faster; with or without the C kernels for the
+    # norms, rotation and cache writes (native="off": no compiler): all must hold
+    elementwise = attention == "elementwise"
     model = random_model(n_kv_head)
     engine = Engine(model, max_slots=8, initial_slots=1,  # grows while requests join
-                    attention="elementwise" if elementwise else "batched")
+                    attention=attention, native=native)
+    assert (engine._native is not None) == (native == "auto" and HAVE_CC)
     kernel_calls, kernel = [], engine._attend_elementwise
     engine._attend_elementwise = lambda *a: kernel_calls.append(1) or kernel(*a)
+    c_calls = []
+    if engine._native is not None:
+        layer_rows = engine._native.layer_rows
+        engine._native.layer_rows = lambda *a: c_calls.append(a[5]) or layer_rows(*a)
     g = torch.Generator().manual_seed(1)
     # (arrival step, prompt, tokens to decode): different lengths, arriving while others decode
     plan = [(0, 7, 20), (0, 1, 12), (2, 30, 9), (3, 12, 25), (5, 3, 4), (9, 45, 6)]
@@ -75,6 +84,9 @@ def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_k
         step += 1
     assert engine.slots > 1  # it did run several at once
     assert bool(kernel_calls) == elementwise  # the parametrized kernel is the one that ran
+    # the C call attends the decode rows only where it is the attention kept
+    assert (max(c_calls, default=0) > 1) == (attention == "native")
+    assert bool(c_calls) == (engine._native is not None)
     for s in seqs:
         ref = reference_logits(model, s["ids"])
         got = torch.stack([s["got"][p] for p in range(len(s["ids"]))])
@@ -284,8 +296,9 @@ def test_a_batching_engine_times_both_decode_attentions_and_keeps_the_faster(mon
     times both when made. Whatever it keeps runs, and decodes the model's logits."""
     model = random_model()
     engine = Engine(model, max_slots=4)
-    assert engine.attention in ("elementwise", "batched")
-    assert set(engine.attention_probe_ms) == {"elementwise", "batched"}
+    kinds = {"elementwise", "batched"} | ({"native"} if HAVE_CC else set())  # C only where it builds
+    assert engine.attention in kinds
+    assert set(engine.attention_probe_ms) == kinds
     assert engine.attention == min(engine.attention_probe_ms, key=engine.attention_probe_ms.get) or \
         len(set(engine.attention_probe_ms.values())) == 1
     calls, kernel = [], engine._attend_elementwise
@@ -298,11 +311,12 @@ def test_a_batching_engine_times_both_decode_attentions_and_keeps_the_faster(mon
     for p, got in zip(prompts, out):
         assert torch.allclose(got, reference_logits(model, p + [3])[-1], atol=TOL, rtol=0)
 
-    # the choice follows the timings: made to look slower, each kind loses
-    for elementwise_slow, kept in ((True, "batched"), (False, "elementwise")):
+    # the choice follows the timings: the others made to look slower, each kind wins
+    for kept in sorted(kinds):
         chosen = engine_made_while(monkeypatch, model, [
-            (Engine, "_attend_elementwise", delayed(Engine._attend_elementwise, 0.005 if elementwise_slow else 0)),
-            (torch, "bmm", delayed(torch.bmm, 0 if elementwise_slow else 0.005))])
+            (Engine, "_attend_elementwise", delayed(Engine._attend_elementwise, 0 if kept == "elementwise" else 0.005)),
+            (torch, "bmm", delayed(torch.bmm, 0 if kept == "batched" else 0.005)),
+            (_NativeStep, "layer_rows", delayed(_NativeStep.layer_rows, 0 if kept == "native" else 0.005))])
         assert chosen.attention == kept, chosen.attention_probe_ms
     # one slot, or a choice made by the caller: nothing timed
     assert Engine(model, max_slots=1).attention_probe_ms is None

@@ -116,6 +116,8 @@ def test_the_c_step_follows_the_cache_as_it_grows_and_decodes_the_same_greedy_te
     assert native_text == torch_text and len(native_text) == 60
 
 
-def test_the_engine_refuses_an_unknown_native_setting():
+def test_the_engine_refuses_an_unknown_native_setting_and_c_attention_without_c():
     with pytest.raises(ValueError, match="native must be auto or off"):
         Engine(random_model(), native="yes")
+    with pytest.raises(ValueError, match="needs the C kernels, which are not available here: turned off"):
+        Engine(random_model(), max_slots=4, native="off", attention="native")

@@ -68,6 +68,54 @@ int64_t ncs_work_floats(const int64_t *dims) {
     return 2 * dims[WIDTH] + qkv + dims[HEADS] * dims[HEAD_DIM] + dims[MLP] + dims[MAX_LEN];
 }
 
+/* each query/key head of one row of qkv a unit vector, then rotated pair by pair at position pos */
+static void norm_rotate(float *qkv, int64_t qk_heads, int64_t d, const float *rot, float eps) {
+    for (int64_t hd = 0; hd < qk_heads; hd++) {
+        float *v = qkv + hd * d;
+        unit(v, v, d, eps);
+        for (int64_t i = 0; i < d / 2; i++) {
+            float re = v[2 * i], im = v[2 * i + 1], c = rot[2 * i], s = rot[2 * i + 1];
+            v[2 * i] = re * c - im * s;
+            v[2 * i + 1] = re * s + im * c;
+        }
+    }
+}
+
+/* y (heads * d) = attention of one row's queries q (heads * d) over cached positions 0..pos of one
+ * sequence: kc, vc at position 0 of its slot, positions `row` floats apart; p: pos + 1 floats */
+static void attend(const float *q, const float *kc, const float *vc, int64_t row, int64_t pos, int64_t H,
+                   int64_t group, int64_t d, float scale, float *p, float *y) {
+    for (int64_t hd = 0; hd < H; hd++) {
+        const float *qh = q + hd * d;
+        int64_t off = (hd / group) * d;
+        float top = -INFINITY;
+        for (int64_t t = 0; t <= pos; t++) {
+            const float *k = kc + t * row + off;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < d; i++) s += qh[i] * k[i];
+            p[t] = s * scale;
+            if (p[t] > top) top = p[t];
+        }
+        float total = 0.0f;
+        for (int64_t t = 0; t <= pos; t++) {
+            p[t] = expf(p[t] - top);
+            total += p[t];
+        }
+        float *out = y + hd * d;
+        memset(out, 0, (size_t)d * sizeof(float));
+        for (int64_t t = 0; t <= pos; t++) {
+            const float *v = vc + t * row + off;
+            float pt = p[t];
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) out[i] += pt * v[i];
+        }
+        float inv = 1.0f / total;
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) out[i] *= inv;
+    }
+}
+
 /* Returns 0, or -1 for arguments out of range (nothing is written then). */
 int ncs_decode_one(const int64_t *dims, const float *consts, const float *const *ptrs, float *k_cache,
                    float *v_cache, int64_t slots, int64_t slot, int64_t pos, int64_t token, float *logits, float *work) {
@@ -75,7 +123,7 @@ int ncs_decode_one(const int64_t *dims, const float *consts, const float *const 
     int64_t V = dims[VOCAB], F = dims[MLP], max_len = dims[MAX_LEN];
     float softcap = consts[0], scale = consts[1], eps = consts[2];
     if (token < 0 || token >= V || pos < 0 || pos >= max_len || slot < 0 || slot >= slots) return -1;
-    int64_t q_dim = H * d, kv_dim = Hkv * d, qk_heads = H + Hkv, group = H / Hkv, half = d / 2;
+    int64_t q_dim = H * d, kv_dim = Hkv * d, qk_heads = H + Hkv, group = H / Hkv;
     float *x = work, *a = x + C, *qkv = a + C, *y = qkv + q_dim + 2 * kv_dim, *h = y + q_dim, *p = h + F;
     const float *rot = ptrs[2] + pos * d;  /* (half, [cos, sin]) at this position */
     int64_t row = slots * kv_dim;             /* floats between positions in one layer's cache */
@@ -90,47 +138,10 @@ int ncs_decode_one(const int64_t *dims, const float *consts, const float *const 
         float *kc = k_cache + l * max_len * row + slot * kv_dim, *vc = v_cache + l * max_len * row + slot * kv_dim;
         unit(x, a, C, eps);
         matvec(a, w[0], qkv, C, q_dim + 2 * kv_dim, 0);
-        /* queries and keys: each head a unit vector, then rotated pair by pair */
-        for (int64_t hd = 0; hd < qk_heads; hd++) {
-            float *v = qkv + hd * d;
-            unit(v, v, d, eps);
-            for (int64_t i = 0; i < half; i++) {
-                float re = v[2 * i], im = v[2 * i + 1], c = rot[2 * i], s = rot[2 * i + 1];
-                v[2 * i] = re * c - im * s;
-                v[2 * i + 1] = re * s + im * c;
-            }
-        }
+        norm_rotate(qkv, qk_heads, d, rot, eps);
         memcpy(kc + pos * row, qkv + q_dim, (size_t)kv_dim * sizeof(float));
         memcpy(vc + pos * row, qkv + q_dim + kv_dim, (size_t)kv_dim * sizeof(float));
-        /* attention of the one query per head over positions 0..pos */
-        for (int64_t hd = 0; hd < H; hd++) {
-            const float *q = qkv + hd * d;
-            int64_t off = (hd / group) * d;
-            float top = -INFINITY;
-            for (int64_t t = 0; t <= pos; t++) {
-                const float *k = kc + t * row + off;
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t i = 0; i < d; i++) s += q[i] * k[i];
-                p[t] = s * scale;
-                if (p[t] > top) top = p[t];
-            }
-            float total = 0.0f;
-            for (int64_t t = 0; t <= pos; t++) {
-                p[t] = expf(p[t] - top);
-                total += p[t];
-            }
-            float *out = y + hd * d;
-            memset(out, 0, (size_t)d * sizeof(float));
-            for (int64_t t = 0; t <= pos; t++) {
-                const float *v = vc + t * row + off;
-                float pt = p[t];
-#pragma omp simd
-                for (int64_t i = 0; i < d; i++) out[i] += pt * v[i];
-            }
-            float inv = 1.0f / total;
-            for (int64_t i = 0; i < d; i++) out[i] *= inv;
-        }
+        attend(qkv, kc, vc, row, pos, H, group, d, scale, p, y);
         matvec(y, w[1], x, q_dim, C, 1);  /* x += attention out */
         unit(x, a, C, eps);
         matvec(a, w[2], h, C, F, 0);
@@ -141,4 +152,44 @@ int ncs_decode_one(const int64_t *dims, const float *consts, const float *const 
     matvec(a, ptrs[1], logits, C, V, 0);
     for (int64_t i = 0; i < V; i++) logits[i] = tanhf(logits[i]) * softcap;
     return 0;
+}
+
+/* One layer of a step of many rows, between its QKV product and its output product: every row's
+ * queries and keys of qkv (n, (heads + 2 kv_heads) head_dim) normed and rotated in place at its
+ * position, its key and value written to the cache at (pos[r], slot[r]) (layer `layer`), then for
+ * the first n_attend rows (one-token decode rows, one per slot) attention over their sequence's
+ * cached positions 0..pos[r] into y (n_attend, heads head_dim). Rows of a longer chunk are written
+ * here and attended by the caller. work: max_len floats. Returns -1 (nothing written) for a row out
+ * of range. */
+int ncs_layer_rows(const int64_t *dims, const float *consts, const float *rot, int64_t layer, float *qkv,
+                   int64_t n, const int64_t *slot, const int64_t *pos, int64_t n_attend, float *k_cache,
+                   float *v_cache, int64_t slots, float *y, float *work) {
+    int64_t H = dims[HEADS], Hkv = dims[KV_HEADS], d = dims[HEAD_DIM], max_len = dims[MAX_LEN];
+    float scale = consts[1], eps = consts[2];
+    int64_t q_dim = H * d, kv_dim = Hkv * d, width = q_dim + 2 * kv_dim, row = slots * kv_dim;
+    if (n_attend < 0 || n_attend > n || layer < 0 || layer >= dims[N_LAYER]) return -1;
+    for (int64_t r = 0; r < n; r++)
+        if (pos[r] < 0 || pos[r] >= max_len || slot[r] < 0 || slot[r] >= slots) return -1;
+    float *kl = k_cache + layer * max_len * row, *vl = v_cache + layer * max_len * row;
+    for (int64_t r = 0; r < n; r++) {
+        float *x = qkv + r * width;
+        norm_rotate(x, H + Hkv, d, rot + pos[r] * d, eps);
+        memcpy(kl + pos[r] * row + slot[r] * kv_dim, x + q_dim, (size_t)kv_dim * sizeof(float));
+        memcpy(vl + pos[r] * row + slot[r] * kv_dim, x + q_dim + kv_dim, (size_t)kv_dim * sizeof(float));
+    }
+    for (int64_t r = 0; r < n_attend; r++)
+        attend(qkv + r * width, kl + slot[r] * kv_dim, vl + slot[r] * kv_dim, row, pos[r], H, H / Hkv, d,
+               scale, work, y + r * q_dim);
+    return 0;
+}
+
+/* out = each of n rows of x (n, width) as a unit vector (engine._unit) */
+void ncs_unit_rows(const float *x, float *out, int64_t n, int64_t width, float eps) {
+    for (int64_t r = 0; r < n; r++) unit(x + r * width, out + r * width, width, eps);
+}
+
+/* h = relu(h)^2 in place, n floats */
+void ncs_relu2(float *h, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) h[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
 }

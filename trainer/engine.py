@@ -101,8 +101,8 @@ class Engine:
             self.max_slots = max(1, min(self.max_slots, int(max_cache_bytes) // self.cache_bytes_per_slot()))
         if products not in ("auto", "packed", "plain"):
             raise ValueError(f"products must be auto, packed or plain, not {products!r}")
-        if attention not in ("auto", "elementwise", "batched"):
-            raise ValueError(f"attention must be auto, elementwise or batched, not {attention!r}")
+        if attention not in ("auto", "native", "elementwise", "batched"):
+            raise ValueError(f"attention must be auto, native, elementwise or batched, not {attention!r}")
         if native not in ("auto", "off"):
             raise ValueError(f"native must be auto or off, not {native!r}")
         self._load_weights(model, pack=products != "plain" and self.max_slots > 1)
@@ -123,19 +123,26 @@ class Engine:
         self._free = list(range(n))
         self._used: set[int] = set()
         self._scratch = torch.empty(0, device=self.device, dtype=self.dtype)
-        # decode attention of several rows on CPU float32: "elementwise" or "batched" (see _decode_plan)
-        self.attention = attention
-        self.attention_probe_ms: dict[str, float] | None = None
-        if attention == "auto":
-            elementwise_applies = self.device.type == "cpu" and self.dtype == torch.float32
-            self.attention = self._choose_attention() if elementwise_applies and self.max_slots > 1 else "batched"
-        # one stream decoding alone: one C call a token (trainer/decode_one.c) where it builds and agrees
-        # with the torch ops here; else the torch ops (_decode_torch). ``decode_one`` says which runs.
+        # C kernels (trainer/decode_one.c) where they build and agree with the torch ops here: one stream
+        # decoding alone is one C call a token (else _decode_torch; ``decode_one`` says which runs); in
+        # a step of many rows the norms, rotation, cache writes and ReLU^2 are C calls, and so is the
+        # decode attention where it wins the probe below
         self._native: _NativeStep | None = None
         self.native_reason = "turned off"
         if native == "auto":
             self._native, self.native_reason = _NativeStep.make(self)
         self.decode_one = "native" if self._native is not None else "torch"
+        if self._native is not None:
+            self._in = self._native.unit
+        elif attention == "native":
+            raise ValueError(f"attention='native' needs the C kernels, which are not available here: {self.native_reason}")
+        # decode attention of several rows: "native" (C, per row), or on CPU float32 "elementwise" or
+        # "batched" (see _decode_plan)
+        self.attention = attention
+        self.attention_probe_ms: dict[str, float] | None = None
+        if attention == "auto":
+            elementwise_applies = self.device.type == "cpu" and self.dtype == torch.float32
+            self.attention = self._choose_attention() if elementwise_applies and self.max_slots > 1 else "batched"
 
     # --- weights --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -232,8 +239,16 @@ class Engine:
             plan = self._decode_plan(rows, kind)
             return lambda: [self._attend_decode(q, k, v, plan) for k, v in layers]
 
+        runs = {kind: run(kind) for kind in ("elementwise", "batched")}
+        if self._native is not None:  # C: each row over its own sequence's keys (it also norms, rotates
+            # and writes the rows' keys and values, which the other two leave out)
+            qkv = torch.randn(span, self.q_dim + 2 * self.kv_dim, generator=gen)
+            slot_t = torch.arange(span)
+            pos_t = torch.tensor([c.start for c in rows])
+            runs = {"native": lambda: [self._native.layer_rows(self, 0, qkv, slot_t, pos_t, span, k, v)
+                                       for k, v in layers], **runs}
         with torch.inference_mode():
-            self.attention_probe_ms = self._probe({kind: run(kind) for kind in ("elementwise", "batched")})
+            self.attention_probe_ms = self._probe(runs)
         return min(self.attention_probe_ms, key=self.attention_probe_ms.get)  # the first listed on a tie
 
     def _unpack(self) -> None:
@@ -315,27 +330,38 @@ class Engine:
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
         # each row's place in a layer's cache viewed as (max_len * slots, kv_head, d)
-        flat_t = pos_t * self.slots + slot_t
-        freqs = self.freqs.index_select(0, pos_t).unsqueeze(1)  # (N, 1, d/2)
-        dec_attn = self._decode_plan(decode)
+        native = self._native
+        c_attend = len(decode) if native is not None and self.attention == "native" else 0
+        if native is None:
+            # each row's place in a layer's cache viewed as (max_len * slots, kv_head, d)
+            flat_t = pos_t * self.slots + slot_t
+            freqs = self.freqs.index_select(0, pos_t).unsqueeze(1)  # (N, 1, d/2)
+        dec_attn = None if c_attend else self._decode_plan(decode)
         groups = self._prefill_groups(prefill)
         n = len(tokens)
         lone = order[0] if len(order) == 1 else None
         x = self._norm(F.embedding(idx, self.wte))
         for layer, (w_qkv, w_o, w_fc, w_down) in enumerate(self.layers):
             qkv = w_qkv.mm(self._in(x))
-            qk = self._qk(qkv, freqs)
-            q, k = qk[:, : self.H], qk[:, self.H:]
-            v = qkv[:, self.q_dim + self.kv_dim:].view(n, self.Hkv, self.d)
             kc, vc = self.k[layer], self.v[layer]
-            if lone is not None:  # one chunk (one stream decoding): a slice copy, not an index_put
-                kc[lone.start:lone.start + n, lone.slot] = k
-                vc[lone.start:lone.start + n, lone.slot] = v
+            v = qkv[:, self.q_dim + self.kv_dim:].view(n, self.Hkv, self.d)
+            if native is not None:  # one C call: norms, rotation, cache writes (and decode attention)
+                y_dec = native.layer_rows(self, layer, qkv, slot_t, pos_t, c_attend)
+                q = qkv[:, : self.q_dim].view(n, self.H, self.d)
+                k = qkv[:, self.q_dim: self.q_dim + self.kv_dim].view(n, self.Hkv, self.d)
             else:
-                kc.view(-1, self.Hkv, self.d).index_copy_(0, flat_t, k)
-                vc.view(-1, self.Hkv, self.d).index_copy_(0, flat_t, v)
+                qk = self._qk(qkv, freqs)
+                q, k = qk[:, : self.H], qk[:, self.H:]
+                if lone is not None:  # one chunk (one stream decoding): a slice copy, not an index_put
+                    kc[lone.start:lone.start + n, lone.slot] = k
+                    vc[lone.start:lone.start + n, lone.slot] = v
+                else:
+                    kc.view(-1, self.Hkv, self.d).index_copy_(0, flat_t, k)
+                    vc.view(-1, self.Hkv, self.d).index_copy_(0, flat_t, v)
             parts = []
-            if decode:
+            if c_attend:
+                parts.append(y_dec)
+            elif decode:
                 parts.append(self._attend_decode(q[: len(decode)], kc, vc, dec_attn))
             row = len(decode)
             for group in groups:
@@ -366,7 +392,7 @@ class Engine:
     def _mlp(self, x: torch.Tensor, w_fc: "_Weight", w_down: "_Weight") -> torch.Tensor:
         """x plus the block's MLP of x (the residual add rides on the down projection)."""
         h = w_fc.mm(self._in(x))
-        return w_down.addmm(x, torch.relu_(h).square_())
+        return w_down.addmm(x, self._native.relu2(h) if self._native is not None else torch.relu_(h).square_())
 
     def _decode_one(self, c: Chunk) -> torch.Tensor:
         """One stream decoding alone (sample.py, a lone chat): one C call (:class:`_NativeStep`), else
@@ -598,6 +624,51 @@ class _NativeStep:
         self.ptrs = (ptr * len(self.tensors))(*[t.data_ptr() for t in self.tensors])
         self.work = torch.empty(lib.ncs_work_floats(self.dims.data_ptr()), dtype=torch.float32)
         self.vocab = c.vocab_size
+        self.layer_fn = lib.ncs_layer_rows
+        self.layer_fn.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr]
+        self.layer_fn.restype = ctypes.c_int
+        self.unit_fn = lib.ncs_unit_rows
+        self.unit_fn.argtypes = [ptr, ptr, i64, i64, ctypes.c_float]
+        self.unit_fn.restype = None
+        self.relu2_fn = lib.ncs_relu2
+        self.relu2_fn.argtypes = [ptr, i64]
+        self.relu2_fn.restype = None
+        # addresses that never change, taken once (a data_ptr() call each time costs as much as the op)
+        self.at = (self.dims.data_ptr(), self.consts.data_ptr(), self.tensors[2].data_ptr(), self.work.data_ptr())
+        self.q_dim = engine.q_dim
+
+    def layer_rows(self, engine: "Engine", layer: int, qkv: torch.Tensor, slot_t: torch.Tensor,
+                   pos_t: torch.Tensor, attend: int, k: torch.Tensor | None = None,
+                   v: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One layer of a step between its QKV product and its output product: every row of ``qkv``
+        (modified in place) normed and rotated at its position, its key and value written to the cache
+        at (pos, slot), and for the first ``attend`` rows (decode rows) their attention (returned,
+        (attend, q_dim)). ``k``, ``v``: another cache of one layer (the probe's)."""
+        dims, consts, rot, work = self.at
+        assert qkv.is_contiguous() and slot_t.dtype == pos_t.dtype == torch.int64
+        y = torch.empty(attend, self.q_dim, dtype=torch.float32) if attend else None
+        if k is None:
+            k, v = engine.k, engine.v
+        elif layer != 0:
+            raise ValueError("a cache of one layer is layer 0")
+        if self.layer_fn(dims, consts, rot, layer, qkv.data_ptr(), qkv.size(0), slot_t.data_ptr(),
+                         pos_t.data_ptr(), attend, k.data_ptr(), v.data_ptr(), k.size(-3),
+                         y.data_ptr() if attend else None, work):
+            raise ValueError("a row's slot or position is outside the cache")
+        return y
+
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        """engine._unit of every row of x, in one call."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self.unit_fn(x.data_ptr(), out.data_ptr(), x.numel() // x.size(-1), x.size(-1), _EPS)
+        return out
+
+    def relu2(self, h: torch.Tensor) -> torch.Tensor:
+        """relu(h)^2 in place (h contiguous, from a product)."""
+        assert h.is_contiguous()
+        self.relu2_fn(h.data_ptr(), h.numel())
+        return h
 
     def __call__(self, engine: "Engine", slot: int, pos: int, token: int) -> torch.Tensor:
         out = torch.empty(self.vocab, dtype=torch.float32)
