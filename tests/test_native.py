@@ -19,7 +19,7 @@ from trainer import native
 from trainer.engine import Chunk, Engine, _NativeStep
 from trainer.sample import generate_tokens
 
-from tests.test_engine import TOL, random_model, reference_logits
+from tests.test_engine import TOL, delayed, random_model, reference_logits
 
 pytestmark = pytest.mark.trainer
 REPO = Path(__file__).resolve().parents[1]
@@ -76,15 +76,54 @@ def test_without_a_working_compiler_or_when_turned_off_the_engine_uses_its_torch
 
 @needs_cc
 def test_a_library_that_disagrees_with_the_torch_ops_is_left_out(monkeypatch):
-    monkeypatch.setattr(_NativeStep, "checked", set())
+    monkeypatch.setattr(_NativeStep, "checked", {})
     call = _NativeStep.__call__
     monkeypatch.setattr(_NativeStep, "__call__", lambda self, *a: call(self, *a).add_(1e-3))
     engine = Engine(random_model(seed=3), max_slots=2)
     assert engine.decode_one == "torch"
     assert "differ from the torch ops' by 0.001" in engine.native_reason
     assert not engine.k.any() and not engine.v.any()  # the check leaves the slot it used as it was
+    # the verdict is kept for the process (engines of a model in training are made often)
+    assert "differ" in Engine(random_model(seed=3), max_slots=2).native_reason
     monkeypatch.setattr(_NativeStep, "__call__", call)
-    assert Engine(random_model(seed=3), max_slots=2).decode_one == "native"
+    monkeypatch.setattr(_NativeStep, "checked", {})
+    good = Engine(random_model(seed=3), max_slots=2)
+    assert good._native is not None and not good.native_reason.endswith("not used")
+
+
+@needs_cc
+def test_a_lone_row_decodes_with_whichever_step_was_faster_when_timed(monkeypatch):
+    """The C step is timed against the torch ops once per process and model shape (a compiler could
+    build something slower than torch's kernels); a lone row runs the faster, and both give the model's
+    logits."""
+    model = random_model(seed=4)
+    ids = [2, 4, 6, 8, 10, 12]
+    ref = reference_logits(model, ids)
+    for slow, kept in (("__call__", "torch"), ("_decode_torch", "native")):
+        monkeypatch.setattr(_NativeStep, "checked", {})
+        owner = _NativeStep if slow == "__call__" else Engine
+        monkeypatch.setattr(owner, slow, delayed(getattr(owner, slow), 0.003))
+        engine = Engine(model, max_slots=2)
+        monkeypatch.undo()
+        assert engine.decode_one == kept, engine.decode_one_probe_ms
+        assert set(engine.decode_one_probe_ms) == {"native", "torch"}
+        assert engine._native is not None  # the C calls of many-row steps stay either way
+        calls = []
+        for name in ("__call__", "_decode_torch"):
+            target = _NativeStep if name == "__call__" else Engine
+            fn = getattr(target, name)
+            monkeypatch.setattr(target, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        slot = engine.alloc()
+        engine.step([Chunk(slot, 0, ids[:2], "none")])
+        for p in range(2, len(ids)):
+            torch.testing.assert_close(engine.step([Chunk(slot, p, [ids[p]])])[0], ref[p], rtol=0, atol=TOL)
+        monkeypatch.undo()
+        assert calls == [{"native": "__call__", "torch": "_decode_torch"}[kept]] * (len(ids) - 2)
+    # timed once: a later engine of that shape reuses the verdict
+    monkeypatch.setattr(_NativeStep, "checked", {})
+    first = Engine(model, max_slots=2)
+    monkeypatch.setattr(Engine, "_probe", lambda *a: pytest.fail("timed again"))
+    assert Engine(model, max_slots=1).decode_one_probe_ms == first.decode_one_probe_ms
 
 
 @needs_cc

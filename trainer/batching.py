@@ -175,7 +175,8 @@ class TorchBackend:
         self.info = {"backend": "torch", "max_active": self.engine.max_slots, "products": self.engine.products,
                      "products_probe_ms": self.engine.probe_ms, "attention": self.engine.attention,
                      "attention_probe_ms": self.engine.attention_probe_ms,
-                     "decode_one": self.engine.decode_one, "decode_one_reason": self.engine.native_reason,
+                     "decode_one": self.engine.decode_one, "decode_one_probe_ms": self.engine.decode_one_probe_ms,
+                     "decode_one_reason": self.engine.native_reason,
                      "context": self.window, "vocab_size": self.model.config.vocab_size,
                      **({k: v for k, v in (meta or {}).items() if _jsonable(v)})}
         tok = self.tokenizer

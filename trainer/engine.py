@@ -43,6 +43,7 @@ float32; on CPU everything is float32.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ import torch.nn.functional as F
 from trainer import cpu_ops, native
 from trainer.model import ROTARY_BASE, GPT
 
+log = logging.getLogger(__name__)
 _EPS = torch.finfo(torch.float32).eps  # what the model's RMSNorm uses
 
 
@@ -129,9 +131,11 @@ class Engine:
         # decode attention where it wins the probe below
         self._native: _NativeStep | None = None
         self.native_reason = "turned off"
+        self.decode_one_probe_ms: dict[str, float] | None = None
         if native == "auto":
-            self._native, self.native_reason = _NativeStep.make(self)
-        self.decode_one = "native" if self._native is not None else "torch"
+            self._native, self.native_reason, self.decode_one_probe_ms = _NativeStep.make(self)
+        probe = self.decode_one_probe_ms
+        self.decode_one = "native" if probe is not None and probe["native"] <= probe["torch"] else "torch"
         if self._native is not None:
             self._in = self._native.unit
         elif attention == "native":
@@ -395,13 +399,13 @@ class Engine:
         return w_down.addmm(x, self._native.relu2(h) if self._native is not None else torch.relu_(h).square_())
 
     def _decode_one(self, c: Chunk) -> torch.Tensor:
-        """One stream decoding alone (sample.py, a lone chat): one C call (:class:`_NativeStep`), else
-        :meth:`_decode_torch`."""
+        """One stream decoding alone (sample.py, a lone chat): one C call (:class:`_NativeStep`) where
+        it built and was faster when timed, else :meth:`_decode_torch`."""
         self._check(c)
         slot, p, token = c.slot, c.start, c.tokens[0]
         if not 0 <= token < self.wte.size(0):
             raise ValueError(f"token {token} is outside the vocabulary of {self.wte.size(0)}")
-        if self._native is not None:
+        if self.decode_one == "native":
             return self._native(self, slot, p, token)
         return self._decode_torch(slot, p, token)
 
@@ -576,35 +580,51 @@ class _NativeStep:
     token's products. It reads the engine's weights and writes its cache in place (pointers taken
     here: the weights never move; the cache is passed each call, it moves when it grows)."""
 
-    checked: set[tuple[int, ...]] = set()  # model shapes (dims) whose check passed in this process
+    # per model shape (dims), once per process: (the probe's timings, or None if the check failed; the
+    # largest logit gap found)
+    checked: dict[tuple[int, ...], tuple[dict[str, float] | None, float]] = {}
 
     @classmethod
-    def make(cls, engine: "Engine") -> tuple["_NativeStep | None", str]:
-        """The step and how its library was had, or None and why not. Before the library is used for a
-        model shape it must give the torch ops' logits within 1e-4 (the engine's promise) for two tokens,
-        once per process (a miscompiled or mismatched library is left out; the check costs a few ms,
-        engines of a model being trained are made often)."""
+    def make(cls, engine: "Engine") -> tuple["_NativeStep | None", str, dict[str, float] | None]:
+        """(the step, how its library was had, the one-row probe's timings), or (None, why not, None).
+        Before the library is used for a model shape, once per process, it must give the torch ops'
+        logits within 1e-4 (the engine's promise) for two tokens (a miscompiled or mismatched library
+        is left out), and its one-row step is timed against the torch ops' (Engine._probe): the
+        engine decodes a lone row with the faster. Once, because engines of a model being trained
+        are made often and the check and probe cost ~20 ms at depth 4."""
         if not (engine.fold and engine.device.type == "cpu"):
-            return None, "only on CPU in float32"
+            return None, "only on CPU in float32", None
         lib, how = native.load("decode_one")
         if lib is None:
-            return None, how
+            return None, how, None
         step = cls(engine, lib)
         shape = tuple(step.dims.tolist())
-        if shape in cls.checked:
-            return step, how
+        if shape not in cls.checked:
+            cls.checked[shape] = cls._check_and_time(engine, step)
+        probe, gap = cls.checked[shape]
+        if probe is None:
+            return None, f"{how}, but its logits differ from the torch ops' by {gap:.3g}: not used", None
+        return step, how, probe
+
+    @staticmethod
+    def _check_and_time(engine: "Engine", step: "_NativeStep") -> tuple[dict[str, float] | None, float]:
         # slot 0 is free while the engine is made: whatever is written there is overwritten before use
         gap = 0.0
         with torch.inference_mode(), torch.autocast("cpu", enabled=False):
-            for pos, token in ((0, 1), (1, 2))[:engine.max_len]:
+            positions = ((0, 1), (1, 2))[:engine.max_len]
+            for pos, token in positions:
                 want = engine._decode_torch(0, pos, token)
                 gap = max(gap, float((step(engine, 0, pos, token) - want).abs().max()))
+            if gap <= 1e-4:
+                pos, token = positions[-1]
+                probe = engine._probe({"native": lambda: step(engine, 0, pos, token),
+                                       "torch": lambda: engine._decode_torch(0, pos, token)})
             engine.k[:, :2, 0] = 0  # (the slot is left as it was found)
             engine.v[:, :2, 0] = 0
         if not gap <= 1e-4:
-            return None, f"{how}, but its logits differ from the torch ops' by {gap:.3g}: not used"
-        cls.checked.add(shape)
-        return step, how
+            log.warning("trainer/decode_one.c gives logits %.3g away from the torch ops': not used", gap)
+            return None, gap
+        return probe, gap
 
     def __init__(self, engine: "Engine", lib: ctypes.CDLL):
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
