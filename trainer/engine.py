@@ -655,7 +655,7 @@ class _NativeStep:
         self.relu2_fn.restype = None
         # addresses that never change, taken once (a data_ptr() call each time costs as much as the op)
         self.at = (self.dims.data_ptr(), self.consts.data_ptr(), self.tensors[2].data_ptr(), self.work.data_ptr())
-        self.q_dim = engine.q_dim
+        self.q_dim, self.width = engine.q_dim, engine.q_dim + 2 * engine.kv_dim
 
     def layer_rows(self, engine: "Engine", layer: int, qkv: torch.Tensor, slot_t: torch.Tensor,
                    pos_t: torch.Tensor, attend: int, k: torch.Tensor | None = None,
@@ -665,13 +665,16 @@ class _NativeStep:
         at (pos, slot), and for the first ``attend`` rows (decode rows) their attention (returned,
         (attend, q_dim)). ``k``, ``v``: another cache of one layer (the probe's)."""
         dims, consts, rot, work = self.at
-        assert qkv.is_contiguous() and slot_t.dtype == pos_t.dtype == torch.int64
+        n = qkv.size(0)  # the C code trusts these shapes
+        assert qkv.is_contiguous() and qkv.dtype == torch.float32 and qkv.size(1) == self.width
+        assert slot_t.dtype == pos_t.dtype == torch.int64 and slot_t.numel() >= n and pos_t.numel() >= n
+        assert slot_t.is_contiguous() and pos_t.is_contiguous() and 0 <= attend <= n
         y = torch.empty(attend, self.q_dim, dtype=torch.float32) if attend else None
         if k is None:
             k, v = engine.k, engine.v
         elif layer != 0:
             raise ValueError("a cache of one layer is layer 0")
-        if self.layer_fn(dims, consts, rot, layer, qkv.data_ptr(), qkv.size(0), slot_t.data_ptr(),
+        if self.layer_fn(dims, consts, rot, layer, qkv.data_ptr(), n, slot_t.data_ptr(),
                          pos_t.data_ptr(), attend, k.data_ptr(), v.data_ptr(), k.size(-3),
                          y.data_ptr() if attend else None, work):
             raise ValueError("a row's slot or position is outside the cache")
