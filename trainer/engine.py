@@ -333,7 +333,6 @@ class Engine:
         idx = torch.tensor(tokens, dtype=torch.long, device=dev)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
-        # each row's place in a layer's cache viewed as (max_len * slots, kv_head, d)
         native = self._native
         c_attend = len(decode) if native is not None and self.attention == "native" else 0
         if native is None:
@@ -575,10 +574,11 @@ class Engine:
 
 
 class _NativeStep:
-    """:meth:`Engine._decode_torch` as one call of ``trainer/decode_one.c`` (CPU float32, the folded
-    norms): its ~20 small torch ops a layer cost ~0.7 ms a token at depth 4, about as much as the
-    token's products. It reads the engine's weights and writes its cache in place (pointers taken
-    here: the weights never move; the cache is passed each call, it moves when it grows)."""
+    """The engine's C kernels (``trainer/decode_one.c``, CPU float32, the folded norms). Called, it is
+    :meth:`Engine._decode_torch` as one C call: those ~20 small torch ops a layer cost ~0.7 ms a token
+    at depth 4, about as much as the token's products. For steps of many rows: :meth:`layer_rows`,
+    :meth:`unit`, :meth:`relu2`. It reads the engine's weights and writes its cache in place (pointers
+    taken here: the weights never move; the cache is passed each call, it moves when it grows)."""
 
     # per model shape (dims), once per process: (the probe's timings, or None if the check failed; the
     # largest logit gap found)
@@ -694,9 +694,10 @@ class _NativeStep:
         return h
 
     def __call__(self, engine: "Engine", slot: int, pos: int, token: int) -> torch.Tensor:
+        dims, consts, _, work = self.at
         out = torch.empty(self.vocab, dtype=torch.float32)
-        if self.fn(self.dims.data_ptr(), self.consts.data_ptr(), self.ptrs, engine.k.data_ptr(),
-                   engine.v.data_ptr(), engine.slots, slot, pos, token, out.data_ptr(), self.work.data_ptr()):
+        if self.fn(dims, consts, self.ptrs, engine.k.data_ptr(), engine.v.data_ptr(), engine.slots, slot, pos,
+                   token, out.data_ptr(), work):
             raise ValueError(f"token {token} at {pos} in slot {slot} is out of range")
         return out
 
