@@ -271,6 +271,9 @@ def start_model_server(checkpoint_dir: str, socket_path: str, device: str, setti
     env = trainer_env()
     # tiny models decode fastest on few threads; an explicit OMP_NUM_THREADS is left alone
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    # the engine's C kernels are built for this machine into the data directory (trainer/native.py): a
+    # service's home may be read-only, and its /tmp private to one run
+    env.setdefault("NCS_NATIVE_CACHE", str(settings.home_path / "native"))
     argv = [settings.trainer_python, "-m", "trainer.serve", "--socket", socket_path, "--checkpoint", checkpoint_dir,
             "--device", device or "auto", "--max-active", str(max_active)]
     # Not die_with_parent: that follows the spawning THREAD, and a request thread may end before the

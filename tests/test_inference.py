@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -77,6 +79,29 @@ def test_it_streams_a_real_checkpoint_in_chat_and_complete_modes(make_pool, tmp_
     text, final = collect(pool.stream(m, "chat", HI, {"max_tokens": 8, "temperature": 0.8, "seed": 3}))
     assert 1 <= final.completion_tokens <= 8 and final.finish_reason in ("stop", "length")
     assert pool.loaded() == [1]
+
+
+def test_model_servers_build_their_c_kernels_into_the_data_directory(tmp_path):
+    """The engine's C kernels (trainer/native.py) are built for this machine once, into <home>/native (a
+    service's own home may be read-only and its /tmp private); the server reports what it decodes with."""
+    home = tmp_path / "home"
+    home.mkdir()
+    pool = ModelPool(pool_settings(home=str(home)), checkpoint_dir_of=lambda m: m.path, device="cpu", max_loaded=1,
+                     idle_seconds=600, queue_limit=4, load_timeout=60)
+    try:
+        m = row(1, cached_tiny_checkpoint(tmp_path / "ck"))
+        text, final = collect(pool.stream(m, "complete", "Once upon a time", {"max_tokens": 4, "temperature": 0}))
+        assert final.completion_tokens == 4
+        ping = pool._servers[m.id].op({"op": "ping"}, 10.0)
+    finally:
+        pool.close()
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        assert ping["decode_one"] == "torch" and "no C compiler" in ping["decode_one_reason"]
+        return
+    (lib,) = (home / "native").glob("decode_one-*.so")
+    assert ping["decode_one_reason"] in (f"built {lib}", f"cached {lib}")
+    assert ping["decode_one"] in ("native", "torch") and set(ping["decode_one_probe_ms"]) == {"native", "torch"}
+    assert stat.S_IMODE((home / "native").stat().st_mode) == 0o700
 
 
 def test_multibyte_text_arrives_as_whole_characters(make_pool, tmp_path):

@@ -7,7 +7,9 @@ around four matrix-vector products; as torch ops each costs a few microseconds o
 Python, ~45% of a token at depth 4 on CPU. One C call runs the whole token instead.
 
 Built once per source, compiler and CPU: ``-O3 -march=native`` into a cache directory
-(``$NCS_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/nanochat-studio/native``, else ``~/.cache/...``),
+(``$NCS_NATIVE_CACHE``, which the app sets to ``<data directory>/native`` for its model servers, else
+``$XDG_CACHE_HOME/nanochat-studio/native``, else ``~/.cache/...``; a private temporary directory
+where none of these can be written),
 keyed by a hash of all three, written under a temporary name and renamed so processes building at
 once never load a half-written library. ``NCS_NATIVE=0`` turns it off (every caller then uses its
 torch ops). The compiler is ``$CC``, else ``cc`` or ``gcc`` on the PATH; without one nothing is built.
@@ -83,13 +85,13 @@ def _load(name: str) -> tuple[ctypes.CDLL | None, str]:
 
 def _cache_dir() -> Path:
     base = os.environ.get("NCS_NATIVE_CACHE")
-    if base:
-        path = Path(base)
+    if base:  # its parent must exist (the app's data directory): nothing is made elsewhere
+        path, parents = Path(base), False
     else:
         root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = Path(root) / "nanochat-studio" / "native"
+        path, parents = Path(root) / "nanochat-studio" / "native", True
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.mkdir(parents=parents, exist_ok=True, mode=0o700)
         if not os.access(path, os.W_OK):
             raise PermissionError(path)
     except OSError:  # a read-only home (a container): a private temporary directory
