@@ -1,6 +1,8 @@
-/* One token of one sequence through the whole model, in one call: the CPU float32 decode step of
- * trainer/engine.py (Engine._decode_one) without a torch op per norm, rotation, cache write,
- * attention and activation. Built and loaded by trainer/native.py (the system C compiler, ctypes);
+/* The CPU float32 engine's C kernels (trainer/engine.py, _NativeStep). ncs_decode_one: one token of
+ * one sequence through the whole model in one call (Engine._decode_torch without a torch op per norm,
+ * rotation, cache write, attention and activation). For steps of many rows, whose products stay
+ * torch's: ncs_layer_rows (norms, rotation, cache writes and decode attention of one layer),
+ * ncs_unit_rows, ncs_relu2. Built and loaded by trainer/native.py (the system C compiler, ctypes);
  * the engine falls back to its torch ops when that is not possible.
  *
  * Same arithmetic as the engine's CPU float32 path (the tests hold its logits to the model's forward
@@ -24,6 +26,8 @@
 #define BLOCK 2048 /* output columns a pass keeps in L1 */
 
 enum { N_LAYER, WIDTH, HEADS, KV_HEADS, HEAD_DIM, VOCAB, MLP, MAX_LEN };
+
+void ncs_relu2(float *h, int64_t n);
 
 static float sum_squares(const float *x, int64_t n) {
     float s = 0.0f;
@@ -145,7 +149,7 @@ int ncs_decode_one(const int64_t *dims, const float *consts, const float *const 
         matvec(y, w[1], x, q_dim, C, 1);  /* x += attention out */
         unit(x, a, C, eps);
         matvec(a, w[2], h, C, F, 0);
-        for (int64_t i = 0; i < F; i++) h[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;  /* relu^2 */
+        ncs_relu2(h, F);
         matvec(h, w[3], x, F, C, 1);  /* x += mlp out */
     }
     unit(x, a, C, eps);
