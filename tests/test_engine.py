@@ -3,20 +3,19 @@ model run on that sequence alone (float32, within 1e-4), and the same greedy tex
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import pytest
 import torch
 
+from trainer import native
 from trainer.engine import CacheFull, Chunk, Engine, _NativeStep
 from trainer.model import GPT, GPTConfig
 from trainer.sample import generate_tokens
 
 pytestmark = pytest.mark.trainer
 TOL = 1e-4
-HAVE_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+HAVE_CC = bool(native.compiler())
 
 
 def random_model(n_kv_head: int = 4, seed: int = 0, seq_len: int = 64) -> GPT:

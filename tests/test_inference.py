@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import stat
 import sys
@@ -24,6 +23,7 @@ from chat_fixtures import cached_tiny_checkpoint, scripted_checkpoint  # noqa: E
 
 from nanochat_studio.inference import Final, InferenceError, ModelPool, TooBusy  # noqa: E402
 from nanochat_studio.settings import load_settings  # noqa: E402
+from trainer import native  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HI = [{"role": "user", "content": "hi"}]
@@ -95,7 +95,7 @@ def test_model_servers_build_their_c_kernels_into_the_data_directory(tmp_path):
         ping = pool._servers[m.id].op({"op": "ping"}, 10.0)
     finally:
         pool.close()
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+    if not native.compiler():
         assert ping["decode_one"] == "torch" and "no C compiler" in ping["decode_one_reason"]
         return
     (lib,) = (home / "native").glob("decode_one-*.so")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from tests.test_engine import TOL, delayed, random_model, reference_logits
 
 pytestmark = pytest.mark.trainer
 REPO = Path(__file__).resolve().parents[1]
-needs_cc = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+needs_cc = pytest.mark.skipif(not native.compiler(),
                               reason="no C compiler on this machine")
 
 

@@ -45,7 +45,7 @@ def _load(name: str) -> tuple[ctypes.CDLL | None, str]:
     src = _HERE / f"{name}.c"
     if not src.is_file():
         return None, f"{src.name} is not in this install"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if not cc:
         return None, "no C compiler (set CC, or install gcc)"
     try:
@@ -81,6 +81,11 @@ def _load(name: str) -> tuple[ctypes.CDLL | None, str]:
         finally:
             tmp.unlink(missing_ok=True)
     return None, "could not build: " + "; ".join(errors)
+
+
+def compiler() -> str | None:
+    """The C compiler a build would use: ``$CC``, else ``cc`` or ``gcc`` on the PATH; None without one."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 def _cache_dir() -> Path:
