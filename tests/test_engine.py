@@ -34,19 +34,27 @@ def reference_logits(model: GPT, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids]))[0]  # (T, V): the plain forward on this sequence alone
 
 
-@pytest.mark.parametrize("attention,native", [
-    pytest.param("native", "auto", id="C", marks=pytest.mark.skipif(not HAVE_CC, reason="no C compiler")),
-    ("elementwise", "auto"), ("batched", "auto"), ("elementwise", "off"), ("batched", "off")])
+@pytest.mark.parametrize("attention,native,products", [
+    pytest.param("native", "auto", "strips", id="C-strips", marks=pytest.mark.skipif(not HAVE_CC, reason="no C compiler")),
+    pytest.param("native", "auto", "plain", id="C", marks=pytest.mark.skipif(not HAVE_CC, reason="no C compiler")),
+    ("elementwise", "auto", "plain"), ("batched", "auto", "plain"), ("elementwise", "off", "auto"),
+    ("batched", "off", "auto")])
 @pytest.mark.parametrize("n_kv_head", [4, 2])
-def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_kv_head, attention, native):
+def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_kv_head, attention, native, products):
     # decode attention on CPU runs in C per row, streams the cache elementwise or uses batched products
     # (as on CUDA), whichever the engine's probe finds faster; with or without the C kernels for the
-    # norms, rotation and cache writes (native="off": no compiler): all must hold
+    # norms, rotation and cache writes (native="off": no compiler); the products of several rows in C
+    # on strip-major weights or torch's: all must hold
     elementwise = attention == "elementwise"
     model = random_model(n_kv_head)
     engine = Engine(model, max_slots=8, initial_slots=1,  # grows while requests join
-                    attention=attention, native=native)
+                    attention=attention, native=native, products=products)
     assert (engine._native is not None) == (native == "auto" and HAVE_CC)
+    strip_calls = []
+    for w in engine._weights():
+        assert (w.strip_mm is not None) == (products == "strips")
+        if w.strip_mm is not None:
+            w.strip_mm = (lambda f: lambda a, *rest: strip_calls.append(a.size(0)) or f(a, *rest))(w.strip_mm)
     kernel_calls, kernel = [], engine._attend_elementwise
     engine._attend_elementwise = lambda *a: kernel_calls.append(1) or kernel(*a)
     c_calls = []
@@ -86,6 +94,7 @@ def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_k
     # the C call attends the decode rows only where it is the attention kept
     assert (max(c_calls, default=0) > 1) == (attention == "native")
     assert bool(c_calls) == (engine._native is not None)
+    assert (min(strip_calls, default=0) > 1) == (products == "strips")  # every product of several rows
     for s in seqs:
         ref = reference_logits(model, s["ids"])
         got = torch.stack([s["got"][p] for p in range(len(s["ids"]))])
@@ -240,7 +249,7 @@ def delayed(fn, seconds: float):
     return slow
 
 
-def engine_made_while(monkeypatch, model: GPT, patches: list) -> Engine:
+def engine_made_while(monkeypatch, model: GPT, patches: list, max_slots: int = 4) -> Engine:
     """A batching engine made while ``patches`` ((object, name, replacement) each) are in place, on one
     torch thread as the model server runs here: with two, a busy machine (CI's other worker) left
     torch's second thread waiting for a core, and a kernel with no delay took 10-80 ms a probe round."""
@@ -249,16 +258,16 @@ def engine_made_while(monkeypatch, model: GPT, patches: list) -> Engine:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return Engine(model, max_slots=4)
+        return Engine(model, max_slots=max_slots)
     finally:
         torch.set_num_threads(threads)
         monkeypatch.undo()
 
 
-def test_a_batching_engine_times_both_product_kernels_and_keeps_the_faster(monkeypatch):
-    """Neither kernel wins on every CPU (oneDNN on packed weights won on an AMD EPYC, torch.mm on an
-    Intel Xeon): the engine times both on its own weights when made and keeps one. Whatever it keeps
-    computes the model's logits; the losing copies are freed."""
+def test_a_batching_engine_times_the_product_kernels_and_keeps_the_fastest(monkeypatch):
+    """No kernel wins on every CPU (oneDNN on packed weights won on an AMD EPYC, torch.mm and then C on
+    strip-major weights on an Intel Xeon): the engine times them on its own weights when made and
+    keeps one. Whatever it keeps computes the model's logits; the losing copies are freed."""
     from trainer import cpu_ops
 
     if not cpu_ops.enabled():
@@ -266,25 +275,31 @@ def test_a_batching_engine_times_both_product_kernels_and_keeps_the_faster(monke
     model = random_model()
     prompts = [[5, 9, 17, 2], [40, 41], [7, 7, 7, 7, 7, 7]]
     engine = Engine(model, max_slots=4)
-    assert engine.products in ("packed", "plain")
-    assert set(engine.probe_ms) == {"packed", "plain"} and all(v > 0 for v in engine.probe_ms.values())
-    faster = min(engine.probe_ms, key=engine.probe_ms.get)
-    assert engine.products == faster or engine.probe_ms["packed"] == engine.probe_ms["plain"]
+    kinds = {"packed", "plain"} | ({"strips"} if HAVE_CC else set())  # C only where it builds
+    assert engine.products in kinds
+    assert set(engine.probe_ms) == kinds and all(v > 0 for v in engine.probe_ms.values())
+    fastest = min(engine.probe_ms.values())
+    assert engine.probe_ms[engine.products] == fastest
     weights = [w for layer in engine.layers for w in layer] + [engine.head]
-    if engine.products == "plain":
-        assert all(w.packed is None and w.w is None for w in weights)
-    else:
-        assert all(w.packed is not None for w in weights)
+    assert all((w.packed is not None) == (engine.products == "packed") for w in weights)
+    assert all((w.strip_mm is not None) == (engine.products == "strips") for w in weights)
+    assert all(w.w is None for w in weights)
     slots = [engine.alloc() for _ in prompts]
     out = engine.step([Chunk(s, 0, p, "all") for s, p in zip(slots, prompts)])
     for p, got in zip(prompts, out):
         assert torch.allclose(got, reference_logits(model, p), atol=TOL, rtol=0)
 
-    # the choice follows the timings: made to look slower, each kind loses
-    for packed_slow, kept in ((True, "plain"), (False, "packed")):
+    # the choice follows the timings: the others made to look slower, each kind wins
+    original = _NativeStep.strip_product
+
+    def strip_product(native_step, wt):
+        return delayed(original(native_step, wt), 0 if kept == "strips" else 0.005)
+
+    for kept in sorted(kinds):
         chosen = engine_made_while(monkeypatch, model, [
-            (cpu_ops, "mm_packed", delayed(cpu_ops.mm_packed, 0.005 if packed_slow else 0)),
-            (torch, "mm", delayed(torch.mm, 0 if packed_slow else 0.005))])
+            (cpu_ops, "mm_packed", delayed(cpu_ops.mm_packed, 0 if kept == "packed" else 0.005)),
+            (torch, "mm", delayed(torch.mm, 0 if kept == "plain" else 0.005)),
+            (_NativeStep, "strip_product", strip_product)])
         assert chosen.products == kept, chosen.probe_ms
     with pytest.raises(ValueError, match="products"):
         Engine(model, max_slots=4, products="fast")

@@ -18,7 +18,7 @@ from trainer import native
 from trainer.engine import Chunk, Engine, _NativeStep
 from trainer.sample import generate_tokens
 
-from tests.test_engine import TOL, delayed, random_model, reference_logits
+from tests.test_engine import TOL, delayed, engine_made_while, random_model, reference_logits
 
 pytestmark = pytest.mark.trainer
 REPO = Path(__file__).resolve().parents[1]
@@ -101,9 +101,10 @@ def test_a_lone_row_decodes_with_whichever_step_was_faster_when_timed(monkeypatc
     for slow, kept in (("__call__", "torch"), ("_decode_torch", "native")):
         monkeypatch.setattr(_NativeStep, "checked", {})
         owner = _NativeStep if slow == "__call__" else Engine
-        monkeypatch.setattr(owner, slow, delayed(getattr(owner, slow), 0.003))
-        engine = Engine(model, max_slots=2)
-        monkeypatch.undo()
+        # (made on one torch thread, as engine_made_while does: with two on a busy machine the torch
+        # step waited for a core, 8.5 ms a call, and outran the delayed C step)
+        engine = engine_made_while(monkeypatch, model, [(owner, slow, delayed(getattr(owner, slow), 0.003))],
+                                   max_slots=2)
         assert engine.decode_one == kept, engine.decode_one_probe_ms
         assert set(engine.decode_one_probe_ms) == {"native", "torch"}
         assert engine._native is not None  # the C calls of many-row steps stay either way
@@ -159,3 +160,48 @@ def test_the_engine_refuses_an_unknown_native_setting_and_c_attention_without_c(
         Engine(random_model(), native="yes")
     with pytest.raises(ValueError, match="needs the C kernels, which are not available here: turned off"):
         Engine(random_model(), max_slots=4, native="off", attention="native")
+
+
+@needs_cc
+def test_strip_products_equal_torch_products_for_any_rows_and_width():
+    """ncs_mm_strips, on shapes the depth-4 model never has: widths that leave the last strip part
+    empty, row counts around the rows a pass takes (16 with AVX-512, 8 with AVX, else 4)."""
+    engine = Engine(random_model(), max_slots=4, products="strips")
+    step = engine._native
+    g = torch.Generator().manual_seed(0)
+    for n_in, n_out in ((64, 37), (96, 1000), (256, step.strip_width), (48, 7), (5, 3)):
+        wt = torch.randn(n_in, n_out, generator=g)
+        product = step.strip_product(wt)
+        for rows in sorted({1, 2, step.strip_rows - 1, step.strip_rows, step.strip_rows + 1, 2 * step.strip_rows + 1, 40}):
+            a, add = torch.randn(rows, n_in, generator=g), torch.randn(rows, n_out, generator=g)
+            torch.testing.assert_close(product(a), a @ wt, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(product(a, add), add + a @ wt, rtol=1e-5, atol=1e-4)
+        view = torch.randn(n_in, 3, generator=g).t()  # a transposed view: made contiguous first
+        torch.testing.assert_close(product(view), view @ wt, rtol=1e-5, atol=1e-4)
+    with pytest.raises(AssertionError):
+        product(torch.randn(2, n_in + 1))  # the C code trusts the shapes: checked before the call
+
+
+@needs_cc
+def test_strips_run_the_products_of_a_few_rows_and_torch_those_of_long_prompts(monkeypatch):
+    model = random_model(seed=4)
+    engine = Engine(model, max_slots=4, products="strips")
+    rows = []
+    for w in engine._weights():
+        w.strip_mm = (lambda f: lambda a, *rest: rows.append(a.size(0)) or f(a, *rest))(w.strip_mm)
+    g = torch.Generator().manual_seed(4)
+    long, short = (torch.randint(0, 300, (n,), generator=g).tolist() for n in (40, 5))
+    a, b = engine.alloc(), engine.alloc()
+    out = engine.step([Chunk(a, 0, long[:-1], "all")])  # 39 rows: torch.mm
+    assert rows == []
+    out += engine.step([Chunk(a, 39, long[-1:], "all"), Chunk(b, 0, short, "all")])  # 6 rows: the strips
+    assert set(rows) == {6} and len(rows) == 4 * len(engine.layers) + 1
+    torch.testing.assert_close(torch.cat(out[:2]), reference_logits(model, long), rtol=0, atol=TOL)
+    torch.testing.assert_close(out[2], reference_logits(model, short), rtol=0, atol=TOL)
+    with monkeypatch.context() as mp:  # the strips need the C kernels and several slots
+        mp.setenv("NCS_NATIVE", "0")
+        mp.setattr(native, "_loaded", {})
+        with pytest.raises(ValueError, match="products='strips' needs the C kernels"):
+            Engine(model, max_slots=4, products="strips")
+    with pytest.raises(ValueError, match="products='strips' needs an engine of several slots"):
+        Engine(model, max_slots=1, products="strips")

@@ -1,8 +1,9 @@
 /* The CPU float32 engine's C kernels (trainer/engine.py, _NativeStep). ncs_decode_one: one token of
  * one sequence through the whole model in one call (Engine._decode_torch without a torch op per norm,
- * rotation, cache write, attention and activation). For steps of many rows, whose products stay
- * torch's: ncs_layer_rows (norms, rotation, cache writes and decode attention of one layer),
- * ncs_unit_rows, ncs_relu2. Built and loaded by trainer/native.py (the system C compiler, ctypes);
+ * rotation, cache write, attention and activation). For steps of many rows: ncs_layer_rows (norms,
+ * rotation, cache writes and decode attention of one layer), ncs_unit_rows, ncs_relu2, and products
+ * on a strip-major copy of the weights (ncs_pack_strips, ncs_mm_strips; the engine times them against
+ * torch's). Built and loaded by trainer/native.py (the system C compiler, ctypes);
  * the engine falls back to its torch ops when that is not possible.
  *
  * Same arithmetic as the engine's CPU float32 path (the tests hold its logits to the model's forward
@@ -196,4 +197,96 @@ void ncs_unit_rows(const float *x, float *out, int64_t n, int64_t width, float e
 void ncs_relu2(float *h, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) h[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
+}
+
+/* --- products of several rows on strip-major weights ---------------------------------------------
+ * A step of 2-32 rows spends most of its time in its products. Library GEMMs reorder the weights on
+ * every call (at 16 rows that copy is not paid back) or walk the (in, out) layout a page apart per
+ * input. Here each matrix is copied once into strips of STRIP_W output columns, every strip's
+ * (in, STRIP_W) block contiguous, so a product streams the weights front to back, one cache line an
+ * input, and up to STRIP_ROWS rows accumulate in registers (their inputs broadcast from a transposed
+ * copy). Each output is one sum over the inputs in order, in float32. */
+#if defined(__AVX512F__)
+#define STRIP_W 16
+#define STRIP_ROWS 16
+#elif defined(__AVX__)
+#define STRIP_W 8
+#define STRIP_ROWS 8
+#else
+#define STRIP_W 4
+#define STRIP_ROWS 4
+#endif
+#define STRIP_AHEAD 32 /* cache lines of weights asked for ahead of their use */
+
+typedef float strip_vec __attribute__((vector_size(STRIP_W * sizeof(float)), aligned(4)));
+
+/* out[0] = STRIP_W (columns a strip), out[1] = STRIP_ROWS (rows a pass) */
+void ncs_strip_dims(int64_t *out) {
+    out[0] = STRIP_W;
+    out[1] = STRIP_ROWS;
+}
+
+/* p[s][i][c] = w[i][s STRIP_W + c] for w (in, out) row-major; the last strip's missing columns 0.
+ * p: ceil(out / STRIP_W) * in * STRIP_W floats */
+void ncs_pack_strips(const float *w, float *p, int64_t in, int64_t out) {
+    int64_t strips = (out + STRIP_W - 1) / STRIP_W;
+    for (int64_t s = 0; s < strips; s++)
+        for (int64_t i = 0; i < in; i++)
+            for (int64_t c = 0; c < STRIP_W; c++) {
+                int64_t j = s * STRIP_W + c;
+                p[(s * in + i) * STRIP_W + c] = j < out ? w[i * out + j] : 0.0f;
+            }
+}
+
+/* acc[r] += sum over i of xt[i][r] * strip[i], for `rows` rows (a constant where it is inlined) */
+static inline __attribute__((always_inline)) void strip_pass(int rows, const float *xt, const float *strip,
+                                                             int64_t in, strip_vec *acc) {
+    for (int64_t i = 0; i < in; i++) {
+        __builtin_prefetch(strip + (i + STRIP_AHEAD) * STRIP_W);
+        strip_vec w = *(const strip_vec *)(strip + i * STRIP_W);
+        const float *xi = xt + i * STRIP_ROWS;
+        for (int r = 0; r < rows; r++) acc[r] += xi[r] * w;
+    }
+}
+
+/* y (rows, out) = x (rows, in) W (+ add (rows, out) where add is not NULL; add may be y), W packed by
+ * ncs_pack_strips. xt: scratch of in * STRIP_ROWS floats. */
+void ncs_mm_strips(const float *x, const float *p, const float *add, float *y, int64_t rows, int64_t in,
+                   int64_t out, float *xt) {
+    int64_t strips = (out + STRIP_W - 1) / STRIP_W;
+    for (int64_t r0 = 0; r0 < rows; r0 += STRIP_ROWS) {
+        int n = rows - r0 < STRIP_ROWS ? (int)(rows - r0) : STRIP_ROWS;
+        for (int64_t i = 0; i < in; i++)
+            for (int r = 0; r < n; r++) xt[i * STRIP_ROWS + r] = x[(r0 + r) * in + i];
+        for (int64_t s = 0; s < strips; s++) {
+            int64_t j = s * STRIP_W, cols = out - j < STRIP_W ? out - j : STRIP_W;
+            strip_vec acc[STRIP_ROWS];
+            for (int r = 0; r < n; r++) {
+                const float *a = add ? add + (r0 + r) * out + j : NULL;
+                if (a && cols == STRIP_W) acc[r] = *(const strip_vec *)a;
+                else {
+                    acc[r] = (strip_vec){0};
+                    if (a) for (int64_t c = 0; c < cols; c++) acc[r][c] = a[c];
+                }
+            }
+            const float *strip = p + s * in * STRIP_W;
+            switch (n) { /* the row count a constant, so the accumulators stay in registers */
+#define STRIP_CASE(k) case k: strip_pass(k, xt, strip, in, acc); break;
+                STRIP_CASE(1) STRIP_CASE(2) STRIP_CASE(3) STRIP_CASE(4)
+#if STRIP_ROWS > 4
+                STRIP_CASE(5) STRIP_CASE(6) STRIP_CASE(7) STRIP_CASE(8)
+#endif
+#if STRIP_ROWS > 8
+                STRIP_CASE(9) STRIP_CASE(10) STRIP_CASE(11) STRIP_CASE(12)
+                STRIP_CASE(13) STRIP_CASE(14) STRIP_CASE(15) STRIP_CASE(16)
+#endif
+#undef STRIP_CASE
+            }
+            for (int r = 0; r < n; r++) {
+                float *o = y + (r0 + r) * out + j;
+                if (cols == STRIP_W) *(strip_vec *)o = acc[r];
+                else for (int64_t c = 0; c < cols; c++) o[c] = acc[r][c];
+            }
+        }
+    }
 }

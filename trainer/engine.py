@@ -32,9 +32,9 @@ logits to the single-sequence forward within 1e-4 in float32) but is built for i
   rows of the fused QKV weight are permuted once (a permutation applied to both queries and keys
   changes neither RMSNorm nor their dot products).
 - Products of several rows, and the decode attention of several rows, run on the kernels that are
-  faster on this machine, timed when the engine is made (oneDNN on prepacked weights or torch.mm:
-  ``_choose_products``; elementwise passes or batched products: ``_choose_attention``). The two
-  CPUs this was tuned on disagree about both.
+  faster on this machine, timed when the engine is made (oneDNN on prepacked weights, torch.mm, or
+  the C kernels on strip-major weights: ``_choose_products``; C, elementwise passes or batched
+  products: ``_choose_attention``). The two CPUs this was tuned on disagree about both.
 
 On CUDA the weights and the cache are bfloat16 (as the trainer's autocast runs them) and the logits
 float32; on CPU everything is float32.
@@ -101,22 +101,13 @@ class Engine:
         self.scale = self.d ** 0.5 if self.fold else self.d ** -0.5
         if max_cache_bytes is not None:  # a big model's cache: fewer sequences at once, never an OOM
             self.max_slots = max(1, min(self.max_slots, int(max_cache_bytes) // self.cache_bytes_per_slot()))
-        if products not in ("auto", "packed", "plain"):
-            raise ValueError(f"products must be auto, packed or plain, not {products!r}")
+        if products not in ("auto", "packed", "plain", "strips"):
+            raise ValueError(f"products must be auto, packed, plain or strips, not {products!r}")
         if attention not in ("auto", "native", "elementwise", "batched"):
             raise ValueError(f"attention must be auto, native, elementwise or batched, not {attention!r}")
         if native not in ("auto", "off"):
             raise ValueError(f"native must be auto or off, not {native!r}")
-        self._load_weights(model, pack=products != "plain" and self.max_slots > 1)
-        # products of several rows: "packed" (oneDNN on reordered weights), "plain" (torch.mm on the
-        # (in, out) layout), or "unpacked" (nothing could be packed: _Weight's own choice per call)
-        self.probe_ms: dict[str, float] | None = None
-        if any(w.packed is None for w in self._weights()):
-            self.products = "plain" if products == "plain" else "unpacked"
-        else:
-            self.products = self._choose_products() if products == "auto" else products
-        if self.products == "plain":
-            self._unpack()
+        self._load_weights(model, pack=products in ("auto", "packed") and self.max_slots > 1)
         self._rotary(self.max_len)
         n = min(self.max_slots, max(1, initial_slots))
         shape = (c.n_layer, self.max_len, n, self.Hkv, self.d)
@@ -138,8 +129,14 @@ class Engine:
         self.decode_one = "native" if probe is not None and probe["native"] <= probe["torch"] else "torch"
         if self._native is not None:
             self._in = self._native.unit
-        elif attention == "native":
-            raise ValueError(f"attention='native' needs the C kernels, which are not available here: {self.native_reason}")
+        elif attention == "native" or products == "strips":
+            which = "attention='native'" if attention == "native" else "products='strips'"
+            raise ValueError(f"{which} needs the C kernels, which are not available here: {self.native_reason}")
+        # products of several rows: "packed" (oneDNN on reordered weights), "plain" (torch.mm on the
+        # (in, out) layout), "strips" (C on strip-major copies), or "unpacked" (no second copy could be
+        # made: _Weight's own choice per call)
+        self.probe_ms: dict[str, float] | None = None
+        self.products = self._settle_products(products)
         # decode attention of several rows: "native" (C, per row), or on CPU float32 "elementwise" or
         # "batched" (see _decode_plan)
         self.attention = attention
@@ -203,23 +200,54 @@ class Engine:
                 break
         return {kind: round(sorted(v)[len(v) // 2] * 1000, 3) for kind, v in times.items()}
 
-    def _choose_products(self) -> str:
-        """"packed" (oneDNN on weights reordered once into its blocked layout) or "plain" (torch.mm on
-        the (in, out) layout, MKL's kernels), whichever runs a step's products faster here, timed now
-        on this engine's weights (packed on a tie). Neither wins everywhere: at 16 rows on a depth-4
-        model, the 17 products of a step took 1.6 ms packed on an AMD EPYC (Zen 4), ~1.4x less than
-        torch.mm, and 0.9-1.1 ms plain against 1.3-1.5 ms packed on an Intel Xeon (whole engine steps
-        there: 2.4 against 3.1 ms). The probe runs every product once per round at the batch this
-        engine is built for (up to 16 rows), the weights streaming through the caches as in a step:
-        ~40 ms at load for a depth-4 model."""
+    def _settle_products(self, products: str) -> str:
+        """Which kernels run the products of several rows (``products``: the caller's choice, or
+        "auto": timed by :meth:`_choose_products` where there is a choice), with the second copies of
+        the weights the others would use freed."""
+        weights = self._weights()
+        packed = all(w.packed is not None for w in weights)
+        strips = (self._native is not None and self.max_slots > 1 and products in ("auto", "strips")
+                  and all(w.second for w in weights))
+        if products == "strips" and not strips:
+            raise ValueError("products='strips' needs an engine of several slots on weights of at most "
+                             f"{_Weight.BOTH_LAYOUTS_MAX_BYTES >> 20} MB a matrix")
+        if strips:
+            for w in weights:
+                w.strip_mm = self._native.strip_product(w.t)
+        kinds = ["packed"] * packed + ["strips"] * strips
+        if products == "auto":
+            chosen = self._choose_products(kinds + ["plain"]) if kinds else "unpacked"
+        elif products == "packed":
+            chosen = "packed" if packed else "unpacked"
+        else:
+            chosen = products
+        for w in weights:
+            if chosen != "packed":
+                w.packed = None
+            if chosen != "strips":
+                w.strip_mm = None
+            if chosen in ("plain", "strips"):
+                w.w = None  # every product of few rows or many on (in, out) or the strips
+        return chosen
+
+    def _choose_products(self, kinds: list[str]) -> str:
+        """Of ``kinds``, the kernels that run a step's products fastest here, timed now on this
+        engine's weights (the first listed on a tie): "packed" (oneDNN on weights reordered once into
+        its blocked layout), "strips" (C on strip-major copies, see ``ncs_mm_strips``), "plain"
+        (torch.mm on the (in, out) layout, MKL's kernels). None wins everywhere: at 16 rows on a
+        depth-4 model, the 17 products of a step took 1.6 ms packed on an AMD EPYC (Zen 4), ~1.4x less
+        than torch.mm; on an Intel Xeon 1.5 ms plain against 2.1 packed and 1.05 strips. The probe runs
+        every product once per round at the batch this engine is built for (up to 16 rows), the weights
+        streaming through the caches as in a step: ~60 ms at load for a depth-4 model."""
         weights = self._weights()
         rows = min(16, self.max_slots)
         gen = torch.Generator().manual_seed(0)
         pairs = [(w, torch.randn(rows, w.t.size(0), generator=gen, dtype=self.dtype)) for w in weights]
+        runs = {"packed": lambda: [cpu_ops.mm_packed(a, w.packed) for w, a in pairs],
+                "strips": lambda: [w.strip_mm(a) for w, a in pairs],
+                "plain": lambda: [torch.mm(a, w.t) for w, a in pairs]}
         with torch.inference_mode():
-            self.probe_ms = self._probe({
-                "packed": lambda: [cpu_ops.mm_packed(a, w.packed) for w, a in pairs],
-                "plain": lambda: [torch.mm(a, w.t) for w, a in pairs]})
+            self.probe_ms = self._probe({kind: runs[kind] for kind in kinds})
         return min(self.probe_ms, key=self.probe_ms.get)  # the first listed on a tie
 
     def _choose_attention(self) -> str:
@@ -254,11 +282,6 @@ class Engine:
         with torch.inference_mode():
             self.attention_probe_ms = self._probe(runs)
         return min(self.attention_probe_ms, key=self.attention_probe_ms.get)  # the first listed on a tie
-
-    def _unpack(self) -> None:
-        """Every product on torch.mm over the (in, out) layout; the other copies are freed."""
-        for w in self._weights():
-            w.packed = w.w = None
 
     def _rotary(self, length: int) -> None:
         # the same angles as GPT._rotary_tables, as unit complex numbers: e^{i angle} rotates a pair
@@ -657,6 +680,19 @@ class _NativeStep:
         self.relu2_fn = lib.ncs_relu2
         self.relu2_fn.argtypes = [ptr, i64]
         self.relu2_fn.restype = None
+        lib.ncs_strip_dims.argtypes = [ptr]
+        lib.ncs_strip_dims.restype = None
+        strip_dims = torch.empty(2, dtype=torch.int64)
+        lib.ncs_strip_dims(strip_dims.data_ptr())
+        self.strip_width, self.strip_rows = strip_dims.tolist()
+        self.pack_fn = lib.ncs_pack_strips
+        self.pack_fn.argtypes = [ptr, ptr, i64, i64]
+        self.pack_fn.restype = None
+        self.strips_fn = lib.ncs_mm_strips
+        self.strips_fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
+        self.strips_fn.restype = None
+        # the strips' products transpose their rows' inputs here (one product at a time: one thread)
+        self.strip_scratch = torch.empty(self.strip_rows * max(w.t.size(0) for w in engine._weights()))
         # addresses that never change, taken once (a data_ptr() call each time costs as much as the op)
         self.at = (self.dims.data_ptr(), self.consts.data_ptr(), self.tensors[2].data_ptr(), self.work.data_ptr())
         self.q_dim, self.width = engine.q_dim, engine.q_dim + 2 * engine.kv_dim
@@ -683,6 +719,31 @@ class _NativeStep:
                          y.data_ptr() if attend else None, work):
             raise ValueError("a row's slot or position is outside the cache")
         return y
+
+    def strip_product(self, wt: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """``(a, add=None) -> add + a @ wt`` for a float32 (rows, in) ``a`` and ``wt`` (in, out),
+        through ``ncs_mm_strips`` on a strip-major copy of ``wt`` made now (as much memory again)."""
+        n_in, n_out = wt.shape
+        strips = -(-n_out // self.strip_width)
+        packed = torch.empty(strips * n_in * self.strip_width, dtype=torch.float32)
+        assert wt.dtype == torch.float32 and wt.is_contiguous()
+        self.pack_fn(wt.data_ptr(), packed.data_ptr(), n_in, n_out)
+        fn, scratch = self.strips_fn, self.strip_scratch.data_ptr()
+
+        def product(a: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+            a = a.contiguous()
+            rows = a.size(0)
+            assert a.dtype == torch.float32 and a.size(1) == n_in  # the C code trusts these shapes
+            if add is not None:
+                add = add.contiguous()
+                assert add.dtype == torch.float32 and add.shape == (rows, n_out)
+            y = torch.empty(rows, n_out, dtype=torch.float32)
+            fn(a.data_ptr(), packed.data_ptr(), add.data_ptr() if add is not None else None, y.data_ptr(),
+               rows, n_in, n_out, scratch)
+            return y
+
+        product.packed = packed  # (kept alive by the closure; named for the tests)
+        return product
 
     def unit(self, x: torch.Tensor) -> torch.Tensor:
         """engine._unit of every row of x, in one call."""
@@ -748,17 +809,21 @@ class _Weight:
     AMD EPYC from 2 rows on it beat both torch.mm layouts, ~1.4x at 16 rows; on an Intel Xeon torch.mm
     on (in, out) beat it, so the engine times both and may drop the packed copy, see
     Engine._choose_products), else through ``cpu_ops.mm_nt`` from the (out, in) layout, which oneDNN
-    reorders on every call. Two copies of the weights, unless they are large: then only the (in, out)
-    one, for every product."""
+    reorders on every call. Or, where the engine's C kernels won that timing, through ``strip_mm``
+    (``_NativeStep.strip_product``: a strip-major copy). Two copies of the weights, unless they are
+    large: then only the (in, out) one, for every product."""
 
     SMALL_ROWS = 8  # unpacked, up to this many rows torch.mm on the (in, out) layout is as fast
+    STRIP_MAX_ROWS = 32  # past this many rows (prompts) torch.mm on (in, out) was as fast or faster
     BOTH_LAYOUTS_MAX_BYTES = 256 << 20
 
     def __init__(self, w: torch.Tensor, pack: bool = True):
         self.t = w.t().contiguous()
-        second = w.device.type == "cpu" and w.numel() * w.element_size() <= self.BOTH_LAYOUTS_MAX_BYTES
-        self.packed = cpu_ops.pack(w) if second and pack else None
-        self.w = w if second and self.packed is None else None
+        self.second = w.device.type == "cpu" and w.numel() * w.element_size() <= self.BOTH_LAYOUTS_MAX_BYTES
+        self.packed = cpu_ops.pack(w) if self.second and pack else None
+        self.w = w if self.second and self.packed is None else None
+        # (a, add=None) -> add + a @ W^T for 2 to STRIP_MAX_ROWS rows, set by the engine where it runs them
+        self.strip_mm: Callable[..., torch.Tensor] | None = None
 
     def _onednn(self, rows: int) -> bool:
         """Whether a product of ``rows`` rows goes through oneDNN rather than torch.mm on (in, out)."""
@@ -767,12 +832,16 @@ class _Weight:
         return self.w is not None and rows > self.SMALL_ROWS
 
     def mm(self, a: torch.Tensor) -> torch.Tensor:
+        if self.strip_mm is not None and 1 < a.size(0) <= self.STRIP_MAX_ROWS:
+            return self.strip_mm(a)
         if not self._onednn(a.size(0)):
             return torch.mm(a, self.t)
         return cpu_ops.mm_packed(a, self.packed) if self.packed is not None else cpu_ops.mm_nt(a, self.w)
 
     def addmm(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """x + a @ W^T (the residual add rides on the product)."""
+        if self.strip_mm is not None and 1 < a.size(0) <= self.STRIP_MAX_ROWS:
+            return self.strip_mm(a, x)
         if not self._onednn(a.size(0)):
             return torch.addmm(x, a, self.t)
         return self.mm(a).add_(x)
