@@ -205,3 +205,53 @@ def test_strips_run_the_products_of_a_few_rows_and_torch_those_of_long_prompts(m
             Engine(model, max_slots=4, products="strips")
     with pytest.raises(ValueError, match="products='strips' needs an engine of several slots"):
         Engine(model, max_slots=1, products="strips")
+
+
+@needs_cc
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_streams_decoding_together_step_in_one_c_call_with_each_sequences_own_logits(n_kv_head):
+    """With the strips' products and the C attention kept, a step of one-token rows is one C call
+    (ncs_decode_rows); streams join (a prefill step, torch's products) and leave between such steps,
+    the cache grows, and every row's logits stay the sequence's own."""
+    model = random_model(n_kv_head, seed=5)
+    engine = Engine(model, max_slots=8, initial_slots=1, products="strips", attention="native")
+    assert engine.decode_rows
+    calls = []
+    rows = engine._native.decode_rows
+    engine._native.decode_rows = lambda *a: calls.append(len(a[1])) or rows(*a)
+    g = torch.Generator().manual_seed(5)
+    # (joins at step, prompt length, tokens decoded)
+    plan = [(0, 5, 9), (0, 1, 4), (0, 12, 7), (2, 3, 8), (4, 20, 3)]
+    seqs = [{"join": j, "ids": torch.randint(0, 300, (p + t,), generator=g).tolist(), "prompt": p, "fed": 0,
+             "slot": None, "got": {}} for j, p, t in plan]
+    step = 0
+    while any(s["fed"] < len(s["ids"]) for s in seqs):
+        chunks, owners = [], []
+        for s in seqs:
+            if s["join"] <= step and s["fed"] < len(s["ids"]):
+                if s["slot"] is None:
+                    s["slot"] = engine.alloc()
+                n = s["prompt"] if s["fed"] == 0 else 1
+                chunks.append(Chunk(s["slot"], s["fed"], s["ids"][s["fed"]:s["fed"] + n], "last"))
+                owners.append(s)
+        for s, c, logits in zip(owners, chunks, engine.step(chunks)):
+            s["fed"] += len(c.tokens)
+            s["got"][s["fed"] - 1] = logits
+            if s["fed"] == len(s["ids"]):
+                engine.release(s["slot"])
+        step += 1
+    assert engine.slots > 1 and len(calls) >= 4 and max(calls) >= 3  # several rows at once, in C
+    for s in seqs:
+        ref = reference_logits(model, s["ids"])
+        for p, got in s["got"].items():
+            torch.testing.assert_close(got, ref[p], rtol=0, atol=TOL)
+
+    # a bad row refuses the whole step before anything is written
+    a, b = engine.alloc(), engine.alloc()
+    engine.step([Chunk(a, 0, [1, 2]), Chunk(b, 0, [3, 4])])
+    cache = engine.k.clone(), engine.v.clone()
+    with pytest.raises(ValueError, match="out of range"):
+        engine.step([Chunk(a, 2, [5]), Chunk(b, 2, [10 ** 6])])
+    assert torch.equal(engine.k, cache[0]) and torch.equal(engine.v, cache[1])
+    with pytest.raises(ValueError, match="not allocated"):
+        engine.step([Chunk(a, 2, [5]), Chunk(7, 2, [5])])

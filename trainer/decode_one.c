@@ -290,3 +290,60 @@ void ncs_mm_strips(const float *x, const float *p, const float *add, float *y, i
         }
     }
 }
+
+/* The scratch ncs_decode_rows needs for n rows, in floats */
+int64_t ncs_decode_rows_floats(const int64_t *dims, int64_t n) {
+    int64_t C = dims[WIDTH], q_dim = dims[HEADS] * dims[HEAD_DIM];
+    int64_t width = q_dim + 2 * dims[KV_HEADS] * dims[HEAD_DIM], F = dims[MLP];
+    int64_t widest = F > C ? F : C;
+    return n * (2 * C + width + q_dim + F) + dims[MAX_LEN] + widest * STRIP_ROWS;
+}
+
+/* A decode step of n one-token rows (row r: token[r] at position pos[r] of slot slot[r], the slots
+ * distinct) through the whole model in one call: ncs_decode_one's arithmetic with every product on
+ * the strips (ptrs as for ncs_decode_one; strips: per layer qkv, out, fc, down packed by
+ * ncs_pack_strips, then the head), so a step pays no call per op. logits: (n, vocab). Returns 0, or
+ * -1 for arguments out of range (nothing is written then). */
+int ncs_decode_rows(const int64_t *dims, const float *consts, const float *const *ptrs, const float *const *strips,
+                    float *k_cache, float *v_cache, int64_t slots, int64_t n, const int64_t *slot,
+                    const int64_t *pos, const int64_t *token, float *logits, float *work) {
+    int64_t L = dims[N_LAYER], C = dims[WIDTH], H = dims[HEADS], Hkv = dims[KV_HEADS], d = dims[HEAD_DIM];
+    int64_t V = dims[VOCAB], F = dims[MLP], max_len = dims[MAX_LEN];
+    float softcap = consts[0], scale = consts[1], eps = consts[2];
+    int64_t q_dim = H * d, kv_dim = Hkv * d, width = q_dim + 2 * kv_dim, row = slots * kv_dim;
+    if (n < 1) return -1;
+    for (int64_t r = 0; r < n; r++)
+        if (token[r] < 0 || token[r] >= V || pos[r] < 0 || pos[r] >= max_len || slot[r] < 0 || slot[r] >= slots)
+            return -1;
+    float *x = work, *a = x + n * C, *qkv = a + n * C, *y = qkv + n * width, *h = y + n * q_dim;
+    float *p = h + n * F, *xt = p + max_len;
+
+    for (int64_t r = 0; r < n; r++) { /* the embedding's RMSNorm, as the engine's _Norm */
+        const float *e = ptrs[0] + token[r] * C;
+        float inv = 1.0f / sqrtf(sum_squares(e, C) * (1.0f / (float)C) + eps);
+        for (int64_t i = 0; i < C; i++) x[r * C + i] = e[i] * inv;
+    }
+    for (int64_t l = 0; l < L; l++) {
+        const float *const *s = strips + 4 * l;
+        float *kl = k_cache + l * max_len * row, *vl = v_cache + l * max_len * row;
+        ncs_unit_rows(x, a, n, C, eps);
+        ncs_mm_strips(a, s[0], NULL, qkv, n, C, width, xt);
+        for (int64_t r = 0; r < n; r++) {
+            float *q = qkv + r * width;
+            norm_rotate(q, H + Hkv, d, ptrs[2] + pos[r] * d, eps);
+            memcpy(kl + pos[r] * row + slot[r] * kv_dim, q + q_dim, (size_t)kv_dim * sizeof(float));
+            memcpy(vl + pos[r] * row + slot[r] * kv_dim, q + q_dim + kv_dim, (size_t)kv_dim * sizeof(float));
+            attend(q, kl + slot[r] * kv_dim, vl + slot[r] * kv_dim, row, pos[r], H, H / Hkv, d, scale, p,
+                   y + r * q_dim);
+        }
+        ncs_mm_strips(y, s[1], x, x, n, q_dim, C, xt); /* x += attention out */
+        ncs_unit_rows(x, a, n, C, eps);
+        ncs_mm_strips(a, s[2], NULL, h, n, C, F, xt);
+        ncs_relu2(h, n * F);
+        ncs_mm_strips(h, s[3], x, x, n, F, C, xt); /* x += mlp out */
+    }
+    ncs_unit_rows(x, a, n, C, eps);
+    ncs_mm_strips(a, strips[4 * L], NULL, logits, n, C, V, xt);
+    for (int64_t i = 0; i < n * V; i++) logits[i] = tanhf(logits[i]) * softcap;
+    return 0;
+}

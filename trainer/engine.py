@@ -144,6 +144,11 @@ class Engine:
         if attention == "auto":
             elementwise_applies = self.device.type == "cpu" and self.dtype == torch.float32
             self.attention = self._choose_attention() if elementwise_applies and self.max_slots > 1 else "batched"
+        # a step of one-token rows only (streams decoding together) is one C call where both of its
+        # kernels won their probes: the strips' products and the C attention (``_decode_rows``)
+        self.decode_rows = self.products == "strips" and self.attention == "native"
+        if self.decode_rows:
+            self._native.use_strips(self)
 
     # --- weights --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -337,7 +342,20 @@ class Engine:
             return []
         if len(chunks) == 1 and len(chunks[0].tokens) == 1 and chunks[0].logits == "last":
             return [self._decode_one(chunks[0])]
+        if (self.decode_rows and len(chunks) <= _Weight.STRIP_MAX_ROWS
+                and all(len(c.tokens) == 1 and c.logits == "last" for c in chunks)):
+            return self._decode_rows(chunks)
         return self._step(chunks)
+
+    def _decode_rows(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """A step of one-token rows (streams decoding together) as one C call (``ncs_decode_rows``):
+        :meth:`_step`'s arithmetic on the kernels it would run (the strips' products, the C attention),
+        without its ~100 calls a step."""
+        for c in chunks:
+            self._check(c)
+        logits = self._native.decode_rows(self, [c.slot for c in chunks], [c.start for c in chunks],
+                                          [c.tokens[0] for c in chunks])
+        return list(logits.unbind(0))
 
     @torch.inference_mode()
     # The engine keeps its own dtypes (above); a CPU bf16 autocast around the caller (the trainer's
@@ -685,6 +703,12 @@ class _NativeStep:
         strip_dims = torch.empty(2, dtype=torch.int64)
         lib.ncs_strip_dims(strip_dims.data_ptr())
         self.strip_width, self.strip_rows = strip_dims.tolist()
+        self.rows_fn = lib.ncs_decode_rows
+        self.rows_fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
+        self.rows_fn.restype = ctypes.c_int
+        self.rows_work_fn = lib.ncs_decode_rows_floats
+        self.rows_work_fn.argtypes = [ptr, i64]
+        self.rows_work_fn.restype = i64
         self.pack_fn = lib.ncs_pack_strips
         self.pack_fn.argtypes = [ptr, ptr, i64, i64]
         self.pack_fn.restype = None
@@ -719,6 +743,27 @@ class _NativeStep:
                          y.data_ptr() if attend else None, work):
             raise ValueError("a row's slot or position is outside the cache")
         return y
+
+    def use_strips(self, engine: "Engine") -> None:
+        """Point :meth:`decode_rows` at the engine's strip-major weights (made by strip_product)."""
+        self.strip_tensors = [w.strip_mm.packed for layer in engine.layers for w in layer] + [engine.head.strip_mm.packed]
+        self.strip_ptrs = (ctypes.c_void_p * len(self.strip_tensors))(*[t.data_ptr() for t in self.strip_tensors])
+        self.rows_work = torch.empty(self.rows_work_fn(self.dims.data_ptr(), _Weight.STRIP_MAX_ROWS), dtype=torch.float32)
+
+    def decode_rows(self, engine: "Engine", slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+        """(len(slots), vocab) float32 logits of one-token rows, each at its own slot and position,
+        the slots distinct (a step of decoding streams)."""
+        n = len(slots)
+        assert 1 <= n <= _Weight.STRIP_MAX_ROWS and len(positions) == len(tokens) == n  # the scratch's size
+        assert len(set(slots)) == n
+        index = torch.tensor([slots, positions, tokens], dtype=torch.int64)
+        out = torch.empty(n, self.vocab, dtype=torch.float32)
+        dims, consts, _, _ = self.at
+        i = index.data_ptr()
+        if self.rows_fn(dims, consts, self.ptrs, self.strip_ptrs, engine.k.data_ptr(), engine.v.data_ptr(),
+                        engine.slots, n, i, i + 8 * n, i + 16 * n, out.data_ptr(), self.rows_work.data_ptr()):
+            raise ValueError("a row's token, position or slot is out of range")
+        return out
 
     def strip_product(self, wt: torch.Tensor) -> Callable[..., torch.Tensor]:
         """``(a, add=None) -> add + a @ wt`` for a float32 (rows, in) ``a`` and ``wt`` (in, out),
