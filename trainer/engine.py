@@ -26,7 +26,9 @@ logits to the single-sequence forward within 1e-4 in float32) but is built for i
   factor is folded into the head's weights; on CPU a norm feeding a product is a unit vector (3 ops,
   not 6) whose sqrt(width) is folded into that product's weights (and the query/key norms' into the
   attention scale); one stream decoding alone skips the many-chunk bookkeeping (``_decode_one``),
-  and on CPU in float32 runs its whole token in one C call (``trainer/decode_one.c``, ``_NativeStep``);
+  and on CPU in float32 runs its whole token in one C call (``trainer/decode_one.c``, ``_NativeStep``),
+  as does a step of several streams decoding together where the C kernels won their probes
+  (``_decode_rows``);
   queries and keys are normalised together and rotated with one complex multiply, which needs the
   channel pairs (i, i + d/2) of the model's rotary convention to sit side by side: the query and key
   rows of the fused QKV weight are permuted once (a permutation applied to both queries and keys
