@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import re
+from itertools import accumulate
 from typing import Any
 
 from flask import Flask, request
@@ -42,31 +44,27 @@ class IdConverter(IntegerConverter):
         return super().to_python(value)
 
 
+# A JSON string as json_depth skips it: from its quote, past escaped characters, to its closing quote
+# or the end of the text. What is left outside strings, bar the brackets, does not count either.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*"?')
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
 def json_depth(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> int:
     """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count);
-    stops counting once past ``limit``."""
+    past ``limit``, ``limit + 1``."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
+    # The regular expressions and the running sums go through the text in C: a Python loop over its
+    # characters cost ~25 us a kilobyte, 12 times what json.loads takes, on every chat turn's history.
+    brackets = _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text))
     depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    return deepest
-        elif ch in "]}":
-            depth -= 1
+    for start in range(0, len(brackets), 4096):  # a block at a time, to stop soon in a deep text
+        sums = list(accumulate(map(_NESTING.__getitem__, brackets[start:start + 4096]), initial=depth))
+        depth, deepest = sums[-1], max(deepest, max(sums))
+        if deepest > limit:
+            return limit + 1
     return deepest
 
 

@@ -95,6 +95,18 @@ NOT_OBJECTS = [("[1, 2]", "an array"), ('"text"', "a string"), ("42", "a number"
                ('{"a": ' * 4000 + "1" + "}" * 4000, "not valid JSON"), ("{not json", "not valid JSON")]
 
 
+
+@pytest.mark.parametrize("text, depth", [
+    ("", 0), ("1", 0), ("[]", 1), ('{"a": [1, {"b": []}]}', 4), ("]]][", 0), ("[[]][[[]]]", 3),
+    ('"[[[["', 0), ('["[[[", {"k": "}}}"}]', 2), (r'["\"[[", []]', 2), (r'["\\", []]', 2),
+    ('"no end [[[', 0), ('"ends in a backslash\\', 0), ("[" * 64, 64), ("[" * 65, 65), ("[" * 9000, 65),
+    ("[]" * 5000 + "[" * 70, 65), (b'[\xff"[[", [[]]]', 3),
+])
+def test_json_depth_counts_the_brackets_outside_strings_and_stops_past_the_limit(text, depth):
+    from nanochat_studio.inputs import json_depth
+
+    assert json_depth(text) == depth
+
 def json_endpoints(user) -> list[tuple[str, str]]:
     model = Model.create(user=user, name="m", checkpoint_key="nowhere", tokenizer_key="nowhere")
     session = ChatSession.create(user=user, model=model, title="t")
