@@ -207,3 +207,32 @@ def test_parallel_sign_ins_hash_at_most_password_hash_concurrency_at_once(make_s
         assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 429)
     finally:
         server.close()
+
+
+def test_rate_limits_in_memory_start_no_thread_per_hit_and_still_forget_old_hits(make_settings, monkeypatch):
+    """The limits library's memory storage started a timer thread after most hits; ours drops expired
+    entries in the hitting thread instead, and the limits themselves are unchanged."""
+    from limits import parse_many
+
+    from nanochat_studio import limits
+    from nanochat_studio.errors import TooManyRequests
+
+    monkeypatch.setattr(limits._MemoryStorage, "EXPIRE_EVERY", 0.05)
+    gate = limits.Limits(make_settings())  # the default queue is SQLite: the counts live in memory
+    started = []
+    real_start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (started.append(self), real_start(self))[1])
+    for _ in range(10):
+        gate.hit(gate.api_user, "api-user", "1", message="")
+        time.sleep(0.012)  # past the library's 10 ms timer each time
+    assert started == []
+
+    two = parse_many("2 per second")
+    gate.hit(two, "probe", message="")
+    gate.hit(two, "probe", message="")
+    with pytest.raises(TooManyRequests):
+        gate.hit(two, "probe", message="")
+    time.sleep(1.1)
+    gate.hit(two, "probe", message="")  # the window moved on
+    events = gate.strategy.storage.events
+    assert len(events["LIMITER/probe/2/1/second"]) == 1  # the two old hits were dropped
