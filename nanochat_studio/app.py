@@ -207,17 +207,22 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
             return
         db.database.close()
 
-    secure = settings.base_url.startswith("https://")
+    # (lowercased name, name, value) of the headers a response gets unless its view set them
+    always = list(SECURITY_HEADERS.items())
+    if settings.base_url.startswith("https://"):  # served over https: browsers must never come back over http
+        always.append(("Strict-Transport-Security", "max-age=31536000"))
+    static_defaults = [(name.lower(), name, value) for name, value in always]
+    # Pages and API answers are someone's data: no shared or browser cache keeps them.
+    other_defaults = [*static_defaults, ("cache-control", "Cache-Control", "no-store")]
 
     @app.after_request
     def _security_headers(response: Any) -> Any:
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if secure:  # served over https (base_url says so): browsers must never come back over http
-            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-        if not request.path.startswith("/static/"):
-            # Pages and API answers are someone's data: no shared or browser cache keeps them.
-            response.headers.setdefault("Cache-Control", "no-store")
+        # What headers.setdefault does for each, with one pass over the headers the view set: each
+        # setdefault scanned them twice, raising and catching a KeyError when absent.
+        present = {name.lower() for name, _ in response.headers}
+        for lower, name, value in (static_defaults if request.path.startswith("/static/") else other_defaults):
+            if lower not in present:
+                response.headers.add(name, value)
         return response
 
     @app.errorhandler(CSRFError)
