@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from authlib.integrations.flask_client import OAuth
 from flask import Flask, current_app, g, redirect, request, session, url_for
+from flask.sessions import SecureCookieSessionInterface
 from flask_login import LoginManager, current_user, login_user, logout_user
 
 from .accounts import (  # noqa: F401 - create_user and solo_owner are the CLI's entry points
@@ -72,9 +73,35 @@ def _state() -> _AuthState:
 
 # ---------------------------------------------------------------------------------------------- wiring
 
+class _LoginManager(LoginManager):
+    def _session_protection_failed(self) -> bool:
+        # An empty session (an API key's request, the solo owner's script) has nothing to protect, and
+        # flask-login answers False for it too, but only after hashing the client's address and
+        # User-Agent (sha512) on every request.
+        if not session:
+            return False
+        return super()._session_protection_failed()
+
+
+class _SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, with the signing serializer made once per set of keys: Flask makes
+    a new one for every request, cookie or not (~5 us). It keeps nothing between calls."""
+
+    _made: tuple[tuple, Any] | None = None
+
+    def get_signing_serializer(self, app: Flask) -> Any:
+        keys = (app.secret_key, tuple(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        made = self._made
+        if made is None or made[0] != keys:
+            made = self._made = (keys, super().get_signing_serializer(app))
+        return made[1]
+
+
 def init_app(app: Flask, settings: Settings) -> None:
-    """Install flask-login and the OAuth clients of the configured providers."""
-    manager = LoginManager(app)
+    """Install flask-login, the session cookie's interface and the OAuth clients of the configured
+    providers."""
+    app.session_interface = _SessionInterface()
+    manager = _LoginManager(app)
     manager.user_loader(_load_session_user)
     manager.request_loader(_load_request_user)
     manager.unauthorized_handler(_unauthorized)

@@ -457,3 +457,19 @@ def test_sign_in_and_sign_out_forms_need_the_csrf_token(account_app, mailbox):
     token = csrf_token_of(client.get("/account/login"))
     assert login(client, "alice@example.com", csrf_token=token).status_code == 302
     assert whoami(client) == "alice@example.com"
+
+
+def test_a_session_cookie_is_read_under_the_current_secret_key_or_a_fallback_only(account_app):
+    """The app keeps its cookie signer between requests; a changed key or fallback list still applies."""
+    from conftest import client_as
+
+    app = account_app("lab")
+    client = client_as(app, auth.create_user("alice@example.com", password=PASSWORD, name="Alice"))
+    assert whoami(client) == "alice@example.com"
+    signed_with = app.secret_key
+    app.secret_key = "another key, long enough for the test"
+    assert whoami(client) is None  # signed with the old key: no session
+    app.config["SECRET_KEY_FALLBACKS"] = [signed_with]
+    assert whoami(client) == "alice@example.com"
+    app.config["SECRET_KEY_FALLBACKS"] = []
+    assert whoami(client) is None
