@@ -77,10 +77,9 @@ def serve(obj: Context, host: str | None, port: int | None, mode: str | None, wo
     if demo:
         mode, host = "solo", "127.0.0.1"
     settings = obj.settings(host=host, port=port, mode=mode, worker=worker)
-    from waitress import create_server
-
     from . import mail, secretbox, tasks
     from .app import create_app
+    from .webserver import create_server
 
     if settings.mode == "hosted" and not mail.configured(settings):
         raise click.ClickException("NCS_SMTP_URL: hosted mode mails a link to confirm every sign-up; set "
