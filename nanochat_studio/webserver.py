@@ -29,6 +29,8 @@ class QuietChannel(HTTPChannel):
     def writable(self) -> bool:
         if self.will_close or self.close_when_flushed:
             return True
+        if self.adj.send_bytes > 1:  # write_soon may leave output under send_bytes without waking the loop
+            return bool(self.total_outbufs_len)
         if not self.total_outbufs_len:
             return False
         if self.total_outbufs_len <= self.adj.outbuf_high_watermark:

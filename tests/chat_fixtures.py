@@ -95,7 +95,7 @@ class LiveServer:
     def __init__(self, app, threads: int = 8):
         import threading
 
-        from waitress.server import create_server
+        from nanochat_studio.webserver import create_server
 
         self.app = app
         self.server = create_server(app, host="127.0.0.1", port=0, threads=threads)

@@ -54,6 +54,10 @@ def test_the_loop_leaves_a_connection_alone_while_a_request_thread_sends_on_it()
         ch.close_when_flushed = False
         ch.total_outbufs_len = ch.adj.outbuf_high_watermark + 1  # the thread waits for the loop to drain
         assert ch.writable()
+        ch.total_outbufs_len = 10
+        ch.adj = Adjustments()
+        ch.adj.send_bytes = 18000  # (deprecated in waitress) write_soon would leave 10 bytes unsent, the loop asleep
+        assert ch.writable()
     finally:
         release.set()
     with ch.outbuf_lock:  # the loop's own thread holding it: writable as before
