@@ -208,7 +208,7 @@ def test_strips_run_the_products_of_a_few_rows_and_torch_those_of_long_prompts(m
 
 
 @needs_cc
-@pytest.mark.parametrize("n_kv_head", [4, 2])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_streams_decoding_together_step_in_one_c_call_with_each_sequences_own_logits(n_kv_head):
     """With the strips' products and the C attention kept, a step of one-token rows is one C call
     (ncs_decode_rows); streams join (a prefill step, torch's products) and leave between such steps,
