@@ -295,7 +295,8 @@ void ncs_mm_strips(const float *x, const float *p, const float *add, float *y, i
 int64_t ncs_decode_rows_floats(const int64_t *dims, int64_t n) {
     int64_t C = dims[WIDTH], q_dim = dims[HEADS] * dims[HEAD_DIM];
     int64_t width = q_dim + 2 * dims[KV_HEADS] * dims[HEAD_DIM], F = dims[MLP];
-    int64_t widest = F > C ? F : C;
+    int64_t widest = F > C ? F : C; /* the most inputs a product has (C, q_dim or F) */
+    if (q_dim > widest) widest = q_dim;
     return n * (2 * C + width + q_dim + F) + dims[MAX_LEN] + widest * STRIP_ROWS;
 }
 
