@@ -35,8 +35,8 @@ def reference_logits(model: GPT, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("attention,native,products", [
-    pytest.param("native", "auto", "strips", id="C-strips", marks=pytest.mark.skipif(not HAVE_CC, reason="no C compiler")),
-    pytest.param("native", "auto", "plain", id="C", marks=pytest.mark.skipif(not HAVE_CC, reason="no C compiler")),
+    pytest.param("native", "auto", "strips", id="C-strips", marks=pytest.mark.skipif(not HAVE_CC, reason="no cc")),
+    pytest.param("native", "auto", "plain", id="C", marks=pytest.mark.skipif(not HAVE_CC, reason="no cc")),
     ("elementwise", "auto", "plain"), ("batched", "auto", "plain"), ("elementwise", "off", "auto"),
     ("batched", "off", "auto")])
 @pytest.mark.parametrize("n_kv_head", [4, 2])

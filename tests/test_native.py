@@ -172,7 +172,8 @@ def test_strip_products_equal_torch_products_for_any_rows_and_width():
     for n_in, n_out in ((64, 37), (96, 1000), (256, step.strip_width), (48, 7), (5, 3)):
         wt = torch.randn(n_in, n_out, generator=g)
         product = step.strip_product(wt)
-        for rows in sorted({1, 2, step.strip_rows - 1, step.strip_rows, step.strip_rows + 1, 2 * step.strip_rows + 1, 40}):
+        per_pass = step.strip_rows
+        for rows in sorted({1, 2, per_pass - 1, per_pass, per_pass + 1, 2 * per_pass + 1, 40}):
             a, add = torch.randn(rows, n_in, generator=g), torch.randn(rows, n_out, generator=g)
             torch.testing.assert_close(product(a), a @ wt, rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(product(a, add), add + a @ wt, rtol=1e-5, atol=1e-4)

@@ -3,7 +3,8 @@
  * rotation, cache write, attention and activation). For steps of many rows: ncs_layer_rows (norms,
  * rotation, cache writes and decode attention of one layer), ncs_unit_rows, ncs_relu2, and products
  * on a strip-major copy of the weights (ncs_pack_strips, ncs_mm_strips; the engine times them against
- * torch's); where both of those won, a step of one-token rows is one call too (ncs_decode_rows). Built and loaded by trainer/native.py (the system C compiler, ctypes);
+ * torch's); where both of those won, a step of one-token rows is one call too (ncs_decode_rows).
+ * Built and loaded by trainer/native.py (the system C compiler, ctypes);
  * the engine falls back to its torch ops when that is not possible.
  *
  * Same arithmetic as the engine's CPU float32 path (the tests hold its logits to the model's forward

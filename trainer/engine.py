@@ -748,9 +748,10 @@ class _NativeStep:
 
     def use_strips(self, engine: "Engine") -> None:
         """Point :meth:`decode_rows` at the engine's strip-major weights (made by strip_product)."""
-        self.strip_tensors = [w.strip_mm.packed for layer in engine.layers for w in layer] + [engine.head.strip_mm.packed]
+        self.strip_tensors = [w.strip_mm.packed for w in engine._weights()]  # per layer 4, then the head
         self.strip_ptrs = (ctypes.c_void_p * len(self.strip_tensors))(*[t.data_ptr() for t in self.strip_tensors])
-        self.rows_work = torch.empty(self.rows_work_fn(self.dims.data_ptr(), _Weight.STRIP_MAX_ROWS), dtype=torch.float32)
+        floats = self.rows_work_fn(self.dims.data_ptr(), _Weight.STRIP_MAX_ROWS)
+        self.rows_work = torch.empty(floats, dtype=torch.float32)
 
     def decode_rows(self, engine: "Engine", slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         """(len(slots), vocab) float32 logits of one-token rows, each at its own slot and position,
