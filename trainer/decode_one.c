@@ -30,6 +30,9 @@
 enum { N_LAYER, WIDTH, HEADS, KV_HEADS, HEAD_DIM, VOCAB, MLP, MAX_LEN };
 
 void ncs_relu2(float *h, int64_t n);
+int ncs_layer_rows(const int64_t *dims, const float *consts, const float *rot, int64_t layer, float *qkv,
+                   int64_t n, const int64_t *slot, const int64_t *pos, int64_t n_attend, float *k_cache,
+                   float *v_cache, int64_t slots, float *y, float *work);
 
 static float sum_squares(const float *x, int64_t n) {
     float s = 0.0f;
@@ -122,32 +125,36 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t row
     }
 }
 
+/* x = the embedding row of `token` after the model's first RMSNorm, as the engine's _Norm:
+ * e * rsqrt(sum(e^2) / n + eps) */
+static void embed(const float *wte, int64_t token, float *x, int64_t C, float eps) {
+    const float *e = wte + token * C;
+    float r = 1.0f / sqrtf(sum_squares(e, C) * (1.0f / (float)C) + eps);
+    for (int64_t i = 0; i < C; i++) x[i] = e[i] * r;
+}
+
+/* the head's products (its weights carry 1/softcap) to logits: softcap * tanh */
+static void cap(float *logits, int64_t n, float softcap) {
+    for (int64_t i = 0; i < n; i++) logits[i] = tanhf(logits[i]) * softcap;
+}
+
 /* Returns 0, or -1 for arguments out of range (nothing is written then). */
 int ncs_decode_one(const int64_t *dims, const float *consts, const float *const *ptrs, float *k_cache,
                    float *v_cache, int64_t slots, int64_t slot, int64_t pos, int64_t token, float *logits, float *work) {
     int64_t L = dims[N_LAYER], C = dims[WIDTH], H = dims[HEADS], Hkv = dims[KV_HEADS], d = dims[HEAD_DIM];
     int64_t V = dims[VOCAB], F = dims[MLP], max_len = dims[MAX_LEN];
-    float softcap = consts[0], scale = consts[1], eps = consts[2];
+    float softcap = consts[0], eps = consts[2];
     if (token < 0 || token >= V || pos < 0 || pos >= max_len || slot < 0 || slot >= slots) return -1;
-    int64_t q_dim = H * d, kv_dim = Hkv * d, qk_heads = H + Hkv, group = H / Hkv;
+    int64_t q_dim = H * d, kv_dim = Hkv * d;
     float *x = work, *a = x + C, *qkv = a + C, *y = qkv + q_dim + 2 * kv_dim, *h = y + q_dim, *p = h + F;
-    const float *rot = ptrs[2] + pos * d;  /* (half, [cos, sin]) at this position */
-    int64_t row = slots * kv_dim;             /* floats between positions in one layer's cache */
 
-    /* the embedding's RMSNorm, as the engine's _Norm: x * rsqrt(sum(x^2) / n + eps) */
-    const float *e = ptrs[0] + token * C;
-    float r = 1.0f / sqrtf(sum_squares(e, C) * (1.0f / (float)C) + eps);
-    for (int64_t i = 0; i < C; i++) x[i] = e[i] * r;
-
+    embed(ptrs[0], token, x, C, eps);
     for (int64_t l = 0; l < L; l++) {
         const float *const *w = ptrs + 3 + 4 * l;
-        float *kc = k_cache + l * max_len * row + slot * kv_dim, *vc = v_cache + l * max_len * row + slot * kv_dim;
         unit(x, a, C, eps);
         matvec(a, w[0], qkv, C, q_dim + 2 * kv_dim, 0);
-        norm_rotate(qkv, qk_heads, d, rot, eps);
-        memcpy(kc + pos * row, qkv + q_dim, (size_t)kv_dim * sizeof(float));
-        memcpy(vc + pos * row, qkv + q_dim + kv_dim, (size_t)kv_dim * sizeof(float));
-        attend(qkv, kc, vc, row, pos, H, group, d, scale, p, y);
+        /* norms, rotation, the cache writes and the attention of this one row */
+        ncs_layer_rows(dims, consts, ptrs[2], l, qkv, 1, &slot, &pos, 1, k_cache, v_cache, slots, y, p);
         matvec(y, w[1], x, q_dim, C, 1);  /* x += attention out */
         unit(x, a, C, eps);
         matvec(a, w[2], h, C, F, 0);
@@ -156,7 +163,7 @@ int ncs_decode_one(const int64_t *dims, const float *consts, const float *const 
     }
     unit(x, a, C, eps);
     matvec(a, ptrs[1], logits, C, V, 0);
-    for (int64_t i = 0; i < V; i++) logits[i] = tanhf(logits[i]) * softcap;
+    cap(logits, V, softcap);
     return 0;
 }
 
@@ -311,8 +318,8 @@ int ncs_decode_rows(const int64_t *dims, const float *consts, const float *const
                     const int64_t *pos, const int64_t *token, float *logits, float *work) {
     int64_t L = dims[N_LAYER], C = dims[WIDTH], H = dims[HEADS], Hkv = dims[KV_HEADS], d = dims[HEAD_DIM];
     int64_t V = dims[VOCAB], F = dims[MLP], max_len = dims[MAX_LEN];
-    float softcap = consts[0], scale = consts[1], eps = consts[2];
-    int64_t q_dim = H * d, kv_dim = Hkv * d, width = q_dim + 2 * kv_dim, row = slots * kv_dim;
+    float softcap = consts[0], eps = consts[2];
+    int64_t q_dim = H * d, width = q_dim + 2 * Hkv * d;
     if (n < 1) return -1;
     for (int64_t r = 0; r < n; r++)
         if (token[r] < 0 || token[r] >= V || pos[r] < 0 || pos[r] >= max_len || slot[r] < 0 || slot[r] >= slots)
@@ -320,24 +327,13 @@ int ncs_decode_rows(const int64_t *dims, const float *consts, const float *const
     float *x = work, *a = x + n * C, *qkv = a + n * C, *y = qkv + n * width, *h = y + n * q_dim;
     float *p = h + n * F, *xt = p + max_len;
 
-    for (int64_t r = 0; r < n; r++) { /* the embedding's RMSNorm, as the engine's _Norm */
-        const float *e = ptrs[0] + token[r] * C;
-        float inv = 1.0f / sqrtf(sum_squares(e, C) * (1.0f / (float)C) + eps);
-        for (int64_t i = 0; i < C; i++) x[r * C + i] = e[i] * inv;
-    }
+    for (int64_t r = 0; r < n; r++) embed(ptrs[0], token[r], x + r * C, C, eps);
     for (int64_t l = 0; l < L; l++) {
         const float *const *s = strips + 4 * l;
-        float *kl = k_cache + l * max_len * row, *vl = v_cache + l * max_len * row;
         ncs_unit_rows(x, a, n, C, eps);
         ncs_mm_strips(a, s[0], NULL, qkv, n, C, width, xt);
-        for (int64_t r = 0; r < n; r++) {
-            float *q = qkv + r * width;
-            norm_rotate(q, H + Hkv, d, ptrs[2] + pos[r] * d, eps);
-            memcpy(kl + pos[r] * row + slot[r] * kv_dim, q + q_dim, (size_t)kv_dim * sizeof(float));
-            memcpy(vl + pos[r] * row + slot[r] * kv_dim, q + q_dim + kv_dim, (size_t)kv_dim * sizeof(float));
-            attend(q, kl + slot[r] * kv_dim, vl + slot[r] * kv_dim, row, pos[r], H, H / Hkv, d, scale, p,
-                   y + r * q_dim);
-        }
+        /* every row a decode row: norms, rotation, cache writes and attention (its own slot each) */
+        ncs_layer_rows(dims, consts, ptrs[2], l, qkv, n, slot, pos, n, k_cache, v_cache, slots, y, p);
         ncs_mm_strips(y, s[1], x, x, n, q_dim, C, xt); /* x += attention out */
         ncs_unit_rows(x, a, n, C, eps);
         ncs_mm_strips(a, s[2], NULL, h, n, C, F, xt);
@@ -346,6 +342,6 @@ int ncs_decode_rows(const int64_t *dims, const float *consts, const float *const
     }
     ncs_unit_rows(x, a, n, C, eps);
     ncs_mm_strips(a, strips[4 * L], NULL, logits, n, C, V, xt);
-    for (int64_t i = 0; i < n * V; i++) logits[i] = tanhf(logits[i]) * softcap;
+    cap(logits, n * V, softcap);
     return 0;
 }
