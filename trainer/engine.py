@@ -624,7 +624,8 @@ class _NativeStep:
     """The engine's C kernels (``trainer/decode_one.c``, CPU float32, the folded norms). Called, it is
     :meth:`Engine._decode_torch` as one C call: those ~20 small torch ops a layer cost ~0.7 ms a token
     at depth 4, about as much as the token's products. For steps of many rows: :meth:`layer_rows`,
-    :meth:`unit`, :meth:`relu2`. It reads the engine's weights and writes its cache in place (pointers
+    :meth:`unit`, :meth:`relu2`, products on strip-major copies (:meth:`strip_product`) and, where
+    those won, a whole step of decoding streams (:meth:`decode_rows`). It reads the engine's weights and writes its cache in place (pointers
     taken here: the weights never move; the cache is passed each call, it moves when it grows)."""
 
     # per model shape (dims), once per process: (the probe's timings, or None if the check failed; the
@@ -674,12 +675,26 @@ class _NativeStep:
         return probe, gap
 
     def __init__(self, engine: "Engine", lib: ctypes.CDLL):
-        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        self.fn = lib.ncs_decode_one
-        self.fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr]
-        self.fn.restype = ctypes.c_int
-        lib.ncs_work_floats.argtypes = [ptr]
-        lib.ncs_work_floats.restype = i64
+        ptr, i64, status = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+        def bind(name: str, argtypes: list, restype: type | None) -> Callable:
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, restype
+            return fn
+
+        self.fn = bind("ncs_decode_one", [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr], status)
+        self.layer_fn = bind("ncs_layer_rows", [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr],
+                             status)
+        self.unit_fn = bind("ncs_unit_rows", [ptr, ptr, i64, i64, ctypes.c_float], None)
+        self.relu2_fn = bind("ncs_relu2", [ptr, i64], None)
+        self.rows_fn = bind("ncs_decode_rows", [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr],
+                            status)
+        self.rows_work_fn = bind("ncs_decode_rows_floats", [ptr, i64], i64)
+        self.pack_fn = bind("ncs_pack_strips", [ptr, ptr, i64, i64], None)
+        self.strips_fn = bind("ncs_mm_strips", [ptr, ptr, ptr, ptr, i64, i64, i64, ptr], None)
+        strip_dims = torch.empty(2, dtype=torch.int64)
+        bind("ncs_strip_dims", [ptr], None)(strip_dims.data_ptr())
+        self.strip_width, self.strip_rows = strip_dims.tolist()
         c = engine.config
         w_fc = engine.layers[0][2].t
         self.dims = torch.tensor([c.n_layer, c.n_embd, engine.H, engine.Hkv, engine.d, c.vocab_size,
@@ -689,34 +704,9 @@ class _NativeStep:
         self.tensors += [w.t for layer in engine.layers for w in layer]
         assert all(t.dtype == torch.float32 and t.is_contiguous() for t in self.tensors)
         self.ptrs = (ptr * len(self.tensors))(*[t.data_ptr() for t in self.tensors])
-        self.work = torch.empty(lib.ncs_work_floats(self.dims.data_ptr()), dtype=torch.float32)
+        work_floats = bind("ncs_work_floats", [ptr], i64)(self.dims.data_ptr())
+        self.work = torch.empty(work_floats, dtype=torch.float32)
         self.vocab = c.vocab_size
-        self.layer_fn = lib.ncs_layer_rows
-        self.layer_fn.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr]
-        self.layer_fn.restype = ctypes.c_int
-        self.unit_fn = lib.ncs_unit_rows
-        self.unit_fn.argtypes = [ptr, ptr, i64, i64, ctypes.c_float]
-        self.unit_fn.restype = None
-        self.relu2_fn = lib.ncs_relu2
-        self.relu2_fn.argtypes = [ptr, i64]
-        self.relu2_fn.restype = None
-        lib.ncs_strip_dims.argtypes = [ptr]
-        lib.ncs_strip_dims.restype = None
-        strip_dims = torch.empty(2, dtype=torch.int64)
-        lib.ncs_strip_dims(strip_dims.data_ptr())
-        self.strip_width, self.strip_rows = strip_dims.tolist()
-        self.rows_fn = lib.ncs_decode_rows
-        self.rows_fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
-        self.rows_fn.restype = ctypes.c_int
-        self.rows_work_fn = lib.ncs_decode_rows_floats
-        self.rows_work_fn.argtypes = [ptr, i64]
-        self.rows_work_fn.restype = i64
-        self.pack_fn = lib.ncs_pack_strips
-        self.pack_fn.argtypes = [ptr, ptr, i64, i64]
-        self.pack_fn.restype = None
-        self.strips_fn = lib.ncs_mm_strips
-        self.strips_fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
-        self.strips_fn.restype = None
         # the strips' products transpose their rows' inputs here (one product at a time: one thread)
         self.strip_scratch = torch.empty(self.strip_rows * max(w.t.size(0) for w in engine._weights()))
         # addresses that never change, taken once (a data_ptr() call each time costs as much as the op)
