@@ -143,6 +143,28 @@ def remote(s3_server, tmp_path):
 
 
 @pytest.mark.process
+def _clear_checkpoints_between_writes(pid: int, checkpoints: Path) -> None:
+    """Delete a running trainer's checkpoints directory while it is paused between two checkpoints.
+
+    The trainer writes a checkpoint every few tenths of a second; deleting the directory while it makes
+    the next one fails ("Directory not empty") or takes the directory from under its writes. So it is
+    stopped, and let go again for a moment while a checkpoint is half written (no manifest yet).
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            steps = list(checkpoints.glob("step_*"))
+            if all((d / "manifest.json").exists() for d in steps):
+                shutil.rmtree(checkpoints, ignore_errors=True)  # the worker may prune a step as we delete
+                if not checkpoints.exists():
+                    return
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, "the trainer never paused between two checkpoints"
+        time.sleep(0.01)
+
+
 def test_the_web_shows_the_log_and_snapshots_from_storage_not_the_workers_disk(make_app, db_url, remote,
                                                                                   tmp_path, monkeypatch):
     from tests.conftest import make_user
@@ -162,7 +184,8 @@ def test_the_web_shows_the_log_and_snapshots_from_storage_not_the_workers_disk(m
         store = Storage(remote["storage_url"], remote["storage_options"])
         ckpts = CheckpointMirror(store, alice.id, job.id)
         wait_for(lambda: ckpts.newest(), timeout=30)
-        shutil.rmtree(run_dir / "checkpoints")  # nothing on the worker's disk for the web to fall back on
+        trainer = fake_log(worker, job)[0]["pid"]
+        _clear_checkpoints_between_writes(trainer, run_dir / "checkpoints")  # nothing for the web to fall back on
         r = web.post(f"/api/jobs/{job.id}/snapshot", json={})
         assert r.status_code == 201, r.get_data(as_text=True)
         model = Model.get_by_id(r.get_json()["model_id"])
@@ -171,7 +194,6 @@ def test_the_web_shows_the_log_and_snapshots_from_storage_not_the_workers_disk(m
         with store.open(f"{model.checkpoint_key}/model.bin") as f:
             assert f.read() == f"fake weights at step {model.step}".encode()
         (run_dir / "train.log").unlink()  # gone from the worker's disk; the sidecar reads its open file
-        trainer = fake_log(worker, job)[0]["pid"]
         with open(f"/proc/{trainer}/fd/2", "a") as stderr:  # the trainer's own stderr, the unlinked file
             stderr.write("a line written after the log file was deleted\n")
         wait_for(lambda: "after the log file was deleted" in web.get(f"/api/jobs/{job.id}/log").get_json()["text"],
