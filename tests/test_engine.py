@@ -61,6 +61,11 @@ def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_k
     if engine._native is not None:
         layer_rows = engine._native.layer_rows
         engine._native.layer_rows = lambda *a: c_calls.append(a[5]) or layer_rows(*a)
+    rows_steps = []  # the slots of each step run as one C call (ncs_decode_rows)
+    if engine.decode_rows:
+        decode_rows = engine._native.decode_rows
+        engine._native.decode_rows = lambda *a: rows_steps.append(a[1]) or decode_rows(*a)
+    assert engine.decode_rows == (products == "strips" and attention == "native")
     g = torch.Generator().manual_seed(1)
     # (arrival step, prompt, tokens to decode): different lengths, arriving while others decode
     plan = [(0, 7, 20), (0, 1, 12), (2, 30, 9), (3, 12, 25), (5, 3, 4), (9, 45, 6)]
@@ -91,10 +96,15 @@ def test_batched_logits_equal_each_sequence_alone_as_requests_join_and_leave(n_k
         step += 1
     assert engine.slots > 1  # it did run several at once
     assert bool(kernel_calls) == elementwise  # the parametrized kernel is the one that ran
-    # the C call attends the decode rows only where it is the attention kept
-    assert (max(c_calls, default=0) > 1) == (attention == "native")
-    assert bool(c_calls) == (engine._native is not None)
-    assert (min(strip_calls, default=0) > 1) == (products == "strips")  # every product of several rows
+    if engine.decode_rows:
+        # every step (none has more than 32 rows) is one C call: streams decoding and prompts' rows together
+        assert not c_calls and not strip_calls
+        assert any(1 < len(set(slots)) < len(slots) for slots in rows_steps)
+    else:
+        # the C call attends the decode rows only where it is the attention kept
+        assert (max(c_calls, default=0) > 1) == (attention == "native")
+        assert bool(c_calls) == (engine._native is not None)
+        assert (min(strip_calls, default=0) > 1) == (products == "strips")  # every product of several rows
     for s in seqs:
         ref = reference_logits(model, s["ids"])
         got = torch.stack([s["got"][p] for p in range(len(s["ids"]))])

@@ -186,7 +186,10 @@ def test_strip_products_equal_torch_products_for_any_rows_and_width():
 @needs_cc
 def test_strips_run_the_products_of_a_few_rows_and_torch_those_of_long_prompts(monkeypatch):
     model = random_model(seed=4)
-    engine = Engine(model, max_slots=4, products="strips")
+    # (attention not "native": a step of <= 32 rows would be one C call, ncs_decode_rows, instead of
+    # step()'s products)
+    engine = Engine(model, max_slots=4, products="strips", attention="batched")
+    assert not engine.decode_rows
     rows = []
     for w in engine._weights():
         w.strip_mm = (lambda f: lambda a, *rest: rows.append(a.size(0)) or f(a, *rest))(w.strip_mm)
@@ -256,3 +259,51 @@ def test_streams_decoding_together_step_in_one_c_call_with_each_sequences_own_lo
     assert torch.equal(engine.k, cache[0]) and torch.equal(engine.v, cache[1])
     with pytest.raises(ValueError, match="not allocated"):
         engine.step([Chunk(a, 2, [5]), Chunk(7, 2, [5])])
+
+
+@needs_cc
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+def test_prompts_joining_decoding_streams_run_in_the_same_c_call_and_only_wanted_rows_reach_the_head(n_kv_head):
+    """A step of up to 32 rows with prompts in it (whole, or a piece continuing a cache) is one C call
+    too; a prompt's rows whose logits nobody wants stop after writing the last layer's keys and values,
+    and what later steps read of them is exact. Past 32 rows, step()'s torch products take over."""
+    model = random_model(n_kv_head, seed=7)
+    engine = Engine(model, max_slots=8, products="strips", attention="native")
+    assert engine.decode_rows
+    calls = []
+    rows = engine._native.decode_rows
+    engine._native.decode_rows = lambda *a: calls.append((list(a[1]), list(a[4]))) or rows(*a)
+    g = torch.Generator().manual_seed(7)
+    ids = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (14, 9, 6, 40)]
+    ref = [reference_logits(model, x) for x in ids]
+    a, b, c, d = (engine.alloc() for _ in ids)
+    # a starts alone; then a decodes while b's whole prompt, the first piece of c's (no logits) and a
+    # piece of nothing else join in one step
+    out = engine.step([Chunk(a, 0, ids[0][:13], "last")])
+    torch.testing.assert_close(out[0], ref[0][12], rtol=0, atol=TOL)
+    out = engine.step([Chunk(a, 13, ids[0][13:], "last"), Chunk(b, 0, ids[1], "last"),
+                       Chunk(c, 0, ids[2][:4], "none")])
+    assert calls[-1] == ([a] * 1 + [b] * 9 + [c] * 4, [0, 9])  # one call; the head sees a's row and b's last
+    torch.testing.assert_close(out[0], ref[0][13], rtol=0, atol=TOL)
+    torch.testing.assert_close(out[1], ref[1][8], rtol=0, atol=TOL)
+    assert out[2] is None
+    # c's rest continues its cache (scored, every row) beside a decode row of b
+    nxt = torch.randint(0, 300, (1,), generator=g).tolist()
+    out = engine.step([Chunk(c, 4, ids[2][4:], "all"), Chunk(b, 9, nxt, "last")])
+    assert calls[-1][1] == [0, 1, 2]
+    torch.testing.assert_close(out[0], ref[2][4:], rtol=0, atol=TOL)
+    torch.testing.assert_close(out[1], reference_logits(model, ids[1] + nxt)[-1], rtol=0, atol=TOL)
+    # 40 rows: torch's products, no C call; its logits agree all the same
+    n_calls = len(calls)
+    out = engine.step([Chunk(d, 0, ids[3], "last")])
+    assert len(calls) == n_calls
+    torch.testing.assert_close(out[0], ref[3][-1], rtol=0, atol=TOL)
+    # a bad token in a prompt's rows refuses the whole step before anything is written; so do two
+    # chunks of one slot
+    e = engine.alloc()
+    cache = engine.k.clone(), engine.v.clone()
+    with pytest.raises(ValueError, match="out of range"):
+        engine.step([Chunk(e, 0, [1, 2, 10 ** 6, 3]), Chunk(a, 14, [5])])
+    with pytest.raises(ValueError, match="one chunk per slot"):
+        engine.step([Chunk(e, 0, [1, 2]), Chunk(e, 2, [3])])
+    assert torch.equal(engine.k, cache[0]) and torch.equal(engine.v, cache[1])

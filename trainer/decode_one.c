@@ -3,7 +3,8 @@
  * rotation, cache write, attention and activation). For steps of many rows: ncs_layer_rows (norms,
  * rotation, cache writes and decode attention of one layer), ncs_unit_rows, ncs_relu2, and products
  * on a strip-major copy of the weights (ncs_pack_strips, ncs_mm_strips; the engine times them against
- * torch's); where both of those won, a step of one-token rows is one call too (ncs_decode_rows).
+ * torch's); where both of those won, a step of up to 32 rows (streams decoding, prompts) is one call
+ * too (ncs_decode_rows).
  * Built and loaded by trainer/native.py (the system C compiler, ctypes);
  * the engine falls back to its torch ops when that is not possible.
  *
@@ -308,40 +309,62 @@ int64_t ncs_decode_rows_floats(const int64_t *dims, int64_t n) {
     return n * (2 * C + width + q_dim + F) + dims[MAX_LEN] + widest * STRIP_ROWS;
 }
 
-/* A decode step of n one-token rows (row r: token[r] at position pos[r] of slot slot[r], the slots
- * distinct) through the whole model in one call: ncs_decode_one's arithmetic with every product on
- * the strips (ptrs as for ncs_decode_one; strips: per layer qkv, out, fc, down packed by
- * ncs_pack_strips, then the head), so a step pays no call per op. logits: (n, vocab). Returns 0, or
- * -1 for arguments out of range (nothing is written then). */
+/* A step of n rows through the whole model in one call, ncs_decode_one's arithmetic with every
+ * product on the strips (ptrs as for ncs_decode_one; strips: per layer qkv, out, fc, down packed by
+ * ncs_pack_strips, then the head), so a step pays no call per op. Row r is token[r] at position pos[r]
+ * of slot slot[r]: one-token rows of streams decoding, and the rows of prompts (or pieces of them), one
+ * chunk of consecutive positions per slot. In each layer every row's key and value are written before
+ * any row attends, so a prompt's row sees its own sequence up to itself. logits: (n_out, vocab) for
+ * the rows out_rows (increasing); past its cache writes, the last layer carries only those rows (the
+ * others' outputs would feed nothing). Returns 0, or -1 for arguments out of range (nothing is
+ * written then). */
 int ncs_decode_rows(const int64_t *dims, const float *consts, const float *const *ptrs, const float *const *strips,
                     float *k_cache, float *v_cache, int64_t slots, int64_t n, const int64_t *slot,
-                    const int64_t *pos, const int64_t *token, float *logits, float *work) {
+                    const int64_t *pos, const int64_t *token, int64_t n_out, const int64_t *out_rows,
+                    float *logits, float *work) {
     int64_t L = dims[N_LAYER], C = dims[WIDTH], H = dims[HEADS], Hkv = dims[KV_HEADS], d = dims[HEAD_DIM];
     int64_t V = dims[VOCAB], F = dims[MLP], max_len = dims[MAX_LEN];
-    float softcap = consts[0], eps = consts[2];
-    int64_t q_dim = H * d, width = q_dim + 2 * Hkv * d;
-    if (n < 1) return -1;
+    float softcap = consts[0], scale = consts[1], eps = consts[2];
+    int64_t q_dim = H * d, kv_dim = Hkv * d, width = q_dim + 2 * kv_dim, row = slots * kv_dim;
+    if (n < 1 || n_out < 0 || n_out > n) return -1;
     for (int64_t r = 0; r < n; r++)
         if (token[r] < 0 || token[r] >= V || pos[r] < 0 || pos[r] >= max_len || slot[r] < 0 || slot[r] >= slots)
             return -1;
+    for (int64_t j = 0; j < n_out; j++)
+        if (out_rows[j] < 0 || out_rows[j] >= n || (j > 0 && out_rows[j] <= out_rows[j - 1])) return -1;
     float *x = work, *a = x + n * C, *qkv = a + n * C, *y = qkv + n * width, *h = y + n * q_dim;
     float *p = h + n * F, *xt = p + max_len;
 
     for (int64_t r = 0; r < n; r++) embed(ptrs[0], token[r], x + r * C, C, eps);
     for (int64_t l = 0; l < L; l++) {
         const float *const *s = strips + 4 * l;
+        int64_t m = n; /* the rows this layer carries past its attention */
         ncs_unit_rows(x, a, n, C, eps);
         ncs_mm_strips(a, s[0], NULL, qkv, n, C, width, xt);
-        /* every row a decode row: norms, rotation, cache writes and attention (its own slot each) */
-        ncs_layer_rows(dims, consts, ptrs[2], l, qkv, n, slot, pos, n, k_cache, v_cache, slots, y, p);
-        ncs_mm_strips(y, s[1], x, x, n, q_dim, C, xt); /* x += attention out */
-        ncs_unit_rows(x, a, n, C, eps);
-        ncs_mm_strips(a, s[2], NULL, h, n, C, F, xt);
-        ncs_relu2(h, n * F);
-        ncs_mm_strips(h, s[3], x, x, n, F, C, xt); /* x += mlp out */
+        if (l < L - 1 || n_out == n) {
+            /* norms, rotation, cache writes, then every row's attention over its own sequence */
+            ncs_layer_rows(dims, consts, ptrs[2], l, qkv, n, slot, pos, n, k_cache, v_cache, slots, y, p);
+        } else {
+            /* the last layer: every row's key and value written, then only the rows whose logits are
+             * wanted attend and go on, moved to the front (out_rows increasing: j <= out_rows[j]) */
+            ncs_layer_rows(dims, consts, ptrs[2], l, qkv, n, slot, pos, 0, k_cache, v_cache, slots, y, p);
+            float *kl = k_cache + l * max_len * row, *vl = v_cache + l * max_len * row;
+            for (int64_t j = 0; j < n_out; j++) {
+                int64_t r = out_rows[j];
+                attend(qkv + r * width, kl + slot[r] * kv_dim, vl + slot[r] * kv_dim, row, pos[r], H, H / Hkv, d,
+                       scale, p, y + j * q_dim);
+                if (r != j) memcpy(x + j * C, x + r * C, (size_t)C * sizeof(float));
+            }
+            m = n_out;
+        }
+        ncs_mm_strips(y, s[1], x, x, m, q_dim, C, xt); /* x += attention out */
+        ncs_unit_rows(x, a, m, C, eps);
+        ncs_mm_strips(a, s[2], NULL, h, m, C, F, xt);
+        ncs_relu2(h, m * F);
+        ncs_mm_strips(h, s[3], x, x, m, F, C, xt); /* x += mlp out */
     }
-    ncs_unit_rows(x, a, n, C, eps);
-    ncs_mm_strips(a, strips[4 * L], NULL, logits, n, C, V, xt);
-    cap(logits, n * V, softcap);
+    ncs_unit_rows(x, a, n_out, C, eps);
+    ncs_mm_strips(a, strips[4 * L], NULL, logits, n_out, C, V, xt);
+    cap(logits, n_out * V, softcap);
     return 0;
 }

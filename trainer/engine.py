@@ -27,8 +27,8 @@ logits to the single-sequence forward within 1e-4 in float32) but is built for i
   not 6) whose sqrt(width) is folded into that product's weights (and the query/key norms' into the
   attention scale); one stream decoding alone skips the many-chunk bookkeeping (``_decode_one``),
   and on CPU in float32 runs its whole token in one C call (``trainer/decode_one.c``, ``_NativeStep``),
-  as does a step of several streams decoding together where the C kernels won their probes
-  (``_decode_rows``);
+  as does a step of up to 32 rows (streams decoding together, prompts joining them) where the C
+  kernels won their probes (``_decode_rows``);
   queries and keys are normalised together and rotated with one complex multiply, which needs the
   channel pairs (i, i + d/2) of the model's rotary convention to sit side by side: the query and key
   rows of the fused QKV weight are permuted once (a permutation applied to both queries and keys
@@ -146,8 +146,9 @@ class Engine:
         if attention == "auto":
             elementwise_applies = self.device.type == "cpu" and self.dtype == torch.float32
             self.attention = self._choose_attention() if elementwise_applies and self.max_slots > 1 else "batched"
-        # a step of one-token rows only (streams decoding together) is one C call where both of its
-        # kernels won their probes: the strips' products and the C attention (``_decode_rows``)
+        # a step of up to STRIP_MAX_ROWS rows (streams decoding together, prompts joining them) is one
+        # C call where both of its kernels won their probes: the strips' products and the C attention
+        # (``_decode_rows``)
         self.decode_rows = self.products == "strips" and self.attention == "native"
         if self.decode_rows:
             self._native.use_strips(self)
@@ -344,20 +345,37 @@ class Engine:
             return []
         if len(chunks) == 1 and len(chunks[0].tokens) == 1 and chunks[0].logits == "last":
             return [self._decode_one(chunks[0])]
-        if (self.decode_rows and len(chunks) <= _Weight.STRIP_MAX_ROWS
-                and all(len(c.tokens) == 1 and c.logits == "last" for c in chunks)):
+        if self.decode_rows and sum(len(c.tokens) for c in chunks) <= _Weight.STRIP_MAX_ROWS:
             return self._decode_rows(chunks)
         return self._step(chunks)
 
-    def _decode_rows(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        """A step of one-token rows (streams decoding together) as one C call (``ncs_decode_rows``):
-        :meth:`_step`'s arithmetic on the kernels it would run (the strips' products, the C attention),
-        without its ~100 calls a step."""
+    def _decode_rows(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
+        """A step of at most ``STRIP_MAX_ROWS`` rows in all as one C call (``ncs_decode_rows``): streams
+        decoding together, prompts (or pieces of them) joining, or both. :meth:`_step`'s arithmetic on
+        the kernels it would run (the strips' products, the C attention), without its ~100 calls a
+        step; and only the rows whose logits are wanted go through the last layer's output product
+        and MLP and the head (a prompt's other rows only leave their keys and values)."""
+        if len({c.slot for c in chunks}) != len(chunks):
+            raise ValueError("a step takes at most one chunk per slot")
+        slots: list[int] = []
+        positions: list[int] = []
+        tokens: list[int] = []
+        out_rows: list[int] = []
+        spans: list[tuple[int, int] | None] = []  # per chunk: (its first row of the logits, how many)
         for c in chunks:
             self._check(c)
-        logits = self._native.decode_rows(self, [c.slot for c in chunks], [c.start for c in chunks],
-                                          [c.tokens[0] for c in chunks])
-        return list(logits.unbind(0))
+            first, t = len(tokens), len(c.tokens)
+            slots += [c.slot] * t
+            positions += range(c.start, c.start + t)
+            tokens += c.tokens
+            if c.logits == "none":
+                spans.append(None)
+                continue
+            spans.append((len(out_rows), t if c.logits == "all" else 1))
+            out_rows += range(first, first + t) if c.logits == "all" else [first + t - 1]
+        logits = self._native.decode_rows(self, slots, positions, tokens, out_rows)
+        return [None if span is None else logits[span[0]] if c.logits == "last" else logits[span[0]:span[0] + span[1]]
+                for c, span in zip(chunks, spans)]
 
     @torch.inference_mode()
     # The engine keeps its own dtypes (above); a CPU bf16 autocast around the caller (the trainer's
@@ -625,7 +643,7 @@ class _NativeStep:
     :meth:`Engine._decode_torch` as one C call: those ~20 small torch ops a layer cost ~0.7 ms a token
     at depth 4, about as much as the token's products. For steps of many rows: :meth:`layer_rows`,
     :meth:`unit`, :meth:`relu2`, products on strip-major copies (:meth:`strip_product`) and, where
-    those won, a whole step of decoding streams (:meth:`decode_rows`). It reads the engine's weights and writes its cache in place (pointers
+    those won, a whole step of up to 32 rows (:meth:`decode_rows`). It reads the engine's weights and writes its cache in place (pointers
     taken here: the weights never move; the cache is passed each call, it moves when it grows)."""
 
     # per model shape (dims), once per process: (the probe's timings, or None if the check failed; the
@@ -687,8 +705,8 @@ class _NativeStep:
                              status)
         self.unit_fn = bind("ncs_unit_rows", [ptr, ptr, i64, i64, ctypes.c_float], None)
         self.relu2_fn = bind("ncs_relu2", [ptr, i64], None)
-        self.rows_fn = bind("ncs_decode_rows", [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr],
-                            status)
+        self.rows_fn = bind("ncs_decode_rows",
+                            [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr], status)
         self.rows_work_fn = bind("ncs_decode_rows_floats", [ptr, i64], i64)
         self.pack_fn = bind("ncs_pack_strips", [ptr, ptr, i64, i64], None)
         self.strips_fn = bind("ncs_mm_strips", [ptr, ptr, ptr, ptr, i64, i64, i64, ptr], None)
@@ -743,18 +761,20 @@ class _NativeStep:
         floats = self.rows_work_fn(self.dims.data_ptr(), _Weight.STRIP_MAX_ROWS)
         self.rows_work = torch.empty(floats, dtype=torch.float32)
 
-    def decode_rows(self, engine: "Engine", slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
-        """(len(slots), vocab) float32 logits of one-token rows, each at its own slot and position,
-        the slots distinct (a step of decoding streams)."""
+    def decode_rows(self, engine: "Engine", slots: list[int], positions: list[int], tokens: list[int],
+                    out_rows: list[int]) -> torch.Tensor:
+        """(len(out_rows), vocab) float32 logits of the rows ``out_rows`` (increasing) of a step of
+        rows, row r the token ``tokens[r]`` at ``positions[r]`` of ``slots[r]``: one-token rows of
+        decoding streams and the consecutive rows of prompts, one chunk per slot."""
         n = len(slots)
         assert 1 <= n <= _Weight.STRIP_MAX_ROWS and len(positions) == len(tokens) == n  # the scratch's size
-        assert len(set(slots)) == n
-        index = torch.tensor([slots, positions, tokens], dtype=torch.int64)
-        out = torch.empty(n, self.vocab, dtype=torch.float32)
+        index = torch.tensor(slots + positions + tokens + out_rows, dtype=torch.int64)
+        out = torch.empty(len(out_rows), self.vocab, dtype=torch.float32)
         dims, consts, _, _ = self.at
         i = index.data_ptr()
         if self.rows_fn(dims, consts, self.ptrs, self.strip_ptrs, engine.k.data_ptr(), engine.v.data_ptr(),
-                        engine.slots, n, i, i + 8 * n, i + 16 * n, out.data_ptr(), self.rows_work.data_ptr()):
+                        engine.slots, n, i, i + 8 * n, i + 16 * n, len(out_rows), i + 24 * n, out.data_ptr(),
+                        self.rows_work.data_ptr()):
             raise ValueError("a row's token, position or slot is out of range")
         return out
 
