@@ -215,6 +215,11 @@ class ModelPool:
                 return True
             return False
 
+        # Running and ready (nearly every request): no lock. alive() makes a system call (waitpid),
+        # which lets go of the GIL; held under start_lock, every request arriving meanwhile queued
+        # behind this one until it won the GIL back (up to a switch interval, 5 ms, on a busy process).
+        if srv.ready and srv.alive():
+            return
         while not srv.start_lock.acquire(timeout=self.poll_s):  # another request is starting it
             if beat():
                 yield None

@@ -381,6 +381,49 @@ def test_draining_arrived_lines_never_waits_for_more():
         b.close()
 
 
+def test_lines_sent_from_many_threads_at_once_arrive_whole_even_past_the_socket_buffer():
+    # every request of the web process sends on one shared connection: lines bigger than the socket's
+    # buffer, sent by several threads while the reader is slow, must still arrive whole, each
+    # thread's in its order
+    import json
+    import socket
+
+    from nanochat_studio.modelclient import Channel, Lines
+
+    a, b = socket.socketpair(socket.AF_UNIX)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    chan = Channel(a)
+    sizes = [10, 50_000, 100, 300_000, 5]
+    got = []
+
+    def read_all():
+        lines = Lines(b)
+        for _ in range(4 * len(sizes)):
+            time.sleep(0.001)  # a slow reader: the buffer fills
+            got.append(lines.read())
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    senders = [threading.Thread(target=lambda t=t: [chan.send({"id": f"{t}-{i}", "pad": "x" * n})
+                                                  for i, n in enumerate(sizes)]) for t in range(4)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(30)
+    reader.join(30)
+    assert len(got) == 4 * len(sizes) and all(isinstance(m, dict) for m in got)
+    for t in range(4):
+        mine = [m for m in got if m["id"].startswith(f"{t}-")]
+        assert [m["id"] for m in mine] == [f"{t}-{i}" for i in range(len(sizes))]
+        assert [len(m["pad"]) for m in mine] == sizes
+    b.close()
+    with pytest.raises(OSError):  # the other end is gone: an error for the sender
+        for _ in range(3):
+            chan.send({"id": "late", "pad": json.dumps(sizes)})
+            time.sleep(0.05)
+    chan.close()
+
+
 def test_logprobs_and_echo_reach_the_pool_client_as_deltas(make_pool, tmp_path):
     from nanochat_studio.inference import Delta
 
