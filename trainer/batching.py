@@ -296,12 +296,14 @@ class TorchBackend:
         if s.completion_tokens >= s.max_tokens:
             s.finish("length")
             return
-        torch = self.torch
-        with torch.inference_mode():
-            if token is None:
-                token = self.sample._pick(logits, s.sampling["temperature"], s.sampling["top_k"],
-                                          s.sampling["top_p"], s.gen)
-            entry = self._entry(logits, token, s.logprobs) if s.logprobs is not None else None
+        entry = None
+        if token is None or s.logprobs is not None:  # (a greedy row picked already needs no torch here)
+            with self.torch.inference_mode():
+                if token is None:
+                    token = self.sample._pick(logits, s.sampling["temperature"], s.sampling["top_k"],
+                                              s.sampling["top_p"], s.gen)
+                if s.logprobs is not None:
+                    entry = self._entry(logits, token, s.logprobs)
         s.completion_tokens += 1
         if token in s.stop_ids:
             # The stop token gets its entry too (no text, "special": true): a client that asked for one
