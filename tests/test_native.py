@@ -293,7 +293,8 @@ def test_prompts_joining_decoding_streams_run_in_the_same_c_call_and_only_wanted
     assert calls[-1][1] == [0, 1, 2]
     torch.testing.assert_close(out[0], ref[2][4:], rtol=0, atol=TOL)
     torch.testing.assert_close(out[1], reference_logits(model, ids[1] + nxt)[-1], rtol=0, atol=TOL)
-    # 40 rows: torch's products, no C call; its logits agree all the same
+    # 40 rows where splitting lost its probe: torch's products, no C call; the logits agree all the same
+    engine.split_rows = False
     n_calls = len(calls)
     out = engine.step([Chunk(d, 0, ids[3], "last")])
     assert len(calls) == n_calls
@@ -306,4 +307,47 @@ def test_prompts_joining_decoding_streams_run_in_the_same_c_call_and_only_wanted
         engine.step([Chunk(e, 0, [1, 2, 10 ** 6, 3]), Chunk(a, 14, [5])])
     with pytest.raises(ValueError, match="one chunk per slot"):
         engine.step([Chunk(e, 0, [1, 2]), Chunk(e, 2, [3])])
+    assert torch.equal(engine.k, cache[0]) and torch.equal(engine.v, cache[1])
+
+
+@needs_cc
+def test_a_step_longer_than_one_c_call_is_cut_into_calls_where_that_won_its_probe():
+    """Past 32 rows a step runs as C calls of up to 32 rows where that was faster than step()'s torch
+    products when the engine was made: a prompt cut between two calls leaves its keys and values for
+    the next call's rows, scored prompts get every row's logits across the cut, and a bad token
+    anywhere refuses the step before any call writes the cache."""
+    model = random_model(2, seed=8)
+    engine = Engine(model, max_slots=8, products="strips", attention="native")
+    assert engine.decode_rows and set(engine.split_probe_ms) == {"torch", "split"}
+    assert engine.split_rows == (engine.split_probe_ms["split"] < engine.split_probe_ms["torch"])
+    assert not engine._used and torch.count_nonzero(engine.k) == 0  # the probe's slot is left as found
+    engine.split_rows = True  # (whichever won here: the cut itself is what is tested)
+    calls = []
+    rows = engine._native.decode_rows
+    engine._native.decode_rows = lambda *a: calls.append(len(a[1])) or rows(*a)
+    g = torch.Generator().manual_seed(8)
+    ids = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 30, 45, 12)]
+    ref = [reference_logits(model, x) for x in ids]
+    a, b, c, d = (engine.alloc() for _ in ids)
+    engine.step([Chunk(a, 0, ids[0][:5], "none")])
+    # a decodes, c's 45 rows, b's whole prompt (scored) and d's 12: 88 rows in calls of 32 (a, 31 of c),
+    # 32 (14 of c, 18 of b) and 24 (12 of b, d)
+    out = engine.step([Chunk(a, 5, ids[0][5:], "last"), Chunk(c, 0, ids[2], "last"), Chunk(b, 0, ids[1], "all"),
+                       Chunk(d, 0, ids[3], "none")])
+    assert calls[-3:] == [32, 32, 24]
+    torch.testing.assert_close(out[0], ref[0][5], rtol=0, atol=TOL)
+    torch.testing.assert_close(out[1], ref[2][-1], rtol=0, atol=TOL)
+    torch.testing.assert_close(out[2], ref[1], rtol=0, atol=TOL)  # every row's, across the cut
+    assert out[3] is None
+    # what the cut left in the cache is exact: the next tokens of c and d
+    nxt = [torch.randint(0, 300, (1,), generator=g).tolist() for _ in range(2)]
+    out = engine.step([Chunk(c, 45, nxt[0]), Chunk(d, 12, nxt[1])])
+    torch.testing.assert_close(out[0], reference_logits(model, ids[2] + nxt[0])[-1], rtol=0, atol=TOL)
+    torch.testing.assert_close(out[1], reference_logits(model, ids[3] + nxt[1])[-1], rtol=0, atol=TOL)
+    # a bad token in the last call's rows: nothing is written, not even the first call's rows
+    engine.release(a)
+    e = engine.alloc()
+    cache = engine.k.clone(), engine.v.clone()
+    with pytest.raises(ValueError, match="out of range"):
+        engine.step([Chunk(e, 0, list(range(40)) + [10 ** 6])])
     assert torch.equal(engine.k, cache[0]) and torch.equal(engine.v, cache[1])

@@ -176,6 +176,7 @@ class TorchBackend:
                      "products_probe_ms": self.engine.probe_ms, "attention": self.engine.attention,
                      "attention_probe_ms": self.engine.attention_probe_ms,
                      "decode_one": self.engine.decode_one, "decode_one_probe_ms": self.engine.decode_one_probe_ms,
+                     "split_rows": self.engine.split_rows, "split_probe_ms": self.engine.split_probe_ms,
                      "decode_one_reason": self.engine.native_reason,
                      "context": self.window, "vocab_size": self.model.config.vocab_size,
                      **({k: v for k, v in (meta or {}).items() if _jsonable(v)})}

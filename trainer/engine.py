@@ -151,8 +151,13 @@ class Engine:
         # C call where both of its kernels won their probes: the strips' products and the C attention
         # (``_decode_rows``)
         self.decode_rows = self.products == "strips" and self.attention == "native"
+        # a longer step as C calls of up to STRIP_MAX_ROWS rows each, where that was faster than
+        # step()'s torch products when timed now (``_choose_split``)
+        self.split_rows = False
+        self.split_probe_ms: dict[str, float] | None = None
         if self.decode_rows:
             self._native.use_strips(self)
+            self.split_rows = self._choose_split()
 
     # --- weights --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -292,6 +297,28 @@ class Engine:
             self.attention_probe_ms = self._probe(runs)
         return min(self.attention_probe_ms, key=self.attention_probe_ms.get)  # the first listed on a tie
 
+    def _choose_split(self) -> bool:
+        """Whether a step of more rows than one C call takes (``STRIP_MAX_ROWS``) runs faster as several
+        such calls than as step()'s torch products, timed now on a prompt of twice that many tokens (or
+        the context) in slot 0, free while the engine is made (its cache is left zeroed, as found).
+        The calls avoid ~100 torch calls a step, but their products lose to MKL's on many rows of a big
+        model: at depth 4 a 52-row step ran 1.55x faster split, at depth 12 1.2x slower (Intel Xeon)."""
+        n = min(2 * _Weight.STRIP_MAX_ROWS, self.max_len)
+        if n <= _Weight.STRIP_MAX_ROWS:
+            return False  # no step is ever longer than one call
+        tokens = [t % self.wte.size(0) for t in range(1, n + 1)]
+        slot = self.alloc()
+        try:
+            chunk = [Chunk(slot, 0, tokens, "last")]
+            with torch.inference_mode():
+                self.split_probe_ms = self._probe({"torch": lambda: self._step(chunk),
+                                                   "split": lambda: self._split_rows(chunk)})
+        finally:
+            self.k[:, :n, slot] = 0
+            self.v[:, :n, slot] = 0
+            self.release(slot)
+        return self.split_probe_ms["split"] < self.split_probe_ms["torch"]
+
     def _rotary(self, length: int) -> None:
         # the same angles as GPT._rotary_tables, as unit complex numbers: e^{i angle} rotates a pair
         inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, self.d, 2, dtype=torch.float32) / self.d))
@@ -346,9 +373,53 @@ class Engine:
             return []
         if len(chunks) == 1 and len(chunks[0].tokens) == 1 and chunks[0].logits == "last":
             return [self._decode_one(chunks[0])]
-        if self.decode_rows and sum(len(c.tokens) for c in chunks) <= _Weight.STRIP_MAX_ROWS:
-            return self._decode_rows(chunks)
+        if self.decode_rows:
+            rows = sum(len(c.tokens) for c in chunks)
+            if rows <= _Weight.STRIP_MAX_ROWS:
+                return self._decode_rows(chunks)
+            if self.split_rows:
+                return self._split_rows(chunks)
         return self._step(chunks)
+
+    def _split_rows(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
+        """A step of more than ``STRIP_MAX_ROWS`` rows as C calls of up to that many each (the rows in
+        order, a chunk cut where a call fills up: its first part leaves its keys and values in the
+        cache for the next call's rows to attend to). Each chunk's logits as :meth:`step` gives them."""
+        if len({c.slot for c in chunks}) != len(chunks):
+            raise ValueError("a step takes at most one chunk per slot")
+        for c in chunks:  # (every chunk checked before any call writes the cache)
+            self._check(c)
+            if not all(0 <= t < self.wte.size(0) for t in c.tokens):
+                raise ValueError(f"a token of the chunk at slot {c.slot} is out of range")
+        calls: list[list[Chunk]] = [[]]
+        owners: list[list[int]] = [[]]  # per call, the index in ``chunks`` of each of its pieces
+        room = _Weight.STRIP_MAX_ROWS
+        for i, c in enumerate(chunks):
+            start, tokens = c.start, c.tokens
+            while tokens:
+                if room == 0:
+                    calls.append([])
+                    owners.append([])
+                    room = _Weight.STRIP_MAX_ROWS
+                take = min(room, len(tokens))
+                end = take == len(tokens)
+                calls[-1].append(Chunk(c.slot, start, tokens[:take], c.logits if end or c.logits == "all" else "none"))
+                owners[-1].append(i)
+                start, tokens, room = start + take, tokens[take:], room - take
+        parts: list[list[torch.Tensor]] = [[] for _ in chunks]
+        for call, who in zip(calls, owners):
+            for i, logits in zip(who, self._decode_rows(call)):
+                if logits is not None:
+                    parts[i].append(logits)
+        out: list[torch.Tensor | None] = []
+        for c, got in zip(chunks, parts):
+            if c.logits == "none":
+                out.append(None)
+            elif c.logits == "last":
+                out.append(got[-1])
+            else:
+                out.append(got[0] if len(got) == 1 else torch.cat(got))
+        return out
 
     def _decode_rows(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
         """A step of at most ``STRIP_MAX_ROWS`` rows in all as one C call (``ncs_decode_rows``): streams
