@@ -715,8 +715,9 @@ class _NativeStep:
     :meth:`Engine._decode_torch` as one C call: those ~20 small torch ops a layer cost ~0.7 ms a token
     at depth 4, about as much as the token's products. For steps of many rows: :meth:`layer_rows`,
     :meth:`unit`, :meth:`relu2`, products on strip-major copies (:meth:`strip_product`) and, where
-    those won, a whole step of up to 32 rows (:meth:`decode_rows`). It reads the engine's weights and writes its cache in place (pointers
-    taken here: the weights never move; the cache is passed each call, it moves when it grows)."""
+    those won, a whole step of up to 32 rows (:meth:`decode_rows`). It reads the engine's weights
+    and writes its cache in place (pointers taken here: the weights never move; the cache is passed
+    each call, it moves when it grows)."""
 
     # per model shape (dims), once per process: (the probe's timings, or None if the check failed; the
     # largest logit gap found)

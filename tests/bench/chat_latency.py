@@ -502,7 +502,7 @@ def main() -> int:
         ping = pool._servers[model.id].op({"op": "ping"}, 5.0)
         results["server_kernels"] = {k: ping.get(k) for k in ("products", "products_probe_ms", "attention",
                                                              "attention_probe_ms", "decode_one",
-                                                             "decode_one_probe_ms")}
+                                                             "decode_one_probe_ms", "split_rows", "split_probe_ms")}
         print(f"model server kernels (timed at load): {results['server_kernels']}")
         results["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
         print(f"load average (1, 5, 15 min) at start {results['load_at_start']}, at end {results['load_at_end']} "
