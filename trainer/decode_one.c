@@ -32,8 +32,8 @@ enum { N_LAYER, WIDTH, HEADS, KV_HEADS, HEAD_DIM, VOCAB, MLP, MAX_LEN };
 
 void ncs_relu2(float *h, int64_t n);
 int ncs_layer_rows(const int64_t *dims, const float *consts, const float *rot, int64_t layer, float *qkv,
-                   int64_t n, const int64_t *slot, const int64_t *pos, int64_t n_attend, float *k_cache,
-                   float *v_cache, int64_t slots, float *y, float *work);
+                   int64_t n, const int64_t *slot, const int64_t *pos, int64_t n_attend, const int64_t *attend_rows,
+                   float *k_cache, float *v_cache, int64_t slots, float *y, float *work);
 
 static float sum_squares(const float *x, int64_t n) {
     float s = 0.0f;
@@ -155,7 +155,7 @@ int ncs_decode_one(const int64_t *dims, const float *consts, const float *const 
         unit(x, a, C, eps);
         matvec(a, w[0], qkv, C, q_dim + 2 * kv_dim, 0);
         /* norms, rotation, the cache writes and the attention of this one row */
-        ncs_layer_rows(dims, consts, ptrs[2], l, qkv, 1, &slot, &pos, 1, k_cache, v_cache, slots, y, p);
+        ncs_layer_rows(dims, consts, ptrs[2], l, qkv, 1, &slot, &pos, 1, NULL, k_cache, v_cache, slots, y, p);
         matvec(y, w[1], x, q_dim, C, 1);  /* x += attention out */
         unit(x, a, C, eps);
         matvec(a, w[2], h, C, F, 0);
@@ -171,19 +171,22 @@ int ncs_decode_one(const int64_t *dims, const float *consts, const float *const 
 /* One layer of a step of many rows, between its QKV product and its output product: every row's
  * queries and keys of qkv (n, (heads + 2 kv_heads) head_dim) normed and rotated in place at its
  * position, its key and value written to the cache at (pos[r], slot[r]) (layer `layer`), then for
- * the first n_attend rows (one-token decode rows, one per slot) attention over their sequence's
- * cached positions 0..pos[r] into y (n_attend, heads head_dim). Rows of a longer chunk are written
- * here and attended by the caller. work: max_len floats. Returns -1 (nothing written) for a row out
- * of range. */
+ * n_attend rows, attention over their sequence's cached positions 0..pos[r] into y (n_attend, heads
+ * head_dim): the rows attend_rows, or the first n_attend where that is NULL. Every key and value is
+ * written before any row attends, so the rows of a prompt (consecutive positions of one slot) attend
+ * as the model does. work: max_len floats. Returns -1 (nothing written) for a row out of range. */
 int ncs_layer_rows(const int64_t *dims, const float *consts, const float *rot, int64_t layer, float *qkv,
-                   int64_t n, const int64_t *slot, const int64_t *pos, int64_t n_attend, float *k_cache,
-                   float *v_cache, int64_t slots, float *y, float *work) {
+                   int64_t n, const int64_t *slot, const int64_t *pos, int64_t n_attend, const int64_t *attend_rows,
+                   float *k_cache, float *v_cache, int64_t slots, float *y, float *work) {
     int64_t H = dims[HEADS], Hkv = dims[KV_HEADS], d = dims[HEAD_DIM], max_len = dims[MAX_LEN];
     float scale = consts[1], eps = consts[2];
     int64_t q_dim = H * d, kv_dim = Hkv * d, width = q_dim + 2 * kv_dim, row = slots * kv_dim;
     if (n_attend < 0 || n_attend > n || layer < 0 || layer >= dims[N_LAYER]) return -1;
     for (int64_t r = 0; r < n; r++)
         if (pos[r] < 0 || pos[r] >= max_len || slot[r] < 0 || slot[r] >= slots) return -1;
+    if (attend_rows)
+        for (int64_t j = 0; j < n_attend; j++)
+            if (attend_rows[j] < 0 || attend_rows[j] >= n) return -1;
     float *kl = k_cache + layer * max_len * row, *vl = v_cache + layer * max_len * row;
     for (int64_t r = 0; r < n; r++) {
         float *x = qkv + r * width;
@@ -191,9 +194,11 @@ int ncs_layer_rows(const int64_t *dims, const float *consts, const float *rot, i
         memcpy(kl + pos[r] * row + slot[r] * kv_dim, x + q_dim, (size_t)kv_dim * sizeof(float));
         memcpy(vl + pos[r] * row + slot[r] * kv_dim, x + q_dim + kv_dim, (size_t)kv_dim * sizeof(float));
     }
-    for (int64_t r = 0; r < n_attend; r++)
+    for (int64_t j = 0; j < n_attend; j++) {
+        int64_t r = attend_rows ? attend_rows[j] : j;
         attend(qkv + r * width, kl + slot[r] * kv_dim, vl + slot[r] * kv_dim, row, pos[r], H, H / Hkv, d,
-               scale, work, y + r * q_dim);
+               scale, work, y + j * q_dim);
+    }
     return 0;
 }
 
@@ -324,8 +329,8 @@ int ncs_decode_rows(const int64_t *dims, const float *consts, const float *const
                     float *logits, float *work) {
     int64_t L = dims[N_LAYER], C = dims[WIDTH], H = dims[HEADS], Hkv = dims[KV_HEADS], d = dims[HEAD_DIM];
     int64_t V = dims[VOCAB], F = dims[MLP], max_len = dims[MAX_LEN];
-    float softcap = consts[0], scale = consts[1], eps = consts[2];
-    int64_t q_dim = H * d, kv_dim = Hkv * d, width = q_dim + 2 * kv_dim, row = slots * kv_dim;
+    float softcap = consts[0], eps = consts[2];
+    int64_t q_dim = H * d, width = q_dim + 2 * Hkv * d;
     if (n < 1 || n_out < 0 || n_out > n) return -1;
     for (int64_t r = 0; r < n; r++)
         if (token[r] < 0 || token[r] >= V || pos[r] < 0 || pos[r] >= max_len || slot[r] < 0 || slot[r] >= slots)
@@ -338,25 +343,18 @@ int ncs_decode_rows(const int64_t *dims, const float *consts, const float *const
     for (int64_t r = 0; r < n; r++) embed(ptrs[0], token[r], x + r * C, C, eps);
     for (int64_t l = 0; l < L; l++) {
         const float *const *s = strips + 4 * l;
-        int64_t m = n; /* the rows this layer carries past its attention */
+        int last = l == L - 1;
+        int64_t m = last ? n_out : n; /* the rows this layer carries past its attention */
         ncs_unit_rows(x, a, n, C, eps);
         ncs_mm_strips(a, s[0], NULL, qkv, n, C, width, xt);
-        if (l < L - 1 || n_out == n) {
-            /* norms, rotation, cache writes, then every row's attention over its own sequence */
-            ncs_layer_rows(dims, consts, ptrs[2], l, qkv, n, slot, pos, n, k_cache, v_cache, slots, y, p);
-        } else {
-            /* the last layer: every row's key and value written, then only the rows whose logits are
-             * wanted attend and go on, moved to the front (out_rows increasing: j <= out_rows[j]) */
-            ncs_layer_rows(dims, consts, ptrs[2], l, qkv, n, slot, pos, 0, k_cache, v_cache, slots, y, p);
-            float *kl = k_cache + l * max_len * row, *vl = v_cache + l * max_len * row;
-            for (int64_t j = 0; j < n_out; j++) {
-                int64_t r = out_rows[j];
-                attend(qkv + r * width, kl + slot[r] * kv_dim, vl + slot[r] * kv_dim, row, pos[r], H, H / Hkv, d,
-                       scale, p, y + j * q_dim);
-                if (r != j) memcpy(x + j * C, x + r * C, (size_t)C * sizeof(float));
-            }
-            m = n_out;
-        }
+        /* norms, rotation, every row's cache writes, then the attention of the rows going on: in the
+         * last layer only those whose logits are wanted, their residuals moved to the front (out_rows
+         * increasing: j <= out_rows[j]) */
+        ncs_layer_rows(dims, consts, ptrs[2], l, qkv, n, slot, pos, m, last ? out_rows : NULL, k_cache, v_cache,
+                       slots, y, p);
+        if (last)
+            for (int64_t j = 0; j < n_out; j++)
+                if (out_rows[j] != j) memcpy(x + j * C, x + out_rows[j] * C, (size_t)C * sizeof(float));
         ncs_mm_strips(y, s[1], x, x, m, q_dim, C, xt); /* x += attention out */
         ncs_unit_rows(x, a, m, C, eps);
         ncs_mm_strips(a, s[2], NULL, h, m, C, F, xt);

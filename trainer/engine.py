@@ -374,6 +374,8 @@ class Engine:
         if len(chunks) == 1 and len(chunks[0].tokens) == 1 and chunks[0].logits == "last":
             return [self._decode_one(chunks[0])]
         if self.decode_rows:
+            if len({c.slot for c in chunks}) != len(chunks):
+                raise ValueError("a step takes at most one chunk per slot")
             rows = sum(len(c.tokens) for c in chunks)
             if rows <= _Weight.STRIP_MAX_ROWS:
                 return self._decode_rows(chunks)
@@ -385,8 +387,6 @@ class Engine:
         """A step of more than ``STRIP_MAX_ROWS`` rows as C calls of up to that many each (the rows in
         order, a chunk cut where a call fills up: its first part leaves its keys and values in the
         cache for the next call's rows to attend to). Each chunk's logits as :meth:`step` gives them."""
-        if len({c.slot for c in chunks}) != len(chunks):
-            raise ValueError("a step takes at most one chunk per slot")
         for c in chunks:  # (every chunk checked before any call writes the cache)
             self._check(c)
             if not all(0 <= t < self.wte.size(0) for t in c.tokens):
@@ -426,9 +426,8 @@ class Engine:
         decoding together, prompts (or pieces of them) joining, or both. :meth:`_step`'s arithmetic on
         the kernels it would run (the strips' products, the C attention), without its ~100 calls a
         step; and only the rows whose logits are wanted go through the last layer's output product
-        and MLP and the head (a prompt's other rows only leave their keys and values)."""
-        if len({c.slot for c in chunks}) != len(chunks):
-            raise ValueError("a step takes at most one chunk per slot")
+        and MLP and the head (a prompt's other rows only leave their keys and values). One chunk per
+        slot (:meth:`step` checks)."""
         slots: list[int] = []
         positions: list[int] = []
         tokens: list[int] = []
@@ -774,8 +773,8 @@ class _NativeStep:
             return fn
 
         self.fn = bind("ncs_decode_one", [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr], status)
-        self.layer_fn = bind("ncs_layer_rows", [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr],
-                             status)
+        self.layer_fn = bind("ncs_layer_rows",
+                             [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr], status)
         self.unit_fn = bind("ncs_unit_rows", [ptr, ptr, i64, i64, ctypes.c_float], None)
         self.relu2_fn = bind("ncs_relu2", [ptr, i64], None)
         self.rows_fn = bind("ncs_decode_rows",
@@ -822,7 +821,7 @@ class _NativeStep:
         elif layer != 0:
             raise ValueError("a cache of one layer is layer 0")
         if self.layer_fn(dims, consts, rot, layer, qkv.data_ptr(), n, slot_t.data_ptr(),
-                         pos_t.data_ptr(), attend, k.data_ptr(), v.data_ptr(), k.size(-3),
+                         pos_t.data_ptr(), attend, None, k.data_ptr(), v.data_ptr(), k.size(-3),
                          y.data_ptr() if attend else None, work):
             raise ValueError("a row's slot or position is outside the cache")
         return y
