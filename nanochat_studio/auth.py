@@ -272,7 +272,7 @@ def _came_through_a_proxy() -> bool:
         if key in _PROXY_ENVIRON_KEYS:
             return True
         if (key.startswith("HTTP_") and key not in _NOT_HEADERS
-                and key[5:].replace("_", "-").title().lower().startswith("x-forwarded-")):
+                and key[5:].replace("_", "-").lower().startswith("x-forwarded-")):
             return True
     return False
 
